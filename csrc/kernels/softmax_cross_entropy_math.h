@@ -1,0 +1,67 @@
+// Per-row arithmetic of softmax cross-entropy with its gradient and tangent (TANGENTS.md, Losses).
+// Written once for host and device: the CPU kernel and the CUDA kernel both call these, so the CPU
+// tests exercise the arithmetic the GPU runs.
+#pragma once
+
+#include <math.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MAML_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MAML_HOST_DEVICE inline
+#endif
+
+namespace maml_ext {
+namespace kernels {
+
+// Overloads by precision, callable from host and device (expf/logf exist in both worlds).
+MAML_HOST_DEVICE float exp_of(float x) { return expf(x); }
+MAML_HOST_DEVICE double exp_of(double x) { return ::exp(x); }
+MAML_HOST_DEVICE float log_of(float x) { return logf(x); }
+MAML_HOST_DEVICE double log_of(double x) { return ::log(x); }
+
+// One row of logits z[0..classes): writes g = softmax(z) − onehot(target) (not divided by the
+// number of rows; the caller owns the mean) and, when z_tangent is given, the tangent
+// R{g} = p ⊙ (R{z} − Σ_j p_j R{z}_j). Returns the row's loss logsumexp(z) − z[target];
+// *correct is 1 when the argmax (first maximum) is the target.
+template <typename scalar_t>
+MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(
+    const scalar_t* z, const scalar_t* z_tangent, int64_t target, int64_t classes,
+    scalar_t* grad, scalar_t* grad_tangent, scalar_t* correct) {
+  int64_t argmax = 0;
+  scalar_t max_logit = z[0];
+  for (int64_t j = 1; j < classes; ++j) {
+    if (z[j] > max_logit) {
+      max_logit = z[j];
+      argmax = j;
+    }
+  }
+  scalar_t sum_exp = 0;
+  for (int64_t j = 0; j < classes; ++j) {
+    sum_exp += exp_of(z[j] - max_logit);
+  }
+  const scalar_t inv_sum = scalar_t(1) / sum_exp;
+  // Σ_j p_j R{z}_j: the tangent of the log-normaliser.
+  scalar_t mean_tangent = 0;
+  for (int64_t j = 0; j < classes; ++j) {
+    const scalar_t p = exp_of(z[j] - max_logit) * inv_sum;
+    grad[j] = p - (j == target ? scalar_t(1) : scalar_t(0));
+    if (z_tangent != nullptr) {
+      mean_tangent += p * z_tangent[j];
+    }
+  }
+  if (z_tangent != nullptr) {
+    for (int64_t j = 0; j < classes; ++j) {
+      const scalar_t p = grad[j] + (j == target ? scalar_t(1) : scalar_t(0));
+      grad_tangent[j] = p * (z_tangent[j] - mean_tangent);
+    }
+  }
+  *correct = argmax == target ? scalar_t(1) : scalar_t(0);
+  return log_of(sum_exp) + max_logit - z[target];
+}
+
+}  // namespace kernels
+}  // namespace maml_ext

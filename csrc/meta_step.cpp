@@ -1,0 +1,163 @@
+#include "meta_step.h"
+
+#include <c10/core/DeviceGuard.h>
+
+#include "checks.h"
+#include "layers.h"
+
+namespace maml_ext {
+namespace {
+
+// Task-batched data: x [T, N, ...] floating like theta; y class indices [T, N] or targets.
+void check_data(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& y, int64_t tasks,
+                const char* x_name, const char* y_name, int64_t loss) {
+  check_same_device_dtype(x, theta, x_name);
+  MAML_CHECK_ARG(x.dim() >= 3, x_name, "expected task-batched inputs [T, N, ...], got shape ",
+                 x.sizes());
+  MAML_CHECK_ARG(x.size(0) == tasks, x_name, "expected ", tasks, " tasks, got shape ", x.sizes());
+  MAML_CHECK_ARG(y.device() == theta.device(), y_name, "expected a tensor on ", theta.device(),
+                 ", got one on ", y.device());
+  MAML_CHECK_ARG(y.dim() >= 2 && y.size(0) == tasks && y.size(1) == x.size(1), y_name,
+                 "expected [", tasks, ", ", x.size(1), ", ...] to match ", x_name, ", got shape ",
+                 y.sizes());
+  if (loss == static_cast<int64_t>(LossKind::kCrossEntropy)) {
+    MAML_CHECK_ARG(y.dim() == 2 && y.scalar_type() == at::kLong, y_name,
+                   "expected int64 class indices [T, N], got ", y.scalar_type(), " of shape ",
+                   y.sizes());
+  } else {
+    check_same_device_dtype(y, theta, y_name);
+  }
+}
+
+// theta as [T, P]: a [P] vector becomes a stride-0 view shared by all tasks.
+at::Tensor per_task(const at::Tensor& theta, int64_t tasks, const char* name) {
+  check_floating(theta, name);
+  if (theta.dim() == 1) return theta.contiguous().unsqueeze(0).expand({tasks, theta.size(0)});
+  MAML_CHECK_ARG(theta.dim() == 2 && theta.size(0) == tasks, name, "expected [P] or [", tasks,
+                 ", P], got shape ", theta.sizes());
+  return theta.stride(0) == 0 ? theta : theta.contiguous();
+}
+
+void check_inner_lr(const at::Tensor& inner_lr, const at::Tensor& theta) {
+  check_same_device_dtype(inner_lr, theta, "inner_lr");
+  MAML_CHECK_ARG(inner_lr.dim() == 2 && inner_lr.size(0) >= 1 && inner_lr.size(1) == theta.size(-1),
+                 "inner_lr", "expected per-step, per-element rates [K >= 1, ", theta.size(-1),
+                 "], got shape ", inner_lr.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step(
+    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    at::IntArrayRef program_ints, at::ArrayRef<double> program_floats, int64_t loss,
+    bool first_order, bool inner_lr_grad) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  check_floating(theta, "theta");
+  check_dim(theta, 1, "theta");
+  check_inner_lr(inner_lr, theta);
+  const int64_t tasks = support_x.dim() > 0 ? support_x.size(0) : 0;
+  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
+  check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
+  check_data(theta, query_x, query_y, tasks, "query_x", "query_y", loss);
+
+  const int64_t num_params = theta.size(0), steps = inner_lr.size(0);
+  Program program(program_ints, program_floats, loss, num_params);
+  const auto sx = support_x.contiguous(), sy = support_y.contiguous();
+  const auto alpha = inner_lr.contiguous();
+  const auto options = theta.options();
+
+  // θ_1 … θ_K and g_0 … g_{K-1} per task; θ_0 is θ itself, shared (a stride-0 view).
+  const auto theta_0 = per_task(theta, tasks, "theta");
+  const auto adapted = at::empty({steps, tasks, num_params}, options);
+  const auto support_grads = at::empty({steps, tasks, num_params}, options);
+  auto theta_at = [&](int64_t k) { return k == 0 ? theta_0 : adapted[k - 1]; };
+
+  at::Tensor support_loss;
+  for (int64_t k = 0; k < steps; ++k) {
+    PassParams pass{theta_at(k), at::Tensor(), support_grads[k], at::Tensor()};
+    const auto value = program.gradient(pass, sx, sy);
+    if (k == 0) support_loss = value.loss;
+    // θ_{k+1} = θ_k − α_k ⊙ g_k
+    auto next_theta = adapted[k];
+    at::sub_out(next_theta, theta_at(k), support_grads[k] * alpha[k]);
+  }
+
+  auto lambda = at::empty({tasks, num_params}, options);
+  const auto query =
+      program.gradient({adapted[steps - 1], at::Tensor(), lambda, at::Tensor()},
+                       query_x.contiguous(), query_y.contiguous());
+
+  auto alpha_grad = inner_lr_grad ? at::empty({steps, num_params}, options) : at::empty({0}, options);
+  auto scratch_grad = at::empty({tasks, num_params}, options);
+  auto hessian_vector = at::empty({tasks, num_params}, options);
+  const double inv_tasks = 1.0 / static_cast<double>(tasks);
+  for (int64_t k = steps - 1; k >= 0; --k) {
+    // dα_k = −λ_{k+1} ⊙ g_k, averaged over tasks (the meta-loss is the task mean).
+    if (inner_lr_grad) {
+      auto alpha_grad_k = alpha_grad[k];
+      at::sum_out(alpha_grad_k, lambda * support_grads[k], {0}).mul_(-inv_tasks);
+    }
+    if (!first_order) {
+      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1})
+      PassParams pass{theta_at(k), lambda * alpha[k], scratch_grad, hessian_vector};
+      program.gradient(pass, sx, sy);
+      lambda.sub_(hessian_vector);
+    }
+  }
+  auto meta_grad = lambda.mean(0);
+  auto accuracy = query.accuracy.defined() ? query.accuracy : at::empty({0}, options);
+  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad};
+}
+
+at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
+                 const at::Tensor& support_y, at::IntArrayRef program_ints,
+                 at::ArrayRef<double> program_floats, int64_t loss) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  const int64_t tasks = support_x.dim() > 0 ? support_x.size(0) : 0;
+  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
+  auto weights = per_task(theta, tasks, "theta");
+  check_inner_lr(inner_lr, theta);
+  check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
+  Program program(program_ints, program_floats, loss, weights.size(1));
+  const auto sx = support_x.contiguous(), sy = support_y.contiguous();
+  auto grad = at::empty({tasks, weights.size(1)}, weights.options());
+  for (int64_t k = 0; k < inner_lr.size(0); ++k) {
+    program.gradient({weights, at::Tensor(), grad, at::Tensor()}, sx, sy);
+    weights = weights - grad * inner_lr[k];
+  }
+  return weights.stride(0) == 0 ? weights.contiguous() : weights;
+}
+
+at::Tensor program_forward(const at::Tensor& theta, const at::Tensor& x, at::IntArrayRef program_ints,
+                           at::ArrayRef<double> program_floats) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  MAML_CHECK_ARG(x.dim() >= 3, "x", "expected task-batched inputs [T, N, ...], got shape ", x.sizes());
+  check_same_device_dtype(x, theta, "x");
+  const auto weights = per_task(theta, x.size(0), "theta");
+  // The loss kind does not matter for a forward pass.
+  Program program(program_ints, program_floats, static_cast<int64_t>(LossKind::kMeanSquaredError),
+                  weights.size(1));
+  return program.forward(weights, x.contiguous());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
+    const at::Tensor& theta, const at::Tensor& x, const at::Tensor& y, const at::Tensor& v,
+    at::IntArrayRef program_ints, at::ArrayRef<double> program_floats, int64_t loss) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  const int64_t tasks = x.dim() > 0 ? x.size(0) : 0;
+  MAML_CHECK_ARG(tasks >= 1, "x", "expected at least one task, got shape ", x.sizes());
+  const auto weights = per_task(theta, tasks, "theta");
+  check_data(theta, x, y, tasks, "x", "y", loss);
+  check_same_device_dtype(v, theta, "v");
+  MAML_CHECK_ARG(v.dim() == 2 && v.size(0) == tasks && v.size(1) == weights.size(1), "v",
+                 "expected [", tasks, ", ", weights.size(1), "], got shape ", v.sizes());
+  Program program(program_ints, program_floats, loss, weights.size(1));
+  auto grad = at::empty({tasks, weights.size(1)}, weights.options());
+  auto hv = at::empty({tasks, weights.size(1)}, weights.options());
+  const auto value =
+      program.gradient({weights, v.contiguous(), grad, hv}, x.contiguous(), y.contiguous());
+  return {value.loss, grad, hv};
+}
+
+}  // namespace maml_ext

@@ -1,0 +1,89 @@
+"""The fused backend's Python side: autograd glue and fake (meta) kernels around maml_ext._C.
+
+One call to ``torch.ops.maml_ext.meta_step`` runs the whole meta-step for all tasks in C++/CUDA;
+the autograd function below hands its meta-gradient to PyTorch, so learned inner rates (built
+from their parameters by differentiable ops) get their gradients through ordinary autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._extension import compiled_ops_available
+from .program import LOSS_CODES, LayerProgram
+
+
+def _register_fake_kernels() -> None:
+    """Shape functions for torch.compile / FakeTensor tracing and torch.library.opcheck."""
+
+    @torch.library.register_fake("maml_ext::meta_step")
+    def _(theta, inner_lr, support_x, support_y, query_x, query_y, program, program_floats, loss,
+          first_order, inner_lr_grad):
+        tasks = support_x.shape[0]
+        per_task = theta.new_empty((tasks,))
+        accuracy = theta.new_empty((tasks,) if loss == LOSS_CODES["cross_entropy"] else (0,))
+        alpha_grad = theta.new_empty(inner_lr.shape if inner_lr_grad else (0,))
+        return per_task, accuracy, theta.new_empty((tasks,)), theta.new_empty(theta.shape), alpha_grad
+
+    @torch.library.register_fake("maml_ext::adapt")
+    def _(theta, inner_lr, support_x, support_y, program, program_floats, loss):
+        return theta.new_empty((support_x.shape[0], theta.shape[-1]))
+
+    @torch.library.register_fake("maml_ext::loss_hvp")
+    def _(theta, x, y, v, program, program_floats, loss):
+        tasks, params = x.shape[0], theta.shape[-1]
+        return theta.new_empty((tasks,)), theta.new_empty((tasks, params)), theta.new_empty((tasks, params))
+
+    @torch.library.register_fake("maml_ext::softmax_cross_entropy")
+    def _(logits, target, logits_tangent):
+        rows = logits.shape[0]
+        tangent = logits.new_empty(logits.shape if logits_tangent is not None else (0,))
+        return logits.new_empty((rows,)), logits.new_empty((rows,)), torch.empty_like(logits), tangent
+
+
+if compiled_ops_available():
+    _register_fake_kernels()
+
+
+class _FusedMetaLoss(torch.autograd.Function):
+    """Mean query loss over tasks; backward returns the meta-gradient the op already computed."""
+
+    @staticmethod
+    def forward(ctx, theta, inner_lr, support_x, support_y, query_x, query_y, program: LayerProgram,
+                loss_code: int, first_order: bool):
+        need_rate_grad = inner_lr.requires_grad
+        query_loss, query_accuracy, support_loss, meta_grad, rate_grad = torch.ops.maml_ext.meta_step(
+            theta, inner_lr, support_x, support_y, query_x, query_y, list(program.ints),
+            list(program.floats), loss_code, first_order, need_rate_grad)
+        ctx.save_for_backward(meta_grad, rate_grad)
+        ctx.need_rate_grad = need_rate_grad
+        ctx.mark_non_differentiable(query_loss, query_accuracy, support_loss)
+        return query_loss.mean(), query_loss, query_accuracy, support_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        meta_grad, rate_grad = ctx.saved_tensors
+        grad_rates = grad_loss * rate_grad if ctx.need_rate_grad else None
+        return grad_loss * meta_grad, grad_rates, None, None, None, None, None, None, None
+
+
+def meta_loss(program: LayerProgram, theta: torch.Tensor, inner_lr: torch.Tensor, support_x,
+              support_y, query_x, query_y, *, loss_code: int, first_order: bool):
+    """(mean query loss (differentiable in theta and inner_lr), per-task query loss, per-task
+    query accuracy or None, per-task support loss before adaptation)."""
+    loss, query_loss, query_accuracy, support_loss = _FusedMetaLoss.apply(
+        theta, inner_lr, support_x, support_y, query_x, query_y, program, loss_code, first_order)
+    return loss, query_loss, (query_accuracy if query_accuracy.numel() else None), support_loss
+
+
+def adapt(program: LayerProgram, theta, inner_lr, support_x, support_y, *, loss_code: int):
+    return torch.ops.maml_ext.adapt(theta, inner_lr, support_x, support_y, list(program.ints),
+                                    list(program.floats), loss_code)
+
+
+def forward(program: LayerProgram, theta, x):
+    return torch.ops.maml_ext.program_forward(theta, x, list(program.ints), list(program.floats))
+
+
+def loss_hvp(program: LayerProgram, theta, x, y, v, *, loss_code: int):
+    return torch.ops.maml_ext.loss_hvp(theta, x, y, v, list(program.ints), list(program.floats),
+                                       loss_code)

@@ -1,0 +1,257 @@
+"""MetaOptimizer: the MAML meta-update for an ordinary nn.Module and outer optimiser."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import fused, reference
+from .backend import BackendChoice, choose_backend
+from .inner_lr import InnerLearningRates
+from .losses import LossFn, resolve_loss
+from .program import LOSS_CODES
+from .validation import check_inputs, check_steps, check_targets, check_tensor
+
+
+@dataclasses.dataclass
+class MetaStepResult:
+    """Detached 0-dim tensors (no host synchronisation needed to return them)."""
+
+    query_loss: torch.Tensor               # mean query loss over tasks after adaptation
+    query_accuracy: torch.Tensor | None    # mean query accuracy (classification), else None
+    support_loss: torch.Tensor             # mean support loss before adaptation
+    backend: str                           # "fused" or "reference"
+
+
+class MetaOptimizer:
+    """Model-Agnostic Meta-Learning (Finn et al., 2017) for ``model``.
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation θ.
+        outer_optimizer: a torch optimiser over ``model.parameters()`` (learned inner rates are
+            added to it as a new parameter group), or None to use only ``meta_gradient``.
+        inner_lr: α, the inner SGD step size (the initial value when learned).
+        inner_steps: K >= 1 inner steps per task.
+        first_order: drop the Hessian term (FOMAML).
+        loss: "cross_entropy", "mse", or a callable ``(outputs [N, ...], targets) -> scalar``.
+        learn_inner_lr: None (fixed), "scalar", "per_parameter" (Meta-SGD), or "per_step"
+            (a rate per parameter tensor and step, as MAML++).
+        backend: "fused" (compiled, task-batched), "reference" (plain PyTorch, any model) or
+            "auto" (fused where supported, else reference with one warning saying why).
+
+    Tensors are task-batched: inputs ``[T, N, *features]``; targets ``[T, N]`` class indices or
+    ``[T, N, *outputs]`` for regression. Batch norm must use batch statistics
+    (``track_running_stats=False``): each task is normalised with its own statistics.
+    """
+
+    def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer | None, *,
+                 inner_lr: float, inner_steps: int = 1, first_order: bool = False,
+                 loss: str | LossFn = "cross_entropy", learn_inner_lr: str | None = None,
+                 backend: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.inner_steps = check_steps("inner_steps", inner_steps)
+        self.first_order = bool(first_order)
+        self.loss = resolve_loss(loss)
+        reference.check_batch_norm(model)
+        params = self._params(model)
+        if not params:
+            raise ValueError("model: has no trainable parameters to meta-learn")
+        first = next(iter(params.values()))
+        self.model = model
+        self.outer_optimizer = outer_optimizer
+        self.inner_lr = InnerLearningRates({n: p.shape for n, p in params.items()}, self.inner_steps,
+                                           inner_lr, learn_inner_lr, device=first.device,
+                                           dtype=first.dtype)
+        if outer_optimizer is not None and learn_inner_lr is not None:
+            outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
+        self.requested_backend = backend
+        self._choices: dict[tuple, BackendChoice] = {}
+        self._output_shapes: dict[tuple, tuple[int, ...]] = {}
+        self._backend_choice(first.device, first.dtype)  # validates `backend` now, warns once
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend used for the model's current device and dtype."""
+        first = next(iter(self._params(self.model).values()))
+        return self._backend_choice(first.device, first.dtype).name
+
+    def step(self, support_x, support_y, query_x, query_y) -> MetaStepResult:
+        """One meta-update: the meta-gradient of the mean query loss, then the outer step.
+        Raises (changing nothing) on bad input or a non-finite loss or gradient."""
+        if self.outer_optimizer is None:
+            raise RuntimeError("step() needs an outer optimiser; use meta_gradient() without one")
+        result, tensors, grads = self._meta_gradient(support_x, support_y, query_x, query_y)
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        for tensor, grad in zip(tensors, grads):
+            tensor.grad = grad
+        self.outer_optimizer.step()
+        return result
+
+    def meta_gradient(self, support_x, support_y, query_x, query_y) -> MetaStepResult:
+        """Accumulates the meta-gradient into ``.grad`` of the model's parameters (and of learned
+        rates) as ``backward()`` would, without stepping: for custom loops and torch.distributed."""
+        result, tensors, grads = self._meta_gradient(support_x, support_y, query_x, query_y)
+        for tensor, grad in zip(tensors, grads):
+            tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+        return result
+
+    def adapt(self, support_x, support_y, steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-task adapted weights {name: [T, *shape]} after ``steps`` (default: inner_steps)
+        SGD steps on each task's support set. No graph is kept."""
+        steps = self.inner_steps if steps is None else check_steps("steps", steps)
+        params = self._params(self.model)
+        choice = self._check_support(support_x, support_y, params)
+        if choice.name == "fused":
+            program = choice.program
+            with torch.no_grad():
+                theta = program.flatten(params)
+                rates = self.inner_lr.flat(program.slots, steps, theta)
+                adapted = fused.adapt(program, theta, rates, support_x, support_y,
+                                      loss_code=LOSS_CODES[self.loss.name])
+            return program.unflatten(adapted)
+        return reference.adapt(self.model, params, self.inner_lr, support_x, support_y, steps=steps,
+                               loss=self.loss)
+
+    def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Per-task outputs [T, N, ...] of the model at the adapted weights from ``adapt``."""
+        params = self._params(self.model)
+        if not isinstance(adapted, dict) or set(adapted) != set(params):
+            raise ValueError(f"adapted: expected the dict returned by adapt() with keys "
+                             f"{sorted(params)}, got {sorted(adapted) if isinstance(adapted, dict) else type(adapted).__name__}")
+        first = next(iter(params.values()))
+        tasks = next(iter(adapted.values())).shape[0]
+        for name, value in adapted.items():
+            check_tensor(f"adapted['{name}']", value, dtype=first.dtype, device=first.device)
+            if tuple(value.shape) != (tasks, *params[name].shape):
+                raise ValueError(f"adapted['{name}']: expected shape "
+                                 f"[{tasks}, {', '.join(map(str, params[name].shape))}], got "
+                                 f"[{', '.join(map(str, value.shape))}]")
+        check_inputs("x", x, tasks=tasks, dtype=first.dtype, device=first.device)
+        choice = self._backend_choice(first.device, first.dtype)
+        if choice.name == "fused":
+            with torch.no_grad():
+                return fused.forward(choice.program, choice.program.flatten(adapted, task_dims=1), x)
+        return reference.predict(self.model, adapted, x)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "inner_lr": self.inner_lr.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer else None,
+            "config": self._config(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores model, learned rates and outer optimiser; checks everything first, so a
+        mismatching state raises and leaves this optimiser as it was."""
+        if not isinstance(state, dict) or not {"model", "inner_lr", "config"} <= set(state):
+            raise ValueError("state: expected a dict from MetaOptimizer.state_dict()")
+        mine = self._config()
+        for key in ("learn_inner_lr", "inner_steps"):
+            if state["config"].get(key) != mine[key]:
+                raise ValueError(f"state: saved with {key}={state['config'].get(key)!r}, this "
+                                 f"MetaOptimizer has {key}={mine[key]!r}")
+        for label, module, saved in (("model", self.model, state["model"]),
+                                     ("inner_lr", self.inner_lr, state["inner_lr"])):
+            current = module.state_dict()
+            if set(saved) != set(current):
+                raise ValueError(f"state['{label}']: keys differ: missing "
+                                 f"{sorted(set(current) - set(saved))}, unexpected "
+                                 f"{sorted(set(saved) - set(current))}")
+            for key, value in saved.items():
+                if tuple(value.shape) != tuple(current[key].shape):
+                    raise ValueError(f"state['{label}']['{key}']: expected shape "
+                                     f"{tuple(current[key].shape)}, got {tuple(value.shape)}")
+        if self.outer_optimizer is not None and state.get("outer_optimizer") is not None:
+            saved_groups = state["outer_optimizer"]["param_groups"]
+            groups = self.outer_optimizer.param_groups
+            if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+                raise ValueError("state['outer_optimizer']: its parameter groups do not match this "
+                                 "outer optimiser's")
+        self.model.load_state_dict(state["model"])
+        self.inner_lr.load_state_dict(state["inner_lr"])
+        if self.outer_optimizer is not None and state.get("outer_optimizer") is not None:
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+
+    # ---- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def _config(self) -> dict:
+        return {"inner_steps": self.inner_steps, "first_order": self.first_order,
+                "learn_inner_lr": self.inner_lr.learn, "inner_lr": self.inner_lr.init,
+                "loss": self.loss.name}
+
+    def _backend_choice(self, device: torch.device, dtype: torch.dtype) -> BackendChoice:
+        key = (device, dtype)
+        if key not in self._choices:
+            self._choices[key] = choose_backend(self.requested_backend, self.model, self.loss,
+                                                device, dtype, warn=True)
+        return self._choices[key]
+
+    def _output_shape(self, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
+        """The model's per-sample output shape for inputs of per-sample shape ``features``."""
+        if features not in self._output_shapes:
+            probe = torch.zeros((2, *features), dtype=like.dtype, device=like.device)
+            with torch.no_grad():
+                self._output_shapes[features] = tuple(self.model(probe).shape[1:])
+        return self._output_shapes[features]
+
+    def _check_support(self, support_x, support_y, params) -> BackendChoice:
+        first = next(iter(params.values()))
+        check_inputs("support_x", support_x, tasks=None, dtype=first.dtype, device=first.device)
+        self._check_targets("support_y", support_y, support_x, first)
+        return self._backend_choice(first.device, first.dtype)
+
+    def _check_targets(self, name, y, x, first) -> None:
+        output_shape = self._output_shape(tuple(x.shape[2:]), first)
+        classification = self.loss.is_classification
+        check_targets(name, y, x, classification=classification,
+                      num_classes=output_shape[-1] if classification else None,
+                      output_shape=None if classification or not self.loss.builtin else output_shape,
+                      dtype=first.dtype, device=first.device)
+
+    def _meta_gradient(self, support_x, support_y, query_x, query_y):
+        params = self._params(self.model)
+        choice = self._check_support(support_x, support_y, params)
+        first = next(iter(params.values()))
+        check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
+                     device=first.device, features=tuple(support_x.shape[2:]))
+        self._check_targets("query_y", query_y, query_x, first)
+
+        if choice.name == "fused":
+            program = choice.program
+            theta = program.flatten(params)
+            rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
+            loss, query_loss, query_accuracy, support_loss = fused.meta_loss(
+                program, theta, rates, support_x, support_y, query_x, query_y,
+                loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
+        else:
+            result = reference.meta_loss(self.model, params, self.inner_lr, support_x, support_y,
+                                         query_x, query_y, steps=self.inner_steps,
+                                         first_order=self.first_order, loss=self.loss)
+            loss, query_accuracy, support_loss = result.loss, result.query_accuracy, result.support_loss
+
+        tensors = list(params.values()) + list(self.inner_lr.parameters())
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            bad = [name for name, g in zip(list(params) + ["inner_lr"] * len(grads), grads)
+                   if not bool(torch.isfinite(g).all())]
+            raise FloatingPointError(
+                f"maml_ext: non-finite meta-step (query loss {loss.item():.4g}; non-finite "
+                f"gradient of {bad or 'none'}); nothing was applied")
+        result = MetaStepResult(
+            query_loss=loss.detach(),
+            query_accuracy=None if query_accuracy is None else query_accuracy.mean(),
+            support_loss=support_loss.mean(),
+            backend=choice.name,
+        )
+        return result, tensors, grads

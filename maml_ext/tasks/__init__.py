@@ -1,0 +1,24 @@
+"""Few-shot task distributions: the paper's sinusoid regression and image classification data.
+
+Names are imported lazily so that ``import maml_ext`` stays cheap (the image loaders pull in PIL).
+"""
+import importlib
+
+_EXPORTS = {
+    "Sinusoid": "sinusoid",
+    "SinusoidBatch": "sinusoid",
+    "Omniglot": "omniglot",
+    "omniglot_image": "omniglot",
+    "MiniImageNet": "miniimagenet",
+    "TaskSampler": "sampler",
+    "TaskBatch": "sampler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'maml_ext.tasks' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -1,0 +1,117 @@
+"""Builds maml_ext._C: the C++ sources always, the CUDA sources when they can be compiled.
+
+Environment:
+  MAML_EXT_CPU_ONLY=1     never compile CUDA sources
+  FORCE_CUDA=1            compile CUDA sources even where no GPU is visible (CI does this)
+  CUDA_HOME               the CUDA toolkit; found automatically when unset (see _find_cuda_home)
+  TORCH_CUDA_ARCH_LIST    architectures to compile for; default "9.0" where no GPU is visible
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _find_cuda_home():
+    """The CUDA toolkit folder, or None.
+
+    torch guesses CUDA_HOME from the folder above the `nvcc` on PATH; where that `nvcc` is a wrapper
+    script outside the toolkit (as on our development machines) the guess is wrong, so look for a
+    folder that really holds nvcc and the runtime headers.
+    """
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(variable)):
+            return os.environ[variable]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+    for candidate in candidates:
+        if _is_toolkit(candidate):
+            return candidate
+    return None
+
+
+def _cuda_decision(torch):
+    """(compile CUDA?, reason) from the environment, the toolkit and the torch build."""
+    if os.environ.get("MAML_EXT_CPU_ONLY", "0") == "1":
+        return False, "MAML_EXT_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if os.environ.get("CUDA_HOME") is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True, "FORCE_CUDA=1"
+    if torch.cuda.is_available():
+        return True, "a GPU is visible"
+    return False, "no GPU visible (set FORCE_CUDA=1 to compile the CUDA sources anyway)"
+
+
+def _extensions():
+    cuda_home = _find_cuda_home()
+    if cuda_home is not None:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda, reason = _cuda_decision(torch)
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(
+        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
+    sources.append(os.path.join("csrc", "python", "module.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]
+    define_macros = []
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("MAML_EXT_WITH_CUDA", "1"))
+        arches = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPU's"
+        print(f"maml_ext: compiling CUDA kernels ({reason}) with {cuda_home}, "
+              f"architectures {arches}", file=sys.stderr)
+        extension = CUDAExtension(
+            "maml_ext._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        print(f"maml_ext: CPU-only build ({reason})", file=sys.stderr)
+        extension = CppExtension(
+            "maml_ext._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="maml_ext",
+    version="0.1.0",
+    description="Fused, task-batched MAML meta-gradients for PyTorch (C++/CUDA extension)",
+    packages=find_packages(include=["maml_ext", "maml_ext.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "pillow"],
+)
