@@ -2,66 +2,43 @@
 
 Environment:
   MAML_EXT_CPU_ONLY=1     never compile CUDA sources
-  FORCE_CUDA=1            compile CUDA sources even where no GPU is visible (CI does this)
-  CUDA_HOME               the CUDA toolkit; found automatically when unset (see _find_cuda_home)
+  FORCE_CUDA=1            fail unless the CUDA sources can be compiled (CI sets it; no GPU needed)
+  CUDA_HOME               the CUDA toolkit; found automatically when unset (build_tools/cuda_home.py)
   TORCH_CUDA_ARCH_LIST    architectures to compile for; default "9.0" where no GPU is visible
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_tools.cuda_home import find_cuda_home  # noqa: E402
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _is_toolkit(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h")
-    )
-
-
-def _find_cuda_home():
-    """The CUDA toolkit folder, or None.
-
-    torch guesses CUDA_HOME from the folder above the `nvcc` on PATH; where that `nvcc` is a wrapper
-    script outside the toolkit (as on our development machines) the guess is wrong, so look for a
-    folder that really holds nvcc and the runtime headers.
-    """
-    for variable in ("CUDA_HOME", "CUDA_PATH"):
-        if _is_toolkit(os.environ.get(variable)):
-            return os.environ[variable]
-    nvcc = shutil.which("nvcc")
-    candidates = []
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
-    for candidate in candidates:
-        if _is_toolkit(candidate):
-            return candidate
-    return None
-
-
 def _cuda_decision(torch):
-    """(compile CUDA?, reason) from the environment, the toolkit and the torch build."""
+    """(compile CUDA?, reason). CUDA sources are compiled whenever a toolkit and a CUDA build of
+    torch are both here, GPU or not; FORCE_CUDA=1 turns a missing one into an error."""
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
     if os.environ.get("MAML_EXT_CPU_ONLY", "0") == "1":
         return False, "MAML_EXT_CPU_ONLY=1"
+    missing = None
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU-only build"
-    if os.environ.get("CUDA_HOME") is None:
-        return False, "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
-    if os.environ.get("FORCE_CUDA", "0") == "1":
-        return True, "FORCE_CUDA=1"
-    if torch.cuda.is_available():
-        return True, "a GPU is visible"
-    return False, "no GPU visible (set FORCE_CUDA=1 to compile the CUDA sources anyway)"
+        missing = f"torch {torch.__version__} is a CPU-only build"
+    elif os.environ.get("CUDA_HOME") is None:
+        missing = "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+    if missing and forced:
+        raise RuntimeError(f"maml_ext: FORCE_CUDA=1 but {missing}")
+    if missing:
+        return False, missing
+    return True, "FORCE_CUDA=1" if forced else f"CUDA {torch.version.cuda} toolkit found"
 
 
 def _extensions():
-    cuda_home = _find_cuda_home()
+    cuda_home = find_cuda_home()
     if cuda_home is not None:
         # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
         os.environ["CUDA_HOME"] = cuda_home

@@ -195,12 +195,17 @@ class MetaOptimizer:
                                                 device, dtype, warn=True)
         return self._choices[key]
 
-    def _output_shape(self, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
+    def _output_shape(self, name: str, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
         """The model's per-sample output shape for inputs of per-sample shape ``features``."""
         if features not in self._output_shapes:
             probe = torch.zeros((2, *features), dtype=like.dtype, device=like.device)
-            with torch.no_grad():
-                self._output_shapes[features] = tuple(self.model(probe).shape[1:])
+            try:
+                with torch.no_grad():
+                    self._output_shapes[features] = tuple(self.model(probe).shape[1:])
+            except RuntimeError as error:
+                shape = ", ".join(map(str, features))
+                raise ValueError(f"{name}: the model does not accept per-sample inputs of shape "
+                                 f"[{shape}] ({error})") from None
         return self._output_shapes[features]
 
     def _check_support(self, support_x, support_y, params) -> BackendChoice:
@@ -210,7 +215,8 @@ class MetaOptimizer:
         return self._backend_choice(first.device, first.dtype)
 
     def _check_targets(self, name, y, x, first) -> None:
-        output_shape = self._output_shape(tuple(x.shape[2:]), first)
+        x_name = "support_x" if name == "support_y" else "query_x"
+        output_shape = self._output_shape(x_name, tuple(x.shape[2:]), first)
         classification = self.loss.is_classification
         check_targets(name, y, x, classification=classification,
                       num_classes=output_shape[-1] if classification else None,

@@ -1,0 +1,1 @@
+"""Helpers for setup.py and the Makefile."""

@@ -1,0 +1,259 @@
+"""The fused backend against the reference: random layer stacks, all rate kinds, first and second
+order, float64 and float32; Hessian-vector products against torch.func; the ops' registration."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+import maml_ext
+from maml_ext.program import UnsupportedModelError
+from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
+                             relative_error, sinusoid_mlp)
+
+pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
+                                reason="maml_ext._C is not built")
+
+LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
+
+
+@st.composite
+def layer_stacks(draw):
+    """(model, per-sample input shape, loss, output size): a random stack of supported layers."""
+    if draw(st.booleans()):
+        features = draw(st.integers(1, 6))
+        shape, layers, width = (features,), [], features
+        for _ in range(draw(st.integers(1, 3))):
+            out = draw(st.integers(2, 10))
+            layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
+            if draw(st.booleans()):
+                layers.append(nn.BatchNorm1d(out, affine=draw(st.booleans()), track_running_stats=False))
+            if draw(st.booleans()):
+                layers.append(nn.ReLU())
+            width = out
+    else:
+        channels, size = draw(st.integers(1, 3)), draw(st.integers(5, 9))
+        shape, layers = (channels, size, size), []
+        for _ in range(draw(st.integers(1, 2))):
+            out, kernel = draw(st.integers(2, 5)), draw(st.integers(1, 3))
+            stride, padding = draw(st.integers(1, 2)), draw(st.integers(0, 1))
+            if size + 2 * padding < kernel:
+                break
+            layers.append(nn.Conv2d(channels, out, kernel, stride=stride, padding=padding,
+                                    bias=draw(st.booleans())))
+            size = (size + 2 * padding - kernel) // stride + 1
+            channels = out
+            if draw(st.booleans()):
+                layers.append(nn.BatchNorm2d(out, affine=draw(st.booleans()), track_running_stats=False))
+            if draw(st.booleans()):
+                layers.append(nn.ReLU())
+            if size >= 2 and draw(st.booleans()):
+                layers.append(nn.MaxPool2d(2, ceil_mode=draw(st.booleans())))
+                size = -(-size // 2) if layers[-1].ceil_mode else size // 2
+        layers.append(nn.Flatten())
+        width = channels * size * size
+    loss = draw(st.sampled_from(["cross_entropy", "mse"]))
+    outputs = draw(st.integers(2, 5)) if loss == "cross_entropy" else draw(st.integers(1, 3))
+    head = [nn.Linear(width, outputs)]
+    # nested Sequential, as users write them
+    model = nn.Sequential(nn.Sequential(*layers), *head) if draw(st.booleans()) else nn.Sequential(*layers, *head)
+    return model, shape, loss, outputs
+
+
+def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
+    sx = torch.randn(tasks, support, *shape, dtype=dtype, generator=generator)
+    qx = torch.randn(tasks, query, *shape, dtype=dtype, generator=generator)
+    if loss == "cross_entropy":
+        sy = torch.randint(0, outputs, (tasks, support), generator=generator)
+        qy = torch.randint(0, outputs, (tasks, query), generator=generator)
+    else:
+        sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
+        qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)
+    return sx, sy, qx, qy
+
+
+def meta_gradients(model, batch, backend, seed, **kwargs):
+    model.zero_grad(set_to_none=True)
+    opt = maml_ext.MetaOptimizer(model, None, backend=backend, **kwargs)
+    perturb_rates(opt, torch.Generator().manual_seed(seed))
+    result = opt.meta_gradient(*batch)
+    return result, all_grads(opt)
+
+
+def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype, tolerance):
+    model, shape, loss, outputs = stack
+    model = model.to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    batch = random_batch(generator, tasks, 4, 3, shape, loss, outputs, dtype)
+    kwargs = dict(inner_lr=0.05, inner_steps=steps, first_order=first_order, loss=loss,
+                  learn_inner_lr=learn)
+    ref_result, expected = meta_gradients(model, batch, "reference", seed, **kwargs)
+    fused_result, actual = meta_gradients(model, batch, "fused", seed, **kwargs)
+    assert fused_result.backend == "fused"
+    assert relative_error(actual, expected) <= tolerance
+    assert abs(fused_result.query_loss.item() - ref_result.query_loss.item()) <= tolerance * max(1, abs(ref_result.query_loss.item()))
+    assert abs(fused_result.support_loss.item() - ref_result.support_loss.item()) <= tolerance * max(1, abs(ref_result.support_loss.item()))
+    if loss == "cross_entropy":
+        assert fused_result.query_accuracy.item() == pytest.approx(ref_result.query_accuracy.item(), abs=1e-6)
+
+
+COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=40, **COMMON)
+@given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
+       first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
+def test_fused_equals_reference_float64(stack, tasks, steps, first_order, learn, seed):
+    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float64, 1e-10)
+
+
+@settings(max_examples=15, **COMMON)
+@given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
+       first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
+def test_fused_equals_reference_float32(stack, tasks, steps, first_order, learn, seed):
+    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float32, 1e-4)
+
+
+@settings(max_examples=25, **COMMON)
+@given(stack=layer_stacks(), tasks=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_hvp_equals_torch_func_jvp_of_grad(stack, tasks, seed):
+    model, shape, loss, outputs = stack
+    model = model.double()
+    generator = torch.Generator().manual_seed(seed)
+    x, y, _, _ = random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() + 0.1 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
+              for n, p in model.named_parameters()}
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
+    loss_fn = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+    fused = maml_ext.hvp(model, params, x, y, v, loss=loss, backend="fused")
+    for t in range(tasks):
+        def task_loss(p):
+            return loss_fn(functional_call(model, p, (x[t],)), y[t])
+        _, expected = jvp(grad(task_loss), ({n: params[n][t] for n in names},),
+                          ({n: v[n][t] for n in names},))
+        got = torch.cat([fused[n][t].reshape(-1) for n in names])
+        want = torch.cat([expected[n].reshape(-1) for n in names])
+        assert relative_error(got, want) <= 1e-10
+
+
+def test_hvp_backends_agree():
+    model = conv_net(ways=3, channels=4)
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x, y, _, _ = classification_batch(3, 5, 1, (1, 8, 8), 3, generator=generator)
+    params = {n: p.detach().expand(3, *p.shape).clone() for n, p in model.named_parameters()}
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
+    fused = maml_ext.hvp(model, params, x, y, v, backend="fused")
+    reference = maml_ext.hvp(model, params, x, y, v, backend="reference")
+    for name in params:
+        assert relative_error(fused[name], reference[name]) <= 1e-10
+
+
+@pytest.mark.parametrize("learn", LEARN_KINDS)
+def test_adapt_and_predict_match_reference(learn):
+    model = conv_net(ways=4, channels=5)
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    sx, sy, qx, _ = classification_batch(4, 6, 5, (1, 8, 8), 4, generator=generator)
+    outputs = {}
+    for backend in ("reference", "fused"):
+        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, inner_steps=2, learn_inner_lr=learn,
+                                     backend=backend)
+        perturb_rates(opt, torch.Generator().manual_seed(7))
+        adapted = opt.adapt(sx, sy, steps=3)
+        outputs[backend] = (adapted, opt.predict(adapted, qx))
+    for name, value in outputs["reference"][0].items():
+        assert relative_error(outputs["fused"][0][name], value) <= 1e-10
+    assert relative_error(outputs["fused"][1], outputs["reference"][1]) <= 1e-10
+
+
+def test_softmax_cross_entropy_kernel_matches_torch():
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logits = torch.randn(37, 7, dtype=torch.float64, generator=generator) * 3
+    target = torch.randint(0, 7, (37,), generator=generator)
+    tangent = torch.randn(37, 7, dtype=torch.float64, generator=generator)
+    loss, correct, g, rg = torch.ops.maml_ext.softmax_cross_entropy(logits, target, tangent)
+
+    def gradient(z):
+        return torch.softmax(z, dim=1) - F.one_hot(target, 7).to(z.dtype)
+
+    _, expected_rg = jvp(gradient, (logits,), (tangent,))
+    assert relative_error(loss, F.cross_entropy(logits, target, reduction="none")) < 1e-14
+    assert torch.equal(correct, (logits.argmax(1) == target).double())
+    assert relative_error(g, gradient(logits)) < 1e-14
+    assert relative_error(rg, expected_rg) < 1e-13
+    with pytest.raises(ValueError, match="argument 'target': expected 37 rows"):
+        torch.ops.maml_ext.softmax_cross_entropy(logits, target[:5], None)
+
+
+def opcheck_cases():
+    model = conv_net(ways=3, channels=3)
+    program = maml_ext.program.compile_program(model)
+    theta = program.flatten(dict(model.named_parameters())).detach()
+    sx, sy, qx, qy = classification_batch(2, 3, 4, (1, 8, 8), 3)
+    ints, floats = list(program.ints), list(program.floats)
+    rates = torch.full((2, theta.numel()), 0.1, dtype=theta.dtype)
+    per_task = theta.expand(2, -1).clone()
+    return [
+        (torch.ops.maml_ext.meta_step.default, (theta, rates, sx, sy, qx, qy, ints, floats, 1, False, True)),
+        (torch.ops.maml_ext.adapt.default, (theta, rates, sx, sy, ints, floats, 1)),
+        (torch.ops.maml_ext.program_forward.default, (per_task, qx, ints, floats)),
+        (torch.ops.maml_ext.loss_hvp.default, (per_task, sx, sy, torch.randn_like(per_task), ints, floats, 1)),
+        (torch.ops.maml_ext.softmax_cross_entropy.default,
+         (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=torch.float64))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_opcheck(index):
+    op, args = opcheck_cases()[index]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+PAPER_MODELS = {
+    "sinusoid mlp": lambda: sinusoid_mlp(torch.float32),
+    "omniglot conv (max-pool)": lambda: conv_net(ways=5, channels=64, blocks=4, image=28, dtype=torch.float32),
+    "omniglot conv (strided)": lambda: conv_net(ways=5, channels=64, blocks=4, image=28, pool=False, dtype=torch.float32),
+    "miniimagenet conv": lambda: conv_net(ways=5, channels=32, in_channels=3, blocks=4, image=84, dtype=torch.float32),
+    "omniglot mlp": lambda: nn.Sequential(
+        nn.Flatten(), *[m for a, b in [(784, 256), (256, 128), (128, 64), (64, 64)]
+                        for m in (nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU())],
+        nn.Linear(64, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_MODELS))
+def test_auto_picks_fused_for_the_paper_models(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = maml_ext.MetaOptimizer(PAPER_MODELS[name](), None, inner_lr=0.1, backend="auto")
+    assert opt.backend == "fused"
+
+
+class Doubling(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("layer, label", [
+    (nn.Dropout(0.1), "Dropout"), (nn.Tanh(), "Tanh"), (Doubling(), "Doubling"),
+    (nn.Conv2d(3, 3, 3, groups=3), "groups=3"), (nn.MaxPool2d(2, dilation=2), "dilation"),
+])
+def test_unsupported_layers_are_named(layer, label):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), layer, nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=rf"layer '2': .*{label}") as error:
+        maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused")
+    assert error.value.layer == "2"
+    with pytest.warns(UserWarning, match=rf"uses the reference backend: .*layer '2'"):
+        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="auto")
+    assert opt.backend == "reference"
+
+
+def test_custom_loss_falls_back_to_reference_with_reason():
+    with pytest.warns(UserWarning, match="custom loss"):
+        opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1,
+                                     loss=lambda out, y: (out - y).abs().mean())
+    assert opt.backend == "reference"
