@@ -77,7 +77,15 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    return [extension], {"build_ext": BuildExtension}
+    class BuildExtensionInTree(BuildExtension):
+        """Keeps objects under build/temp (pip's editable builds would use a fresh temporary
+        folder each time), so ninja recompiles only the sources that changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.environ.get("MAML_EXT_BUILD_TEMP", os.path.join(ROOT, "build", "temp"))
+
+    return [extension], {"build_ext": BuildExtensionInTree}
 
 
 ext_modules, cmdclass = _extensions()

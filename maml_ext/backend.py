@@ -23,7 +23,8 @@ class BackendChoice:
 
 def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
                    dtype: torch.dtype) -> tuple[LayerProgram | None, str | None]:
-    """(program, None) when the fused backend can run, else (None, the reason it cannot)."""
+    """(program, None) when the fused backend can run, else (None, the reason it cannot).
+    A model the fused backend cannot run raises UnsupportedModelError (naming the layer)."""
     if not compiled_ops_available():
         return None, f"maml_ext._C is not available ({_load_error})"
     if not loss.builtin:
@@ -34,10 +35,7 @@ def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
         return None, "maml_ext._C was built without CUDA kernels"
     if dtype not in (torch.float32, torch.float64):
         return None, f"dtype {dtype} (fused runs float32 and float64)"
-    try:
-        return compile_program(model), None
-    except UnsupportedModelError as error:
-        return None, str(error)
+    return compile_program(model), None
 
 
 def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: torch.device,
@@ -46,11 +44,16 @@ def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: tor
         raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
         return BackendChoice("reference", None)
-    program, reason = fused_obstacle(model, loss, device, dtype)
+    try:
+        program, reason = fused_obstacle(model, loss, device, dtype)
+    except UnsupportedModelError as error:
+        if requested == "fused":
+            raise
+        program, reason = None, str(error)
     if program is not None:
         return BackendChoice("fused", program)
     if requested == "fused":
-        raise ValueError(f"backend='fused': {reason}")
+        raise ValueError(f"backend='fused' cannot run here: {reason}")
     if warn:
         warnings.warn(f"maml_ext: backend='auto' uses the reference backend: {reason}", stacklevel=3)
     return BackendChoice("reference", None, reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._extension import compiled_ops_available
-from .program import LOSS_CODES, LayerProgram
+from .program import LOSS_CODES, LayerProgram, output_shape
 
 
 def _register_fake_kernels() -> None:
@@ -27,6 +27,10 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("maml_ext::adapt")
     def _(theta, inner_lr, support_x, support_y, program, program_floats, loss):
         return theta.new_empty((support_x.shape[0], theta.shape[-1]))
+
+    @torch.library.register_fake("maml_ext::program_forward")
+    def _(theta, x, program, program_floats):
+        return x.new_empty((x.shape[0], x.shape[1], *output_shape(program, x.shape[2:])))
 
     @torch.library.register_fake("maml_ext::loss_hvp")
     def _(theta, x, y, v, program, program_floats, loss):

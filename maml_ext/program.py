@@ -165,6 +165,41 @@ def compile_program(model: nn.Module) -> LayerProgram:
     return LayerProgram(tuple(ints), tuple(floats), tuple(slots), offset)
 
 
+_RECORD_LENGTHS = {LINEAR: 5, CONV2D: 11, BATCH_NORM: 5, RELU: 0, MAX_POOL2D: 7, FLATTEN: 0}
+
+
+def output_shape(ints, sample_shape) -> tuple[int, ...]:
+    """The per-sample output shape of a program for per-sample inputs of ``sample_shape``
+    (the same arithmetic as the C++ layers; used by the fake kernels)."""
+    shape = tuple(sample_shape)
+    position = 0
+    while position < len(ints):
+        kind = ints[position]
+        fields = ints[position + 1 : position + 1 + _RECORD_LENGTHS[kind]]
+        position += 1 + _RECORD_LENGTHS[kind]
+        if kind == LINEAR:
+            shape = (fields[1],)
+        elif kind == CONV2D:
+            out, kh, kw, sh, sw, ph, pw = fields[1:8]
+            shape = (out, (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1)
+        elif kind == MAX_POOL2D:
+            kh, kw, sh, sw, ph, pw, ceil_mode = fields
+            shape = (shape[0], *(_pooled(size, k, s, p, ceil_mode)
+                                 for size, k, s, p in ((shape[1], kh, sh, ph), (shape[2], kw, sw, pw))))
+        elif kind == FLATTEN:
+            shape = (math.prod(shape),)
+    return shape
+
+
+def _pooled(size: int, kernel: int, stride: int, padding: int, ceil_mode: int) -> int:
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # PyTorch's rule: with ceil_mode the last window must start inside the padded input.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def running_stats_message(layer: str) -> str:
     return (
         f"BatchNorm layer '{layer}' tracks running statistics; MAML normalises each task with its "

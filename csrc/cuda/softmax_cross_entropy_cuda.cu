@@ -1,6 +1,8 @@
 // CUDA kernel of maml_ext::softmax_cross_entropy: one thread per row (few-shot heads have a handful
 // of classes), arithmetic shared with the CPU kernel through kernels/softmax_cross_entropy_math.h.
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -47,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy
   }
   constexpr int threads = 128;
   const int blocks = static_cast<int>((rows + threads - 1) / threads);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "softmax_cross_entropy_cuda", [&] {
     softmax_cross_entropy_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         z.data_ptr<scalar_t>(), with_tangent ? rz.data_ptr<scalar_t>() : nullptr,
