@@ -1,0 +1,1 @@
+"""Ready-made experiments (the paper's presets), each a function that trains, evaluates and writes its results."""
