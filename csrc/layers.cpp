@@ -100,8 +100,27 @@ class Linear final : public Layer {
   at::Tensor x_, rx_;
 };
 
-// Per-task convolutions run as one grouped convolution: [T, N, C, H, W] becomes [N, T·C, H, W]
-// and the T weight tensors one [T·O, C, kh, kw] weight with groups = T.
+// Image activations are kept sample-major, [N, T, C, H, W]: viewed as [N, T·C, H, W] without a
+// copy, the T per-task convolutions are one grouped convolution (groups = T) and the per-task
+// batch norms one batch norm over T·C channels, both native ATen (oneDNN / cuDNN) kernels. They
+// are stored channels-last (N, H, W, T·C in memory), the format oneDNN computes in: measured on
+// the Omniglot shapes, NCHW cost a reorder per call and made max-pooling 3-7x slower.
+at::Tensor grouped(const at::Tensor& x) {
+  return x.reshape({x.size(0), x.size(1) * x.size(2), x.size(3), x.size(4)});
+}
+
+at::Tensor channels_last(const at::Tensor& x) {
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The per-task [T, shape...] parameters as one [T·shape[0], shape[1:]...] tensor (a copy only
+// where all tasks share the weights).
+at::Tensor stack_tasks(const at::Tensor& param) {
+  std::vector<int64_t> sizes(param.sizes().begin() + 1, param.sizes().end());
+  sizes[0] *= param.size(0);
+  return param.reshape(sizes);
+}
+
 class Conv2d final : public Layer {
  public:
   Conv2d(int64_t in, int64_t out, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
@@ -110,21 +129,18 @@ class Conv2d final : public Layer {
         w_off_(weight_offset), b_off_(bias_offset) {}
 
   void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
-    MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == in_, "x", "Conv2d expects task-batched inputs [T, N, ",
-                   in_, ", H, W], got shape ", x.sizes());
-    tasks_ = x.size(0);
-    input_sizes_ = x.sizes().vec();
-    const auto weight = param_view(p.theta, w_off_, weight_shape());
-    const auto bias = bias_ ? param_view(p.theta, b_off_, {out_}) : at::Tensor();
-    x_grouped_ = to_grouped(x);
-    rx_grouped_ = rx.defined() ? to_grouped(rx) : at::Tensor();
-    at::Tensor y = convolve(x, x_grouped_, weight, bias);
+    MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == in_, "x", "Conv2d expects inputs with ", in_,
+                   " channels [T, N, ", in_, ", H, W], got [N, T, C, H, W] = ", x.sizes());
+    tasks_ = p.tasks();
+    x_ = x;
+    rx_ = rx;
+    const auto weight = weights(p.theta);
+    at::Tensor y = convolve(x, weight, bias_ ? stack_tasks(param_view(p.theta, b_off_, {out_})) : at::Tensor());
     if (p.carries_tangent()) {
       // R{y} = conv(R{x}, W) + conv(x, V) + v_b
-      const auto direction = param_view(p.tangent, w_off_, weight_shape());
-      const auto bias_direction = bias_ ? param_view(p.tangent, b_off_, {out_}) : at::Tensor();
-      at::Tensor ry = convolve(x, x_grouped_, direction, bias_direction);
-      if (rx.defined()) ry.add_(convolve(rx, rx_grouped_, weight, at::Tensor()));
+      at::Tensor ry = convolve(
+          x, weights(p.tangent), bias_ ? stack_tasks(param_view(p.tangent, b_off_, {out_})) : at::Tensor());
+      if (rx.defined()) ry.add_(convolve(rx, weight, at::Tensor()));
       rx = ry;
     }
     x = y;
@@ -132,87 +148,68 @@ class Conv2d final : public Layer {
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
                 bool need_input_grad) override {
-    const auto weight = grouped_weight(param_view(p.theta, w_off_, weight_shape()));
-    const auto gy_grouped = to_grouped(gy);
-    grouped_out_ = tasks_ * out_;
-    const auto bias_sizes = bias_ ? at::OptionalIntArrayRef(at::IntArrayRef(&grouped_out_, 1))
-                                  : at::OptionalIntArrayRef();
-    auto [gx, gw, gb] = convolution_backward(gy_grouped, x_grouped_, weight, bias_sizes,
-                                             {need_input_grad, true, bias_});
+    const auto weight = weights(p.theta);
+    const auto x = grouped(x_);
+    auto [gx, gw, gb] = convolution_backward(grouped(gy), x, weight, {need_input_grad, true, bias_});
     write_param(p.grad, w_off_, gw);
     if (bias_) write_param(p.grad, b_off_, gb);
     if (p.carries_tangent()) {
       // R{gx} = conv_input_grad(R{gy}, W) + conv_input_grad(gy, V)
       // R{gW} = conv_weight_grad(x, R{gy}) + conv_weight_grad(R{x}, gy);  R{gb} = Σ R{gy}
-      auto [rgx, rgw, rgb] = convolution_backward(to_grouped(rgy), x_grouped_, weight, bias_sizes,
-                                                  {need_input_grad, true, bias_});
-      const bool has_rx = rx_grouped_.defined();
+      auto [rgx, rgw, rgb] = convolution_backward(grouped(rgy), x, weight, {need_input_grad, true, bias_});
+      const bool has_rx = rx_.defined();
       if (need_input_grad || has_rx) {
-        const auto direction = grouped_weight(param_view(p.tangent, w_off_, weight_shape()));
-        auto [rgx_v, rgw_rx, unused] =
-            convolution_backward(gy_grouped, has_rx ? rx_grouped_ : x_grouped_, direction,
-                                 at::OptionalIntArrayRef(), {need_input_grad, has_rx, false});
+        auto [rgx_v, rgw_rx, unused] = convolution_backward(
+            grouped(gy), has_rx ? grouped(rx_) : x, weights(p.tangent), {need_input_grad, has_rx, false});
         if (need_input_grad) rgx.add_(rgx_v);
         if (has_rx) rgw.add_(rgw_rx);
       }
       write_param(p.grad_tangent, w_off_, rgw);
       if (bias_) write_param(p.grad_tangent, b_off_, rgb);
-      rgy = need_input_grad ? from_grouped(rgx) : at::Tensor();
+      rgy = need_input_grad ? ungrouped(rgx) : at::Tensor();
     }
-    gy = need_input_grad ? from_grouped(gx) : at::Tensor();
-    x_grouped_ = rx_grouped_ = at::Tensor();
+    gy = need_input_grad ? ungrouped(gx) : at::Tensor();
+    x_ = rx_ = at::Tensor();
   }
 
  private:
-  std::vector<int64_t> weight_shape() const { return {out_, in_, kernel_[0], kernel_[1]}; }
-
-  static at::Tensor to_grouped(const at::Tensor& x) {
-    return x.transpose(0, 1).reshape({x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
+  at::Tensor weights(const at::Tensor& flat) const {
+    return stack_tasks(param_view(flat, w_off_, {out_, in_, kernel_[0], kernel_[1]}));
   }
 
-  at::Tensor from_grouped(const at::Tensor& g) const {
-    const int64_t channels = g.size(1) / tasks_;
-    return g.view({g.size(0), tasks_, channels, g.size(2), g.size(3)}).transpose(0, 1).contiguous();
+  at::Tensor ungrouped(const at::Tensor& g) const {
+    return g.view({g.size(0), tasks_, g.size(1) / tasks_, g.size(2), g.size(3)});
   }
 
-  at::Tensor grouped_weight(const at::Tensor& weight) const {
-    return weight.expand({tasks_, out_, in_, kernel_[0], kernel_[1]})
-        .reshape({tasks_ * out_, in_, kernel_[0], kernel_[1]});
-  }
-
-  // Convolution of task-batched x with per-task (or shared) weight and optional bias.
-  at::Tensor convolve(const at::Tensor& x, const at::Tensor& x_grouped, const at::Tensor& weight,
-                      const at::Tensor& bias) const {
-    if (shared_across_tasks(weight)) {
-      const auto flat = x.reshape({-1, x.size(2), x.size(3), x.size(4)});
-      const auto y = at::convolution(flat, weight.select(0, 0),
-                                     bias.defined() ? bias.select(0, 0) : at::Tensor(), stride_,
-                                     padding_, {1, 1}, false, {0, 0}, 1);
-      return y.view({tasks_, x.size(1), out_, y.size(2), y.size(3)});
-    }
-    const auto y = at::convolution(x_grouped, grouped_weight(weight),
-                                   bias.defined() ? bias.reshape({-1}) : at::Tensor(), stride_,
-                                   padding_, {1, 1}, false, {0, 0}, tasks_);
-    return from_grouped(y);
+  at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
+    const auto y = at::convolution(channels_last(grouped(x)), weight, bias, stride_, padding_,
+                                   {1, 1}, false, {0, 0}, tasks_);
+    return y.view({y.size(0), tasks_, out_, y.size(2), y.size(3)});
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
-      const at::Tensor& gy_grouped, const at::Tensor& x_grouped, const at::Tensor& weight,
-      at::OptionalIntArrayRef bias_sizes, std::array<bool, 3> mask) const {
-    return at::convolution_backward(gy_grouped, x_grouped, weight, bias_sizes, stride_, padding_,
-                                    {1, 1}, false, {0, 0}, tasks_, mask);
+      const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+      std::array<bool, 3> mask) const {
+    const int64_t bias_size = tasks_ * out_;
+    return at::convolution_backward(
+        channels_last(gy), channels_last(x), weight,
+        mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&bias_size, 1)) : at::OptionalIntArrayRef(),
+        stride_, padding_, {1, 1}, false, {0, 0}, tasks_, mask);
   }
 
   int64_t in_, out_;
   std::array<int64_t, 2> kernel_, stride_, padding_;
   bool bias_;
   int64_t w_off_, b_off_;
-  int64_t tasks_ = 0, grouped_out_ = 0;
-  std::vector<int64_t> input_sizes_;
-  at::Tensor x_grouped_, rx_grouped_;
+  int64_t tasks_ = 0;
+  at::Tensor x_, rx_;
 };
 
-// Transductive batch norm: each task's own batch statistics, per channel.
+// Transductive batch norm: each task's own batch statistics, per channel. The T per-task batch
+// norms are one batch norm over T·C channels of the grouped view ([N, T·C, ...]), so forward and
+// backward are ATen's native kernels; the tangent rules (TANGENTS.md) are written on top of them:
+// with unit weight the native backward of g is (g − mean(g) − x̂ mean(g x̂)) / σ, which is both
+// R{x̂} (for g = R{x}) and D / σ (for g = gy).
 class BatchNorm final : public Layer {
  public:
   BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
@@ -221,97 +218,132 @@ class BatchNorm final : public Layer {
         b_off_(bias_offset), eps_(eps) {}
 
   void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
-    const int64_t expected_dim = spatial_ ? 5 : 3;
-    MAML_CHECK_ARG(x.dim() == expected_dim && x.size(2) == channels_, "x", "BatchNorm",
-                   spatial_ ? "2d" : "1d", " expects task-batched inputs [T, N, ", channels_,
-                   spatial_ ? ", H, W" : "", "], got shape ", x.sizes());
-    dims_ = spatial_ ? std::vector<int64_t>{1, 3, 4} : std::vector<int64_t>{1};
-    count_ = x.numel() / (x.size(0) * channels_);
-    const auto centred = x - x.mean(dims_, true);
-    sigma_ = (centred.square().mean(dims_, true) + eps_).sqrt();
-    x_hat_ = centred / sigma_;
-    at::Tensor y = affine_ ? at::addcmul(channel_view(p.theta, b_off_), x_hat_,
-                                         channel_view(p.theta, w_off_))
-                           : x_hat_;
-    rx_hat_ = r_sigma_ = at::Tensor();
+    if (spatial_) {
+      MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels_, "x", "BatchNorm2d expects inputs with ",
+                     channels_, " channels [T, N, ", channels_, ", H, W], got [N, T, C, H, W] = ",
+                     x.sizes());
+    } else {
+      MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
+                     channels_, "], got ", x.sizes());
+    }
+    tasks_ = p.tasks();
+    input_sizes_ = x.sizes().vec();
+    x_ = to_grouped(x);
+    count_ = x_.numel() / x_.size(1);
+    reduce_dims_ = spatial_ ? std::vector<int64_t>{0, 2, 3} : std::vector<int64_t>{0};
+    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
+    auto [y, mean, invstd] = at::native_batch_norm(
+        x_, gamma, affine_ ? channel_param(p.theta, b_off_) : at::Tensor(), {}, {}, true, 0.0, eps_);
+    mean_ = mean;
+    invstd_ = invstd;
+    x_hat_ = rx_hat_ = r_sigma_ = at::Tensor();
     if (p.carries_tangent()) {
+      x_hat_ = (x_ - broadcast(mean_)) * broadcast(invstd_);
       // R{x̂} = (R{x} − mean(R{x}) − x̂ mean(x̂ R{x})) / σ;  R{y} = γ R{x̂} + v_γ x̂ + v_β
       at::Tensor ry;
       if (rx.defined()) {
-        r_sigma_ = (x_hat_ * rx).mean(dims_, true);
-        rx_hat_ = (rx - rx.mean(dims_, true) - x_hat_ * r_sigma_) / sigma_;
-        ry = affine_ ? rx_hat_ * channel_view(p.theta, w_off_) : rx_hat_;
+        const auto rxg = to_grouped(rx);
+        r_sigma_ = (x_hat_ * rxg).mean(reduce_dims_);  // R{σ} = mean(x̂ R{x})
+        rx_hat_ = unit_backward(rxg);
+        ry = affine_ ? rx_hat_ * broadcast(gamma) : rx_hat_;
       }
       if (affine_) {
-        ry = add_tangents(ry, at::addcmul(channel_view(p.tangent, b_off_), x_hat_,
-                                          channel_view(p.tangent, w_off_)));
+        ry = add_tangents(ry, at::addcmul(broadcast(channel_param(p.tangent, b_off_)), x_hat_,
+                                          broadcast(channel_param(p.tangent, w_off_))));
       }
-      rx = ry;
+      rx = ry.defined() ? from_grouped(ry) : ry;
     }
-    x = y;
+    x = from_grouped(y);
   }
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
                 bool need_input_grad) override {
-    const int64_t tasks = gy.size(0);
-    const auto sum_gy = gy.sum(dims_, true);
-    const auto sum_gy_xhat = (gy * x_hat_).sum(dims_, true);
-    if (affine_) {
-      write_param(p.grad, w_off_, sum_gy_xhat.view({tasks, channels_}));
-      write_param(p.grad, b_off_, sum_gy.view({tasks, channels_}));
-    }
-    const double inv_count = 1.0 / static_cast<double>(count_);
-    const auto mean_gy_xhat = sum_gy_xhat * inv_count;
-    // D = gy − mean(gy) − x̂ mean(gy x̂);  gx = (γ/σ) D
-    at::Tensor d, gamma_over_sigma;
-    if (need_input_grad) {
-      d = gy - sum_gy * inv_count - x_hat_ * mean_gy_xhat;
-      gamma_over_sigma = affine_ ? channel_view(p.theta, w_off_) / sigma_ : sigma_.reciprocal();
-    }
-    if (p.carries_tangent()) {
-      const auto sum_rgy = rgy.sum(dims_, true);
-      auto r_product = rgy * x_hat_;  // R{gy ⊙ x̂} = R{gy} x̂ + gy R{x̂}
-      if (rx_hat_.defined()) r_product.addcmul_(gy, rx_hat_);
-      const auto sum_r_product = r_product.sum(dims_, true);
+    const auto gyg = to_grouped(gy);
+    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
+    if (!p.carries_tangent()) {
+      auto [gx, ggamma, gbeta] = at::native_batch_norm_backward(
+          gyg, x_, gamma, {}, {}, mean_, invstd_, true, eps_, {need_input_grad, affine_, affine_});
       if (affine_) {
-        write_param(p.grad_tangent, w_off_, sum_r_product.view({tasks, channels_}));
-        write_param(p.grad_tangent, b_off_, sum_rgy.view({tasks, channels_}));
+        write_param(p.grad, w_off_, ggamma);
+        write_param(p.grad, b_off_, gbeta);
       }
-      if (need_input_grad) {
-        // R{D} = R{gy} − mean(R{gy}) − R{x̂} mean(gy x̂) − x̂ mean(R{gy} x̂ + gy R{x̂})
-        auto r_d = rgy - sum_rgy * inv_count - x_hat_ * (sum_r_product * inv_count);
-        if (rx_hat_.defined()) r_d.sub_(rx_hat_ * mean_gy_xhat);
-        // R{gx} = (v_γ/σ − γ R{σ}/σ²) D + (γ/σ) R{D}
-        at::Tensor coefficient;
-        if (affine_) coefficient = channel_view(p.tangent, w_off_) / sigma_;
-        if (r_sigma_.defined()) {
-          const auto gamma_r_sigma = affine_ ? channel_view(p.theta, w_off_) * r_sigma_ : r_sigma_;
-          const auto term = gamma_r_sigma / sigma_.square();
-          coefficient = coefficient.defined() ? coefficient - term : -term;
-        }
-        auto rgx = gamma_over_sigma * r_d;
-        if (coefficient.defined()) rgx.addcmul_(coefficient, d);
-        rgy = rgx;
-      }
+      gy = need_input_grad ? from_grouped(gx) : at::Tensor();
+      release();
+      return;
     }
-    gy = need_input_grad ? gamma_over_sigma * d : at::Tensor();
-    x_hat_ = sigma_ = rx_hat_ = r_sigma_ = at::Tensor();
+    const auto rgyg = to_grouped(rgy);
+    const double inv_count = 1.0 / static_cast<double>(count_);
+    const auto sum_gy_xhat = (gyg * x_hat_).sum(reduce_dims_);
+    auto r_product = rgyg * x_hat_;  // R{gy ⊙ x̂} = R{gy} x̂ + gy R{x̂}
+    if (rx_hat_.defined()) r_product.addcmul_(gyg, rx_hat_);
+    if (affine_) {
+      write_param(p.grad, w_off_, sum_gy_xhat);
+      write_param(p.grad, b_off_, gyg.sum(reduce_dims_));
+      write_param(p.grad_tangent, w_off_, r_product.sum(reduce_dims_));
+      write_param(p.grad_tangent, b_off_, rgyg.sum(reduce_dims_));
+    }
+    if (need_input_grad) {
+      // gx = γ E with E = D/σ.  R{gx} = v_γ E − γ (R{σ}/σ) E + γ R{D}/σ, where
+      // R{D}/σ = E(R{gy}) − (R{x̂} mean(gy x̂) + x̂ mean(gy R{x̂})) / σ.
+      const auto e = unit_backward(gyg);
+      auto r_d = unit_backward(rgyg);
+      if (rx_hat_.defined()) {
+        const auto mean_gy_xhat = broadcast(sum_gy_xhat * inv_count);
+        const auto mean_gy_rxhat = broadcast((gyg * rx_hat_).mean(reduce_dims_));
+        r_d.sub_((rx_hat_ * mean_gy_xhat + x_hat_ * mean_gy_rxhat) * broadcast(invstd_));
+      }
+      at::Tensor coefficient;  // v_γ − γ R{σ}/σ, per channel
+      if (affine_) coefficient = channel_param(p.tangent, w_off_);
+      if (r_sigma_.defined()) {
+        const auto term = (affine_ ? gamma * r_sigma_ : r_sigma_) * invstd_;
+        coefficient = coefficient.defined() ? coefficient - term : -term;
+      }
+      auto rgx = affine_ ? r_d * broadcast(gamma) : r_d;
+      if (coefficient.defined()) rgx.addcmul_(e, broadcast(coefficient));
+      rgy = from_grouped(rgx);
+      gy = from_grouped(affine_ ? e * broadcast(gamma) : e);
+    } else {
+      gy = rgy = at::Tensor();
+    }
+    release();
   }
 
  private:
-  // A per-channel parameter [T, C] shaped to broadcast against the activations.
-  at::Tensor channel_view(const at::Tensor& flat, int64_t offset) const {
-    const auto v = param_view(flat, offset, {channels_});
-    return spatial_ ? v.view({v.size(0), 1, channels_, 1, 1}) : v.view({v.size(0), 1, channels_});
+  // [T, C] parameters as the [T·C] channels of the grouped view.
+  at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
+    return param_view(flat, offset, {channels_}).reshape({-1});
   }
+
+  at::Tensor broadcast(const at::Tensor& per_channel) const {
+    return spatial_ ? per_channel.view({1, -1, 1, 1}) : per_channel.view({1, -1});
+  }
+
+  // (g − mean(g) − x̂ mean(g x̂)) / σ: the native batch-norm backward with unit weight.
+  at::Tensor unit_backward(const at::Tensor& g) const {
+    return std::get<0>(at::native_batch_norm_backward(g, x_, {}, {}, {}, mean_, invstd_, true, eps_,
+                                                      {true, false, false}));
+  }
+
+  // Images: [N, T, C, H, W] is already [N, T·C, H, W]. Features [T, N, C] become [N, T·C].
+  at::Tensor to_grouped(const at::Tensor& x) const {
+    if (spatial_) return grouped(x);
+    return x.transpose(0, 1).reshape({x.size(1), x.size(0) * x.size(2)});
+  }
+
+  at::Tensor from_grouped(const at::Tensor& g) const {
+    if (spatial_) return g.view(input_sizes_);
+    return g.view({input_sizes_[1], input_sizes_[0], input_sizes_[2]}).transpose(0, 1).contiguous();
+  }
+
+  void release() { x_ = mean_ = invstd_ = x_hat_ = rx_hat_ = r_sigma_ = at::Tensor(); }
 
   int64_t channels_;
   bool spatial_, affine_;
   int64_t w_off_, b_off_;
   double eps_;
-  std::vector<int64_t> dims_;
-  int64_t count_ = 0;
-  at::Tensor x_hat_, sigma_, rx_hat_, r_sigma_;
+  int64_t tasks_ = 0, count_ = 0;
+  std::vector<int64_t> input_sizes_, reduce_dims_;
+  at::Tensor x_, mean_, invstd_, x_hat_, rx_hat_, r_sigma_;
 };
 
 class ReLU final : public Layer {
@@ -339,25 +371,22 @@ class MaxPool2d final : public Layer {
       : kernel_{kh, kw}, stride_{sh, sw}, padding_{ph, pw}, ceil_mode_(ceil_mode) {}
 
   void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
-    MAML_CHECK_ARG(x.dim() == 5, "x", "MaxPool2d expects task-batched inputs [T, N, C, H, W], got shape ",
+    MAML_CHECK_ARG(x.dim() == 5, "x", "MaxPool2d expects image inputs [T, N, C, H, W], got ",
                    x.sizes());
-    input_ = x.reshape({-1, x.size(2), x.size(3), x.size(4)});
+    input_ = channels_last(grouped(x));
     auto [y, indices] = at::max_pool2d_with_indices(input_, kernel_, stride_, padding_, {1, 1},
                                                     ceil_mode_);
     indices_ = indices;
-    output_sizes_ = {x.size(0), x.size(1), y.size(1), y.size(2), y.size(3)};
+    output_sizes_ = {x.size(0), x.size(1), x.size(2), y.size(2), y.size(3)};
     if (rx.defined()) {
       // R{y} = R{x}[argmax]
-      const auto flat_indices = indices_.flatten(2);
-      rx = rx.reshape({input_.size(0), input_.size(1), -1})
-               .gather(2, flat_indices)
-               .view(output_sizes_);
+      rx = grouped(rx).flatten(2).gather(2, indices_.flatten(2)).reshape(output_sizes_);
     }
     x = y.view(output_sizes_);
   }
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy, bool) override {
-    std::vector<int64_t> input_sizes{output_sizes_[0], output_sizes_[1], input_.size(1),
+    const std::vector<int64_t> input_sizes{output_sizes_[0], output_sizes_[1], output_sizes_[2],
                                      input_.size(2), input_.size(3)};
     gy = scatter(gy).view(input_sizes);
     if (p.carries_tangent() && rgy.defined()) rgy = scatter(rgy).view(input_sizes);
@@ -366,9 +395,8 @@ class MaxPool2d final : public Layer {
 
  private:
   at::Tensor scatter(const at::Tensor& g) const {
-    return at::max_pool2d_with_indices_backward(
-        g.reshape({input_.size(0), input_.size(1), g.size(3), g.size(4)}), input_, kernel_, stride_,
-        padding_, {1, 1}, ceil_mode_, indices_);
+    return at::max_pool2d_with_indices_backward(channels_last(grouped(g)), input_, kernel_, stride_,
+                                                padding_, {1, 1}, ceil_mode_, indices_);
   }
 
   std::array<int64_t, 2> kernel_, stride_, padding_;
@@ -377,20 +405,35 @@ class MaxPool2d final : public Layer {
   at::Tensor input_, indices_;
 };
 
+// Images [N, T, C, H, W] (sample-major) become task-major features [T, N, C·H·W].
 class Flatten final : public Layer {
  public:
   void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
     input_sizes_ = x.sizes().vec();
-    x = x.reshape({x.size(0), x.size(1), -1});
-    if (rx.defined()) rx = rx.reshape({rx.size(0), rx.size(1), -1});
+    x = flatten(x);
+    if (rx.defined()) rx = flatten(rx);
   }
 
   void backward(const PassParams&, at::Tensor& gy, at::Tensor& rgy, bool) override {
-    gy = gy.reshape(input_sizes_);
-    if (rgy.defined()) rgy = rgy.reshape(input_sizes_);
+    gy = unflatten(gy);
+    if (rgy.defined()) rgy = unflatten(rgy);
   }
 
  private:
+  at::Tensor flatten(const at::Tensor& x) const {
+    if (x.dim() == 5) return x.transpose(0, 1).reshape({x.size(1), x.size(0), -1});
+    return x.reshape({x.size(0), x.size(1), -1});
+  }
+
+  at::Tensor unflatten(const at::Tensor& g) const {
+    if (input_sizes_.size() == 5) {
+      return g.view({input_sizes_[1], input_sizes_[0], input_sizes_[2], input_sizes_[3], input_sizes_[4]})
+          .transpose(0, 1)
+          .contiguous();
+    }
+    return g.reshape(input_sizes_);
+  }
+
   std::vector<int64_t> input_sizes_;
 };
 
@@ -411,6 +454,17 @@ class ProgramReader {
   size_t position_ = 0;
   int64_t record_ = -1;
 };
+
+// Images travel sample-major inside the program ([N, T, C, H, W] stored as N, H, W, T, C; see
+// Conv2d); the program's inputs and outputs are task-major ([T, N, ...]).
+at::Tensor to_sample_major(const at::Tensor& x) {
+  if (x.dim() != 5) return x;
+  return x.permute({1, 3, 4, 0, 2}).contiguous().permute({0, 3, 4, 1, 2});
+}
+
+at::Tensor to_task_major(const at::Tensor& x) {
+  return x.dim() == 5 ? x.transpose(0, 1).contiguous() : x;
+}
 
 }  // namespace
 
@@ -497,14 +551,17 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
 
 at::Tensor Program::forward(const at::Tensor& theta, const at::Tensor& x) {
   PassParams p{theta, at::Tensor(), at::Tensor(), at::Tensor()};
-  at::Tensor h = x, rh;
+  at::Tensor h = to_sample_major(x), rh;
   for (auto& layer : layers_) layer->forward(p, h, rh);
-  return h;
+  return to_task_major(h);
 }
 
 LossValue Program::gradient(const PassParams& p, const at::Tensor& x, const at::Tensor& y) {
-  at::Tensor z = x, rz;
+  at::Tensor z = to_sample_major(x), rz;
   for (auto& layer : layers_) layer->forward(p, z, rz);
+  const bool image_output = z.dim() == 5;
+  z = to_task_major(z);
+  if (rz.defined()) rz = to_task_major(rz);
   if (p.carries_tangent() && !rz.defined()) rz = at::zeros_like(z);
 
   const int64_t tasks = z.size(0), rows = z.size(1);
@@ -532,6 +589,10 @@ LossValue Program::gradient(const PassParams& p, const at::Tensor& x, const at::
     if (rz.defined()) rgz = rz * scale;
   }
 
+  if (image_output) {
+    gz = to_sample_major(gz);
+    if (rgz.defined()) rgz = to_sample_major(rgz);
+  }
   for (size_t i = layers_.size(); i-- > 0;) layers_[i]->backward(p, gz, rgz, i > 0);
   return value;
 }
