@@ -52,7 +52,7 @@ def perturb_rates(opt, generator=None) -> None:
     """Moves learned rates away from their common initial value, so each entry matters."""
     with torch.no_grad():
         for p in opt.inner_lr.parameters():
-            p.mul_(1 + 0.5 * torch.rand(p.shape, dtype=p.dtype, generator=generator))
+            p.mul_(1 + 0.5 * torch.rand(p.shape, dtype=p.dtype, generator=generator).to(p.device))
 
 
 def all_grads(opt) -> torch.Tensor:

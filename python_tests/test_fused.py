@@ -273,3 +273,36 @@ def test_custom_loss_falls_back_to_reference_with_reason():
         opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1,
                                      loss=lambda out, y: (out - y).abs().mean())
     assert opt.backend == "reference"
+
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
+                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("learn", LEARN_KINDS)
+def test_fused_on_cuda_matches_reference(dtype, tolerance, learn):
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = conv_net(ways=5, channels=8, blocks=2, dtype=dtype)
+    batch = classification_batch(4, 5, 6, (1, 8, 8), 5, dtype=dtype, generator=generator)
+    kwargs = dict(inner_lr=0.1, inner_steps=3, learn_inner_lr=learn)
+    _, expected = meta_gradients(model, batch, "reference", 11, **kwargs)
+    model.cuda()
+    result, actual = meta_gradients(model, [b.cuda() for b in batch], "fused", 11, **kwargs)
+    assert result.backend == "fused"
+    assert relative_error(actual.cpu(), expected) <= tolerance
+
+
+@cuda
+@pytest.mark.cuda
+def test_softmax_cross_entropy_cuda_kernel_matches_cpu():
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logits = torch.randn(1000, 20, dtype=torch.float64, generator=generator) * 4
+    target = torch.randint(0, 20, (1000,), generator=generator)
+    tangent = torch.randn(1000, 20, dtype=torch.float64, generator=generator)
+    on_cpu = torch.ops.maml_ext.softmax_cross_entropy(logits, target, tangent)
+    on_gpu = torch.ops.maml_ext.softmax_cross_entropy(logits.cuda(), target.cuda(), tangent.cuda())
+    for a, b in zip(on_cpu, on_gpu):
+        assert relative_error(b.cpu(), a) <= 1e-14
