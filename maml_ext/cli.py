@@ -1,10 +1,12 @@
-"""Command line: ``python -m maml_ext train EXPERIMENT [options]``.
+"""Command line: ``python -m maml_ext train EXPERIMENT [options]`` and
+``python -m maml_ext eval CHECKPOINT [options]`` (the few-shot test protocol).
 
 Experiments are looked up in :data:`EXPERIMENTS`, a registry from preset name to the function that
 runs it; adding a preset (omniglot-5w1s, ...) is one entry there.
 """
 import argparse
 import importlib
+import inspect
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -26,6 +28,14 @@ EXPERIMENTS: Dict[str, Experiment] = {
         "sinusoid regression, MAML vs a pretrained baseline (paper sec. 5.1)",
     ),
 }
+
+# The paper's few-shot classification presets (maml_ext/experiments/presets.py).
+from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS  # noqa: E402
+
+for _name, _preset in _FEWSHOT_PRESETS.items():
+    EXPERIMENTS[_name] = Experiment(
+        f"maml_ext.experiments.fewshot:train_{_name.replace('-', '_')}", _preset.description
+    )
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -50,6 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed (preset default)")
     train.add_argument("--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)")
     train.add_argument("--meta-batch", type=int, metavar="T", help="tasks per meta-batch (preset default)")
+    train.add_argument("--first-order", action="store_true", default=None,
+                       help="first-order MAML (no Hessian term)")
+    train.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    # Few-shot classification presets only:
+    train.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset (few-shot presets)")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end)")
+    train.add_argument("--validate-every", type=int, metavar="N",
+                       help="validate on held-out classes every N iterations (default 500)")
+    train.add_argument("--resume", action="store_true", default=None,
+                       help="continue the run in OUT from OUT/checkpoint.pt")
+    train.add_argument("--split-by", choices=("character", "alphabet"),
+                       help="Omniglot meta-train/val/test split (default: character)")
+
+    evaluate = commands.add_parser(
+        "eval", help="test a few-shot checkpoint with the paper's protocol",
+        description="Accuracy after 0..STEPS inner steps on TASKS test tasks (classes never seen "
+                    "in training) drawn with a fixed seed: mean and 95% confidence interval, "
+                    "printed and written as JSON.",
+    )
+    evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    evaluate.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the training run's)")
+    evaluate.add_argument("--tasks", type=int, help="test tasks (default 600)")
+    evaluate.add_argument("--steps", type=int, help="most inner steps (default 10)")
+    evaluate.add_argument("--seed", type=int, help="seed of the test tasks (default fixed)")
+    evaluate.add_argument("--out", metavar="FILE.json", help="JSON output (default: eval.json beside the checkpoint)")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), help="classes to test on (default test)")
+    evaluate.add_argument("--baseline", action="store_true", default=None,
+                          help="also pretrain the same network without meta-learning and fine-tune it the same way")
+    evaluate.add_argument("--baseline-iterations", type=int, metavar="N",
+                          help="pretraining iterations of the baseline (default 5000)")
+    evaluate.add_argument("--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)")
+    evaluate.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return parser
 
 
@@ -62,19 +105,56 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs the command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        _positive(parser, "--iterations", args.iterations)
-        _positive(parser, "--meta-batch", args.meta_batch)
-        options = {
-            "iterations": args.iterations,
-            "seed": args.seed,
-            "backend": args.backend,
-            "meta_batch": args.meta_batch,
-        }
-        options = {name: value for name, value in options.items() if value is not None}
-        options["out_dir"] = args.out if args.out is not None else f"runs/{args.experiment}"
-        EXPERIMENTS[args.experiment].load()(**options)
+    from maml_ext.experiments.presets import ConfigurationError
+
+    try:
+        if args.command == "train":
+            _positive(parser, "--iterations", args.iterations)
+            _positive(parser, "--meta-batch", args.meta_batch)
+            options = {
+                "iterations": args.iterations,
+                "seed": args.seed,
+                "backend": args.backend,
+                "meta_batch": args.meta_batch,
+                "first_order": args.first_order,
+                "device": args.device,
+                "data_dir": args.data_dir,
+                "checkpoint_every": args.checkpoint_every,
+                "validate_every": args.validate_every,
+                "resume": args.resume,
+                "split_by": args.split_by,
+            }
+            options = {name: value for name, value in options.items() if value is not None}
+            options["out_dir"] = args.out if args.out is not None else f"runs/{args.experiment}"
+            run = EXPERIMENTS[args.experiment].load()
+            _check_options(parser, args.experiment, run, options)
+            run(**options)
+        elif args.command == "eval":
+            from maml_ext.experiments.fewshot import evaluate_checkpoint
+
+            options = {
+                "data_dir": args.data_dir, "tasks": args.tasks, "steps": args.steps,
+                "seed": args.seed, "out": args.out, "split": args.split, "baseline": args.baseline,
+                "baseline_iterations": args.baseline_iterations, "backend": args.backend,
+                "device": args.device,
+            }
+            evaluate_checkpoint(args.checkpoint,
+                                **{name: value for name, value in options.items() if value is not None})
+    except ConfigurationError as error:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
+
+
+def _check_options(parser: argparse.ArgumentParser, experiment: str, run: Callable,
+                   options: dict) -> None:
+    """Rejects options the experiment's function does not take, naming the flag."""
+    parameters = inspect.signature(run).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {p.name for p in parameters}
+    for name in options:
+        if name not in accepted:
+            parser.error(f"{experiment} does not take --{name.replace('_', '-')}")
 
 
 if __name__ == "__main__":
