@@ -57,7 +57,7 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 	@echo "building maml_ext._C (log: build/pip-install.log)"
 	@$(PYTHON) -m pip install -v --no-build-isolation --no-deps -e . > build/pip-install.log 2>&1 \
 	  || { tail -n 60 build/pip-install.log; echo "maml_ext: build failed"; exit 1; }
-	@grep -E "^maml_ext:" build/pip-install.log || true
+	@grep -oE "maml_ext: (compiling CUDA|CPU-only).*" build/pip-install.log | sort -u || true
 	@grep -oE "nvcc .* -c [^ ]+\.cu" build/pip-install.log | grep -oE "[^ /]+\.cu$$" | sed 's/^/  nvcc compiled /' || true
 	$(PYTHON) -c "import maml_ext, json; print(json.dumps(maml_ext.extension_info()))"
 	@touch $@
