@@ -16,7 +16,7 @@ few rounds in pedantic mode. Accuracy (float32):
   batch-norm batching rule gets the mixed second derivative (∂/∂conv weight of ∂L/∂BN weight)
   wrong under vmap: the same error shows in float64 (2e-2 on a small conv net, while grad-of-grad
   without vmap agrees with the reference to 1e-16), so it is not rounding. bench/NOTES.md has the
-  reproducer and the measured errors. Timings are still comparable: the same ops run.
+  measured errors. Timings are still comparable: the same ops run.
 """
 from __future__ import annotations
 
