@@ -18,17 +18,17 @@ How it measures (DESIGN.md "How to measure"):
 - peak memory of the miniimagenet-5w1s second-order meta-step for fused and reference: on CUDA,
   torch.cuda.max_memory_allocated() during one step minus the memory allocated before it (after a
   warm-up step); on CPU, in a fresh child process per implementation, the peak resident set size
-  (getrusage ru_maxrss) after one warm-up and one step minus ru_maxrss after the model and data
-  were built.
+  (VmHWM of /proc/self/status, reset to the current RSS after the model and data were built)
+  over one warm-up and one step, minus the RSS before them.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -201,14 +201,40 @@ def _memory_child(impl_name: str, config_name: str, device: str) -> None:
                   "method": "torch.cuda.max_memory_allocated() during the step minus "
                             "memory_allocated() before it, after one warm-up step"}
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        # Peak RSS of this process's address space. ru_maxrss would be simplest, but Linux carries
+        # it over from the parent across fork+exec (a child of a 7 GB parent reports >= 7 GB), so
+        # read VmHWM from /proc/self/status (reset by exec) and, where the kernel allows, reset
+        # the high-water mark to the current RSS just before the steps (clear_refs "5").
+        gc.collect()
+        base_rss = _proc_status_kib("VmRSS")
+        reset = _reset_peak_rss()
+        base = base_rss if reset else _proc_status_kib("VmHWM")
         impl()
         impl()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result = {"peak_bytes": (peak - base) * 1024, "baseline_rss_bytes": base * 1024,
-                  "method": "fresh child process: ru_maxrss after one warm-up + one step minus "
-                            "ru_maxrss after building the model and data"}
+        peak = _proc_status_kib("VmHWM")
+        result = {"peak_bytes": (peak - base) * 1024, "baseline_rss_bytes": base_rss * 1024,
+                  "method": "fresh child process per implementation: peak RSS (VmHWM) over one "
+                            "warm-up + one step minus RSS after building the model and data"
+                            + ("" if reset else " (high-water mark could not be reset: minus "
+                               "the peak RSS up to then)")}
     print("MEMORY_JSON " + json.dumps(result))
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def measure_memory(device: str) -> dict:
