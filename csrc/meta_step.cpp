@@ -2,6 +2,9 @@
 
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "checks.h"
 #include "layers.h"
 
@@ -45,6 +48,33 @@ void check_inner_lr(const at::Tensor& inner_lr, const at::Tensor& theta) {
                  "], got shape ", inner_lr.sizes());
 }
 
+// Tasks per chunk of the query pass. Its tape (the activations of N query samples per task) is the
+// meta-step's largest allocation: on the CPU, image programs run it one task at a time, which bounds
+// the tape to one task's activations (miniImageNet 5-way: ~300 MB instead of T times that) and
+// costs no speed there, where a grouped convolution over T tasks is no faster than T separate ones
+// (bench/NOTES.md). On CUDA all tasks go in one launch sequence: that batching is the point.
+int64_t query_chunk_tasks(const at::Tensor& query_x, int64_t tasks) {
+  const bool images = query_x.dim() == 5;
+  return query_x.is_cuda() || !images ? tasks : 1;
+}
+
+// The query gradient pass at per-task weights theta [T, P], in chunks of tasks; fills grad [T, P].
+LossValue query_gradient(Program& program, const at::Tensor& theta, const at::Tensor& grad,
+                         const at::Tensor& x, const at::Tensor& y) {
+  const int64_t tasks = theta.size(0), chunk = query_chunk_tasks(x, tasks);
+  if (chunk >= tasks) return program.gradient({theta, at::Tensor(), grad, at::Tensor()}, x, y);
+  std::vector<at::Tensor> losses, accuracies;
+  for (int64_t start = 0; start < tasks; start += chunk) {
+    const int64_t size = std::min(chunk, tasks - start);
+    const auto value = program.gradient(
+        {theta.narrow(0, start, size), at::Tensor(), grad.narrow(0, start, size), at::Tensor()},
+        x.narrow(0, start, size), y.narrow(0, start, size));
+    losses.push_back(value.loss);
+    if (value.accuracy.defined()) accuracies.push_back(value.accuracy);
+  }
+  return {at::cat(losses), accuracies.empty() ? at::Tensor() : at::cat(accuracies)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step(
@@ -84,9 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step
   }
 
   auto lambda = at::empty({tasks, num_params}, options);
-  const auto query =
-      program.gradient({adapted[steps - 1], at::Tensor(), lambda, at::Tensor()},
-                       query_x.contiguous(), query_y.contiguous());
+  const auto query = query_gradient(program, adapted[steps - 1], lambda, query_x.contiguous(),
+                                    query_y.contiguous());
 
   auto alpha_grad = inner_lr_grad ? at::empty({steps, num_params}, options) : at::empty({0}, options);
   auto scratch_grad = at::empty({tasks, num_params}, options);
