@@ -34,6 +34,14 @@ TORCH_LIBRARY(maml_ext, m) {
       "bool first_order, bool inner_lr_grad) -> "
       "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
       "Tensor inner_lr_grad)");
+  // meta_step's CPU path for small MLPs (cpu/mlp_meta_step.cpp), which meta_step takes by itself
+  // where it applies; callable directly so that tests know which path they check.
+  m.def(
+      "_mlp_meta_step(Tensor theta, Tensor inner_lr, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] program, float[] program_floats, int loss, "
+      "bool first_order, bool inner_lr_grad) -> "
+      "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
+      "Tensor inner_lr_grad)");
   m.def(
       "adapt(Tensor theta, Tensor inner_lr, Tensor support_x, Tensor support_y, int[] program, "
       "float[] program_floats, int loss) -> Tensor");

@@ -77,12 +77,9 @@ LossValue query_gradient(Program& program, const at::Tensor& theta, const at::Te
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step(
-    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
-    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-    at::IntArrayRef program_ints, at::ArrayRef<double> program_floats, int64_t loss,
-    bool first_order, bool inner_lr_grad) {
-  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+int64_t check_meta_step_args(const at::Tensor& theta, const at::Tensor& inner_lr,
+                             const at::Tensor& support_x, const at::Tensor& support_y,
+                             const at::Tensor& query_x, const at::Tensor& query_y, int64_t loss) {
   check_floating(theta, "theta");
   check_dim(theta, 1, "theta");
   check_inner_lr(inner_lr, theta);
@@ -90,6 +87,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step
   MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
   check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
   check_data(theta, query_x, query_y, tasks, "query_x", "query_y", loss);
+  return tasks;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step(
+    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    at::IntArrayRef program_ints, at::ArrayRef<double> program_floats, int64_t loss,
+    bool first_order, bool inner_lr_grad) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  const int64_t tasks =
+      check_meta_step_args(theta, inner_lr, support_x, support_y, query_x, query_y, loss);
 
   const int64_t num_params = theta.size(0), steps = inner_lr.size(0);
   Program program(program_ints, program_floats, loss, num_params);

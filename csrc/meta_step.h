@@ -18,6 +18,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step
     at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss, bool first_order,
     bool inner_lr_grad);
 
+// The argument checks of meta_step (shapes, dtypes, devices; clear errors naming the argument);
+// returns the number of tasks T. For device-specific meta-step kernels that share its contract.
+int64_t check_meta_step_args(const at::Tensor& theta, const at::Tensor& inner_lr,
+                             const at::Tensor& support_x, const at::Tensor& support_y,
+                             const at::Tensor& query_x, const at::Tensor& query_y, int64_t loss);
+
 // K = inner_lr.size(0) steps of SGD per task from theta ([P] shared or [T, P]): the adapted [T, P].
 at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
                  const at::Tensor& support_y, at::IntArrayRef program,

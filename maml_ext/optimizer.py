@@ -69,6 +69,7 @@ class MetaOptimizer:
         self.requested_backend = backend
         self._choices: dict[tuple, BackendChoice] = {}
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
+        self._fixed_rates: dict[tuple, torch.Tensor] = {}  # [K, P] per (K, P, device, dtype)
         self._backend_choice(first.device, first.dtype)  # validates `backend` now, warns once
 
     # ---- public API -------------------------------------------------------------------------
@@ -179,6 +180,24 @@ class MetaOptimizer:
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _fused_fixed_rates(self, program, params, support_x, support_y, query_x, query_y):
+        """The fused meta-step with fixed inner rates: nothing needs autograd, so the op is called
+        directly (the caller hands its flat meta-gradient out as views, one per parameter). This
+        path is the per-call overhead of small models such as the sinusoid MLP."""
+        with torch.no_grad():
+            theta = program.flatten(params)
+            key = (self.inner_steps, program.num_params, theta.device, theta.dtype)
+            rates = self._fixed_rates.get(key)
+            if rates is None:
+                rates = self._fixed_rates[key] = self.inner_lr.flat(program.slots,
+                                                                    self.inner_steps, theta)
+            query_loss, query_accuracy, support_loss, meta_grad, _ = torch.ops.maml_ext.meta_step(
+                theta, rates, support_x, support_y, query_x, query_y, program.ints_list,
+                program.floats_list, LOSS_CODES[self.loss.name], self.first_order, False)
+        return (query_loss.mean(), query_accuracy if query_accuracy.numel() else None, support_loss,
+                meta_grad)
+
+
     @staticmethod
     def _params(model: nn.Module) -> dict[str, torch.Tensor]:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -231,26 +250,33 @@ class MetaOptimizer:
                      device=first.device, features=tuple(support_x.shape[2:]))
         self._check_targets("query_y", query_y, query_x, first)
 
-        if choice.name == "fused":
-            program = choice.program
-            theta = program.flatten(params)
-            rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
-            loss, query_loss, query_accuracy, support_loss = fused.meta_loss(
-                program, theta, rates, support_x, support_y, query_x, query_y,
-                loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
+        if choice.name == "fused" and self.inner_lr.learn is None:
+            loss, query_accuracy, support_loss, meta_grad = self._fused_fixed_rates(
+                choice.program, params, support_x, support_y, query_x, query_y)
+            named = choice.program.unflatten(meta_grad)  # views into meta_grad
+            tensors, grads = list(params.values()), [named[name] for name in params]
+            finite = torch.isfinite(loss) & torch.isfinite(meta_grad).all()
         else:
-            result = reference.meta_loss(self.model, params, self.inner_lr, support_x, support_y,
-                                         query_x, query_y, steps=self.inner_steps,
-                                         first_order=self.first_order, loss=self.loss)
-            loss, query_accuracy, support_loss = result.loss, result.query_accuracy, result.support_loss
-
-        tensors = list(params.values()) + list(self.inner_lr.parameters())
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+            if choice.name == "fused":
+                program = choice.program
+                theta = program.flatten(params)
+                rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
+                loss, query_loss, query_accuracy, support_loss = fused.meta_loss(
+                    program, theta, rates, support_x, support_y, query_x, query_y,
+                    loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
+            else:
+                result = reference.meta_loss(self.model, params, self.inner_lr, support_x,
+                                             support_y, query_x, query_y, steps=self.inner_steps,
+                                             first_order=self.first_order, loss=self.loss)
+                loss, query_accuracy, support_loss = (result.loss, result.query_accuracy,
+                                                      result.support_loss)
+            tensors = list(params.values()) + list(self.inner_lr.parameters())
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+            finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
         if not bool(finite):
-            bad = [name for name, g in zip(list(params) + ["inner_lr"] * len(grads), grads)
-                   if not bool(torch.isfinite(g).all())]
+            names = list(params) + ["inner_lr"] * (len(grads) - len(params))
+            bad = [name for name, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(
                 f"maml_ext: non-finite meta-step (query loss {loss.item():.4g}; non-finite "
                 f"gradient of {bad or 'none'}); nothing was applied")

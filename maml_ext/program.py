@@ -7,6 +7,7 @@ per-task weights are then one [T, P] tensor and the whole inner update one fused
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -51,6 +52,15 @@ class LayerProgram:
     floats: tuple[float, ...]
     slots: tuple[ParameterSlot, ...]
     num_params: int
+
+    @functools.cached_property
+    def ints_list(self) -> list[int]:
+        """``ints`` as the op's ``int[]`` argument (a list; built once)."""
+        return list(self.ints)
+
+    @functools.cached_property
+    def floats_list(self) -> list[float]:
+        return list(self.floats)
 
     def flatten(self, params: dict[str, torch.Tensor], task_dims: int = 0) -> torch.Tensor:
         """θ as one vector [P] (or [T, P] when the params carry ``task_dims`` leading task dims);
