@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
@@ -19,17 +20,24 @@
 #include "../layers.h"
 #include "../meta_step.h"
 
-// The task loop is compiled twice, for AVX2 + FMA and for baseline x86-64, and picked at run time
-// by what the CPU supports: the extension is built without -march, and 8-wide vectors run these
-// 40-wide loops much faster than SSE2's four. Helpers are forced inline so that they are compiled
-// with the caller's instruction set.
+// The matrix products are compiled twice, for AVX2 + FMA and for baseline x86-64, and picked at run
+// time by what the CPU supports: the extension is built without -march, and 8-wide vectors run
+// these 40-wide products much faster than SSE2's four. Only they are: the rest of a pass is a few
+// element-wise loops, and one copy of it keeps the code small enough for the instruction cache.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MAML_AVX2_VERSION 1
 #endif
+// The vector helpers below return vectors by value; they are always inlined, so the ABI note GCC
+// gives for the baseline build (no AVX registers to return them in) does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #if defined(__GNUC__)
 #define MAML_INLINE inline __attribute__((always_inline))
+#define MAML_NOINLINE __attribute__((noinline))
 #else
 #define MAML_INLINE inline
+#define MAML_NOINLINE
 #endif
 
 namespace maml_ext {
@@ -84,54 +92,93 @@ bool parse_mlp(at::IntArrayRef ints, int64_t input_width, Mlp& mlp) {
 
 // ---- small dense kernels on row-major matrices -----------------------------------------------
 
-// C[R, W] (+)= Σ_k A[r, k] B[k, :W] for one block: the R × W sums stay in registers across k (W is
-// one or two vector registers wide), so each step loads a row piece of B once for R rows of A.
+// One 32-byte vector of T (GCC vector extensions: AVX in the AVX2 build, two SSE halves in the
+// baseline one).
+typedef float Float8 __attribute__((vector_size(32)));
+typedef double Double4 __attribute__((vector_size(32)));
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using Vec = Float8;
+};
+template <>
+struct Simd<double> {
+  using Vec = Double4;
+};
+template <typename T>
+constexpr int kLanes = static_cast<int>(32 / sizeof(T));
+
+template <typename T>
+MAML_INLINE typename Simd<T>::Vec load(const T* p) {
+  typename Simd<T>::Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+MAML_INLINE void store(T* p, typename Simd<T>::Vec v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// C[R, V vectors] (+)= Σ_k A[r, k] B[k, :] for one block: the R × V vector sums stay in registers
+// across k, so each step loads V vectors of B's row once for R rows of A.
 // A's element (r, k) is a[r * lda + k * a_step]; B's row k starts at b + k * ldb.
-template <int R, int W, typename T>
+template <int R, int V, typename T>
 MAML_INLINE void gemm_block(const T* __restrict__ a, int64_t lda, int64_t a_step,
                             const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
                             int64_t depth, bool accumulate) {
-  T sums[R][W];
-#pragma GCC unroll 4
+  using Vec = typename Simd<T>::Vec;
+  constexpr int L = kLanes<T>;
+  Vec sums[R][V];
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 16
-    for (int w = 0; w < W; ++w) sums[r][w] = accumulate ? c[r * ldc + w] : T(0);
+    for (int v = 0; v < V; ++v) sums[r][v] = accumulate ? load(c + r * ldc + v * L) : Vec{};
   }
   for (int64_t k = 0; k < depth; ++k) {
-    const T* __restrict__ row = b + k * ldb;
-#pragma GCC unroll 4
+    Vec row[V];
+    for (int v = 0; v < V; ++v) row[v] = load(b + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const T scale = a[r * lda + k * a_step];
-#pragma GCC unroll 16
-      for (int w = 0; w < W; ++w) sums[r][w] += scale * row[w];
+      const Vec scale = Vec{} + a[r * lda + k * a_step];
+      for (int v = 0; v < V; ++v) sums[r][v] += scale * row[v];
     }
   }
-#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 16
-    for (int w = 0; w < W; ++w) c[r * ldc + w] = sums[r][w];
+    for (int v = 0; v < V; ++v) store(c + r * ldc + v * L, sums[r][v]);
   }
+}
+
+// The same for one column (the remainder after whole vectors).
+template <int R, typename T>
+MAML_INLINE void gemm_column(const T* __restrict__ a, int64_t lda, int64_t a_step,
+                             const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
+                             int64_t depth, bool accumulate) {
+  T sums[R];
+  for (int r = 0; r < R; ++r) sums[r] = accumulate ? c[r * ldc] : T(0);
+  for (int64_t k = 0; k < depth; ++k) {
+    for (int r = 0; r < R; ++r) sums[r] += a[r * lda + k * a_step] * b[k * ldb];
+  }
+  for (int r = 0; r < R; ++r) c[r * ldc] = sums[r];
 }
 
 template <int R, typename T>
 MAML_INLINE void gemm_rows(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
                            int64_t ldc, int64_t cols, int64_t depth, bool accumulate) {
-  constexpr int kWide = 64 / sizeof(T), kNarrow = 32 / sizeof(T);  // two and one AVX registers
+  constexpr int L = kLanes<T>;
   int64_t col = 0;
-  for (; col + kWide <= cols; col += kWide) {
-    gemm_block<R, kWide>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
+  for (; col + 2 * L <= cols; col += 2 * L) {
+    gemm_block<R, 2>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
   }
-  for (; col + kNarrow <= cols; col += kNarrow) {
-    gemm_block<R, kNarrow>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
+  for (; col + L <= cols; col += L) {
+    gemm_block<R, 1>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
   }
   for (; col < cols; ++col) {
-    gemm_block<R, 1>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
+    gemm_column<R>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
   }
 }
 
 // C[rows, cols] (+)= A[rows, depth] B[depth, cols], A strided as in gemm_block, B and C row-major.
 template <typename T>
-MAML_INLINE void gemm(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
+MAML_INLINE void gemm_kernel(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
                       int64_t ldc, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
@@ -142,9 +189,35 @@ MAML_INLINE void gemm(const T* a, int64_t lda, int64_t a_step, const T* b, int64
   }
 }
 
+template <typename T>
+MAML_NOINLINE void gemm_baseline(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb,
+                                 T* c, int64_t ldc, int64_t rows, int64_t cols, int64_t depth,
+                                 bool accumulate) {
+  gemm_kernel(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
+}
+
+#ifdef MAML_AVX2_VERSION
+template <typename T>
+MAML_NOINLINE __attribute__((target("avx2,fma"))) void gemm_avx2(
+    const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c, int64_t ldc,
+    int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
+  gemm_kernel(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
+}
+#endif
+
+template <typename T>
+void gemm(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c, int64_t ldc,
+          int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
+#ifdef MAML_AVX2_VERSION
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return gemm_avx2(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
+#endif
+  gemm_baseline(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
+}
+
 // y[n, out] (+)= x[n, in] · Wᵀ + b, with Wᵀ given as wt[in, out].
 template <typename T>
-MAML_INLINE void times_transposed(const T* __restrict__ x, const T* __restrict__ wt,
+void times_transposed(const T* __restrict__ x, const T* __restrict__ wt,
                                   const T* __restrict__ b, T* __restrict__ y, int64_t n,
                                   int64_t in, int64_t out, bool accumulate) {
   if (b) {
@@ -158,7 +231,7 @@ MAML_INLINE void times_transposed(const T* __restrict__ x, const T* __restrict__
 
 // gx[n, in] (+)= gy[n, out] · W, W given as w[out, in].
 template <typename T>
-MAML_INLINE void times_weight(const T* __restrict__ gy, const T* __restrict__ w,
+void times_weight(const T* __restrict__ gy, const T* __restrict__ w,
                               T* __restrict__ gx, int64_t n, int64_t in, int64_t out,
                               bool accumulate) {
   gemm(gy, out, 1, w, in, gx, in, n, in, out, accumulate);
@@ -166,7 +239,7 @@ MAML_INLINE void times_weight(const T* __restrict__ gy, const T* __restrict__ w,
 
 // gw[out, in] (+)= gy[n, out]ᵀ · x[n, in]; gb[out] (+)= Σ_n gy.
 template <typename T>
-MAML_INLINE void weight_gradient(const T* __restrict__ gy, const T* __restrict__ x,
+void weight_gradient(const T* __restrict__ gy, const T* __restrict__ x,
                                  T* __restrict__ gw, T* __restrict__ gb, int64_t n, int64_t in,
                                  int64_t out, bool accumulate) {
   gemm(gy, 1, out, x, in, gw, in, out, in, n, accumulate);
@@ -179,7 +252,7 @@ MAML_INLINE void weight_gradient(const T* __restrict__ gy, const T* __restrict__
 }
 
 template <typename T>
-MAML_INLINE void transpose(const T* __restrict__ w, T* __restrict__ wt, int64_t out, int64_t in) {
+void transpose(const T* __restrict__ w, T* __restrict__ wt, int64_t out, int64_t in) {
   for (int64_t o = 0; o < out; ++o) {
     for (int64_t i = 0; i < in; ++i) wt[i * out + o] = w[o * in + i];
   }
@@ -239,7 +312,7 @@ struct Workspace {
 // One forward + backward at weights theta on (x, labels | targets) of n samples: writes the
 // gradient to grad (if given) and, carrying the tangent v, H v to hv. Returns the mean loss.
 template <typename T>
-MAML_INLINE T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
+T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
                    const T* x, int64_t n, const int64_t* labels, const T* targets, T* grad, T* hv,
                    T* accuracy) {
   const auto& layers = pb.mlp->layers;
@@ -368,7 +441,7 @@ MAML_INLINE T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const
 
 // Task t's whole meta-step: the inner loop, the query pass, the reverse sweep.
 template <typename T>
-MAML_INLINE void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
+void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
   const int64_t P = pb.params, K = pb.steps, F = pb.input_width;
   const int64_t D = pb.mlp->output_width;
   const T* sx = pb.support_x + t * pb.support_n * F;
@@ -414,25 +487,8 @@ MAML_INLINE void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
 }
 
 template <typename T>
-void run_tasks_baseline(const Problem<T>& pb, Workspace<T>& ws, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) run_task(pb, ws, t);
-}
-
-#ifdef MAML_AVX2_VERSION
-template <typename T>
-__attribute__((target("avx2,fma"))) void run_tasks_avx2(const Problem<T>& pb, Workspace<T>& ws,
-                                                        int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) run_task(pb, ws, t);
-}
-#endif
-
-template <typename T>
 void run_tasks(const Problem<T>& pb, Workspace<T>& ws, int64_t begin, int64_t end) {
-#ifdef MAML_AVX2_VERSION
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return run_tasks_avx2(pb, ws, begin, end);
-#endif
-  run_tasks_baseline(pb, ws, begin, end);
+  for (int64_t t = begin; t < end; ++t) run_task(pb, ws, t);
 }
 
 template <typename T>
