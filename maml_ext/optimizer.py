@@ -227,28 +227,41 @@ class MetaOptimizer:
                                  f"[{shape}] ({error})") from None
         return self._output_shapes[features]
 
-    def _check_support(self, support_x, support_y, params) -> BackendChoice:
+    def _check_support(self, support_x, support_y, params, *, class_range=True) -> BackendChoice:
         first = next(iter(params.values()))
         check_inputs("support_x", support_x, tasks=None, dtype=first.dtype, device=first.device)
-        self._check_targets("support_y", support_y, support_x, first)
+        self._check_targets("support_y", support_y, support_x, first, class_range=class_range)
         return self._backend_choice(first.device, first.dtype)
 
-    def _check_targets(self, name, y, x, first) -> None:
+    def _check_targets(self, name, y, x, first, *, class_range=True) -> None:
+        """Shapes and dtypes; with class_range, also that class indices lie in [0, classes), which
+        reads y's values (a host synchronisation on a GPU)."""
         x_name = "support_x" if name == "support_y" else "query_x"
         output_shape = self._output_shape(x_name, tuple(x.shape[2:]), first)
         classification = self.loss.is_classification
         check_targets(name, y, x, classification=classification,
-                      num_classes=output_shape[-1] if classification else None,
+                      num_classes=output_shape[-1] if classification and class_range else None,
                       output_shape=None if classification or not self.loss.builtin else output_shape,
                       dtype=first.dtype, device=first.device)
 
+    def _defer_class_range(self, device: torch.device) -> bool:
+        """On a GPU the fused backend checks class indices without waiting for the device: its
+        loss kernel turns an index out of range into a NaN loss and gradient, which the one
+        non-finite check of the step catches; only then are the indices read to name the culprit.
+        The reference backend cannot defer (PyTorch's CUDA cross-entropy asserts on the device)."""
+        if device.type == "cpu" or not self.loss.is_classification:
+            return False
+        first = next(iter(self._params(self.model).values()))
+        return self._backend_choice(first.device, first.dtype).name == "fused"
+
     def _meta_gradient(self, support_x, support_y, query_x, query_y):
         params = self._params(self.model)
-        choice = self._check_support(support_x, support_y, params)
         first = next(iter(params.values()))
+        deferred = self._defer_class_range(first.device)
+        choice = self._check_support(support_x, support_y, params, class_range=not deferred)
         check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
                      device=first.device, features=tuple(support_x.shape[2:]))
-        self._check_targets("query_y", query_y, query_x, first)
+        self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
 
         if choice.name == "fused" and self.inner_lr.learn is None:
             loss, query_accuracy, support_loss, meta_grad = self._fused_fixed_rates(
@@ -275,6 +288,9 @@ class MetaOptimizer:
             grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
             finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
         if not bool(finite):
+            if deferred:  # an index out of range reads as NaN: name it if that is the cause
+                self._check_targets("support_y", support_y, support_x, first)
+                self._check_targets("query_y", query_y, query_x, first)
             names = list(params) + ["inner_lr"] * (len(grads) - len(params))
             bad = [name for name, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(

@@ -205,6 +205,19 @@ def test_softmax_cross_entropy_kernel_matches_torch():
         torch.ops.maml_ext.softmax_cross_entropy(logits, target[:5], None)
 
 
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_softmax_cross_entropy_kernel_out_of_range_target_is_nan(bad):
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    logits = torch.randn(6, 7, dtype=torch.float64, generator=generator)
+    target = torch.randint(0, 7, (6,), generator=generator)
+    target[2] = bad
+    loss, correct, g, rg = torch.ops.maml_ext.softmax_cross_entropy(logits, target, torch.ones_like(logits))
+    assert torch.isnan(loss[2]) and torch.isnan(g[2]).all() and torch.isnan(rg[2]).all()
+    assert correct[2] == 0
+    others = torch.arange(6) != 2
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(g[others]).all()
+
+
 def opcheck_cases():
     model = conv_net(ways=3, channels=3)
     program = maml_ext.program.compile_program(model)
@@ -306,3 +319,19 @@ def test_softmax_cross_entropy_cuda_kernel_matches_cpu():
     on_gpu = torch.ops.maml_ext.softmax_cross_entropy(logits.cuda(), target.cuda(), tangent.cuda())
     for a, b in zip(on_cpu, on_gpu):
         assert relative_error(b.cpu(), a) <= 1e-14
+
+
+@cuda
+@pytest.mark.cuda
+def test_out_of_range_class_on_cuda_is_named_and_changes_nothing():
+    """On a GPU the class range is checked through the step's non-finite check (no extra host
+    synchronisation); the error must still name the argument and leave the model as it was."""
+    model = conv_net(ways=5, channels=8, blocks=2).cuda()
+    opt = maml_ext.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
+                                 backend="fused")
+    sx, sy, qx, qy = [b.cuda() for b in classification_batch(3, 5, 6, (1, 8, 8), 5)]
+    qy[1, 2] = 5
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="query_y: class indices must lie in \\[0, 4\\]"):
+        opt.step(sx, sy, qx, qy)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -26,11 +26,23 @@ MAML_HOST_DEVICE double log_of(double x) { return ::log(x); }
 // One row of logits z[0..classes): writes g = softmax(z) − onehot(target) (not divided by the
 // number of rows; the caller owns the mean) and, when z_tangent is given, the tangent
 // R{g} = p ⊙ (R{z} − Σ_j p_j R{z}_j). Returns the row's loss logsumexp(z) − z[target];
-// *correct is 1 when the argmax (first maximum) is the target.
+// *correct is 1 when the argmax (first maximum) is the target. A target outside [0, classes) gives
+// NaN loss and gradients.
 template <typename scalar_t>
 MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(
     const scalar_t* z, const scalar_t* z_tangent, int64_t target, int64_t classes,
     scalar_t* grad, scalar_t* grad_tangent, scalar_t* correct) {
+  if (target < 0 || target >= classes) {
+    // No class to score: NaN loss and gradient, so that a GPU caller detects it in its one
+    // non-finite check instead of reading out of bounds or synchronising to check first.
+    const scalar_t nan = scalar_t(NAN);
+    for (int64_t j = 0; j < classes; ++j) {
+      grad[j] = nan;
+      if (grad_tangent != nullptr) grad_tangent[j] = nan;
+    }
+    *correct = scalar_t(0);
+    return nan;
+  }
   int64_t argmax = 0;
   scalar_t max_logit = z[0];
   for (int64_t j = 1; j < classes; ++j) {
