@@ -80,7 +80,11 @@ class CudaGraphCapture:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                # thread_local: a host synchronisation on the capture stream still fails the
+                # capture (from whatever thread: the autograd engine runs the rates' backward on
+                # its own), but unrelated threads' CUDA calls (a DataLoader's pin-memory thread)
+                # do not, as they would in the default "global" mode.
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     output = body()
             except RuntimeError as error:
                 raise RuntimeError(f"maml_ext: capturing the fused meta-step in a CUDA graph "
