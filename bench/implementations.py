@@ -6,6 +6,9 @@ parameters' gradients concatenated in ``model.named_parameters()`` order).
   (``create_graph=True``), as learn2learn and higher do it; the oracle.
 - ``fused``: ``MetaOptimizer(backend="fused")``: one ``torch.ops.maml_ext.meta_step`` call for all
   tasks, plus input validation and the autograd glue (the user-visible cost).
+- ``fused_graph``: ``MetaOptimizer(backend="fused", cuda_graph=True)``: the same meta-step
+  captured once in a CUDA graph (the first call) and replayed; CUDA only (on the CPU it is
+  skipped, saying why).
 - ``fused_raw``: the bare ``torch.ops.maml_ext.meta_step`` op with θ and the rates prepared once
   (no validation, no autograd): how much of ``fused`` is the op itself.
 - ``vmap``: the torch.func MAML example's method: an inner loop of ``torch.func.grad`` over
@@ -35,13 +38,17 @@ except ImportError:  # run from a checkout: the package (and its built _C) sits 
     import maml_ext
 from maml_ext.program import LOSS_CODES
 
-NAMES = ("reference", "fused", "fused_raw", "vmap", "vmap_compiled")
+NAMES = ("reference", "fused", "fused_graph", "fused_raw", "vmap", "vmap_compiled")
 # The implementations a speed-up of fused is measured against (DESIGN.md "How to measure").
 COMPETITORS = ("reference", "vmap", "vmap_compiled")
 
 
 def flat_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
+
+
+class Unavailable(Exception):
+    """This implementation cannot run here (the reason is the message): a skip, not a failure."""
 
 
 class Implementation:
@@ -57,12 +64,14 @@ class Implementation:
 
 class _MetaOptimizerImpl(Implementation):
     backend = "?"
+    cuda_graph = False
 
     def __init__(self, model, config, batch, *, first_order=False):
         super().__init__(model, config, batch, first_order=first_order)
         self.opt = maml_ext.MetaOptimizer(model, None, inner_lr=config.inner_lr,
                                           inner_steps=config.inner_steps, first_order=first_order,
-                                          loss=config.loss, backend=self.backend)
+                                          loss=config.loss, backend=self.backend,
+                                          cuda_graph=self.cuda_graph)
         assert self.opt.backend == self.backend, self.opt.backend
 
     def __call__(self):
@@ -78,6 +87,16 @@ class Reference(_MetaOptimizerImpl):
 
 class Fused(_MetaOptimizerImpl):
     name = backend = "fused"
+
+
+class FusedGraph(_MetaOptimizerImpl):
+    name, backend, cuda_graph = "fused_graph", "fused", True
+
+    def __init__(self, model, config, batch, *, first_order=False):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise Unavailable(f"CUDA graphs need a CUDA device; the model is on {device}")
+        super().__init__(model, config, batch, first_order=first_order)
 
 
 class FusedRaw(Implementation):
@@ -206,7 +225,7 @@ def _short(error: BaseException, limit: int = 160) -> str:
     return first[:limit]
 
 
-_CLASSES = {c.name: c for c in (Reference, Fused, FusedRaw, Vmap, VmapCompiled)}
+_CLASSES = {c.name: c for c in (Reference, Fused, FusedGraph, FusedRaw, Vmap, VmapCompiled)}
 
 
 def make(name: str, model: nn.Module, config, batch, *, first_order: bool = False) -> Implementation:
@@ -227,5 +246,5 @@ def max_elementwise_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-__all__ = ["NAMES", "COMPETITORS", "make", "relative_error", "max_elementwise_error",
+__all__ = ["NAMES", "COMPETITORS", "Unavailable", "make", "relative_error", "max_elementwise_error",
            "flat_grads"]

@@ -11,7 +11,8 @@ How it measures (DESIGN.md "How to measure"):
 - then N rounds, each calling every implementation once in turn (interleaved, so a burst of
   background load hits all of them alike); each call is timed with perf_counter around the call,
   synchronising the GPU before and after on CUDA; the table shows the median of the N;
-- "speed-up" is (the fastest median of reference, vmap, vmap_compiled) / (fused median);
+- "speed-up" is (the fastest median of reference, vmap, vmap_compiled) / (fused median), and the
+  same for fused_graph (CUDA only: the fused meta-step captured in a CUDA graph, then replayed);
 - errors are max_i |g_i − r_i| / max_i |r_i| against the float32 reference backend (and, unless
   --no-oracle64, against the reference backend in float64: the float32 reference has its own
   rounding error, which on 5-step configurations is far above 1e-4);
@@ -45,6 +46,7 @@ import implementations as impls  # noqa: E402
 
 DEFAULT_CONFIGS = ["sinusoid", "omniglot-5w1s", "miniimagenet-5w1s"]
 DEFAULT_IMPLS = ["reference", "fused", "fused_raw", "vmap", "vmap_compiled"]
+CUDA_IMPLS = ["fused_graph"]  # added to the default implementations on --device cuda
 MEMORY_CONFIG = "miniimagenet-5w1s"
 MEMORY_IMPLS = ["fused", "reference"]
 
@@ -133,6 +135,9 @@ def run_config(name: str, args) -> dict:
             torch._dynamo.reset()
             entry["failed"] = f"compile failed: {error}"
             continue
+        except impls.Unavailable as reason:
+            entry["skipped"] = str(reason)
+            continue
         except Exception as error:  # noqa: BLE001 - a row, not a crash
             entry["failed"] = impls._short(error, 200)
             continue
@@ -172,13 +177,15 @@ def run_config(name: str, args) -> dict:
         entry = row["impls"][impl_name]
         entry["times_ms"] = [s * 1e3 for s in samples]
         entry["median_ms"] = statistics.median(samples) * 1e3
-    fused = row["impls"].get("fused", {}).get("median_ms")
     others = {n: row["impls"][n]["median_ms"] for n in impls.COMPETITORS
               if "median_ms" in row["impls"].get(n, {})}
-    if fused and others:
+    if others:
         fastest = min(others, key=others.get)
         row["fastest_other"] = fastest
-        row["speedup"] = others[fastest] / fused
+        for impl_name, key in (("fused", "speedup"), ("fused_graph", "speedup_graph")):
+            median = row["impls"].get(impl_name, {}).get("median_ms")
+            if median:
+                row[key] = others[fastest] / median
     return row
 
 
@@ -258,6 +265,8 @@ def measure_memory(device: str) -> dict:
 def _cell(entry: dict, oracle64: bool) -> str:
     if "failed" in entry:
         return f"— ({entry['failed']})"
+    if "skipped" in entry:
+        return f"skipped ({entry['skipped']})"
     if "median_ms" not in entry:
         return "—"
     ms = entry["median_ms"]
@@ -282,24 +291,25 @@ def render(rows: list[dict], memory: dict | None, info: dict, args, command: str
     names = args.impls
     err_label = "max err vs ref f32" + (" / vs ref f64" if args.oracle64 else "")
     header = ["config"] + [f"{n} ms ({err_label})" if i == 0 else n for i, n in enumerate(names)]
-    header += ["fastest other / fused"]
+    speedups = [("speedup", "fused")] + ([("speedup_graph", "fused_graph")]
+                                         if "fused_graph" in names else [])
+    header += [f"fastest other / {n}" for _, n in speedups]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
     for row in rows:
         cells = [row["label"]] + [_cell(row["impls"].get(n, {}), args.oracle64) for n in names]
-        if "speedup" in row:
-            cells.append(f"{row['speedup']:.2f}× (vs {row['fastest_other']})")
-        else:
-            cells.append("—")
+        for key, _ in speedups:
+            cells.append(f"{row[key]:.2f}× (vs {row['fastest_other']})" if key in row else "—")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append(f"Cells: median ms per meta-step over {args.repeats} interleaved warm repetitions "
                "(second order, float32); in brackets max_i |g_i − r_i| / max_i |r_i| of the "
                "meta-gradient against the reference backend in float32"
                + (" and in float64" if args.oracle64 else "") + ". fused = MetaOptimizer."
-               "meta_gradient (validation + autograd glue + op); fused_raw = the bare "
+               "meta_gradient (validation + autograd glue + op); fused_graph = the same with "
+               "cuda_graph=True (captured on the first call, replayed); fused_raw = the bare "
                "torch.ops.maml_ext.meta_step. Speed-up: fastest of reference, vmap, vmap_compiled "
-               "divided by fused.")
+               "divided by fused (and by fused_graph).")
     for row in rows:
         for n in names:
             entry = row["impls"].get(n, {})
@@ -328,7 +338,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write all measurements here")
-    parser.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS, choices=impls.NAMES)
+    parser.add_argument("--impls", nargs="+", choices=impls.NAMES,
+                        help=f"default: {' '.join(DEFAULT_IMPLS)}, plus {' '.join(CUDA_IMPLS)} on cuda")
     parser.add_argument("--compile-timeout", type=float, default=420.0,
                         help="seconds allowed for vmap_compiled's first call (its compile)")
     parser.add_argument("--no-oracle64", dest="oracle64", action="store_false",
@@ -342,6 +353,8 @@ def main(argv=None) -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    if args.impls is None:
+        args.impls = DEFAULT_IMPLS + (CUDA_IMPLS if args.device == "cuda" else [])
     if "reference" not in args.impls:
         args.impls = ["reference"] + list(args.impls)  # the oracle for the gradient check
 

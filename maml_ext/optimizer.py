@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import fused, reference
+from . import cuda_graph as graphs, fused, reference
 from .backend import BackendChoice, choose_backend
 from .inner_lr import InnerLearningRates
 from .losses import LossFn, resolve_loss
@@ -39,6 +39,8 @@ class MetaOptimizer:
             (a rate per parameter tensor and step, as MAML++).
         backend: "fused" (compiled, task-batched), "reference" (plain PyTorch, any model) or
             "auto" (fused where supported, else reference with one warning saying why).
+        cuda_graph: capture the fused meta-step on CUDA in a CUDA graph per input shape and
+            replay it (maml_ext/cuda_graph.py: when it pays, memory); needs the fused backend.
 
     Tensors are task-batched: inputs ``[T, N, *features]``; targets ``[T, N]`` class indices or
     ``[T, N, *outputs]`` for regression. Batch norm must use batch statistics
@@ -48,7 +50,7 @@ class MetaOptimizer:
     def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer | None, *,
                  inner_lr: float, inner_steps: int = 1, first_order: bool = False,
                  loss: str | LossFn = "cross_entropy", learn_inner_lr: str | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", cuda_graph: bool = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.inner_steps = check_steps("inner_steps", inner_steps)
@@ -71,6 +73,8 @@ class MetaOptimizer:
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
         self._fixed_rates: dict[tuple, torch.Tensor] = {}  # [K, P] per (K, P, device, dtype)
         self._backend_choice(first.device, first.dtype)  # validates `backend` now, warns once
+        self._graphed = graphs.check_option(cuda_graph, backend=backend, device=first.device,
+                                            choice=self._backend_choice(first.device, first.dtype))
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -263,14 +267,19 @@ class MetaOptimizer:
                      device=first.device, features=tuple(support_x.shape[2:]))
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
 
-        if choice.name == "fused" and self.inner_lr.learn is None:
+        if choice.name == "fused" and self.inner_lr.learn is None and self._graphed is None:
             loss, query_accuracy, support_loss, meta_grad = self._fused_fixed_rates(
                 choice.program, params, support_x, support_y, query_x, query_y)
             named = choice.program.unflatten(meta_grad)  # views into meta_grad
             tensors, grads = list(params.values()), [named[name] for name in params]
             finite = torch.isfinite(loss) & torch.isfinite(meta_grad).all()
         else:
-            if choice.name == "fused":
+            if choice.name == "fused" and self._graphed is not None:
+                loss, query_loss, query_accuracy, support_loss = self._graphed(
+                    choice.program, params, self.inner_lr, self.inner_steps, support_x, support_y,
+                    query_x, query_y, loss_code=LOSS_CODES[self.loss.name],
+                    first_order=self.first_order)
+            elif choice.name == "fused":
                 program = choice.program
                 theta = program.flatten(params)
                 rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
