@@ -248,20 +248,18 @@ class MetaOptimizer:
                       output_shape=None if classification or not self.loss.builtin else output_shape,
                       dtype=first.dtype, device=first.device)
 
-    def _defer_class_range(self, device: torch.device) -> bool:
+    def _defer_class_range(self, device: torch.device, choice: BackendChoice) -> bool:
         """On a GPU the fused backend checks class indices without waiting for the device: its
         loss kernel turns an index out of range into a NaN loss and gradient, which the one
         non-finite check of the step catches; only then are the indices read to name the culprit.
         The reference backend cannot defer (PyTorch's CUDA cross-entropy asserts on the device)."""
-        if device.type == "cpu" or not self.loss.is_classification:
-            return False
-        first = next(iter(self._params(self.model).values()))
-        return self._backend_choice(first.device, first.dtype).name == "fused"
+        return device.type != "cpu" and self.loss.is_classification and choice.name == "fused"
 
     def _meta_gradient(self, support_x, support_y, query_x, query_y):
         params = self._params(self.model)
         first = next(iter(params.values()))
-        deferred = self._defer_class_range(first.device)
+        deferred = self._defer_class_range(first.device,
+                                           self._backend_choice(first.device, first.dtype))
         choice = self._check_support(support_x, support_y, params, class_range=not deferred)
         check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
                      device=first.device, features=tuple(support_x.shape[2:]))
