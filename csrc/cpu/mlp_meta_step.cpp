@@ -184,6 +184,10 @@ MAML_INLINE void gemm_kernel(const T* a, int64_t lda, int64_t a_step, const T* b
   for (; r + 4 <= rows; r += 4) {
     gemm_rows<4>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
   }
+  if (r + 2 <= rows) {
+    gemm_rows<2>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
+    r += 2;
+  }
   for (; r < rows; ++r) {
     gemm_rows<1>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
   }
@@ -287,12 +291,18 @@ template <typename T>
 struct Workspace {
   std::vector<T> buffer;
   T *adapted, *grads, *direction, *hessian_vector, *wt, *vt, *acts, *tangents, *g[2], *rg[2];
+  // Per inner step k: the support pass's layer outputs and the loss gradient at each of them,
+  // which the Hessian-vector pass at θ_k reuses instead of recomputing.
+  T *tape_outputs, *tape_grads;
+  int64_t tape_stride;
 
   void prepare(const Problem<T>& pb) {
     const int64_t P = pb.params, K = pb.steps;
     const int64_t rows = std::max(pb.support_n, pb.query_n);
     const int64_t act = rows * pb.mlp->activation_floats, wide = rows * pb.mlp->max_width;
-    const size_t need = static_cast<size_t>(2 * K * P + 4 * P + 2 * act + 4 * wide);
+    tape_stride = pb.support_n * pb.mlp->activation_floats;
+    const size_t need =
+        static_cast<size_t>(2 * K * P + 4 * P + 2 * act + 4 * wide + 2 * K * tape_stride);
     if (buffer.size() < need) buffer.assign(need, T(0));
     T* p = buffer.data();
     auto take = [&p](int64_t n) { T* q = p; p += n; return q; };
@@ -306,15 +316,27 @@ struct Workspace {
     tangents = take(act);
     for (auto& b : g) b = take(wide);
     for (auto& b : rg) b = take(wide);
+    tape_outputs = take(K * tape_stride);
+    tape_grads = take(K * tape_stride);
   }
+};
+
+// Where a pass keeps its layer outputs and the gradients at them: nowhere beyond the pass
+// (record == nullptr), recorded on a tape for a later pass at the same weights and data, or
+// replayed from such a tape (the primal forward and input gradients are then not recomputed).
+template <typename T>
+struct TapeUse {
+  T* outputs = nullptr;  // [n, Σ widths]: each layer's output, layer after layer
+  T* grads = nullptr;    // the same layout: the loss gradient at each layer's output
+  bool replay = false;
 };
 
 // One forward + backward at weights theta on (x, labels | targets) of n samples: writes the
 // gradient to grad (if given) and, carrying the tangent v, H v to hv. Returns the mean loss.
 template <typename T>
-T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
-                   const T* x, int64_t n, const int64_t* labels, const T* targets, T* grad, T* hv,
-                   T* accuracy) {
+T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v, const T* x, int64_t n,
+       const int64_t* labels, const T* targets, T* grad, T* hv, T* accuracy,
+       TapeUse<T> tape = {}) {
   const auto& layers = pb.mlp->layers;
   const size_t depth = layers.size();
   // Inputs of each layer and their tangents (null: zero tangent), kept for the backward pass.
@@ -325,18 +347,23 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
     transpose(theta + layer.weight_offset, ws.wt + layer.weight_offset, layer.out, layer.in);
     if (v) transpose(v + layer.weight_offset, ws.vt + layer.weight_offset, layer.out, layer.in);
   }
+  const bool replay = tape.replay;
   const T* h = x;
   const T* rh = nullptr;
-  T* act = ws.acts;
+  T* act = tape.outputs ? tape.outputs : ws.acts;
   T* tan = ws.tangents;
+  int64_t offsets[64];  // of each layer's output within act (and within tape.grads)
   for (size_t l = 0; l < depth; ++l) {
     const auto& L = layers[l];
     inputs[l] = h;
     input_tangents[l] = rh;
+    offsets[l] = act - (tape.outputs ? tape.outputs : ws.acts);
     const int64_t size = n * L.out;
     if (L.linear) {
-      times_transposed(h, ws.wt + L.weight_offset, L.bias ? theta + L.bias_offset : nullptr, act,
-                       n, L.in, L.out, false);
+      if (!replay) {
+        times_transposed(h, ws.wt + L.weight_offset, L.bias ? theta + L.bias_offset : nullptr,
+                         act, n, L.in, L.out, false);
+      }
       if (v) {
         // R{y} = x Vᵀ + v_b + R{x} Wᵀ
         times_transposed(h, ws.vt + L.weight_offset, L.bias ? v + L.bias_offset : nullptr, tan, n,
@@ -348,7 +375,9 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
         rh = tan;
       }
     } else {
-      for (int64_t e = 0; e < size; ++e) act[e] = h[e] > T(0) ? h[e] : T(0);
+      if (!replay) {
+        for (int64_t e = 0; e < size; ++e) act[e] = h[e] > T(0) ? h[e] : T(0);
+      }
       if (rh) {
         for (int64_t e = 0; e < size; ++e) tan[e] = h[e] > T(0) ? rh[e] : T(0);
         rh = tan;
@@ -361,7 +390,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
 
   // The loss at the outputs z = h [n, D]: gradient gz and, with a tangent, R{gz}.
   const int64_t D = pb.mlp->output_width;
-  T* gy = ws.g[0];
+  T* gy = tape.grads ? tape.grads + offsets[depth - 1] : ws.g[0];
   T* rgy = ws.rg[0];
   if (v && !rh) std::fill(rgy, rgy + n * D, T(0));  // outputs independent of θ: zero tangent
   T total = 0;
@@ -398,7 +427,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
   for (size_t l = depth; l-- > 0;) {
     const auto& L = layers[l];
     const bool need_input_grad = l > 0;
-    T* gx = ws.g[1 - which];
+    T* gx = tape.grads && l > 0 ? tape.grads + offsets[l - 1] : ws.g[1 - which];
     T* rgx = ws.rg[1 - which];
     const T* xin = inputs[l];
     const T* rxin = input_tangents[l];
@@ -418,7 +447,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
         }
       }
       if (need_input_grad) {
-        times_weight(gy, w, gx, n, L.in, L.out, false);
+        if (!replay) times_weight(gy, w, gx, n, L.in, L.out, false);
         if (v) {
           // R{gx} = R{gy} W + gy V
           times_weight(rgy, w, rgx, n, L.in, L.out, false);
@@ -427,7 +456,9 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v,
       }
     } else if (need_input_grad) {
       const int64_t size = n * L.out;
-      for (int64_t e = 0; e < size; ++e) gx[e] = xin[e] > T(0) ? gy[e] : T(0);
+      if (!replay) {
+        for (int64_t e = 0; e < size; ++e) gx[e] = xin[e] > T(0) ? gy[e] : T(0);
+      }
       if (v) {
         for (int64_t e = 0; e < size; ++e) rgx[e] = xin[e] > T(0) ? rgy[e] : T(0);
       }
@@ -454,8 +485,11 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
 
   for (int64_t k = 0; k < K; ++k) {
     T* g = ws.grads + k * P;
+    const TapeUse<T> record{ws.tape_outputs + k * ws.tape_stride,
+                            ws.tape_grads + k * ws.tape_stride, false};
     const T loss = pass(pb, ws, theta_at(k), static_cast<const T*>(nullptr), sx, pb.support_n, sl,
-                        st, g, static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+                        st, g, static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+                        pb.first_order ? TapeUse<T>{} : record);
     if (k == 0) pb.support_loss[t] = loss;
     // θ_{k+1} = θ_k − α_k ⊙ g_k
     const T* theta = theta_at(k);
@@ -476,11 +510,13 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
       for (int64_t j = 0; j < P; ++j) product[j] = lambda[j] * g[j];
     }
     if (!pb.first_order) {
-      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1}); the primal gradient is not needed again.
+      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1}); the primal pass at θ_k is on the tape.
       const T* alpha = pb.alpha + k * P;
       for (int64_t j = 0; j < P; ++j) ws.direction[j] = alpha[j] * lambda[j];
+      const TapeUse<T> replay{ws.tape_outputs + k * ws.tape_stride,
+                              ws.tape_grads + k * ws.tape_stride, true};
       pass(pb, ws, theta_at(k), static_cast<const T*>(ws.direction), sx, pb.support_n, sl, st,
-           static_cast<T*>(nullptr), ws.hessian_vector, static_cast<T*>(nullptr));
+           static_cast<T*>(nullptr), ws.hessian_vector, static_cast<T*>(nullptr), replay);
       for (int64_t j = 0; j < P; ++j) lambda[j] -= ws.hessian_vector[j];
     }
   }
