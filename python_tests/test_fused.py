@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, jvp
@@ -91,24 +91,41 @@ def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype
     batch = random_batch(generator, tasks, 4, 3, shape, loss, outputs, dtype)
     kwargs = dict(inner_lr=0.05, inner_steps=steps, first_order=first_order, loss=loss,
                   learn_inner_lr=learn)
+    if dtype == torch.float32:
+        # float64 truth first. Random stacks with five steps sometimes diverge (losses of 1e7 and
+        # more, or overflow): there float32 arithmetic says nothing, so such draws are discarded.
+        batch64 = [b.double() if b.is_floating_point() else b for b in batch]
+        try:
+            exact_result, exact = meta_gradients(model.double(), batch64, "reference", seed, **kwargs)
+        except FloatingPointError:
+            exact_result = None
+        model.float()
+        assume(exact_result is not None and abs(exact_result.query_loss.item()) < 1e4)
     ref_result, expected = meta_gradients(model, batch, "reference", seed, **kwargs)
     fused_result, actual = meta_gradients(model, batch, "fused", seed, **kwargs)
     assert fused_result.backend == "fused"
-    error = relative_error(actual, expected)
-    if dtype == torch.float32 and error > tolerance:
+
+    def within(fused_value, reference_value, exact_value):
         # Where the float32 problem itself is ill-conditioned, bound the fused error by a small
         # multiple of PyTorch's own float32 error, both measured against float64 (as
         # flash-attention's tests do).
-        exact = meta_gradients(model.double(), [b.double() if b.is_floating_point() else b for b in batch],
-                               "reference", seed, **kwargs)[1]
-        model.float()
-        fused_error, torch_error = relative_error(actual.double(), exact), relative_error(expected.double(), exact)
-        assert fused_error <= 2 * torch_error, (fused_error, torch_error)
-    else:
-        assert error <= tolerance
+        scale = float(reference_value.norm())
+        if reference_value.numel() == 1:  # a loss: absolute below 1, relative above
+            scale = max(1.0, scale)
+        if float((fused_value - reference_value).norm()) <= tolerance * scale:
+            return True
+        if dtype != torch.float32:
+            return False
+        return (relative_error(fused_value.double(), exact_value)
+                <= 2 * relative_error(reference_value.double(), exact_value))
+
+    exact_losses = {}
+    if dtype == torch.float32:
+        exact_losses = {n: getattr(exact_result, n).reshape(1) for n in ("query_loss", "support_loss")}
+    assert within(actual, expected, exact if dtype == torch.float32 else None)
     for name in ("query_loss", "support_loss"):
-        want = getattr(ref_result, name).item()
-        assert abs(getattr(fused_result, name).item() - want) <= tolerance * max(1, abs(want))
+        fused_value, want = getattr(fused_result, name).reshape(1), getattr(ref_result, name).reshape(1)
+        assert within(fused_value, want, exact_losses.get(name)), (name, fused_value, want)
     if loss == "cross_entropy":
         assert fused_result.query_accuracy.item() == pytest.approx(ref_result.query_accuracy.item(), abs=1e-6)
 
