@@ -24,8 +24,11 @@ struct GroupedConv {
     return param.reshape(sizes);
   }
 
+  // [N, T·C, H, W] as [N, T, C, H, W] in the layer layout. oneDNN returns channels-last except
+  // where the format is ambiguous (e.g. 1x1 maps); only there does this copy.
   at::Tensor ungrouped(const at::Tensor& g) const {
-    return g.view({g.size(0), tasks, g.size(1) / tasks, g.size(2), g.size(3)});
+    return g.contiguous(at::MemoryFormat::ChannelsLast)
+        .view({g.size(0), tasks, g.size(1) / tasks, g.size(2), g.size(3)});
   }
 
   // x: [N, T, C, H, W]; weight stacked [T·O, C, kh, kw]; bias stacked [T·O] or undefined.
