@@ -1,15 +1,19 @@
 // CPU test hooks for the CUDA convolution kernels (which cannot run without a GPU):
 //   _task_conv2d_emulated / _task_conv2d_backward_emulated run the CUDA implementation's host side
-//     (../task_conv_gemm.h) with an executor that walks the kernel's grid, threads and per-thread
-//     outputs serially, calling the same index math (kernels/task_conv_math.h, conv_tiling.h) and
-//     accumulating in the kernel's order;
+//     (../task_conv_gemm.h) with an executor that runs the kernel's body (kernels/task_gemm_tile.h)
+//     for every block and thread of its grid serially, so they check the kernel's tiling,
+//     shared-memory staging and index math, everything but the GPU's concurrency;
 //   _task_conv2d_launch_config / _task_conv2d_tile_coverage expose the launch plan and count how
 //     often the plan's grid writes each output element and reads each reduction index.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <vector>
+
 #include "../kernels/conv_tiling.h"
 #include "../kernels/task_conv_math.h"
+#include "../kernels/task_gemm_tile.h"
 #include "../task_conv.h"
 #include "../task_conv_gemm.h"
 
@@ -19,6 +23,8 @@ namespace {
 using kernels::GemmOperands;
 using kernels::GemmTiling;
 
+// Runs the kernel's phases (kernels/task_gemm_tile.h) for every thread of every block, phase by
+// phase as __syncthreads() orders them.
 struct EmulationExecutor {
   int64_t sm_count;
 
@@ -26,61 +32,46 @@ struct EmulationExecutor {
 
   template <typename scalar_t, typename Problem>
   void run(const Problem& problem, const GemmOperands<scalar_t>& ops, const GemmTiling& t) const {
-    // Blocks of different grid z (task, split) write disjoint outputs.
-    at::parallel_for(0, t.tasks * t.splits, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t z = begin; z < end; ++z) {
-        run_blocks(problem, ops, t, z / t.splits, z % t.splits);
-      }
-    });
+    if (ops.out_tangent != nullptr) {
+      run_grid<scalar_t, Problem, true>(problem, ops, t);
+    } else {
+      run_grid<scalar_t, Problem, false>(problem, ops, t);
+    }
   }
 
-  template <typename scalar_t, typename Problem>
-  static void run_blocks(const Problem& problem, const GemmOperands<scalar_t>& ops,
-                         const GemmTiling& t, int64_t task, int64_t split) {
-    const scalar_t* a = ops.a + task * ops.a_task_stride;
-    const scalar_t* b = ops.b + task * ops.b_task_stride;
-    const bool tangent = ops.out_tangent != nullptr;
-    const scalar_t* ra = tangent && ops.a_tangent ? ops.a_tangent + task * ops.a_tangent_task_stride : nullptr;
-    const scalar_t* rb = tangent && ops.b_tangent ? ops.b_tangent + task * ops.b_tangent_task_stride : nullptr;
-    int64_t k_begin, k_end;
-    kernels::split_range(t, split, &k_begin, &k_end);
-    for (int64_t bm = 0; bm < t.grid_m; ++bm) {
-      for (int64_t bn = 0; bn < t.grid_n; ++bn) {
-        for (int64_t ty = 0; ty < t.threads_m; ++ty) {
-          for (int64_t tx = 0; tx < t.threads_n; ++tx) {
-            for (int64_t i = 0; i < t.thread_m; ++i) {
-              for (int64_t j = 0; j < t.thread_n; ++j) {
-                int64_t row, col;
-                kernels::tile_element(t, bm, bn, ty, tx, i, j, &row, &col);
-                if (row >= t.rows || col >= t.cols) continue;
-                scalar_t acc = 0, racc = 0;
-                for (int64_t red = k_begin; red < k_end; ++red) {
-                  const int64_t a_off = problem.a_offset(task, row, red);
-                  const int64_t b_off = problem.b_offset(task, red, col);
-                  const scalar_t av = a_off >= 0 ? a[a_off] : scalar_t(0);
-                  const scalar_t bv = b_off >= 0 ? b[b_off] : scalar_t(0);
-                  acc += av * bv;
-                  if (tangent) {
-                    const scalar_t rav = ra != nullptr && a_off >= 0 ? ra[a_off] : scalar_t(0);
-                    const scalar_t rbv = rb != nullptr && b_off >= 0 ? rb[b_off] : scalar_t(0);
-                    racc += av * rbv + rav * bv;
-                  }
-                }
-                const int64_t offset = problem.out_offset(task, row, col) + split * ops.split_stride;
-                if (ops.bias != nullptr) acc += ops.bias[task * ops.bias_task_stride + col];
-                ops.out[offset] = acc;
-                if (tangent) {
-                  if (ops.bias_tangent != nullptr) {
-                    racc += ops.bias_tangent[task * ops.bias_tangent_task_stride + col];
-                  }
-                  ops.out_tangent[offset] = racc;
-                }
+  template <typename scalar_t, typename Problem, bool kTangent>
+  static void run_grid(const Problem& problem, const GemmOperands<scalar_t>& ops,
+                       const GemmTiling& t) {
+    constexpr int kThreads = kernels::kTileThreads;
+    // Blocks of different grid z (task, split) write disjoint outputs.
+    at::parallel_for(0, t.tasks * t.splits, 1, [&](int64_t begin, int64_t end) {
+      auto tiles = std::make_unique<kernels::GemmTiles<scalar_t, kTangent>>();
+      std::vector<kernels::ThreadAccumulators<scalar_t>> acc(kThreads * kThreads);
+      for (int64_t z = begin; z < end; ++z) {
+        for (int64_t x = 0; x < t.grid_m; ++x) {
+          for (int64_t y = 0; y < t.grid_n; ++y) {
+            const auto block = kernels::gemm_block(t, x, y, z);
+            const auto operands = kernels::task_operands<scalar_t, kTangent>(ops, block.task);
+            for (auto& a : acc) kernels::zero_accumulators(a);
+            for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kernels::kTileK) {
+              for (int tid = 0; tid < kThreads * kThreads; ++tid) {
+                kernels::stage_tiles<scalar_t, Problem, kTangent>(problem, operands, t, block, k0,
+                                                                  tid, *tiles);
               }
+              for (int tid = 0; tid < kThreads * kThreads; ++tid) {
+                kernels::accumulate_tile<scalar_t, kTangent>(*tiles, t, tid / kThreads,
+                                                             tid % kThreads, acc[tid]);
+              }
+            }
+            for (int tid = 0; tid < kThreads * kThreads; ++tid) {
+              kernels::store_outputs<scalar_t, Problem, kTangent>(problem, ops, t, block,
+                                                                  tid / kThreads, tid % kThreads,
+                                                                  acc[tid]);
             }
           }
         }
       }
-    }
+    });
   }
 };
 
