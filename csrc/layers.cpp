@@ -5,6 +5,7 @@
 
 #include "checks.h"
 #include "softmax_cross_entropy.h"
+#include "task_conv.h"
 
 namespace maml_ext {
 namespace {
@@ -113,14 +114,8 @@ at::Tensor channels_last(const at::Tensor& x) {
   return x.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// The per-task [T, shape...] parameters as one [T·shape[0], shape[1:]...] tensor (a copy only
-// where all tasks share the weights).
-at::Tensor stack_tasks(const at::Tensor& param) {
-  std::vector<int64_t> sizes(param.sizes().begin() + 1, param.sizes().end());
-  sizes[0] *= param.size(0);
-  return param.reshape(sizes);
-}
-
+// The T per-task convolutions are one op, maml_ext::task_conv2d (task_conv.h): a grouped ATen
+// convolution on CPU, the fused implicit-product kernels on CUDA.
 class Conv2d final : public Layer {
  public:
   Conv2d(int64_t in, int64_t out, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
@@ -131,77 +126,49 @@ class Conv2d final : public Layer {
   void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
     MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == in_, "x", "Conv2d expects inputs with ", in_,
                    " channels [T, N, ", in_, ", H, W], got [N, T, C, H, W] = ", x.sizes());
-    tasks_ = p.tasks();
     x_ = x;
     rx_ = rx;
-    const auto weight = weights(p.theta);
-    at::Tensor y = convolve(x, weight, bias_ ? stack_tasks(param_view(p.theta, b_off_, {out_})) : at::Tensor());
-    if (p.carries_tangent()) {
-      // R{y} = conv(R{x}, W) + conv(x, V) + v_b
-      at::Tensor ry = convolve(
-          x, weights(p.tangent), bias_ ? stack_tasks(param_view(p.tangent, b_off_, {out_})) : at::Tensor());
-      if (rx.defined()) ry.add_(convolve(rx, weight, at::Tensor()));
-      rx = ry;
-    }
+    const bool tangent = p.carries_tangent();
+    // R{y} = conv(R{x}, W) + conv(x, V) + v_b
+    auto [y, ry] = task_conv2d(x, rx, weights(p.theta), tangent ? weights(p.tangent) : at::Tensor(),
+                               bias(p.theta), tangent ? bias(p.tangent) : at::Tensor(), stride_,
+                               padding_);
+    if (tangent) rx = ry;
     x = y;
   }
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
                 bool need_input_grad) override {
-    const auto weight = weights(p.theta);
-    const auto x = grouped(x_);
-    auto [gx, gw, gb] = convolution_backward(grouped(gy), x, weight, {need_input_grad, true, bias_});
+    const bool tangent = p.carries_tangent();
+    // R{gx} = conv_input_grad(R{gy}, W) + conv_input_grad(gy, V)
+    // R{gW} = conv_weight_grad(x, R{gy}) + conv_weight_grad(R{x}, gy);  R{gb} = Σ R{gy}
+    auto [gx, rgx, gw, rgw, gb, rgb] = task_conv2d_backward(
+        gy, tangent ? rgy : at::Tensor(), x_, rx_, weights(p.theta),
+        tangent ? weights(p.tangent) : at::Tensor(), stride_, padding_, need_input_grad, bias_);
     write_param(p.grad, w_off_, gw);
     if (bias_) write_param(p.grad, b_off_, gb);
-    if (p.carries_tangent()) {
-      // R{gx} = conv_input_grad(R{gy}, W) + conv_input_grad(gy, V)
-      // R{gW} = conv_weight_grad(x, R{gy}) + conv_weight_grad(R{x}, gy);  R{gb} = Σ R{gy}
-      auto [rgx, rgw, rgb] = convolution_backward(grouped(rgy), x, weight, {need_input_grad, true, bias_});
-      const bool has_rx = rx_.defined();
-      if (need_input_grad || has_rx) {
-        auto [rgx_v, rgw_rx, unused] = convolution_backward(
-            grouped(gy), has_rx ? grouped(rx_) : x, weights(p.tangent), {need_input_grad, has_rx, false});
-        if (need_input_grad) rgx.add_(rgx_v);
-        if (has_rx) rgw.add_(rgw_rx);
-      }
+    if (tangent) {
       write_param(p.grad_tangent, w_off_, rgw);
       if (bias_) write_param(p.grad_tangent, b_off_, rgb);
-      rgy = need_input_grad ? ungrouped(rgx) : at::Tensor();
+      rgy = need_input_grad ? rgx : at::Tensor();
     }
-    gy = need_input_grad ? ungrouped(gx) : at::Tensor();
+    gy = need_input_grad ? gx : at::Tensor();
     x_ = rx_ = at::Tensor();
   }
 
  private:
   at::Tensor weights(const at::Tensor& flat) const {
-    return stack_tasks(param_view(flat, w_off_, {out_, in_, kernel_[0], kernel_[1]}));
+    return param_view(flat, w_off_, {out_, in_, kernel_[0], kernel_[1]});
   }
 
-  at::Tensor ungrouped(const at::Tensor& g) const {
-    return g.view({g.size(0), tasks_, g.size(1) / tasks_, g.size(2), g.size(3)});
-  }
-
-  at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
-    const auto y = at::convolution(channels_last(grouped(x)), weight, bias, stride_, padding_,
-                                   {1, 1}, false, {0, 0}, tasks_);
-    return y.view({y.size(0), tasks_, out_, y.size(2), y.size(3)});
-  }
-
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_backward(
-      const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
-      std::array<bool, 3> mask) const {
-    const int64_t bias_size = tasks_ * out_;
-    return at::convolution_backward(
-        channels_last(gy), channels_last(x), weight,
-        mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&bias_size, 1)) : at::OptionalIntArrayRef(),
-        stride_, padding_, {1, 1}, false, {0, 0}, tasks_, mask);
+  at::Tensor bias(const at::Tensor& flat) const {
+    return bias_ ? param_view(flat, b_off_, {out_}) : at::Tensor();
   }
 
   int64_t in_, out_;
   std::array<int64_t, 2> kernel_, stride_, padding_;
   bool bias_;
   int64_t w_off_, b_off_;
-  int64_t tasks_ = 0;
   at::Tensor x_, rx_;
 };
 

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "softmax_cross_entropy.h"
+#include "task_conv.h"
 
 namespace maml_ext {
 
@@ -23,6 +24,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
   return op.call(logits, target,
                  logits_tangent.defined() ? std::optional<at::Tensor>(logits_tangent) : std::nullopt);
+}
+
+namespace {
+std::optional<at::Tensor> optional_arg(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+}  // namespace
+
+TaskConvForwardResult task_conv2d(const at::Tensor& x, const at::Tensor& x_tangent,
+                                  const at::Tensor& weight, const at::Tensor& weight_tangent,
+                                  const at::Tensor& bias, const at::Tensor& bias_tangent,
+                                  at::IntArrayRef stride, at::IntArrayRef padding) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_conv2d", "")
+          .typed<TaskConvForwardResult(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(x, optional_arg(x_tangent), weight, optional_arg(weight_tangent), optional_arg(bias),
+                 optional_arg(bias_tangent), stride, padding);
+}
+
+TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
+                                            const at::Tensor& grad_y_tangent, const at::Tensor& x,
+                                            const at::Tensor& x_tangent, const at::Tensor& weight,
+                                            const at::Tensor& weight_tangent,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            bool need_input_grad, bool has_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_conv2d_backward", "")
+          .typed<TaskConvBackwardResult(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const at::Tensor&,
+              const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, bool, bool)>();
+  return op.call(grad_y, optional_arg(grad_y_tangent), x, optional_arg(x_tangent), weight,
+                 optional_arg(weight_tangent), stride, padding, need_input_grad, has_bias);
 }
 
 TORCH_LIBRARY(maml_ext, m) {
@@ -55,6 +94,34 @@ TORCH_LIBRARY(maml_ext, m) {
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? logits_tangent) -> "
       "(Tensor loss, Tensor correct, Tensor grad, Tensor grad_tangent)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
+  // Task-batched 2-d convolution with fused tangents; layouts and results: csrc/task_conv.h.
+  m.def(
+      "task_conv2d(Tensor x, Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, "
+      "Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding) -> "
+      "(Tensor y, Tensor y_tangent)");
+  m.def(
+      "task_conv2d_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, Tensor? x_tangent, "
+      "Tensor weight, Tensor? weight_tangent, int[2] stride, int[2] padding, bool need_input_grad, "
+      "bool has_bias) -> (Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, "
+      "Tensor grad_weight_tangent, Tensor grad_bias, Tensor grad_bias_tangent)");
+  // CPU test hooks of the CUDA kernels (cpu/task_conv_emulation.cpp): the CUDA implementation's
+  // host side and index math run serially on the CPU, with a given multiprocessor count.
+  m.def(
+      "_task_conv2d_emulated(Tensor x, Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, "
+      "Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding, int multiprocessors) -> "
+      "(Tensor y, Tensor y_tangent)");
+  m.def(
+      "_task_conv2d_backward_emulated(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
+      "Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, int[2] stride, int[2] padding, "
+      "bool need_input_grad, bool has_bias, int multiprocessors) -> (Tensor grad_x, "
+      "Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_weight_tangent, Tensor grad_bias, "
+      "Tensor grad_bias_tangent)");
+  // The CUDA launch plan of one pass (0 forward, 1 backward data, 2 weight gradient) from
+  // [pass, N, T, C, H, W, O, kh, kw, stride_h, stride_w, pad_h, pad_w, multiprocessors], and how
+  // often its grid writes each output element / reads each reduction index (kernels/conv_tiling.h).
+  m.def("_task_conv2d_launch_config(int[] shape_args) -> int[]", &task_conv2d_launch_config);
+  m.def("_task_conv2d_tile_coverage(int[] shape_args) -> (Tensor writes, Tensor reads)",
+        &task_conv2d_tile_coverage);
 }
 
 }  // namespace maml_ext
