@@ -2,6 +2,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "batch_norm.h"
 #include "softmax_cross_entropy.h"
 
 namespace maml_ext {
@@ -25,6 +26,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy
                  logits_tangent.defined() ? std::optional<at::Tensor>(logits_tangent) : std::nullopt);
 }
 
+namespace {
+OptionalTensor optional(const at::Tensor& t) {
+  return t.defined() ? OptionalTensor(t) : std::nullopt;
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+                const at::Tensor& bias, const at::Tensor& weight_tangent,
+                const at::Tensor& bias_tangent, double eps, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(const at::Tensor&, const OptionalTensor&,
+                                        const OptionalTensor&, const OptionalTensor&,
+                                        const OptionalTensor&, const OptionalTensor&, double,
+                                        bool)>();
+  return op.call(x, optional(x_tangent), optional(weight), optional(bias),
+                 optional(weight_tangent), optional(bias_tangent), eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
+                         const at::Tensor& x, const at::Tensor& x_tangent,
+                         const at::Tensor& weight, const at::Tensor& weight_tangent,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& x_tangent_mean, const at::Tensor& sigma_tangent,
+                         const at::Tensor& relu_output, bool input_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, bool)>();
+  return op.call(grad_y, optional(grad_y_tangent), x, optional(x_tangent), optional(weight),
+                 optional(weight_tangent), mean, invstd, optional(x_tangent_mean),
+                 optional(sigma_tangent), optional(relu_output), input_grad);
+}
+
 TORCH_LIBRARY(maml_ext, m) {
   // Program description: see csrc/layers.h (LayerKind) and maml_ext/program.py, which writes it.
   // loss: 1 softmax cross-entropy, 2 mean-squared error.
@@ -46,6 +89,19 @@ TORCH_LIBRARY(maml_ext, m) {
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? logits_tangent) -> "
       "(Tensor loss, Tensor correct, Tensor grad, Tensor grad_tangent)");
+  // Transductive batch norm (statistics per channel of x [B, M, C] over its M values), optionally
+  // with a fused ReLU, carrying tangents; contract in csrc/batch_norm.h.
+  m.def(
+      "task_batch_norm(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool relu) -> "
+      "(Tensor y, Tensor y_tangent, Tensor mean, Tensor invstd, Tensor x_tangent_mean, "
+      "Tensor sigma_tangent)");
+  m.def(
+      "task_batch_norm_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
+      "Tensor? x_tangent, Tensor? weight, Tensor? weight_tangent, Tensor mean, Tensor invstd, "
+      "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor? relu_output, bool input_grad) -> "
+      "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }
 

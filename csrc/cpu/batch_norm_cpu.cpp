@@ -1,0 +1,307 @@
+// CPU kernels of maml_ext::task_batch_norm and task_batch_norm_backward: channel sums in
+// parallel over channels (each channel summed in row order, so results do not depend on the
+// thread count), element passes in parallel over rows; arithmetic shared with the CUDA kernels
+// through kernels/batch_norm_math.h.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../batch_norm.h"
+#include "../kernels/batch_norm_math.h"
+
+namespace maml_ext {
+namespace {
+
+// Calls f(std::true_type) or f(std::false_type): a runtime flag becomes a template flag, so the
+// inner loops carry no branch on it.
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Four per-channel sums of x [B, M, C]: terms(i, k, s0, s1, s2, s3) adds element i (flat index)
+// of channel k (b·C + c) into that channel's sums. Writes sums[j·B·C + k]. Channels of one b
+// are contiguous in memory, so a thread's range is read as M runs of contiguous values.
+template <typename acc_t, typename Terms>
+std::vector<acc_t> channel_sums(int64_t batch, int64_t rows, int64_t channels, const Terms& terms) {
+  const int64_t total = batch * channels;
+  std::vector<acc_t> sums(4 * total);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / rows);
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k0 = begin; k0 < end;) {
+      const int64_t b = k0 / channels, c0 = k0 % channels;
+      const int64_t width = std::min(channels - c0, end - k0);
+      std::vector<acc_t> acc(4 * width, acc_t(0));
+      acc_t* a0 = acc.data();
+      acc_t* a1 = a0 + width;
+      acc_t* a2 = a1 + width;
+      acc_t* a3 = a2 + width;
+      for (int64_t m = 0; m < rows; ++m) {
+        const int64_t base = (b * rows + m) * channels + c0;
+        for (int64_t j = 0; j < width; ++j) {
+          terms(base + j, k0 + j, a0[j], a1[j], a2[j], a3[j]);
+        }
+      }
+      for (int s = 0; s < 4; ++s) {
+        std::copy(acc.begin() + s * width, acc.begin() + (s + 1) * width,
+                  sums.begin() + s * total + k0);
+      }
+      k0 += width;
+    }
+  });
+  return sums;
+}
+
+// Runs body(i, k) over every element i of x [B, M, C] with its channel k, in parallel over rows.
+template <typename Body>
+void for_each_element(int64_t batch, int64_t rows, int64_t channels, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
+  at::parallel_for(0, batch * rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t base = row * channels, kb = (row / rows) * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        body(base + c, kb + c);
+      }
+    }
+  });
+}
+
+// The data of an optional per-channel tensor, or of a constant fill where it is absent.
+template <typename scalar_t>
+class ChannelValues {
+ public:
+  ChannelValues(const OptionalTensor& t, int64_t count, scalar_t fill) {
+    if (given(t)) {
+      tensor_ = t->contiguous();
+      data_ = tensor_.data_ptr<scalar_t>();
+    } else {
+      fill_.assign(count, fill);
+      data_ = fill_.data();
+    }
+  }
+  const scalar_t* data() const { return data_; }
+
+ private:
+  at::Tensor tensor_;
+  std::vector<scalar_t> fill_;
+  const scalar_t* data_;
+};
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
+  return given(t) ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_cpu(const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                    const OptionalTensor& weight, const OptionalTensor& bias,
+                    const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
+                    double eps, bool relu) {
+  check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  const auto x = x_in.contiguous();
+  const auto rx = contiguous_or_undefined(x_tangent);
+  const bool has_rx = rx.defined();
+  const bool tangent_out = has_rx || given(weight_tangent) || given(bias_tangent);
+  const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
+  const int64_t total = batch * channels;
+  const auto options = x.options();
+  auto y = at::empty_like(x);
+  auto ry = tangent_out ? at::empty_like(x) : at::empty({0}, options);
+  auto mean = at::empty({batch, channels}, options);
+  auto invstd = at::empty({batch, channels}, options);
+  auto rx_mean = at::zeros({batch, channels}, options);
+  auto r_sigma = at::zeros({batch, channels}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* rx_p = data_or_null<scalar_t>(rx);
+    scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    scalar_t* rx_mean_p = rx_mean.data_ptr<scalar_t>();
+    scalar_t* r_sigma_p = r_sigma.data_ptr<scalar_t>();
+
+    const auto sum_x = channel_sums<acc_t>(
+        batch, rows, channels,
+        [&](int64_t i, int64_t, acc_t& s, acc_t&, acc_t&, acc_t&) { kernels::mean_terms(x_p[i], s); });
+    for (int64_t k = 0; k < total; ++k) {
+      mean_p[k] = kernels::mean_channel<scalar_t>(sum_x[k], rows);
+    }
+    with_flag(has_rx, [&](auto has_tangent) {
+      constexpr bool kTangent = decltype(has_tangent)::value;
+      const auto sums = channel_sums<acc_t>(
+          batch, rows, channels,
+          [&](int64_t i, int64_t k, acc_t& s0, acc_t& s1, acc_t& s2, acc_t&) {
+            kernels::centred_terms<kTangent>(x_p[i], kTangent ? rx_p[i] : scalar_t(0), mean_p[k],
+                                             s0, s1, s2);
+          });
+      for (int64_t k = 0; k < total; ++k) {
+        const auto s = kernels::forward_channel<kTangent, scalar_t>(
+            mean_p[k], sums[k], sums[total + k], sums[2 * total + k], rows, eps);
+        invstd_p[k] = s.invstd;
+        rx_mean_p[k] = s.rx_mean;
+        r_sigma_p[k] = s.r_sigma;
+      }
+    });
+
+    const ChannelValues<scalar_t> w(weight, total, 1), b(bias, total, 0);
+    const ChannelValues<scalar_t> vw(weight_tangent, total, 0), vb(bias_tangent, total, 0);
+    const scalar_t *w_p = w.data(), *b_p = b.data(), *vw_p = vw.data(), *vb_p = vb.data();
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    scalar_t* ry_p = tangent_out ? ry.data_ptr<scalar_t>() : nullptr;
+    with_flag(relu, [&](auto relu_flag) {
+      with_flag(tangent_out, [&](auto tangent_flag) {
+        constexpr bool kRelu = decltype(relu_flag)::value;
+        constexpr bool kTangent = decltype(tangent_flag)::value;
+        for_each_element(batch, rows, channels, [&](int64_t i, int64_t k) {
+          const kernels::ForwardStats<scalar_t> s{mean_p[k], invstd_p[k], rx_mean_p[k],
+                                                  r_sigma_p[k]};
+          const kernels::Affine<scalar_t> a{w_p[k], b_p[k], vw_p[k], vb_p[k]};
+          scalar_t out, r_out;
+          kernels::forward_element<kRelu, kTangent>(x_p[i], rx_p ? rx_p[i] : scalar_t(0), s, a,
+                                                    &out, &r_out);
+          y_p[i] = out;
+          if (kTangent) ry_p[i] = r_out;
+        });
+      });
+    });
+  });
+  const auto empty = at::empty({0}, options);
+  return {y, ry, mean, invstd, has_rx ? rx_mean : empty, has_rx ? r_sigma : empty};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_backward_cpu(const at::Tensor& grad_y, const OptionalTensor& grad_y_tangent,
+                             const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                             const OptionalTensor& weight, const OptionalTensor& weight_tangent,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             const OptionalTensor& x_tangent_mean,
+                             const OptionalTensor& sigma_tangent,
+                             const OptionalTensor& relu_output, bool input_grad) {
+  check_task_batch_norm_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
+                                      weight_tangent, mean, invstd, x_tangent_mean,
+                                      sigma_tangent, relu_output);
+  const bool tangent = given(grad_y_tangent);
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y.contiguous();
+  const auto rgy = contiguous_or_undefined(grad_y_tangent);
+  // The input's tangent enters only the tangent outputs.
+  const auto rx = tangent ? contiguous_or_undefined(x_tangent) : at::Tensor();
+  const auto y = contiguous_or_undefined(relu_output);
+  const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
+  const int64_t total = batch * channels;
+  const auto options = x.options();
+  const auto empty = at::empty({0}, options);
+  auto gx = input_grad ? at::empty_like(x) : empty;
+  auto rgx = input_grad && tangent ? at::empty_like(x) : empty;
+  auto grad_weight = at::empty({batch, channels}, options);
+  auto grad_bias = at::empty({batch, channels}, options);
+  auto grad_weight_tangent = tangent ? at::empty({batch, channels}, options) : empty;
+  auto grad_bias_tangent = tangent ? at::empty({batch, channels}, options) : empty;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_backward_cpu", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* rx_p = data_or_null<scalar_t>(rx);
+    const scalar_t* gy_p = gy.data_ptr<scalar_t>();
+    const scalar_t* rgy_p = data_or_null<scalar_t>(rgy);
+    const scalar_t* y_p = data_or_null<scalar_t>(y);
+    const ChannelValues<scalar_t> mean_v(mean, total, 0), invstd_v(invstd, total, 0);
+    const ChannelValues<scalar_t> rx_mean_v(rx.defined() ? x_tangent_mean : std::nullopt, total, 0);
+    const ChannelValues<scalar_t> r_sigma_v(rx.defined() ? sigma_tangent : std::nullopt, total, 0);
+    const ChannelValues<scalar_t> w(weight, total, 1), vw(weight_tangent, total, 0);
+    const scalar_t *mean_p = mean_v.data(), *invstd_p = invstd_v.data();
+    const scalar_t *rx_mean_p = rx_mean_v.data(), *r_sigma_p = r_sigma_v.data();
+    const scalar_t *w_p = w.data(), *vw_p = vw.data();
+
+    with_flag(tangent, [&](auto tangent_flag) {
+      constexpr bool kTangent = decltype(tangent_flag)::value;
+      // x̂, R{x̂} and the masked g, R{g} of element i in channel k.
+      const auto element = [&](int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat,
+                               scalar_t& g, scalar_t& rg) {
+        const kernels::ForwardStats<scalar_t> s{mean_p[k], invstd_p[k], rx_mean_p[k],
+                                                r_sigma_p[k]};
+        x_hat = kernels::normalise(x_p[i], s.mean, s.invstd);
+        rx_hat = rx_p ? kernels::normalise_tangent(rx_p[i], x_hat, s) : scalar_t(0);
+        g = y_p ? kernels::relu_mask(gy_p[i], y_p[i]) : gy_p[i];
+        rg = kTangent ? (y_p ? kernels::relu_mask(rgy_p[i], y_p[i]) : rgy_p[i]) : scalar_t(0);
+      };
+      const auto sums = channel_sums<acc_t>(
+          batch, rows, channels,
+          [&](int64_t i, int64_t k, acc_t& s0, acc_t& s1, acc_t& s2, acc_t& s3) {
+            scalar_t x_hat, rx_hat, g, rg;
+            element(i, k, x_hat, rx_hat, g, rg);
+            kernels::backward_terms<kTangent>(x_hat, rx_hat, g, rg, s0, s1, s2, s3);
+          });
+      scalar_t* gb_p = grad_bias.data_ptr<scalar_t>();
+      scalar_t* gw_p = grad_weight.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < total; ++k) {
+        gb_p[k] = static_cast<scalar_t>(sums[k]);
+        gw_p[k] = static_cast<scalar_t>(sums[total + k]);
+      }
+      if (kTangent) {
+        scalar_t* rgb_p = grad_bias_tangent.data_ptr<scalar_t>();
+        scalar_t* rgw_p = grad_weight_tangent.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < total; ++k) {
+          rgb_p[k] = static_cast<scalar_t>(sums[2 * total + k]);
+          rgw_p[k] = static_cast<scalar_t>(sums[3 * total + k]);
+        }
+      }
+      if (!input_grad) return;
+      // Coefficients as separate arrays, so the element loop reads each contiguously.
+      std::vector<scalar_t> coefficients(6 * total);
+      scalar_t* mean_g = coefficients.data();
+      scalar_t* mean_g_xhat = mean_g + total;
+      scalar_t* mean_rg = mean_g_xhat + total;
+      scalar_t* mean_r_g_xhat = mean_rg + total;
+      scalar_t* scale = mean_r_g_xhat + total;
+      scalar_t* tangent_scale = scale + total;
+      for (int64_t k = 0; k < total; ++k) {
+        const kernels::ForwardStats<scalar_t> s{mean_p[k], invstd_p[k], rx_mean_p[k],
+                                                r_sigma_p[k]};
+        const auto c = kernels::backward_channel<kTangent, scalar_t>(
+            sums[k], sums[total + k], sums[2 * total + k], sums[3 * total + k], rows, s, w_p[k],
+            vw_p[k]);
+        mean_g[k] = c.mean_g;
+        mean_g_xhat[k] = c.mean_g_xhat;
+        mean_rg[k] = c.mean_rg;
+        mean_r_g_xhat[k] = c.mean_r_g_xhat;
+        scale[k] = c.scale;
+        tangent_scale[k] = c.tangent_scale;
+      }
+      scalar_t* gx_p = gx.data_ptr<scalar_t>();
+      scalar_t* rgx_p = kTangent ? rgx.data_ptr<scalar_t>() : nullptr;
+      for_each_element(batch, rows, channels, [&](int64_t i, int64_t k) {
+        scalar_t x_hat, rx_hat, g, rg;
+        element(i, k, x_hat, rx_hat, g, rg);
+        const kernels::BackwardCoefficients<scalar_t> c{
+            mean_g[k], mean_g_xhat[k], mean_rg[k], mean_r_g_xhat[k], scale[k], tangent_scale[k]};
+        scalar_t out, r_out;
+        kernels::backward_element<kTangent>(x_hat, rx_hat, g, rg, c, &out, &r_out);
+        gx_p[i] = out;
+        if (kTangent) rgx_p[i] = r_out;
+      });
+    });
+  });
+  return {gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
+  m.impl("task_batch_norm", &task_batch_norm_cpu);
+  m.impl("task_batch_norm_backward", &task_batch_norm_backward_cpu);
+}
+
+}  // namespace maml_ext
