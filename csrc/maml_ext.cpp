@@ -2,7 +2,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "batch_norm.h"
+#include "kernels/batch_norm_plan.h"
 #include "softmax_cross_entropy.h"
 
 namespace maml_ext {
@@ -68,6 +71,19 @@ task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tang
                  optional(sigma_tangent), optional(relu_output), input_grad);
 }
 
+// The CUDA batch-norm reduction's launch shape, for the CPU tests of the launch logic.
+std::vector<int64_t> task_batch_norm_reduction_plan(int64_t batch, int64_t rows, int64_t channels,
+                                                    int64_t multiprocessors) {
+  MAML_CHECK_ARG(batch >= 1 && batch <= kernels::kMaxGridYZ, "batch", "expected 1 to ",
+                 kernels::kMaxGridYZ, ", got ", batch);
+  MAML_CHECK_ARG(rows >= 1, "rows", "expected at least 1, got ", rows);
+  MAML_CHECK_ARG(channels >= 1, "channels", "expected at least 1, got ", channels);
+  MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected at least 1, got ",
+                 multiprocessors);
+  const auto p = kernels::plan_channel_reduction(batch, rows, channels, multiprocessors);
+  return {p.channels_per_block, p.row_lanes, p.channel_blocks, p.splits, p.rows_per_split};
+}
+
 TORCH_LIBRARY(maml_ext, m) {
   // Program description: see csrc/layers.h (LayerKind) and maml_ext/program.py, which writes it.
   // loss: 1 softmax cross-entropy, 2 mean-squared error.
@@ -102,6 +118,12 @@ TORCH_LIBRARY(maml_ext, m) {
       "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor? relu_output, bool input_grad) -> "
       "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
+  // (channels_per_block, row_lanes, channel_blocks, splits, rows_per_split): see
+  // csrc/kernels/batch_norm_plan.h.
+  m.def(
+      "task_batch_norm_reduction_plan(int batch, int rows, int channels, int multiprocessors) -> "
+      "int[]",
+      &task_batch_norm_reduction_plan);
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
 }
 

@@ -115,6 +115,20 @@ MAML_HOST_DEVICE void forward_element(scalar_t x, scalar_t rx, const ForwardStat
   }
 }
 
+// What the backward needs of value i: x̂, R{x̂} (0 without rx) and the gradient g and tangent R{g}
+// reaching the normalisation (masked by the fused ReLU where relu_output y is given; R{g} = 0
+// without kTangent). x, gy from the forward's input and the incoming gradient.
+template <bool kTangent, typename scalar_t>
+MAML_HOST_DEVICE void backward_inputs(const scalar_t* x, const scalar_t* rx, const scalar_t* gy,
+                                      const scalar_t* rgy, const scalar_t* y, int64_t i,
+                                      const ForwardStats<scalar_t>& s, scalar_t& x_hat,
+                                      scalar_t& rx_hat, scalar_t& g, scalar_t& rg) {
+  x_hat = normalise(x[i], s.mean, s.invstd);
+  rx_hat = rx != nullptr ? normalise_tangent(rx[i], x_hat, s) : scalar_t(0);
+  g = y != nullptr ? relu_mask(gy[i], y[i]) : gy[i];
+  rg = kTangent ? (y != nullptr ? relu_mask(rgy[i], y[i]) : rgy[i]) : scalar_t(0);
+}
+
 // One value's contribution to the backward sums Σ g, Σ g x̂ and, with kTangent, Σ R{g} and
 // Σ (R{g} x̂ + g R{x̂}); g, rg already masked by the fused ReLU. These are also the parameter
 // gradients: gβ = Σ g, gγ = Σ g x̂, R{gβ} = Σ R{g}, R{gγ} = Σ (R{g} x̂ + g R{x̂}).

@@ -1,0 +1,512 @@
+// CUDA kernels of maml_ext::task_batch_norm and task_batch_norm_backward. Per-channel sums: one
+// launch over all tasks' channels (plan in kernels/batch_norm_plan.h), accumulated in the scalar
+// type, the splits' partial sums added by a second small kernel in split order (deterministic).
+// Element passes: one thread per value, ReLU fused into the normalise epilogue. The arithmetic
+// is shared with the CPU kernels through kernels/batch_norm_math.h.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../batch_norm.h"
+#include "../kernels/batch_norm_math.h"
+#include "../kernels/batch_norm_plan.h"
+
+namespace maml_ext {
+namespace {
+
+using kernels::ChannelReductionPlan;
+
+constexpr int kThreads = static_cast<int>(kernels::kReductionThreads);
+constexpr int kWarps = kThreads / static_cast<int>(kernels::kWarpSize);
+constexpr int kElementThreads = 256;
+constexpr int64_t kMaxElementBlocks = 1 << 20;  // the element kernels stride beyond this
+
+// Partial sums of K per-channel quantities over one split of the rows (grid: channel group, b,
+// split), written to partial[(split·K + j)·B·C + b·C + c]. terms(i, k, acc) adds value i of
+// channel k = b·C + c.
+template <typename scalar_t, int K, typename Terms>
+__global__ void __launch_bounds__(kThreads)
+    channel_partial_sums_kernel(int64_t rows, int64_t channels, ChannelReductionPlan plan,
+                                Terms terms, scalar_t* __restrict__ partial) {
+  const int per_block = static_cast<int>(plan.channels_per_block);
+  const int lane_channel = static_cast<int>(threadIdx.x) % per_block;
+  const int lane_row = static_cast<int>(threadIdx.x) / per_block;
+  const int64_t b = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * per_block + lane_channel;
+  const int64_t k = b * channels + c;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.z) * plan.rows_per_split;
+  const int64_t m_end = min(rows, m_begin + plan.rows_per_split);
+  scalar_t acc[K];
+  for (int j = 0; j < K; ++j) acc[j] = scalar_t(0);
+  if (c < channels) {
+    for (int64_t m = m_begin + lane_row; m < m_end; m += plan.row_lanes) {
+      terms((b * rows + m) * channels + c, k, acc);
+    }
+  }
+  // Lanes l, l + per_block, ... of a warp hold the same channel: fold them onto lane l.
+  for (int offset = kernels::kWarpSize / 2; offset >= per_block; offset /= 2) {
+    for (int j = 0; j < K; ++j) acc[j] += __shfl_down_sync(0xffffffffu, acc[j], offset);
+  }
+  __shared__ scalar_t warp_sums[kWarps][kernels::kWarpSize][K];
+  const int warp = static_cast<int>(threadIdx.x) / kernels::kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kernels::kWarpSize;
+  if (lane < per_block) {
+    for (int j = 0; j < K; ++j) warp_sums[warp][lane][j] = acc[j];
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < per_block && c < channels) {
+    const int64_t total = static_cast<int64_t>(gridDim.y) * channels;
+    for (int j = 0; j < K; ++j) {
+      scalar_t sum = 0;
+      for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x][j];
+      partial[(static_cast<int64_t>(blockIdx.z) * K + j) * total + k] = sum;
+    }
+  }
+}
+
+// Adds the splits' partial sums of each channel in split order and hands them to finish(k, sums).
+template <typename scalar_t, int K, typename Finish>
+__global__ void finish_channels_kernel(int64_t total, int64_t splits,
+                                       const scalar_t* __restrict__ partial, Finish finish) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  scalar_t sums[K];
+  for (int j = 0; j < K; ++j) sums[j] = scalar_t(0);
+  for (int64_t s = 0; s < splits; ++s) {
+    for (int j = 0; j < K; ++j) sums[j] += partial[(s * K + j) * total + k];
+  }
+  finish(k, sums);
+}
+
+int64_t multiprocessors(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// The two launches of one per-channel reduction of x [B, M, C].
+template <typename scalar_t, int K, typename Terms, typename Finish>
+void reduce_channels(const ChannelReductionPlan& plan, int64_t batch, int64_t rows,
+                     int64_t channels, const Terms& terms, const Finish& finish,
+                     const at::TensorOptions& options, cudaStream_t stream) {
+  const int64_t total = batch * channels;
+  const auto partial = at::empty({plan.splits * K * total}, options);
+  const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(batch),
+                  static_cast<unsigned>(plan.splits));
+  channel_partial_sums_kernel<scalar_t, K><<<grid, kThreads, 0, stream>>>(
+      rows, channels, plan, terms, partial.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  finish_channels_kernel<scalar_t, K><<<blocks, kThreads, 0, stream>>>(
+      total, plan.splits, partial.data_ptr<scalar_t>(), finish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+unsigned element_blocks(int64_t n) {
+  return static_cast<unsigned>(
+      std::min<int64_t>((n + kElementThreads - 1) / kElementThreads, kMaxElementBlocks));
+}
+
+// Channel k = b·C + c of flat element i of x [B, M, C].
+__device__ __forceinline__ int64_t channel_of(int64_t i, int64_t rows, int64_t channels) {
+  return (i / (rows * channels)) * channels + i % channels;
+}
+
+template <typename scalar_t>
+struct MeanTerms {
+  const scalar_t* x;
+  __device__ void operator()(int64_t i, int64_t, scalar_t* acc) const {
+    kernels::mean_terms(x[i], acc[0]);
+  }
+};
+
+template <typename scalar_t>
+struct MeanFinish {
+  scalar_t* mean;
+  int64_t rows;
+  __device__ void operator()(int64_t k, const scalar_t* sums) const {
+    mean[k] = kernels::mean_channel<scalar_t>(sums[0], rows);
+  }
+};
+
+template <typename scalar_t, bool kTangent>
+struct CentredTerms {
+  const scalar_t* x;
+  const scalar_t* rx;
+  const scalar_t* mean;
+  __device__ void operator()(int64_t i, int64_t k, scalar_t* acc) const {
+    if constexpr (kTangent) {
+      kernels::centred_terms<true>(x[i], rx[i], mean[k], acc[0], acc[1], acc[2]);
+    } else {
+      scalar_t unused = 0;
+      kernels::centred_terms<false>(x[i], scalar_t(0), mean[k], acc[0], unused, unused);
+    }
+  }
+};
+
+template <typename scalar_t, bool kTangent>
+struct CentredFinish {
+  const scalar_t* mean;
+  scalar_t* invstd;
+  scalar_t* rx_mean;  // written with kTangent
+  scalar_t* r_sigma;
+  int64_t rows;
+  double eps;
+  __device__ void operator()(int64_t k, const scalar_t* sums) const {
+    scalar_t sum_rx = 0, sum_d_rx = 0;
+    if constexpr (kTangent) {
+      sum_rx = sums[1];
+      sum_d_rx = sums[2];
+    }
+    const auto s =
+        kernels::forward_channel<kTangent, scalar_t>(mean[k], sums[0], sum_rx, sum_d_rx, rows, eps);
+    invstd[k] = s.invstd;
+    if (kTangent) {
+      rx_mean[k] = s.rx_mean;
+      r_sigma[k] = s.r_sigma;
+    }
+  }
+};
+
+// Per-channel inputs of the forward element pass; nullptr: absent (weight 1, others 0).
+template <typename scalar_t>
+struct ForwardChannels {
+  const scalar_t* mean;
+  const scalar_t* invstd;
+  const scalar_t* rx_mean;
+  const scalar_t* r_sigma;
+  const scalar_t* weight;
+  const scalar_t* bias;
+  const scalar_t* weight_tangent;
+  const scalar_t* bias_tangent;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t value_or(const scalar_t* p, int64_t k, scalar_t fallback) {
+  return p != nullptr ? p[k] : fallback;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ kernels::ForwardStats<scalar_t> stats_of(const scalar_t* mean,
+                                                                   const scalar_t* invstd,
+                                                                   const scalar_t* rx_mean,
+                                                                   const scalar_t* r_sigma,
+                                                                   int64_t k) {
+  return {mean[k], invstd[k], value_or(rx_mean, k, scalar_t(0)), value_or(r_sigma, k, scalar_t(0))};
+}
+
+template <typename scalar_t, bool kRelu, bool kTangent>
+__global__ void forward_element_kernel(int64_t n, int64_t rows, int64_t channels,
+                                       const scalar_t* __restrict__ x,
+                                       const scalar_t* __restrict__ rx, ForwardChannels<scalar_t> p,
+                                       scalar_t* __restrict__ y, scalar_t* __restrict__ ry) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t k = channel_of(i, rows, channels);
+    const auto s = stats_of(p.mean, p.invstd, p.rx_mean, p.r_sigma, k);
+    const kernels::Affine<scalar_t> a{value_or(p.weight, k, scalar_t(1)),
+                                      value_or(p.bias, k, scalar_t(0)),
+                                      value_or(p.weight_tangent, k, scalar_t(0)),
+                                      value_or(p.bias_tangent, k, scalar_t(0))};
+    scalar_t out, r_out;
+    kernels::forward_element<kRelu, kTangent>(x[i], rx != nullptr ? rx[i] : scalar_t(0), s, a,
+                                              &out, &r_out);
+    y[i] = out;
+    if (kTangent) ry[i] = r_out;
+  }
+}
+
+template <typename scalar_t, bool kRelu, bool kTangent>
+void launch_forward_elements(int64_t n, int64_t rows, int64_t channels, const scalar_t* x,
+                             const scalar_t* rx, const ForwardChannels<scalar_t>& p, scalar_t* y,
+                             scalar_t* ry, cudaStream_t stream) {
+  forward_element_kernel<scalar_t, kRelu, kTangent>
+      <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, x, rx, p, y, ry);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward's saved and incoming tensors; nullptr: absent.
+template <typename scalar_t>
+struct BackwardTensors {
+  const scalar_t* x;
+  const scalar_t* rx;
+  const scalar_t* gy;
+  const scalar_t* rgy;
+  const scalar_t* y;  // the forward's output where it fused the ReLU
+  const scalar_t* mean;
+  const scalar_t* invstd;
+  const scalar_t* rx_mean;
+  const scalar_t* r_sigma;
+
+  template <bool kTangent>
+  __device__ void load(int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat, scalar_t& g,
+                       scalar_t& rg) const {
+    kernels::backward_inputs<kTangent>(x, rx, gy, rgy, y, i,
+                                       stats_of(mean, invstd, rx_mean, r_sigma, k), x_hat, rx_hat,
+                                       g, rg);
+  }
+};
+
+template <typename scalar_t, bool kTangent>
+struct BackwardTerms {
+  BackwardTensors<scalar_t> t;
+  __device__ void operator()(int64_t i, int64_t k, scalar_t* acc) const {
+    scalar_t x_hat, rx_hat, g, rg;
+    t.template load<kTangent>(i, k, x_hat, rx_hat, g, rg);
+    if constexpr (kTangent) {
+      kernels::backward_terms<true>(x_hat, rx_hat, g, rg, acc[0], acc[1], acc[2], acc[3]);
+    } else {
+      scalar_t unused = 0;
+      kernels::backward_terms<false>(x_hat, rx_hat, g, rg, acc[0], acc[1], unused, unused);
+    }
+  }
+};
+
+// Coefficients of the element pass, one array each: [6, B·C] in BackwardCoefficients order.
+template <typename scalar_t, bool kTangent>
+struct BackwardFinish {
+  BackwardTensors<scalar_t> t;
+  const scalar_t* weight;
+  const scalar_t* weight_tangent;
+  scalar_t* grad_weight;
+  scalar_t* grad_bias;
+  scalar_t* grad_weight_tangent;  // written with kTangent
+  scalar_t* grad_bias_tangent;
+  scalar_t* coefficients;  // nullptr: no input gradient
+  int64_t rows;
+  int64_t total;
+  __device__ void operator()(int64_t k, const scalar_t* sums) const {
+    scalar_t sum_rg = 0, sum_r_g_xhat = 0;
+    if constexpr (kTangent) {
+      sum_rg = sums[2];
+      sum_r_g_xhat = sums[3];
+    }
+    grad_bias[k] = sums[0];
+    grad_weight[k] = sums[1];
+    if (kTangent) {
+      grad_bias_tangent[k] = sum_rg;
+      grad_weight_tangent[k] = sum_r_g_xhat;
+    }
+    if (coefficients == nullptr) return;
+    const auto c = kernels::backward_channel<kTangent, scalar_t>(
+        sums[0], sums[1], sum_rg, sum_r_g_xhat, rows,
+        stats_of(t.mean, t.invstd, t.rx_mean, t.r_sigma, k), value_or(weight, k, scalar_t(1)),
+        value_or(weight_tangent, k, scalar_t(0)));
+    coefficients[k] = c.mean_g;
+    coefficients[total + k] = c.mean_g_xhat;
+    coefficients[2 * total + k] = c.mean_rg;
+    coefficients[3 * total + k] = c.mean_r_g_xhat;
+    coefficients[4 * total + k] = c.scale;
+    coefficients[5 * total + k] = c.tangent_scale;
+  }
+};
+
+template <typename scalar_t, bool kTangent>
+__global__ void backward_element_kernel(int64_t n, int64_t rows, int64_t channels, int64_t total,
+                                        BackwardTensors<scalar_t> t,
+                                        const scalar_t* __restrict__ coefficients,
+                                        scalar_t* __restrict__ gx, scalar_t* __restrict__ rgx) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t k = channel_of(i, rows, channels);
+    scalar_t x_hat, rx_hat, g, rg;
+    t.template load<kTangent>(i, k, x_hat, rx_hat, g, rg);
+    const kernels::BackwardCoefficients<scalar_t> c{
+        coefficients[k],             coefficients[total + k],     coefficients[2 * total + k],
+        coefficients[3 * total + k], coefficients[4 * total + k], coefficients[5 * total + k]};
+    scalar_t out, r_out;
+    kernels::backward_element<kTangent>(x_hat, rx_hat, g, rg, c, &out, &r_out);
+    gx[i] = out;
+    if (kTangent) rgx[i] = r_out;
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+scalar_t* mutable_data_or_null(at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
+  return given(t) ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                     const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
+                     double eps, bool relu) {
+  check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto rx = contiguous_or_undefined(x_tangent);
+  const auto w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
+  const auto vw = contiguous_or_undefined(weight_tangent);
+  const auto vb = contiguous_or_undefined(bias_tangent);
+  const bool has_rx = rx.defined();
+  const bool tangent_out = has_rx || vw.defined() || vb.defined();
+  const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
+  const auto options = x.options();
+  const auto empty = at::empty({0}, options);
+  auto y = at::empty_like(x);
+  auto ry = tangent_out ? at::empty_like(x) : empty;
+  auto mean = at::empty({batch, channels}, options);
+  auto invstd = at::empty({batch, channels}, options);
+  auto rx_mean = has_rx ? at::empty({batch, channels}, options) : empty;
+  auto r_sigma = has_rx ? at::empty({batch, channels}, options) : empty;
+  if (x.numel() == 0) {
+    return {y, ry, mean, invstd, rx_mean, r_sigma};
+  }
+  const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
+                                                    multiprocessors(x.device().index()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_cuda", [&] {
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* rx_p = data_or_null<scalar_t>(rx);
+    scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    reduce_channels<scalar_t, 1>(plan, batch, rows, channels, MeanTerms<scalar_t>{x_p},
+                                 MeanFinish<scalar_t>{mean_p, rows}, options, stream);
+    if (has_rx) {
+      reduce_channels<scalar_t, 3>(
+          plan, batch, rows, channels, CentredTerms<scalar_t, true>{x_p, rx_p, mean_p},
+          CentredFinish<scalar_t, true>{mean_p, invstd_p, rx_mean.data_ptr<scalar_t>(),
+                                        r_sigma.data_ptr<scalar_t>(), rows, eps},
+          options, stream);
+    } else {
+      reduce_channels<scalar_t, 1>(
+          plan, batch, rows, channels, CentredTerms<scalar_t, false>{x_p, nullptr, mean_p},
+          CentredFinish<scalar_t, false>{mean_p, invstd_p, nullptr, nullptr, rows, eps}, options,
+          stream);
+    }
+    const ForwardChannels<scalar_t> p{mean_p,
+                                      invstd_p,
+                                      mutable_data_or_null<scalar_t>(rx_mean),
+                                      mutable_data_or_null<scalar_t>(r_sigma),
+                                      data_or_null<scalar_t>(w),
+                                      data_or_null<scalar_t>(b),
+                                      data_or_null<scalar_t>(vw),
+                                      data_or_null<scalar_t>(vb)};
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
+    const int64_t n = x.numel();
+    if (relu && tangent_out) {
+      launch_forward_elements<scalar_t, true, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+    } else if (relu) {
+      launch_forward_elements<scalar_t, true, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+    } else if (tangent_out) {
+      launch_forward_elements<scalar_t, false, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+    } else {
+      launch_forward_elements<scalar_t, false, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+    }
+  });
+  return {y, ry, mean, invstd, rx_mean, r_sigma};
+}
+
+template <typename scalar_t, bool kTangent>
+void launch_backward(const ChannelReductionPlan& plan, int64_t batch, int64_t rows,
+                     int64_t channels, const BackwardTensors<scalar_t>& t, const scalar_t* weight,
+                     const scalar_t* weight_tangent, at::Tensor& grad_weight,
+                     at::Tensor& grad_bias, at::Tensor& grad_weight_tangent,
+                     at::Tensor& grad_bias_tangent, at::Tensor& gx, at::Tensor& rgx,
+                     bool input_grad, const at::TensorOptions& options, cudaStream_t stream) {
+  const int64_t total = batch * channels;
+  auto coefficients = input_grad ? at::empty({6 * total}, options) : at::Tensor();
+  const BackwardFinish<scalar_t, kTangent> finish{
+      t,
+      weight,
+      weight_tangent,
+      grad_weight.data_ptr<scalar_t>(),
+      grad_bias.data_ptr<scalar_t>(),
+      mutable_data_or_null<scalar_t>(grad_weight_tangent),
+      mutable_data_or_null<scalar_t>(grad_bias_tangent),
+      input_grad ? coefficients.data_ptr<scalar_t>() : nullptr,
+      rows,
+      total};
+  reduce_channels<scalar_t, kTangent ? 4 : 2>(plan, batch, rows, channels,
+                                              BackwardTerms<scalar_t, kTangent>{t}, finish,
+                                              options, stream);
+  if (!input_grad) return;
+  const int64_t n = batch * rows * channels;
+  backward_element_kernel<scalar_t, kTangent><<<element_blocks(n), kElementThreads, 0, stream>>>(
+      n, rows, channels, total, t, coefficients.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+      mutable_data_or_null<scalar_t>(rgx));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& grad_y_tangent,
+                              const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                              const OptionalTensor& weight, const OptionalTensor& weight_tangent,
+                              const at::Tensor& mean_in, const at::Tensor& invstd_in,
+                              const OptionalTensor& x_tangent_mean,
+                              const OptionalTensor& sigma_tangent,
+                              const OptionalTensor& relu_output, bool input_grad) {
+  check_task_batch_norm_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
+                                      weight_tangent, mean_in, invstd_in, x_tangent_mean,
+                                      sigma_tangent, relu_output);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const bool tangent = given(grad_y_tangent);
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y.contiguous();
+  const auto rgy = contiguous_or_undefined(grad_y_tangent);
+  // The input's tangent enters only the tangent outputs.
+  const auto rx = tangent ? contiguous_or_undefined(x_tangent) : at::Tensor();
+  const auto rx_mean = rx.defined() ? contiguous_or_undefined(x_tangent_mean) : at::Tensor();
+  const auto r_sigma = rx.defined() ? contiguous_or_undefined(sigma_tangent) : at::Tensor();
+  const auto y = contiguous_or_undefined(relu_output);
+  const auto mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const auto w = contiguous_or_undefined(weight);
+  const auto vw = tangent ? contiguous_or_undefined(weight_tangent) : at::Tensor();
+  const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
+  const auto options = x.options();
+  const auto empty = at::empty({0}, options);
+  auto gx = input_grad ? at::empty_like(x) : empty;
+  auto rgx = input_grad && tangent ? at::empty_like(x) : empty;
+  auto grad_weight = at::empty({batch, channels}, options);
+  auto grad_bias = at::empty({batch, channels}, options);
+  auto grad_weight_tangent = tangent ? at::empty({batch, channels}, options) : empty;
+  auto grad_bias_tangent = tangent ? at::empty({batch, channels}, options) : empty;
+  if (x.numel() == 0) {
+    return {gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent};
+  }
+  const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
+                                                    multiprocessors(x.device().index()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_backward_cuda", [&] {
+    const BackwardTensors<scalar_t> t{x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),
+                                      gy.data_ptr<scalar_t>(),     data_or_null<scalar_t>(rgy),
+                                      data_or_null<scalar_t>(y),   mean.data_ptr<scalar_t>(),
+                                      invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean),
+                                      data_or_null<scalar_t>(r_sigma)};
+    if (tangent) {
+      launch_backward<scalar_t, true>(plan, batch, rows, channels, t, data_or_null<scalar_t>(w),
+                                      data_or_null<scalar_t>(vw), grad_weight, grad_bias,
+                                      grad_weight_tangent, grad_bias_tangent, gx, rgx, input_grad,
+                                      options, stream);
+    } else {
+      launch_backward<scalar_t, false>(plan, batch, rows, channels, t, data_or_null<scalar_t>(w),
+                                       nullptr, grad_weight, grad_bias, grad_weight_tangent,
+                                       grad_bias_tangent, gx, rgx, input_grad, options, stream);
+    }
+  });
+  return {gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maml_ext, CUDA, m) {
+  m.impl("task_batch_norm", &task_batch_norm_cuda);
+  m.impl("task_batch_norm_backward", &task_batch_norm_backward_cuda);
+}
+
+}  // namespace maml_ext
