@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "batch_norm.h"
 #include "checks.h"
 #include "softmax_cross_entropy.h"
 
@@ -21,13 +22,6 @@ void write_param(const at::Tensor& flat, int64_t offset, const at::Tensor& value
   const int64_t tasks = flat.size(0);
   const int64_t numel = value.numel() / tasks;
   flat.narrow(1, offset, numel).copy_(value.reshape({tasks, numel}));
-}
-
-// Adds b to a, where either may be undefined (a zero tangent).
-at::Tensor add_tangents(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a + b;
 }
 
 class Linear final : public Layer {
@@ -205,17 +199,20 @@ class Conv2d final : public Layer {
   at::Tensor x_, rx_;
 };
 
-// Transductive batch norm: each task's own batch statistics, per channel. The T per-task batch
-// norms are one batch norm over T·C channels of the grouped view ([N, T·C, ...]), so forward and
-// backward are ATen's native kernels; the tangent rules (TANGENTS.md) are written on top of them:
-// with unit weight the native backward of g is (g − mean(g) − x̂ mean(g x̂)) / σ, which is both
-// R{x̂} (for g = R{x}) and D / σ (for g = gy).
+// Transductive batch norm: each task's own batch statistics, per channel, with the ReLU that
+// follows it fused into its epilogue (Program fuses them). All tasks' channels are one
+// maml_ext::task_batch_norm call (csrc/batch_norm.h; CPU and CUDA kernels), which carries the
+// tangent (TANGENTS.md) through forward and backward: images [N, T, C, H, W], stored N, H, W, T·C,
+// are its x [1, N·H·W, T·C] without a copy; features [T, N, C] are its x [T, N, C].
 class BatchNorm final : public Layer {
  public:
   BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
             int64_t bias_offset, double eps)
       : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
         b_off_(bias_offset), eps_(eps) {}
+
+  bool relu_fused() const { return relu_; }
+  void fuse_relu() { relu_ = true; }
 
   void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
     if (spatial_) {
@@ -226,124 +223,76 @@ class BatchNorm final : public Layer {
       MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
                      channels_, "], got ", x.sizes());
     }
-    tasks_ = p.tasks();
     input_sizes_ = x.sizes().vec();
-    x_ = to_grouped(x);
-    count_ = x_.numel() / x_.size(1);
-    reduce_dims_ = spatial_ ? std::vector<int64_t>{0, 2, 3} : std::vector<int64_t>{0};
-    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
-    auto [y, mean, invstd] = at::native_batch_norm(
-        x_, gamma, affine_ ? channel_param(p.theta, b_off_) : at::Tensor(), {}, {}, true, 0.0, eps_);
+    tasks_ = spatial_ ? x.size(1) : x.size(0);
+    x_ = to_kernel(x);
+    rx_ = rx.defined() ? to_kernel(rx) : at::Tensor();
+    const bool tangent = p.carries_tangent();
+    auto [y, ry, mean, invstd, rx_mean, r_sigma] = task_batch_norm(
+        x_, rx_, channel_param(p.theta, w_off_), channel_param(p.theta, b_off_),
+        tangent ? channel_param(p.tangent, w_off_) : at::Tensor(),
+        tangent ? channel_param(p.tangent, b_off_) : at::Tensor(), eps_, relu_);
     mean_ = mean;
     invstd_ = invstd;
-    x_hat_ = rx_hat_ = r_sigma_ = at::Tensor();
-    if (p.carries_tangent()) {
-      x_hat_ = (x_ - broadcast(mean_)) * broadcast(invstd_);
-      // R{x̂} = (R{x} − mean(R{x}) − x̂ mean(x̂ R{x})) / σ;  R{y} = γ R{x̂} + v_γ x̂ + v_β
-      at::Tensor ry;
-      if (rx.defined()) {
-        const auto rxg = to_grouped(rx);
-        r_sigma_ = (x_hat_ * rxg).mean(reduce_dims_);  // R{σ} = mean(x̂ R{x})
-        rx_hat_ = unit_backward(rxg);
-        ry = affine_ ? rx_hat_ * broadcast(gamma) : rx_hat_;
-      }
-      if (affine_) {
-        ry = add_tangents(ry, at::addcmul(broadcast(channel_param(p.tangent, b_off_)), x_hat_,
-                                          broadcast(channel_param(p.tangent, w_off_))));
-      }
-      rx = ry.defined() ? from_grouped(ry) : ry;
-    }
-    x = from_grouped(y);
+    rx_mean_ = rx_.defined() ? rx_mean : at::Tensor();
+    r_sigma_ = rx_.defined() ? r_sigma : at::Tensor();
+    y_ = relu_ ? y : at::Tensor();  // the fused ReLU's mask, for the backward
+    rx = rx_.defined() || (tangent && affine_) ? from_kernel(ry) : at::Tensor();
+    x = from_kernel(y);
   }
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
                 bool need_input_grad) override {
-    const auto gyg = to_grouped(gy);
-    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
-    if (!p.carries_tangent()) {
-      auto [gx, ggamma, gbeta] = at::native_batch_norm_backward(
-          gyg, x_, gamma, {}, {}, mean_, invstd_, true, eps_, {need_input_grad, affine_, affine_});
-      if (affine_) {
-        write_param(p.grad, w_off_, ggamma);
-        write_param(p.grad, b_off_, gbeta);
-      }
-      gy = need_input_grad ? from_grouped(gx) : at::Tensor();
-      release();
-      return;
-    }
-    const auto rgyg = to_grouped(rgy);
-    const double inv_count = 1.0 / static_cast<double>(count_);
-    const auto sum_gy_xhat = (gyg * x_hat_).sum(reduce_dims_);
-    auto r_product = rgyg * x_hat_;  // R{gy ⊙ x̂} = R{gy} x̂ + gy R{x̂}
-    if (rx_hat_.defined()) r_product.addcmul_(gyg, rx_hat_);
+    const bool tangent = p.carries_tangent();
+    const auto gyk = to_kernel(gy);
+    at::Tensor rgyk;
+    if (tangent) rgyk = rgy.defined() ? to_kernel(rgy) : at::zeros_like(gyk);
+    auto [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] =
+        task_batch_norm_backward(gyk, rgyk, x_, rx_, channel_param(p.theta, w_off_),
+                                 tangent ? channel_param(p.tangent, w_off_) : at::Tensor(), mean_,
+                                 invstd_, rx_mean_, r_sigma_, y_, need_input_grad);
     if (affine_) {
-      write_param(p.grad, w_off_, sum_gy_xhat);
-      write_param(p.grad, b_off_, gyg.sum(reduce_dims_));
-      write_param(p.grad_tangent, w_off_, r_product.sum(reduce_dims_));
-      write_param(p.grad_tangent, b_off_, rgyg.sum(reduce_dims_));
-    }
-    if (need_input_grad) {
-      // gx = γ E with E = D/σ.  R{gx} = v_γ E − γ (R{σ}/σ) E + γ R{D}/σ, where
-      // R{D}/σ = E(R{gy}) − (R{x̂} mean(gy x̂) + x̂ mean(gy R{x̂})) / σ.
-      const auto e = unit_backward(gyg);
-      auto r_d = unit_backward(rgyg);
-      if (rx_hat_.defined()) {
-        const auto mean_gy_xhat = broadcast(sum_gy_xhat * inv_count);
-        const auto mean_gy_rxhat = broadcast((gyg * rx_hat_).mean(reduce_dims_));
-        r_d.sub_((rx_hat_ * mean_gy_xhat + x_hat_ * mean_gy_rxhat) * broadcast(invstd_));
+      write_param(p.grad, w_off_, grad_weight);
+      write_param(p.grad, b_off_, grad_bias);
+      if (tangent) {
+        write_param(p.grad_tangent, w_off_, grad_weight_tangent);
+        write_param(p.grad_tangent, b_off_, grad_bias_tangent);
       }
-      at::Tensor coefficient;  // v_γ − γ R{σ}/σ, per channel
-      if (affine_) coefficient = channel_param(p.tangent, w_off_);
-      if (r_sigma_.defined()) {
-        const auto term = (affine_ ? gamma * r_sigma_ : r_sigma_) * invstd_;
-        coefficient = coefficient.defined() ? coefficient - term : -term;
-      }
-      auto rgx = affine_ ? r_d * broadcast(gamma) : r_d;
-      if (coefficient.defined()) rgx.addcmul_(e, broadcast(coefficient));
-      rgy = from_grouped(rgx);
-      gy = from_grouped(affine_ ? e * broadcast(gamma) : e);
-    } else {
-      gy = rgy = at::Tensor();
     }
-    release();
+    gy = need_input_grad ? from_kernel(gx) : at::Tensor();
+    rgy = need_input_grad && tangent ? from_kernel(rgx) : at::Tensor();
+    x_ = rx_ = mean_ = invstd_ = rx_mean_ = r_sigma_ = y_ = at::Tensor();
   }
 
  private:
-  // [T, C] parameters as the [T·C] channels of the grouped view.
+  // [T, C] parameters as the kernel's [B, C]: [1, T·C] for images, [T, C] for features.
+  // Undefined without affine (γ = 1, β = 0).
   at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
-    return param_view(flat, offset, {channels_}).reshape({-1});
+    if (!affine_) return at::Tensor();
+    const auto param = param_view(flat, offset, {channels_}).expand({tasks_, channels_});
+    return spatial_ ? param.reshape({1, tasks_ * channels_}) : param;
   }
 
-  at::Tensor broadcast(const at::Tensor& per_channel) const {
-    return spatial_ ? per_channel.view({1, -1, 1, 1}) : per_channel.view({1, -1});
+  at::Tensor to_kernel(const at::Tensor& t) const {
+    if (!spatial_) return t;
+    const auto g = grouped(t);
+    return g.permute({0, 2, 3, 1}).reshape({1, -1, g.size(1)});
   }
 
-  // (g − mean(g) − x̂ mean(g x̂)) / σ: the native batch-norm backward with unit weight.
-  at::Tensor unit_backward(const at::Tensor& g) const {
-    return std::get<0>(at::native_batch_norm_backward(g, x_, {}, {}, {}, mean_, invstd_, true, eps_,
-                                                      {true, false, false}));
+  at::Tensor from_kernel(const at::Tensor& k) const {
+    if (!spatial_) return k;
+    const auto& s = input_sizes_;  // [N, T, C, H, W]
+    return k.view({s[0], s[3], s[4], s[1] * s[2]}).permute({0, 3, 1, 2}).view(s);
   }
-
-  // Images: [N, T, C, H, W] is already [N, T·C, H, W]. Features [T, N, C] become [N, T·C].
-  at::Tensor to_grouped(const at::Tensor& x) const {
-    if (spatial_) return grouped(x);
-    return x.transpose(0, 1).reshape({x.size(1), x.size(0) * x.size(2)});
-  }
-
-  at::Tensor from_grouped(const at::Tensor& g) const {
-    if (spatial_) return g.view(input_sizes_);
-    return g.view({input_sizes_[1], input_sizes_[0], input_sizes_[2]}).transpose(0, 1).contiguous();
-  }
-
-  void release() { x_ = mean_ = invstd_ = x_hat_ = rx_hat_ = r_sigma_ = at::Tensor(); }
 
   int64_t channels_;
   bool spatial_, affine_;
   int64_t w_off_, b_off_;
   double eps_;
-  int64_t tasks_ = 0, count_ = 0;
-  std::vector<int64_t> input_sizes_, reduce_dims_;
-  at::Tensor x_, mean_, invstd_, x_hat_, rx_hat_, r_sigma_;
+  bool relu_ = false;
+  int64_t tasks_ = 0;
+  std::vector<int64_t> input_sizes_;
+  at::Tensor x_, rx_, mean_, invstd_, rx_mean_, r_sigma_, y_;
 };
 
 class ReLU final : public Layer {
@@ -520,9 +469,16 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
             std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]));
         break;
       }
-      case LayerKind::kReLU:
-        layers_.push_back(std::make_unique<ReLU>());
+      case LayerKind::kReLU: {
+        // A ReLU right after a batch norm runs in the batch norm's epilogue.
+        auto* norm = layers_.empty() ? nullptr : dynamic_cast<BatchNorm*>(layers_.back().get());
+        if (norm != nullptr && !norm->relu_fused()) {
+          norm->fuse_relu();
+        } else {
+          layers_.push_back(std::make_unique<ReLU>());
+        }
         break;
+      }
       case LayerKind::kMaxPool2d: {
         int64_t v[7];
         for (auto& value : v) value = reader.next("a MaxPool2d field");

@@ -340,12 +340,19 @@ at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
   return given(t) ? t->contiguous() : at::Tensor();
 }
 
+// The reduction's grid has one y index per b.
+void check_grid_batch(const at::Tensor& x) {
+  MAML_CHECK_ARG(x.size(0) <= kernels::kMaxGridYZ, "x", "expected at most ", kernels::kMaxGridYZ,
+                 " groups of channels (x.size(0)) on CUDA, got ", x.size(0));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                      const OptionalTensor& weight, const OptionalTensor& bias,
                      const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
                      double eps, bool relu) {
   check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  check_grid_batch(x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto rx = contiguous_or_undefined(x_tangent);
@@ -454,6 +461,7 @@ task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& gr
   check_task_batch_norm_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
                                       weight_tangent, mean_in, invstd_in, x_tangent_mean,
                                       sigma_tangent, relu_output);
+  check_grid_batch(x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const bool tangent = given(grad_y_tangent);
   const auto x = x_in.contiguous();
