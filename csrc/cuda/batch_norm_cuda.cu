@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 
 #include "../batch_norm.h"
 #include "../kernels/batch_norm_math.h"
@@ -112,10 +114,14 @@ unsigned element_blocks(int64_t n) {
       std::min<int64_t>((n + kElementThreads - 1) / kElementThreads, kMaxElementBlocks));
 }
 
-// Channel k = b·C + c of flat element i of x [B, M, C].
-__device__ __forceinline__ int64_t channel_of(int64_t i, int64_t rows, int64_t channels) {
+// Channel k = b·C + c of flat element i of x [B, M, C]. The element kernels index in 32 bits
+// where the tensor allows (index_t): 64-bit division costs several times more on the GPU.
+template <typename index_t>
+__device__ __forceinline__ index_t channel_of(index_t i, index_t rows, index_t channels) {
   return (i / (rows * channels)) * channels + i % channels;
 }
+
+bool fits_32_bits(int64_t n) { return n <= std::numeric_limits<int32_t>::max(); }
 
 template <typename scalar_t>
 struct MeanTerms {
@@ -200,14 +206,14 @@ __device__ __forceinline__ kernels::ForwardStats<scalar_t> stats_of(const scalar
   return {mean[k], invstd[k], value_or(rx_mean, k, scalar_t(0)), value_or(r_sigma, k, scalar_t(0))};
 }
 
-template <typename scalar_t, bool kRelu, bool kTangent>
-__global__ void forward_element_kernel(int64_t n, int64_t rows, int64_t channels,
+template <typename scalar_t, bool kRelu, bool kTangent, typename index_t>
+__global__ void forward_element_kernel(index_t n, index_t rows, index_t channels,
                                        const scalar_t* __restrict__ x,
                                        const scalar_t* __restrict__ rx, ForwardChannels<scalar_t> p,
                                        scalar_t* __restrict__ y, scalar_t* __restrict__ ry) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t k = channel_of(i, rows, channels);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(blockDim.x) * gridDim.x) {
+    const index_t k = channel_of(i, rows, channels);
     const auto s = stats_of(p.mean, p.invstd, p.rx_mean, p.r_sigma, k);
     const kernels::Affine<scalar_t> a{value_or(p.weight, k, scalar_t(1)),
                                       value_or(p.bias, k, scalar_t(0)),
@@ -225,8 +231,15 @@ template <typename scalar_t, bool kRelu, bool kTangent>
 void launch_forward_elements(int64_t n, int64_t rows, int64_t channels, const scalar_t* x,
                              const scalar_t* rx, const ForwardChannels<scalar_t>& p, scalar_t* y,
                              scalar_t* ry, cudaStream_t stream) {
-  forward_element_kernel<scalar_t, kRelu, kTangent>
-      <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, x, rx, p, y, ry);
+  if (fits_32_bits(n)) {
+    forward_element_kernel<scalar_t, kRelu, kTangent, uint32_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(
+            static_cast<uint32_t>(n), static_cast<uint32_t>(rows), static_cast<uint32_t>(channels),
+            x, rx, p, y, ry);
+  } else {
+    forward_element_kernel<scalar_t, kRelu, kTangent, int64_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, x, rx, p, y, ry);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -306,14 +319,14 @@ struct BackwardFinish {
   }
 };
 
-template <typename scalar_t, bool kTangent>
-__global__ void backward_element_kernel(int64_t n, int64_t rows, int64_t channels, int64_t total,
+template <typename scalar_t, bool kTangent, typename index_t>
+__global__ void backward_element_kernel(index_t n, index_t rows, index_t channels, index_t total,
                                         BackwardTensors<scalar_t> t,
                                         const scalar_t* __restrict__ coefficients,
                                         scalar_t* __restrict__ gx, scalar_t* __restrict__ rgx) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t k = channel_of(i, rows, channels);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<index_t>(blockDim.x) * gridDim.x) {
+    const index_t k = channel_of(i, rows, channels);
     scalar_t x_hat, rx_hat, g, rg;
     t.template load<kTangent>(i, k, x_hat, rx_hat, g, rg);
     const kernels::BackwardCoefficients<scalar_t> c{
@@ -444,9 +457,19 @@ void launch_backward(const ChannelReductionPlan& plan, int64_t batch, int64_t ro
                                               options, stream);
   if (!input_grad) return;
   const int64_t n = batch * rows * channels;
-  backward_element_kernel<scalar_t, kTangent><<<element_blocks(n), kElementThreads, 0, stream>>>(
-      n, rows, channels, total, t, coefficients.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-      mutable_data_or_null<scalar_t>(rgx));
+  const scalar_t* c_p = coefficients.data_ptr<scalar_t>();
+  scalar_t* gx_p = gx.data_ptr<scalar_t>();
+  scalar_t* rgx_p = mutable_data_or_null<scalar_t>(rgx);
+  if (fits_32_bits(n)) {
+    backward_element_kernel<scalar_t, kTangent, uint32_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(
+            static_cast<uint32_t>(n), static_cast<uint32_t>(rows), static_cast<uint32_t>(channels),
+            static_cast<uint32_t>(total), t, c_p, gx_p, rgx_p);
+  } else {
+    backward_element_kernel<scalar_t, kTangent, int64_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, total, t, c_p, gx_p,
+                                                             rgx_p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
