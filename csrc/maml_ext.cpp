@@ -71,6 +71,44 @@ task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tang
                  optional(sigma_tangent), optional(relu_output), input_grad);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
+                              double eps, bool ceil_mode) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_relu_max_pool", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
+              bool)>();
+  return op.call(x, optional(x_tangent), optional(weight), optional(bias),
+                 optional(weight_tangent), optional(bias_tangent), eps, ceil_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool_backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_y_tangent, const at::Tensor& x,
+    const at::Tensor& x_tangent, const at::Tensor& weight, const at::Tensor& weight_tangent,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
+    const at::Tensor& sigma_tangent, const at::Tensor& output, const at::Tensor& argmax,
+    bool input_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_relu_max_pool_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              bool)>();
+  return op.call(grad_y, optional(grad_y_tangent), x, optional(x_tangent), optional(weight),
+                 optional(weight_tangent), mean, invstd, optional(x_tangent_mean),
+                 optional(sigma_tangent), output, argmax, input_grad);
+}
+
 // The CUDA batch-norm reduction's launch shape, for the CPU tests of the launch logic.
 std::vector<int64_t> task_batch_norm_reduction_plan(int64_t batch, int64_t rows, int64_t channels,
                                                     int64_t multiprocessors) {
@@ -116,6 +154,20 @@ TORCH_LIBRARY(maml_ext, m) {
       "task_batch_norm_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
       "Tensor? x_tangent, Tensor? weight, Tensor? weight_tangent, Tensor mean, Tensor invstd, "
       "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor? relu_output, bool input_grad) -> "
+      "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
+  // Batch norm + ReLU + 2×2 max-pool (stride 2) fused, on images x [N, H, W, C] (channels-last);
+  // contract in csrc/batch_norm.h.
+  m.def(
+      "task_batch_norm_relu_max_pool(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool ceil_mode) -> "
+      "(Tensor y, Tensor y_tangent, Tensor argmax, Tensor mean, Tensor invstd, "
+      "Tensor x_tangent_mean, Tensor sigma_tangent)");
+  m.def(
+      "task_batch_norm_relu_max_pool_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
+      "Tensor? x_tangent, Tensor? weight, Tensor? weight_tangent, Tensor mean, Tensor invstd, "
+      "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor output, Tensor argmax, "
+      "bool input_grad) -> "
       "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
   // (channels_per_block, row_lanes, channel_blocks, splits, rows_per_split): see

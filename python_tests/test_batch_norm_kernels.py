@@ -137,6 +137,77 @@ def test_image_layout_is_per_task_batch_norm_2d(n, tasks, channels, size, relu, 
         assert relative_error(got[t], F.relu(want) if relu else want) <= 1e-10
 
 
+def pooled_reference(x, weight, bias, eps, ceil_mode):
+    """x [N, H, W, C] (channels-last images): BatchNorm2d (training), ReLU, max_pool2d(2)."""
+    y = F.batch_norm(x.permute(0, 3, 1, 2), None, None, None if weight is None else weight[0],
+                     None if bias is None else bias[0], training=True, eps=eps)
+    return F.max_pool2d(F.relu(y), 2, ceil_mode=ceil_mode).permute(0, 2, 3, 1)
+
+
+@settings(max_examples=60, **COMMON)
+@given(n=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), channels=st.integers(1, 5),
+       affine=st.booleans(), x_tangent=st.booleans(), param_tangent=st.booleans(),
+       ceil_mode=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_fused_pool_kernels_match_torch_func(n, h, w, channels, affine, x_tangent, param_tangent,
+                                                 ceil_mode, seed):
+    if not ceil_mode:
+        h, w = max(h, 2), max(w, 2)
+    if n * h * w < 4:  # see test_cpu_kernels_match_torch_func
+        n = 4
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+    x = randn(n, h, w, channels) * (0.5 + randn(channels).abs()) + randn(channels)
+    weight, bias = (randn(1, channels), randn(1, channels)) if affine else (None, None)
+    vw, vb = (randn(1, channels), randn(1, channels)) if affine and param_tangent else (None, None)
+    rx = randn(n, h, w, channels) if x_tangent else None
+
+    def forward(x, *params):
+        return pooled_reference(x, *(params if affine else (None, None)), 1e-5, ceil_mode)
+
+    zero = torch.zeros(1, channels, dtype=x.dtype)
+    primals = (x, weight, bias) if affine else (x,)
+    tangents = ((torch.zeros_like(x) if rx is None else rx),
+                *(((zero if vw is None else vw), (zero if vb is None else vb)) if affine else ()))
+    y_ref, ry_ref = jvp(forward, primals, tangents)
+    gy, rgy = randn(*y_ref.shape), randn(*y_ref.shape)
+    grads_ref, rgrads_ref = jvp(lambda gy, *p: vjp(forward, *p)[1](gy), (gy, *primals), (rgy, *tangents))
+
+    y, ry, argmax, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm_relu_max_pool(
+        x, rx, weight, bias, vw, vb, 1e-5, ceil_mode)
+    assert relative_error(y, y_ref) <= 1e-10
+    if rx is not None or vw is not None:
+        assert relative_error(ry, ry_ref) <= 1e-10
+    else:
+        assert ry.numel() == 0
+    # The window's argmax is PyTorch's (first maximum in row-major order).
+    _, index = F.max_pool2d(F.relu(F.batch_norm(x.permute(0, 3, 1, 2), None, None, None if weight is None else weight[0],
+                                                None if bias is None else bias[0], training=True, eps=1e-5)),
+                            2, ceil_mode=ceil_mode, return_indices=True)
+    oh = torch.arange(index.shape[2]).view(-1, 1)
+    ow = torch.arange(index.shape[3])
+    position = 2 * (index // w - 2 * oh) + (index % w - 2 * ow)
+    assert torch.equal(argmax.long(), position.permute(0, 2, 3, 1))
+
+    for tangent in (False, True):
+        gx, rgx, gw, gb, rgw, rgb = ops.task_batch_norm_relu_max_pool_backward(
+            gy, rgy if tangent else None, x, rx, weight, vw if tangent else None, mean, invstd,
+            rx_mean if rx is not None else None, r_sigma if rx is not None else None, y, argmax, True)
+        assert relative_error(gx, grads_ref[0]) <= 1e-10
+        if affine:
+            assert relative_error(gw, grads_ref[1]) <= 1e-10
+            assert relative_error(gb, grads_ref[2]) <= 1e-10
+        if tangent:
+            assert relative_error(rgx, rgrads_ref[0]) <= 1e-10
+            if affine:
+                assert relative_error(rgw, rgrads_ref[1]) <= 1e-10
+                assert relative_error(rgb, rgrads_ref[2]) <= 1e-10
+        else:
+            assert rgx.numel() == 0 and rgw.numel() == 0
+
+
 def test_bad_arguments_name_the_argument():
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     w = torch.randn(2, 3, dtype=torch.float64)

@@ -243,34 +243,67 @@ void launch_forward_elements(int64_t n, int64_t rows, int64_t channels, const sc
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The backward's saved and incoming tensors; nullptr: absent.
+// x̂ and R{x̂} of the backward's values, from the forward's input and statistics; nullptr: absent.
 template <typename scalar_t>
-struct BackwardTensors {
+struct Normalised {
   const scalar_t* x;
   const scalar_t* rx;
-  const scalar_t* gy;
-  const scalar_t* rgy;
-  const scalar_t* y;  // the forward's output where it fused the ReLU
   const scalar_t* mean;
   const scalar_t* invstd;
   const scalar_t* rx_mean;
   const scalar_t* r_sigma;
 
-  template <bool kTangent>
-  __device__ void load(int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat, scalar_t& g,
-                       scalar_t& rg) const {
-    kernels::backward_inputs<kTangent>(x, rx, gy, rgy, y, i,
-                                       stats_of(mean, invstd, rx_mean, r_sigma, k), x_hat, rx_hat,
-                                       g, rg);
+  __device__ kernels::ForwardStats<scalar_t> stats(int64_t k) const {
+    return stats_of(mean, invstd, rx_mean, r_sigma, k);
+  }
+  __device__ void load(int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat) const {
+    kernels::normalised_input(x, rx, i, stats(k), x_hat, rx_hat);
   }
 };
 
-template <typename scalar_t, bool kTangent>
+// The gradient reaching the normalisation: gy (and rgy), masked by the fused ReLU's output y.
+template <typename scalar_t>
+struct ReluGradient {
+  const scalar_t* gy;
+  const scalar_t* rgy;
+  const scalar_t* y;  // nullptr: no fused ReLU
+  template <bool kTangent>
+  __device__ void get(int64_t i, scalar_t& g, scalar_t& rg) const {
+    kernels::relu_gradient<kTangent>(gy, rgy, y, i, g, rg);
+  }
+};
+
+// The gradient reaching the normalisation through the fused ReLU and 2×2 max-pool.
+template <typename scalar_t>
+struct PooledGradient {
+  const scalar_t* gy;
+  const scalar_t* rgy;
+  const scalar_t* y;
+  const uint8_t* argmax;
+  int64_t h, w, out_h, out_w, channels;
+  template <bool kTangent>
+  __device__ void get(int64_t i, scalar_t& g, scalar_t& rg) const {
+    const int64_t pixel = i / channels;
+    kernels::pooled_gradient<kTangent>(gy, rgy, y, argmax, pixel / (h * w), (pixel / w) % h,
+                                       pixel % w, i % channels, out_h, out_w, channels, g, rg);
+  }
+};
+
+template <typename scalar_t, bool kTangent, typename Gradient>
+__device__ __forceinline__ void backward_load(const Normalised<scalar_t>& n, const Gradient& gradient,
+                                              int64_t i, int64_t k, scalar_t& x_hat,
+                                              scalar_t& rx_hat, scalar_t& g, scalar_t& rg) {
+  n.load(i, k, x_hat, rx_hat);
+  gradient.template get<kTangent>(i, g, rg);
+}
+
+template <typename scalar_t, bool kTangent, typename Gradient>
 struct BackwardTerms {
-  BackwardTensors<scalar_t> t;
+  Normalised<scalar_t> n;
+  Gradient gradient;
   __device__ void operator()(int64_t i, int64_t k, scalar_t* acc) const {
     scalar_t x_hat, rx_hat, g, rg;
-    t.template load<kTangent>(i, k, x_hat, rx_hat, g, rg);
+    backward_load<scalar_t, kTangent>(n, gradient, i, k, x_hat, rx_hat, g, rg);
     if constexpr (kTangent) {
       kernels::backward_terms<true>(x_hat, rx_hat, g, rg, acc[0], acc[1], acc[2], acc[3]);
     } else {
@@ -280,10 +313,11 @@ struct BackwardTerms {
   }
 };
 
-// Coefficients of the element pass, one array each: [6, B·C] in BackwardCoefficients order.
+// Writes the parameter gradients and the element pass's coefficients, one array each:
+// [6, B·C] in BackwardCoefficients order.
 template <typename scalar_t, bool kTangent>
 struct BackwardFinish {
-  BackwardTensors<scalar_t> t;
+  Normalised<scalar_t> n;
   const scalar_t* weight;
   const scalar_t* weight_tangent;
   scalar_t* grad_weight;
@@ -307,8 +341,7 @@ struct BackwardFinish {
     }
     if (coefficients == nullptr) return;
     const auto c = kernels::backward_channel<kTangent, scalar_t>(
-        sums[0], sums[1], sum_rg, sum_r_g_xhat, rows,
-        stats_of(t.mean, t.invstd, t.rx_mean, t.r_sigma, k), value_or(weight, k, scalar_t(1)),
+        sums[0], sums[1], sum_rg, sum_r_g_xhat, rows, n.stats(k), value_or(weight, k, scalar_t(1)),
         value_or(weight_tangent, k, scalar_t(0)));
     coefficients[k] = c.mean_g;
     coefficients[total + k] = c.mean_g_xhat;
@@ -319,16 +352,16 @@ struct BackwardFinish {
   }
 };
 
-template <typename scalar_t, bool kTangent, typename index_t>
+template <typename scalar_t, bool kTangent, typename index_t, typename Gradient>
 __global__ void backward_element_kernel(index_t n, index_t rows, index_t channels, index_t total,
-                                        BackwardTensors<scalar_t> t,
+                                        Normalised<scalar_t> normalised, Gradient gradient,
                                         const scalar_t* __restrict__ coefficients,
                                         scalar_t* __restrict__ gx, scalar_t* __restrict__ rgx) {
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t k = channel_of(i, rows, channels);
     scalar_t x_hat, rx_hat, g, rg;
-    t.template load<kTangent>(i, k, x_hat, rx_hat, g, rg);
+    backward_load<scalar_t, kTangent>(normalised, gradient, i, k, x_hat, rx_hat, g, rg);
     const kernels::BackwardCoefficients<scalar_t> c{
         coefficients[k],             coefficients[total + k],     coefficients[2 * total + k],
         coefficients[3 * total + k], coefficients[4 * total + k], coefficients[5 * total + k]};
@@ -336,6 +369,46 @@ __global__ void backward_element_kernel(index_t n, index_t rows, index_t channel
     kernels::backward_element<kTangent>(x_hat, rx_hat, g, rg, c, &out, &r_out);
     gx[i] = out;
     if (kTangent) rgx[i] = r_out;
+  }
+}
+
+// Pooled forward: one thread per output value j of y [N, OH, OW, C], over its window's ≤ 4 inputs.
+template <typename scalar_t, bool kTangent, typename index_t>
+__global__ void pooled_forward_kernel(index_t n, index_t h, index_t w, index_t out_h,
+                                      index_t out_w, index_t channels,
+                                      const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ rx, ForwardChannels<scalar_t> p,
+                                      scalar_t* __restrict__ y, scalar_t* __restrict__ ry,
+                                      uint8_t* __restrict__ argmax) {
+  for (index_t j = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
+       j += static_cast<index_t>(blockDim.x) * gridDim.x) {
+    const index_t c = j % channels, pixel = j / channels;
+    const index_t ow = pixel % out_w, oh = (pixel / out_w) % out_h, image = pixel / (out_w * out_h);
+    const auto s = stats_of(p.mean, p.invstd, p.rx_mean, p.r_sigma, c);
+    const kernels::Affine<scalar_t> a{value_or(p.weight, c, scalar_t(1)),
+                                      value_or(p.bias, c, scalar_t(0)),
+                                      value_or(p.weight_tangent, c, scalar_t(0)),
+                                      value_or(p.bias_tangent, c, scalar_t(0))};
+    scalar_t best = 0, r_best = 0;
+    uint8_t position = 0;
+    for (index_t dy = 0; dy < 2; ++dy) {
+      for (index_t dx = 0; dx < 2; ++dx) {
+        const index_t hh = 2 * oh + dy, ww = 2 * ow + dx;
+        if (hh >= h || ww >= w) continue;
+        const index_t i = ((image * h + hh) * w + ww) * channels + c;
+        scalar_t out, r_out;
+        kernels::forward_element<true, kTangent>(x[i], rx != nullptr ? rx[i] : scalar_t(0), s, a,
+                                                 &out, &r_out);
+        if (kernels::pool_takes(out, best, dy == 0 && dx == 0)) {
+          best = out;
+          r_best = r_out;
+          position = static_cast<uint8_t>(2 * dy + dx);
+        }
+      }
+    }
+    y[j] = best;
+    if (kTangent) ry[j] = r_best;
+    argmax[j] = position;
   }
 }
 
@@ -354,51 +427,53 @@ at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
 }
 
 // The reduction's grid has one y index per b.
-void check_grid_batch(const at::Tensor& x) {
-  MAML_CHECK_ARG(x.size(0) <= kernels::kMaxGridYZ, "x", "expected at most ", kernels::kMaxGridYZ,
-                 " groups of channels (x.size(0)) on CUDA, got ", x.size(0));
+void check_grid_batch(int64_t batch) {
+  MAML_CHECK_ARG(batch <= kernels::kMaxGridYZ, "x", "expected at most ", kernels::kMaxGridYZ,
+                 " groups of channels (x.size(0)) on CUDA, got ", batch);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
-                     const OptionalTensor& weight, const OptionalTensor& bias,
-                     const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
-                     double eps, bool relu) {
-  check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
-  check_grid_batch(x_in);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto rx = contiguous_or_undefined(x_tangent);
-  const auto w = contiguous_or_undefined(weight), b = contiguous_or_undefined(bias);
-  const auto vw = contiguous_or_undefined(weight_tangent);
-  const auto vb = contiguous_or_undefined(bias_tangent);
-  const bool has_rx = rx.defined();
-  const bool tangent_out = has_rx || vw.defined() || vb.defined();
-  const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
-  const auto options = x.options();
-  const auto empty = at::empty({0}, options);
-  auto y = at::empty_like(x);
-  auto ry = tangent_out ? at::empty_like(x) : empty;
-  auto mean = at::empty({batch, channels}, options);
-  auto invstd = at::empty({batch, channels}, options);
-  auto rx_mean = has_rx ? at::empty({batch, channels}, options) : empty;
-  auto r_sigma = has_rx ? at::empty({batch, channels}, options) : empty;
-  if (x.numel() == 0) {
-    return {y, ry, mean, invstd, rx_mean, r_sigma};
+// What both forward ops share: the inputs, per-channel parameters and statistics, and the two
+// reduction passes (the mean; then invstd and, with x_tangent, mean R{x} and R{σ}).
+struct ForwardSetup {
+  at::Tensor x, rx, w, b, vw, vb, mean, invstd, rx_mean, r_sigma;
+  bool tangent_out;
+
+  // Statistics per channel of x [batch, ..., C].
+  ForwardSetup(const at::Tensor& x_in, const OptionalTensor& x_tangent,
+               const OptionalTensor& weight, const OptionalTensor& bias,
+               const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
+               int64_t batch)
+      : x(x_in.contiguous()),
+        rx(contiguous_or_undefined(x_tangent)),
+        w(contiguous_or_undefined(weight)),
+        b(contiguous_or_undefined(bias)),
+        vw(contiguous_or_undefined(weight_tangent)),
+        vb(contiguous_or_undefined(bias_tangent)) {
+    tangent_out = rx.defined() || vw.defined() || vb.defined();
+    const auto options = x.options();
+    const int64_t channels = x.size(-1);
+    const auto empty = at::empty({0}, options);
+    mean = at::empty({batch, channels}, options);
+    invstd = at::empty({batch, channels}, options);
+    rx_mean = rx.defined() ? at::empty({batch, channels}, options) : empty;
+    r_sigma = rx.defined() ? at::empty({batch, channels}, options) : empty;
   }
-  const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
-                                                    multiprocessors(x.device().index()));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_cuda", [&] {
+
+  template <typename scalar_t>
+  void statistics(int64_t rows, double eps, cudaStream_t stream) {
+    const int64_t batch = mean.size(0), channels = mean.size(1);
+    const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
+                                                      multiprocessors(x.device().index()));
+    const auto options = x.options();
     const scalar_t* x_p = x.data_ptr<scalar_t>();
-    const scalar_t* rx_p = data_or_null<scalar_t>(rx);
     scalar_t* mean_p = mean.data_ptr<scalar_t>();
     scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
     reduce_channels<scalar_t, 1>(plan, batch, rows, channels, MeanTerms<scalar_t>{x_p},
                                  MeanFinish<scalar_t>{mean_p, rows}, options, stream);
-    if (has_rx) {
+    if (rx.defined()) {
       reduce_channels<scalar_t, 3>(
-          plan, batch, rows, channels, CentredTerms<scalar_t, true>{x_p, rx_p, mean_p},
+          plan, batch, rows, channels,
+          CentredTerms<scalar_t, true>{x_p, rx.data_ptr<scalar_t>(), mean_p},
           CentredFinish<scalar_t, true>{mean_p, invstd_p, rx_mean.data_ptr<scalar_t>(),
                                         r_sigma.data_ptr<scalar_t>(), rows, eps},
           options, stream);
@@ -408,41 +483,143 @@ task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
           CentredFinish<scalar_t, false>{mean_p, invstd_p, nullptr, nullptr, rows, eps}, options,
           stream);
     }
-    const ForwardChannels<scalar_t> p{mean_p,
-                                      invstd_p,
-                                      mutable_data_or_null<scalar_t>(rx_mean),
-                                      mutable_data_or_null<scalar_t>(r_sigma),
-                                      data_or_null<scalar_t>(w),
-                                      data_or_null<scalar_t>(b),
-                                      data_or_null<scalar_t>(vw),
-                                      data_or_null<scalar_t>(vb)};
-    scalar_t* y_p = y.data_ptr<scalar_t>();
-    scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
-    const int64_t n = x.numel();
-    if (relu && tangent_out) {
-      launch_forward_elements<scalar_t, true, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
-    } else if (relu) {
-      launch_forward_elements<scalar_t, true, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
-    } else if (tangent_out) {
-      launch_forward_elements<scalar_t, false, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
-    } else {
-      launch_forward_elements<scalar_t, false, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
-    }
-  });
-  return {y, ry, mean, invstd, rx_mean, r_sigma};
+  }
+
+  template <typename scalar_t>
+  ForwardChannels<scalar_t> channels() {
+    return {mean.data_ptr<scalar_t>(),         invstd.data_ptr<scalar_t>(),
+            mutable_data_or_null<scalar_t>(rx_mean), mutable_data_or_null<scalar_t>(r_sigma),
+            data_or_null<scalar_t>(w),         data_or_null<scalar_t>(b),
+            data_or_null<scalar_t>(vw),        data_or_null<scalar_t>(vb)};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                     const OptionalTensor& weight, const OptionalTensor& bias,
+                     const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
+                     double eps, bool relu) {
+  check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  check_grid_batch(x_in.size(0));
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  ForwardSetup f(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, x_in.size(0));
+  const int64_t rows = f.x.size(1), channels = f.x.size(2);
+  auto y = at::empty_like(f.x);
+  auto ry = f.tangent_out ? at::empty_like(f.x) : at::empty({0}, f.x.options());
+  if (f.x.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_cuda", [&] {
+      f.statistics<scalar_t>(rows, eps, stream);
+      const auto p = f.channels<scalar_t>();
+      const scalar_t* x_p = f.x.data_ptr<scalar_t>();
+      const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
+      scalar_t* y_p = y.data_ptr<scalar_t>();
+      scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
+      const int64_t n = f.x.numel();
+      if (relu && f.tangent_out) {
+        launch_forward_elements<scalar_t, true, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+      } else if (relu) {
+        launch_forward_elements<scalar_t, true, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+      } else if (f.tangent_out) {
+        launch_forward_elements<scalar_t, false, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+      } else {
+        launch_forward_elements<scalar_t, false, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+      }
+    });
+  }
+  return {y, ry, f.mean, f.invstd, f.rx_mean, f.r_sigma};
 }
 
 template <typename scalar_t, bool kTangent>
-void launch_backward(const ChannelReductionPlan& plan, int64_t batch, int64_t rows,
-                     int64_t channels, const BackwardTensors<scalar_t>& t, const scalar_t* weight,
-                     const scalar_t* weight_tangent, at::Tensor& grad_weight,
-                     at::Tensor& grad_bias, at::Tensor& grad_weight_tangent,
-                     at::Tensor& grad_bias_tangent, at::Tensor& gx, at::Tensor& rgx,
-                     bool input_grad, const at::TensorOptions& options, cudaStream_t stream) {
+void launch_pooled_forward(int64_t n, int64_t h, int64_t w, int64_t out_h, int64_t out_w,
+                           int64_t channels, const scalar_t* x, const scalar_t* rx,
+                           const ForwardChannels<scalar_t>& p, scalar_t* y, scalar_t* ry,
+                           uint8_t* argmax, cudaStream_t stream) {
+  // Input indices reach h·w·channels per image: 32 bits only where all of x fits.
+  const int64_t inputs = (n / (out_h * out_w)) * h * w;
+  if (fits_32_bits(std::max(n, inputs))) {
+    pooled_forward_kernel<scalar_t, kTangent, uint32_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(
+            static_cast<uint32_t>(n), static_cast<uint32_t>(h), static_cast<uint32_t>(w),
+            static_cast<uint32_t>(out_h), static_cast<uint32_t>(out_w),
+            static_cast<uint32_t>(channels), x, rx, p, y, ry, argmax);
+  } else {
+    pooled_forward_kernel<scalar_t, kTangent, int64_t>
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, h, w, out_h, out_w, channels, x,
+                                                             rx, p, y, ry, argmax);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
+                                   const OptionalTensor& weight, const OptionalTensor& bias,
+                                   const OptionalTensor& weight_tangent,
+                                   const OptionalTensor& bias_tangent, double eps, bool ceil_mode) {
+  check_task_batch_norm_relu_max_pool_args(x_in, x_tangent, weight, bias, weight_tangent,
+                                           bias_tangent, eps, ceil_mode);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  ForwardSetup f(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, 1);
+  const int64_t h = f.x.size(1), w = f.x.size(2), channels = f.x.size(3);
+  const int64_t out_h = kernels::pooled_size(h, ceil_mode);
+  const int64_t out_w = kernels::pooled_size(w, ceil_mode);
+  const auto options = f.x.options();
+  auto y = at::empty({f.x.size(0), out_h, out_w, channels}, options);
+  auto ry = f.tangent_out ? at::empty_like(y) : at::empty({0}, options);
+  auto argmax = at::empty(y.sizes(), options.dtype(at::kByte));
+  if (f.x.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_relu_max_pool_cuda", [&] {
+      f.statistics<scalar_t>(f.x.numel() / channels, eps, stream);
+      const auto p = f.channels<scalar_t>();
+      const scalar_t* x_p = f.x.data_ptr<scalar_t>();
+      const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
+      scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
+      if (f.tangent_out) {
+        launch_pooled_forward<scalar_t, true>(y.numel(), h, w, out_h, out_w, channels, x_p, rx_p,
+                                              p, y.data_ptr<scalar_t>(), ry_p,
+                                              argmax.data_ptr<uint8_t>(), stream);
+      } else {
+        launch_pooled_forward<scalar_t, false>(y.numel(), h, w, out_h, out_w, channels, x_p, rx_p,
+                                               p, y.data_ptr<scalar_t>(), ry_p,
+                                               argmax.data_ptr<uint8_t>(), stream);
+      }
+    });
+  }
+  return {y, ry, argmax, f.mean, f.invstd, f.rx_mean, f.r_sigma};
+}
+
+// The outputs of a backward op: (grad_x, grad_x_tangent, grad_weight, grad_bias,
+// grad_weight_tangent, grad_bias_tangent), empty where not computed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_outputs(const at::Tensor& x, int64_t batch, int64_t channels, bool tangent,
+                 bool input_grad) {
+  const auto options = x.options();
+  const auto empty = at::empty({0}, options);
+  return {input_grad ? at::empty_like(x) : empty,
+          input_grad && tangent ? at::empty_like(x) : empty,
+          at::empty({batch, channels}, options),
+          at::empty({batch, channels}, options),
+          tangent ? at::empty({batch, channels}, options) : empty,
+          tangent ? at::empty({batch, channels}, options) : empty};
+}
+
+// The backward's reduction and element launches over x [B, M, C], shared by both backward ops.
+template <typename scalar_t, bool kTangent, typename Gradient>
+void launch_backward(int64_t batch, int64_t rows, int64_t channels,
+                     const Normalised<scalar_t>& normalised, const Gradient& gradient,
+                     const scalar_t* weight, const scalar_t* weight_tangent, bool input_grad,
+                     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor>& out,
+                     const at::TensorOptions& options, c10::DeviceIndex device,
+                     cudaStream_t stream) {
+  auto& [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] = out;
   const int64_t total = batch * channels;
+  const auto plan =
+      kernels::plan_channel_reduction(batch, rows, channels, multiprocessors(device));
   auto coefficients = input_grad ? at::empty({6 * total}, options) : at::Tensor();
   const BackwardFinish<scalar_t, kTangent> finish{
-      t,
+      normalised,
       weight,
       weight_tangent,
       grad_weight.data_ptr<scalar_t>(),
@@ -452,9 +629,9 @@ void launch_backward(const ChannelReductionPlan& plan, int64_t batch, int64_t ro
       input_grad ? coefficients.data_ptr<scalar_t>() : nullptr,
       rows,
       total};
-  reduce_channels<scalar_t, kTangent ? 4 : 2>(plan, batch, rows, channels,
-                                              BackwardTerms<scalar_t, kTangent>{t}, finish,
-                                              options, stream);
+  reduce_channels<scalar_t, kTangent ? 4 : 2>(
+      plan, batch, rows, channels, BackwardTerms<scalar_t, kTangent, Gradient>{normalised, gradient},
+      finish, options, stream);
   if (!input_grad) return;
   const int64_t n = batch * rows * channels;
   const scalar_t* c_p = coefficients.data_ptr<scalar_t>();
@@ -464,11 +641,11 @@ void launch_backward(const ChannelReductionPlan& plan, int64_t batch, int64_t ro
     backward_element_kernel<scalar_t, kTangent, uint32_t>
         <<<element_blocks(n), kElementThreads, 0, stream>>>(
             static_cast<uint32_t>(n), static_cast<uint32_t>(rows), static_cast<uint32_t>(channels),
-            static_cast<uint32_t>(total), t, c_p, gx_p, rgx_p);
+            static_cast<uint32_t>(total), normalised, gradient, c_p, gx_p, rgx_p);
   } else {
     backward_element_kernel<scalar_t, kTangent, int64_t>
-        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, total, t, c_p, gx_p,
-                                                             rgx_p);
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, total, normalised,
+                                                             gradient, c_p, gx_p, rgx_p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -484,7 +661,7 @@ task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& gr
   check_task_batch_norm_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
                                       weight_tangent, mean_in, invstd_in, x_tangent_mean,
                                       sigma_tangent, relu_output);
-  check_grid_batch(x_in);
+  check_grid_batch(x_in.size(0));
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const bool tangent = given(grad_y_tangent);
   const auto x = x_in.contiguous();
@@ -499,38 +676,75 @@ task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& gr
   const auto w = contiguous_or_undefined(weight);
   const auto vw = tangent ? contiguous_or_undefined(weight_tangent) : at::Tensor();
   const int64_t batch = x.size(0), rows = x.size(1), channels = x.size(2);
-  const auto options = x.options();
-  const auto empty = at::empty({0}, options);
-  auto gx = input_grad ? at::empty_like(x) : empty;
-  auto rgx = input_grad && tangent ? at::empty_like(x) : empty;
-  auto grad_weight = at::empty({batch, channels}, options);
-  auto grad_bias = at::empty({batch, channels}, options);
-  auto grad_weight_tangent = tangent ? at::empty({batch, channels}, options) : empty;
-  auto grad_bias_tangent = tangent ? at::empty({batch, channels}, options) : empty;
-  if (x.numel() == 0) {
-    return {gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent};
-  }
-  const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
-                                                    multiprocessors(x.device().index()));
+  auto out = backward_outputs(x, batch, channels, tangent, input_grad);
+  if (x.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_backward_cuda", [&] {
-    const BackwardTensors<scalar_t> t{x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),
-                                      gy.data_ptr<scalar_t>(),     data_or_null<scalar_t>(rgy),
-                                      data_or_null<scalar_t>(y),   mean.data_ptr<scalar_t>(),
-                                      invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean),
-                                      data_or_null<scalar_t>(r_sigma)};
+    const Normalised<scalar_t> normalised{
+        x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),      mean.data_ptr<scalar_t>(),
+        invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
+    const ReluGradient<scalar_t> gradient{gy.data_ptr<scalar_t>(), data_or_null<scalar_t>(rgy),
+                                          data_or_null<scalar_t>(y)};
     if (tangent) {
-      launch_backward<scalar_t, true>(plan, batch, rows, channels, t, data_or_null<scalar_t>(w),
-                                      data_or_null<scalar_t>(vw), grad_weight, grad_bias,
-                                      grad_weight_tangent, grad_bias_tangent, gx, rgx, input_grad,
-                                      options, stream);
+      launch_backward<scalar_t, true>(batch, rows, channels, normalised, gradient,
+                                      data_or_null<scalar_t>(w), data_or_null<scalar_t>(vw),
+                                      input_grad, out, x.options(), x.device().index(), stream);
     } else {
-      launch_backward<scalar_t, false>(plan, batch, rows, channels, t, data_or_null<scalar_t>(w),
-                                       nullptr, grad_weight, grad_bias, grad_weight_tangent,
-                                       grad_bias_tangent, gx, rgx, input_grad, options, stream);
+      launch_backward<scalar_t, false>(batch, rows, channels, normalised, gradient,
+                                       data_or_null<scalar_t>(w), nullptr, input_grad, out,
+                                       x.options(), x.device().index(), stream);
     }
   });
-  return {gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent};
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool_backward_cuda(
+    const at::Tensor& grad_y, const OptionalTensor& grad_y_tangent, const at::Tensor& x_in,
+    const OptionalTensor& x_tangent, const OptionalTensor& weight,
+    const OptionalTensor& weight_tangent, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    const OptionalTensor& x_tangent_mean, const OptionalTensor& sigma_tangent,
+    const at::Tensor& output, const at::Tensor& argmax_in, bool input_grad) {
+  check_task_batch_norm_relu_max_pool_backward_args(grad_y, grad_y_tangent, x_in, x_tangent,
+                                                    weight, weight_tangent, mean_in, invstd_in,
+                                                    x_tangent_mean, sigma_tangent, output,
+                                                    argmax_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const bool tangent = given(grad_y_tangent);
+  const auto x = x_in.contiguous();
+  const auto gy = grad_y.contiguous();
+  const auto rgy = contiguous_or_undefined(grad_y_tangent);
+  const auto rx = tangent ? contiguous_or_undefined(x_tangent) : at::Tensor();
+  const auto rx_mean = rx.defined() ? contiguous_or_undefined(x_tangent_mean) : at::Tensor();
+  const auto r_sigma = rx.defined() ? contiguous_or_undefined(sigma_tangent) : at::Tensor();
+  const auto y = output.contiguous();
+  const auto argmax = argmax_in.contiguous();
+  const auto mean = mean_in.contiguous(), invstd = invstd_in.contiguous();
+  const auto w = contiguous_or_undefined(weight);
+  const auto vw = tangent ? contiguous_or_undefined(weight_tangent) : at::Tensor();
+  const int64_t h = x.size(1), width = x.size(2), channels = x.size(3);
+  auto out = backward_outputs(x, 1, channels, tangent, input_grad);
+  if (x.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_relu_max_pool_backward_cuda", [&] {
+    const Normalised<scalar_t> normalised{
+        x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),      mean.data_ptr<scalar_t>(),
+        invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
+    const PooledGradient<scalar_t> gradient{
+        gy.data_ptr<scalar_t>(), data_or_null<scalar_t>(rgy), y.data_ptr<scalar_t>(),
+        argmax.data_ptr<uint8_t>(), h, width, y.size(1), y.size(2), channels};
+    const int64_t rows = x.numel() / channels;
+    if (tangent) {
+      launch_backward<scalar_t, true>(1, rows, channels, normalised, gradient,
+                                      data_or_null<scalar_t>(w), data_or_null<scalar_t>(vw),
+                                      input_grad, out, x.options(), x.device().index(), stream);
+    } else {
+      launch_backward<scalar_t, false>(1, rows, channels, normalised, gradient,
+                                       data_or_null<scalar_t>(w), nullptr, input_grad, out,
+                                       x.options(), x.device().index(), stream);
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -538,6 +752,8 @@ task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& gr
 TORCH_LIBRARY_IMPL(maml_ext, CUDA, m) {
   m.impl("task_batch_norm", &task_batch_norm_cuda);
   m.impl("task_batch_norm_backward", &task_batch_norm_backward_cuda);
+  m.impl("task_batch_norm_relu_max_pool", &task_batch_norm_relu_max_pool_cuda);
+  m.impl("task_batch_norm_relu_max_pool_backward", &task_batch_norm_relu_max_pool_backward_cuda);
 }
 
 }  // namespace maml_ext

@@ -115,18 +115,56 @@ MAML_HOST_DEVICE void forward_element(scalar_t x, scalar_t rx, const ForwardStat
   }
 }
 
-// What the backward needs of value i: x̂, R{x̂} (0 without rx) and the gradient g and tangent R{g}
-// reaching the normalisation (masked by the fused ReLU where relu_output y is given; R{g} = 0
-// without kTangent). x, gy from the forward's input and the incoming gradient.
-template <bool kTangent, typename scalar_t>
-MAML_HOST_DEVICE void backward_inputs(const scalar_t* x, const scalar_t* rx, const scalar_t* gy,
-                                      const scalar_t* rgy, const scalar_t* y, int64_t i,
-                                      const ForwardStats<scalar_t>& s, scalar_t& x_hat,
-                                      scalar_t& rx_hat, scalar_t& g, scalar_t& rg) {
+// x̂ and R{x̂} (0 without rx) of value i, from the forward's input and statistics.
+template <typename scalar_t>
+MAML_HOST_DEVICE void normalised_input(const scalar_t* x, const scalar_t* rx, int64_t i,
+                                       const ForwardStats<scalar_t>& s, scalar_t& x_hat,
+                                       scalar_t& rx_hat) {
   x_hat = normalise(x[i], s.mean, s.invstd);
   rx_hat = rx != nullptr ? normalise_tangent(rx[i], x_hat, s) : scalar_t(0);
+}
+
+// The gradient g and tangent R{g} reaching the normalisation at value i: gy, rgy masked by the
+// fused ReLU where its output y is given (R{g} = 0 without kTangent).
+template <bool kTangent, typename scalar_t>
+MAML_HOST_DEVICE void relu_gradient(const scalar_t* gy, const scalar_t* rgy, const scalar_t* y,
+                                    int64_t i, scalar_t& g, scalar_t& rg) {
   g = y != nullptr ? relu_mask(gy[i], y[i]) : gy[i];
   rg = kTangent ? (y != nullptr ? relu_mask(rgy[i], y[i]) : rgy[i]) : scalar_t(0);
+}
+
+// Normalise + ReLU + 2×2 max-pool (stride 2, no padding) fused: window (oh, ow) of an H×W image
+// holds the values at rows 2·oh + dy and columns 2·ow + dx, dy, dx ∈ {0, 1}, that lie inside the
+// image (ceil mode's last window may hold fewer). Its position codes are 2·dy + dx, scanned in
+// that order; the first maximum wins, and a NaN, as in ATen's max_pool2d, so the argmax (and the
+// gradient's route) is PyTorch's.
+template <typename scalar_t>
+MAML_HOST_DEVICE bool pool_takes(scalar_t candidate, scalar_t best, bool first) {
+  return first || candidate > best || candidate != candidate;
+}
+
+// The pooled output's size along a side of `size` values.
+MAML_HOST_DEVICE int64_t pooled_size(int64_t size, bool ceil_mode) {
+  return ceil_mode ? (size + 1) / 2 : size / 2;
+}
+
+// The gradient and tangent reaching value i (at row h, column w of its image) through ReLU and
+// the pool: those of its window j = (n·OH + oh)·OW + ow, channel c, where this value is the
+// window's argmax and the pooled (ReLU) output is positive; else 0. Values in no window (floor
+// mode's last row or column) get 0.
+template <bool kTangent, typename scalar_t>
+MAML_HOST_DEVICE void pooled_gradient(const scalar_t* gy, const scalar_t* rgy, const scalar_t* y,
+                                      const uint8_t* argmax, int64_t n, int64_t h, int64_t w,
+                                      int64_t c, int64_t out_h, int64_t out_w, int64_t channels,
+                                      scalar_t& g, scalar_t& rg) {
+  g = scalar_t(0);
+  rg = scalar_t(0);
+  const int64_t oh = h / 2, ow = w / 2;
+  if (oh >= out_h || ow >= out_w) return;
+  const int64_t j = ((n * out_h + oh) * out_w + ow) * channels + c;
+  if (argmax[j] != static_cast<uint8_t>(2 * (h % 2) + w % 2) || !(y[j] > scalar_t(0))) return;
+  g = gy[j];
+  if (kTangent) rg = rgy[j];
 }
 
 // One value's contribution to the backward sums Σ g, Σ g x̂ and, with kTangent, Σ R{g} and
