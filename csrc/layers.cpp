@@ -1,7 +1,10 @@
 #include "layers.h"
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "batch_norm.h"
 #include "checks.h"
@@ -199,121 +202,6 @@ class Conv2d final : public Layer {
   at::Tensor x_, rx_;
 };
 
-// Transductive batch norm: each task's own batch statistics, per channel, with the ReLU that
-// follows it fused into its epilogue (Program fuses them). All tasks' channels are one
-// maml_ext::task_batch_norm call (csrc/batch_norm.h; CPU and CUDA kernels), which carries the
-// tangent (TANGENTS.md) through forward and backward: images [N, T, C, H, W], stored N, H, W, T·C,
-// are its x [1, N·H·W, T·C] without a copy; features [T, N, C] are its x [T, N, C].
-class BatchNorm final : public Layer {
- public:
-  BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
-            int64_t bias_offset, double eps)
-      : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
-        b_off_(bias_offset), eps_(eps) {}
-
-  bool relu_fused() const { return relu_; }
-  void fuse_relu() { relu_ = true; }
-
-  void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
-    if (spatial_) {
-      MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels_, "x", "BatchNorm2d expects inputs with ",
-                     channels_, " channels [T, N, ", channels_, ", H, W], got [N, T, C, H, W] = ",
-                     x.sizes());
-    } else {
-      MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
-                     channels_, "], got ", x.sizes());
-    }
-    input_sizes_ = x.sizes().vec();
-    tasks_ = spatial_ ? x.size(1) : x.size(0);
-    x_ = to_kernel(x);
-    rx_ = rx.defined() ? to_kernel(rx) : at::Tensor();
-    const bool tangent = p.carries_tangent();
-    auto [y, ry, mean, invstd, rx_mean, r_sigma] = task_batch_norm(
-        x_, rx_, channel_param(p.theta, w_off_), channel_param(p.theta, b_off_),
-        tangent ? channel_param(p.tangent, w_off_) : at::Tensor(),
-        tangent ? channel_param(p.tangent, b_off_) : at::Tensor(), eps_, relu_);
-    mean_ = mean;
-    invstd_ = invstd;
-    rx_mean_ = rx_.defined() ? rx_mean : at::Tensor();
-    r_sigma_ = rx_.defined() ? r_sigma : at::Tensor();
-    y_ = relu_ ? y : at::Tensor();  // the fused ReLU's mask, for the backward
-    rx = rx_.defined() || (tangent && affine_) ? from_kernel(ry) : at::Tensor();
-    x = from_kernel(y);
-  }
-
-  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
-                bool need_input_grad) override {
-    const bool tangent = p.carries_tangent();
-    const auto gyk = to_kernel(gy);
-    at::Tensor rgyk;
-    if (tangent) rgyk = rgy.defined() ? to_kernel(rgy) : at::zeros_like(gyk);
-    auto [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] =
-        task_batch_norm_backward(gyk, rgyk, x_, rx_, channel_param(p.theta, w_off_),
-                                 tangent ? channel_param(p.tangent, w_off_) : at::Tensor(), mean_,
-                                 invstd_, rx_mean_, r_sigma_, y_, need_input_grad);
-    if (affine_) {
-      write_param(p.grad, w_off_, grad_weight);
-      write_param(p.grad, b_off_, grad_bias);
-      if (tangent) {
-        write_param(p.grad_tangent, w_off_, grad_weight_tangent);
-        write_param(p.grad_tangent, b_off_, grad_bias_tangent);
-      }
-    }
-    gy = need_input_grad ? from_kernel(gx) : at::Tensor();
-    rgy = need_input_grad && tangent ? from_kernel(rgx) : at::Tensor();
-    x_ = rx_ = mean_ = invstd_ = rx_mean_ = r_sigma_ = y_ = at::Tensor();
-  }
-
- private:
-  // [T, C] parameters as the kernel's [B, C]: [1, T·C] for images, [T, C] for features.
-  // Undefined without affine (γ = 1, β = 0).
-  at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
-    if (!affine_) return at::Tensor();
-    const auto param = param_view(flat, offset, {channels_}).expand({tasks_, channels_});
-    return spatial_ ? param.reshape({1, tasks_ * channels_}) : param;
-  }
-
-  at::Tensor to_kernel(const at::Tensor& t) const {
-    if (!spatial_) return t;
-    const auto g = grouped(t);
-    return g.permute({0, 2, 3, 1}).reshape({1, -1, g.size(1)});
-  }
-
-  at::Tensor from_kernel(const at::Tensor& k) const {
-    if (!spatial_) return k;
-    const auto& s = input_sizes_;  // [N, T, C, H, W]
-    return k.view({s[0], s[3], s[4], s[1] * s[2]}).permute({0, 3, 1, 2}).view(s);
-  }
-
-  int64_t channels_;
-  bool spatial_, affine_;
-  int64_t w_off_, b_off_;
-  double eps_;
-  bool relu_ = false;
-  int64_t tasks_ = 0;
-  std::vector<int64_t> input_sizes_;
-  at::Tensor x_, rx_, mean_, invstd_, rx_mean_, r_sigma_, y_;
-};
-
-class ReLU final : public Layer {
- public:
-  void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
-    y_ = at::relu(x);
-    // threshold_backward(t, y, 0) keeps t where y > 0: the ReLU mask, without storing one.
-    if (rx.defined()) rx = at::threshold_backward(rx, y_, 0);
-    x = y_;
-  }
-
-  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy, bool) override {
-    gy = at::threshold_backward(gy, y_, 0);
-    if (p.carries_tangent() && rgy.defined()) rgy = at::threshold_backward(rgy, y_, 0);
-    y_ = at::Tensor();
-  }
-
- private:
-  at::Tensor y_;
-};
-
 class MaxPool2d final : public Layer {
  public:
   MaxPool2d(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool ceil_mode)
@@ -352,6 +240,154 @@ class MaxPool2d final : public Layer {
   bool ceil_mode_;
   std::vector<int64_t> output_sizes_;
   at::Tensor input_, indices_;
+};
+
+// Transductive batch norm: each task's own batch statistics, per channel, with the ReLU that
+// follows it, and on CUDA a 2×2 max-pool after that, fused into its epilogue (Program fuses them).
+// All tasks' channels are one maml_ext::task_batch_norm (or task_batch_norm_relu_max_pool) call
+// (csrc/batch_norm.h; CPU and CUDA kernels), which carries the tangent (TANGENTS.md) through
+// forward and backward. Images [N, T, C, H, W], stored N, H, W, T·C, are its x [1, N·H·W, T·C]
+// (pooled: [N, H, W, T·C]) without a copy; features [T, N, C] are its x [T, N, C].
+class BatchNorm final : public Layer {
+ public:
+  BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
+            int64_t bias_offset, double eps)
+      : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
+        b_off_(bias_offset), eps_(eps) {}
+
+  bool relu_fused() const { return relu_; }
+  void fuse_relu() { relu_ = true; }
+
+  // Takes over the max-pool that follows the fused ReLU where the kernel covers it: 2×2 windows,
+  // stride 2, no padding. Returns whether it did. CUDA tensors run the fused kernel; CPU tensors
+  // run ATen's pool after this layer's own epilogue (there the fused kernel measured slower).
+  bool fuse_max_pool(const std::array<int64_t, 2>& kernel, const std::array<int64_t, 2>& stride,
+                     const std::array<int64_t, 2>& padding, bool ceil_mode) {
+    if (!spatial_ || !relu_ || pool_ || kernel != std::array<int64_t, 2>{2, 2} ||
+        stride != std::array<int64_t, 2>{2, 2} || padding != std::array<int64_t, 2>{0, 0}) {
+      return false;
+    }
+    pool_ = std::make_unique<MaxPool2d>(2, 2, 2, 2, 0, 0, ceil_mode);
+    ceil_mode_ = ceil_mode;
+    return true;
+  }
+
+  void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
+    if (spatial_) {
+      MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels_, "x", "BatchNorm2d expects inputs with ",
+                     channels_, " channels [T, N, ", channels_, ", H, W], got [N, T, C, H, W] = ",
+                     x.sizes());
+    } else {
+      MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
+                     channels_, "], got ", x.sizes());
+    }
+    input_sizes_ = x.sizes().vec();
+    tasks_ = spatial_ ? x.size(1) : x.size(0);
+    fused_pool_ = pool_ != nullptr && x.is_cuda();
+    x_ = to_kernel(x);
+    rx_ = rx.defined() ? to_kernel(rx) : at::Tensor();
+    const bool tangent = p.carries_tangent();
+    const auto weight = channel_param(p.theta, w_off_), bias = channel_param(p.theta, b_off_);
+    const auto weight_tangent = tangent ? channel_param(p.tangent, w_off_) : at::Tensor();
+    const auto bias_tangent = tangent ? channel_param(p.tangent, b_off_) : at::Tensor();
+    at::Tensor y, ry, rx_mean, r_sigma;
+    if (fused_pool_) {
+      std::tie(y, ry, argmax_, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm_relu_max_pool(
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, ceil_mode_);
+      output_sizes_ = {input_sizes_[0], input_sizes_[1], input_sizes_[2], y.size(1), y.size(2)};
+    } else {
+      std::tie(y, ry, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm(
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, relu_);
+      output_sizes_ = input_sizes_;
+    }
+    rx_mean_ = rx_.defined() ? rx_mean : at::Tensor();
+    r_sigma_ = rx_.defined() ? r_sigma : at::Tensor();
+    y_ = relu_ ? y : at::Tensor();  // the fused ReLU's mask (and the pool's output), for the backward
+    rx = rx_.defined() || (tangent && affine_) ? from_kernel(ry, output_sizes_) : at::Tensor();
+    x = from_kernel(y, output_sizes_);
+    if (pool_ != nullptr && !fused_pool_) pool_->forward(p, x, rx);
+  }
+
+  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
+                bool need_input_grad) override {
+    if (pool_ != nullptr && !fused_pool_) pool_->backward(p, gy, rgy, true);
+    const bool tangent = p.carries_tangent();
+    const auto gyk = to_kernel(gy);
+    at::Tensor rgyk;
+    if (tangent) rgyk = rgy.defined() ? to_kernel(rgy) : at::zeros_like(gyk);
+    const auto weight = channel_param(p.theta, w_off_);
+    const auto weight_tangent = tangent ? channel_param(p.tangent, w_off_) : at::Tensor();
+    auto [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] =
+        fused_pool_ ? task_batch_norm_relu_max_pool_backward(gyk, rgyk, x_, rx_, weight, weight_tangent,
+                                                       mean_, invstd_, rx_mean_, r_sigma_, y_,
+                                                       argmax_, need_input_grad)
+              : task_batch_norm_backward(gyk, rgyk, x_, rx_, weight, weight_tangent, mean_,
+                                         invstd_, rx_mean_, r_sigma_, y_, need_input_grad);
+    if (affine_) {
+      write_param(p.grad, w_off_, grad_weight);
+      write_param(p.grad, b_off_, grad_bias);
+      if (tangent) {
+        write_param(p.grad_tangent, w_off_, grad_weight_tangent);
+        write_param(p.grad_tangent, b_off_, grad_bias_tangent);
+      }
+    }
+    gy = need_input_grad ? from_kernel(gx, input_sizes_) : at::Tensor();
+    rgy = need_input_grad && tangent ? from_kernel(rgx, input_sizes_) : at::Tensor();
+    x_ = rx_ = mean_ = invstd_ = rx_mean_ = r_sigma_ = y_ = argmax_ = at::Tensor();
+  }
+
+ private:
+  // [T, C] parameters as the kernel's [B, C]: [1, T·C] for images, [T, C] for features.
+  // Undefined without affine (γ = 1, β = 0).
+  at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
+    if (!affine_) return at::Tensor();
+    const auto param = param_view(flat, offset, {channels_}).expand({tasks_, channels_});
+    return spatial_ ? param.reshape({1, tasks_ * channels_}) : param;
+  }
+
+  // Images [N, T, C, H, W] as the kernels' [N, H, W, T·C] (fused pool) or [1, N·H·W, T·C].
+  at::Tensor to_kernel(const at::Tensor& t) const {
+    if (!spatial_) return t;
+    const auto images = grouped(t).permute({0, 2, 3, 1});
+    return fused_pool_ ? images : images.reshape({1, -1, images.size(3)});
+  }
+
+  // The kernels' output back as [N, T, C, H, W] of `sizes`.
+  at::Tensor from_kernel(const at::Tensor& k, const std::vector<int64_t>& sizes) const {
+    if (!spatial_) return k;
+    return k.view({sizes[0], sizes[3], sizes[4], sizes[1] * sizes[2]})
+        .permute({0, 3, 1, 2})
+        .view(sizes);
+  }
+
+  int64_t channels_;
+  bool spatial_, affine_;
+  int64_t w_off_, b_off_;
+  double eps_;
+  bool relu_ = false, ceil_mode_ = false, fused_pool_ = false;
+  std::unique_ptr<MaxPool2d> pool_;  // the max-pool taken over, if any
+  int64_t tasks_ = 0;
+  std::vector<int64_t> input_sizes_, output_sizes_;
+  at::Tensor x_, rx_, mean_, invstd_, rx_mean_, r_sigma_, y_, argmax_;
+};
+
+class ReLU final : public Layer {
+ public:
+  void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
+    y_ = at::relu(x);
+    // threshold_backward(t, y, 0) keeps t where y > 0: the ReLU mask, without storing one.
+    if (rx.defined()) rx = at::threshold_backward(rx, y_, 0);
+    x = y_;
+  }
+
+  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy, bool) override {
+    gy = at::threshold_backward(gy, y_, 0);
+    if (p.carries_tangent() && rgy.defined()) rgy = at::threshold_backward(rgy, y_, 0);
+    y_ = at::Tensor();
+  }
+
+ private:
+  at::Tensor y_;
 };
 
 // Images [N, T, C, H, W] (sample-major) become task-major features [T, N, C·H·W].
@@ -482,7 +518,11 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
       case LayerKind::kMaxPool2d: {
         int64_t v[7];
         for (auto& value : v) value = reader.next("a MaxPool2d field");
-        layers_.push_back(std::make_unique<MaxPool2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6] != 0));
+        // A 2×2 max-pool after a batch norm's fused ReLU runs in the same epilogue.
+        auto* norm = layers_.empty() ? nullptr : dynamic_cast<BatchNorm*>(layers_.back().get());
+        if (norm == nullptr || !norm->fuse_max_pool({v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6] != 0)) {
+          layers_.push_back(std::make_unique<MaxPool2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6] != 0));
+        }
         break;
       }
       case LayerKind::kFlatten:

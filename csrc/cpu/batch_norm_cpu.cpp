@@ -32,8 +32,9 @@ void with_flag(bool flag, const F& f) {
 // lanes per vector instruction as double ones, and a block of 64 loses little precision.
 constexpr int64_t kBlockRows = 64;
 
-// Four per-channel sums of x [B, M, C]: terms(i, k, s0, s1, s2, s3) adds element i (flat index)
-// of channel k (b·C + c) into that channel's sums (of any type: generic lambdas). Returns
+// Four per-channel sums of x [B, M, C]: terms(row, i, k, s0, s1, s2, s3) adds element i (flat
+// index; row = b·M + m, so i = row·C + c) of channel k (b·C + c) into that channel's sums (of any
+// type: generic lambdas). Returns
 // sums[j·B·C + k] in acc_t. Channels of one b are contiguous in memory, so a thread's range is
 // read as M runs of contiguous values.
 template <typename scalar_t, typename acc_t, typename Terms>
@@ -56,7 +57,7 @@ std::vector<acc_t> channel_sums(int64_t batch, int64_t rows, int64_t channels, c
         for (int64_t m = m0; m < std::min(rows, m0 + kBlockRows); ++m) {
           const int64_t base = (b * rows + m) * channels + c0;
           for (int64_t j = 0; j < width; ++j) {
-            terms(base + j, k0 + j, b0[j], b1[j], b2[j], b3[j]);
+            terms(b * rows + m, base + j, k0 + j, b0[j], b1[j], b2[j], b3[j]);
           }
         }
         for (int64_t j = 0; j < 4 * width; ++j) acc[j] += static_cast<acc_t>(block[j]);
@@ -71,7 +72,8 @@ std::vector<acc_t> channel_sums(int64_t batch, int64_t rows, int64_t channels, c
   return sums;
 }
 
-// Runs body(i, k) over every element i of x [B, M, C] with its channel k, in parallel over rows.
+// Runs body(row, i, k) over every element i of x [B, M, C] with its row b·M + m and channel k,
+// in parallel over rows.
 template <typename Body>
 void for_each_element(int64_t batch, int64_t rows, int64_t channels, const Body& body) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / channels);
@@ -79,7 +81,7 @@ void for_each_element(int64_t batch, int64_t rows, int64_t channels, const Body&
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * channels, kb = (row / rows) * channels;
       for (int64_t c = 0; c < channels; ++c) {
-        body(base + c, kb + c);
+        body(row, base + c, kb + c);
       }
     }
   });
@@ -125,14 +127,15 @@ void forward_statistics(int64_t batch, int64_t rows, int64_t channels, const sca
   const int64_t total = batch * channels;
   const auto sum_x = channel_sums<scalar_t, acc_t>(
       batch, rows, channels,
-      [&](int64_t i, int64_t, auto& s, auto&, auto&, auto&) { kernels::mean_terms(x_p[i], s); });
+      [&](int64_t, int64_t i, int64_t, auto& s, auto&, auto&, auto&) { kernels::mean_terms(x_p[i], s); });
   for (int64_t k = 0; k < total; ++k) {
     mean_p[k] = kernels::mean_channel<scalar_t>(sum_x[k], rows);
   }
   with_flag(rx_p != nullptr, [&](auto has_tangent) {
     constexpr bool kTangent = decltype(has_tangent)::value;
     const auto sums = channel_sums<scalar_t, acc_t>(
-        batch, rows, channels, [&](int64_t i, int64_t k, auto& s0, auto& s1, auto& s2, auto&) {
+        batch, rows, channels,
+        [&](int64_t, int64_t i, int64_t k, auto& s0, auto& s1, auto& s2, auto&) {
           kernels::centred_terms<kTangent>(x_p[i], kTangent ? rx_p[i] : scalar_t(0), mean_p[k],
                                            s0, s1, s2);
         });
@@ -207,7 +210,7 @@ task_batch_norm_cpu(const at::Tensor& x_in, const OptionalTensor& x_tangent,
       with_flag(f.tangent_out, [&](auto tangent_flag) {
         constexpr bool kRelu = decltype(relu_flag)::value;
         constexpr bool kTangent = decltype(tangent_flag)::value;
-        for_each_element(batch, rows, channels, [&](int64_t i, int64_t k) {
+        for_each_element(batch, rows, channels, [&](int64_t, int64_t i, int64_t k) {
           const kernels::ForwardStats<scalar_t> s{mean_p[k], invstd_p[k], rx_mean_p[k],
                                                   r_sigma_p[k]};
           const kernels::Affine<scalar_t> a{w_p[k], b_p[k], vw_p[k], vb_p[k]};
@@ -258,31 +261,25 @@ task_batch_norm_relu_max_pool_cpu(const at::Tensor& x_in, const OptionalTensor& 
         for (int64_t row = begin; row < end; ++row) {
           const int64_t image = row / out_h, oh = row % out_h;
           for (int64_t ow = 0; ow < out_w; ++ow) {
+            // The window's candidates one position at a time, each over all channels (a loop
+            // the compiler vectorises), keeping the best so far in the outputs.
             const int64_t j0 = (row * out_w + ow) * channels;
-            for (int64_t c = 0; c < channels; ++c) {
-              const kernels::ForwardStats<scalar_t> s{mean_p[c], invstd_p[c], rx_mean_p[c],
-                                                      r_sigma_p[c]};
-              const kernels::Affine<scalar_t> a{w_p[c], b_p[c], vw_p[c], vb_p[c]};
-              scalar_t best = 0, r_best = 0;
-              uint8_t position = 0;
-              for (int64_t dy = 0; dy < 2; ++dy) {
-                for (int64_t dx = 0; dx < 2; ++dx) {
-                  const int64_t hh = 2 * oh + dy, ww = 2 * ow + dx;
-                  if (hh >= h || ww >= w) continue;
-                  const int64_t i = ((image * h + hh) * w + ww) * channels + c;
-                  scalar_t out, r_out;
-                  kernels::forward_element<true, kTangent>(x_p[i], rx_p ? rx_p[i] : scalar_t(0),
-                                                           s, a, &out, &r_out);
-                  if (kernels::pool_takes(out, best, dy == 0 && dx == 0)) {
-                    best = out;
-                    r_best = r_out;
-                    position = static_cast<uint8_t>(2 * dy + dx);
-                  }
-                }
+            for (int64_t position = 0; position < 4; ++position) {
+              const int64_t hh = 2 * oh + position / 2, ww = 2 * ow + position % 2;
+              if (hh >= h || ww >= w) continue;
+              const int64_t i0 = ((image * h + hh) * w + ww) * channels;
+              for (int64_t c = 0; c < channels; ++c) {
+                const kernels::ForwardStats<scalar_t> s{mean_p[c], invstd_p[c], rx_mean_p[c],
+                                                        r_sigma_p[c]};
+                const kernels::Affine<scalar_t> a{w_p[c], b_p[c], vw_p[c], vb_p[c]};
+                scalar_t out, r_out;
+                kernels::forward_element<true, kTangent>(
+                    x_p[i0 + c], rx_p ? rx_p[i0 + c] : scalar_t(0), s, a, &out, &r_out);
+                const bool take = kernels::pool_takes(out, y_p[j0 + c], position == 0);
+                y_p[j0 + c] = take ? out : y_p[j0 + c];
+                if (kTangent) ry_p[j0 + c] = take ? r_out : ry_p[j0 + c];
+                argmax_p[j0 + c] = take ? static_cast<uint8_t>(position) : argmax_p[j0 + c];
               }
-              y_p[j0 + c] = best;
-              if (kTangent) ry_p[j0 + c] = r_best;
-              argmax_p[j0 + c] = position;
             }
           }
         }
@@ -292,8 +289,8 @@ task_batch_norm_relu_max_pool_cpu(const at::Tensor& x_in, const OptionalTensor& 
   return {y, ry, argmax, f.mean, f.invstd, f.saved_rx_mean(), f.saved_r_sigma()};
 }
 
-// The backward's two passes over x [B, M, C], shared by both backward ops: gradient(i, g, rg)
-// gives the gradient and tangent reaching the normalisation at value i.
+// The backward's two passes over x [B, M, C], shared by both backward ops: gradient(row, i, g, rg)
+// gives the gradient and tangent reaching the normalisation at value i of row b·M + m.
 template <typename scalar_t, bool kTangent, typename Gradient>
 void backward_passes(int64_t batch, int64_t rows, int64_t channels, const at::Tensor& x,
                      const at::Tensor& rx, const at::Tensor& mean, const at::Tensor& invstd,
@@ -313,16 +310,17 @@ void backward_passes(int64_t batch, int64_t rows, int64_t channels, const at::Te
   const scalar_t *mean_p = mean_v.data(), *invstd_p = invstd_v.data();
   const scalar_t *rx_mean_p = rx_mean_v.data(), *r_sigma_p = r_sigma_v.data();
   const scalar_t *w_p = w.data(), *vw_p = vw.data();
-  const auto element = [&](int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat, scalar_t& g,
-                           scalar_t& rg) {
+  const auto element = [&](int64_t row, int64_t i, int64_t k, scalar_t& x_hat, scalar_t& rx_hat,
+                           scalar_t& g, scalar_t& rg) {
     const kernels::ForwardStats<scalar_t> s{mean_p[k], invstd_p[k], rx_mean_p[k], r_sigma_p[k]};
     kernels::normalised_input(x_p, rx_p, i, s, x_hat, rx_hat);
-    gradient(i, g, rg);
+    gradient(row, i, g, rg);
   };
   const auto sums = channel_sums<scalar_t, acc_t>(
-      batch, rows, channels, [&](int64_t i, int64_t k, auto& s0, auto& s1, auto& s2, auto& s3) {
+      batch, rows, channels,
+      [&](int64_t row, int64_t i, int64_t k, auto& s0, auto& s1, auto& s2, auto& s3) {
         scalar_t x_hat, rx_hat, g, rg;
-        element(i, k, x_hat, rx_hat, g, rg);
+        element(row, i, k, x_hat, rx_hat, g, rg);
         kernels::backward_terms<kTangent>(x_hat, rx_hat, g, rg, s0, s1, s2, s3);
       });
   scalar_t* gb_p = grad_bias.data_ptr<scalar_t>();
@@ -362,9 +360,9 @@ void backward_passes(int64_t batch, int64_t rows, int64_t channels, const at::Te
   }
   scalar_t* gx_p = gx.data_ptr<scalar_t>();
   scalar_t* rgx_p = kTangent ? rgx.data_ptr<scalar_t>() : nullptr;
-  for_each_element(batch, rows, channels, [&](int64_t i, int64_t k) {
+  for_each_element(batch, rows, channels, [&](int64_t row, int64_t i, int64_t k) {
     scalar_t x_hat, rx_hat, g, rg;
-    element(i, k, x_hat, rx_hat, g, rg);
+    element(row, i, k, x_hat, rx_hat, g, rg);
     const kernels::BackwardCoefficients<scalar_t> c{
         mean_g[k], mean_g_xhat[k], mean_rg[k], mean_r_g_xhat[k], scale[k], tangent_scale[k]};
     scalar_t out, r_out;
@@ -419,7 +417,7 @@ task_batch_norm_backward_cpu(const at::Tensor& grad_y, const OptionalTensor& gra
       backward_passes<scalar_t, kTangent>(
           batch, rows, channels, x, rx, mean, invstd, x_tangent_mean, sigma_tangent, weight,
           weight_tangent,
-          [&](int64_t i, scalar_t& g, scalar_t& rg) {
+          [&](int64_t, int64_t i, scalar_t& g, scalar_t& rg) {
             kernels::relu_gradient<kTangent>(gy_p, rgy_p, y_p, i, g, rg);
           },
           input_grad, gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent);
@@ -459,11 +457,11 @@ task_batch_norm_relu_max_pool_backward_cpu(
       backward_passes<scalar_t, kTangent>(
           1, x.numel() / channels, channels, x, rx, mean, invstd, x_tangent_mean, sigma_tangent,
           weight, weight_tangent,
-          [&](int64_t i, scalar_t& g, scalar_t& rg) {
-            const int64_t pixel = i / channels;
+          // One batch (B = 1): the row is the pixel, the channel i − row·C.
+          [&](int64_t pixel, int64_t i, scalar_t& g, scalar_t& rg) {
             kernels::pooled_gradient<kTangent>(gy_p, rgy_p, y_p, argmax_p, pixel / (h * w),
-                                               (pixel / w) % h, pixel % w, i % channels, out_h,
-                                               out_w, channels, g, rg);
+                                               (pixel / w) % h, pixel % w, i - pixel * channels,
+                                               out_h, out_w, channels, g, rg);
           },
           input_grad, gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent);
     });

@@ -157,14 +157,16 @@ MAML_HOST_DEVICE void pooled_gradient(const scalar_t* gy, const scalar_t* rgy, c
                                       const uint8_t* argmax, int64_t n, int64_t h, int64_t w,
                                       int64_t c, int64_t out_h, int64_t out_w, int64_t channels,
                                       scalar_t& g, scalar_t& rg) {
-  g = scalar_t(0);
-  rg = scalar_t(0);
   const int64_t oh = h / 2, ow = w / 2;
-  if (oh >= out_h || ow >= out_w) return;
+  if (oh >= out_h || ow >= out_w) {
+    g = rg = scalar_t(0);
+    return;
+  }
   const int64_t j = ((n * out_h + oh) * out_w + ow) * channels + c;
-  if (argmax[j] != static_cast<uint8_t>(2 * (h % 2) + w % 2) || !(y[j] > scalar_t(0))) return;
-  g = gy[j];
-  if (kTangent) rg = rgy[j];
+  // Selects rather than branches per value, so CPU loops over channels vectorise.
+  const bool routed = argmax[j] == static_cast<uint8_t>(2 * (h % 2) + w % 2) && y[j] > scalar_t(0);
+  g = routed ? gy[j] : scalar_t(0);
+  rg = kTangent && routed ? rgy[j] : scalar_t(0);
 }
 
 // One value's contribution to the backward sums Σ g, Σ g x̂ and, with kTangent, Σ R{g} and
