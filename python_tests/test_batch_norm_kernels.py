@@ -293,3 +293,41 @@ def test_cuda_kernels_match_cpu(dtype, tolerance, shape, relu):
 
         for a, b in zip(backward("cpu", on_cpu), backward("cuda", on_gpu)):
             assert b.shape == a.shape and relative_error(b.cpu(), a) <= tolerance
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape, ceil_mode", [((75, 28, 28, 5 * 64), False), ((4, 7, 5, 3), True),
+                                              ((4, 7, 5, 3), False), ((2, 1, 1, 40), True)])
+def test_cuda_fused_pool_kernels_match_cpu(dtype, tolerance, shape, ceil_mode):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    channels = shape[-1]
+    randn = lambda *s: torch.randn(*s, dtype=dtype, generator=g)
+    x = randn(*shape) * (0.5 + randn(channels).abs()) + randn(channels)
+    rx = randn(*shape)
+    weight, bias, vw, vb = (randn(1, channels) for _ in range(4))
+
+    def forward(device):
+        return ops.task_batch_norm_relu_max_pool(*(t.to(device) for t in (x, rx, weight, bias, vw, vb)),
+                                                 1e-5, ceil_mode)
+
+    on_cpu, on_gpu = forward("cpu"), forward("cuda")
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.shape == a.shape
+        if a.dtype == torch.uint8:  # argmax: equal wherever the window's maximum is unique
+            assert (b.cpu() == a).float().mean() > 0.999
+        else:
+            assert relative_error(b.cpu(), a) <= tolerance
+    gy, rgy = randn(*on_cpu[0].shape), randn(*on_cpu[0].shape)
+    for tangent in (False, True):
+        def backward(device, out):
+            y, _, argmax, mean, invstd, rx_mean, r_sigma = out
+            d = lambda t: t.to(device)
+            # The CPU's argmax on both devices, so near-ties route the gradient alike.
+            return ops.task_batch_norm_relu_max_pool_backward(
+                d(gy), d(rgy) if tangent else None, d(x), d(rx), d(weight), d(vw) if tangent else None,
+                mean, invstd, rx_mean, r_sigma, y, d(on_cpu[2]), True)
+
+        for a, b in zip(backward("cpu", on_cpu), backward("cuda", on_gpu)):
+            assert b.shape == a.shape and relative_error(b.cpu(), a) <= tolerance
