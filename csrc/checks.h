@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #define MAML_CHECK_ARG(cond, arg, ...) \
   TORCH_CHECK_VALUE(cond, "maml_ext: argument '", arg, "': ", __VA_ARGS__)
 
@@ -22,6 +24,17 @@ inline void check_same_device_dtype(const at::Tensor& t, const at::Tensor& like,
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* arg) {
   MAML_CHECK_ARG(t.dim() == dim, arg, "expected ", dim, " dimensions, got shape ", t.sizes());
+}
+
+// An optional tensor argument that was given (present and defined).
+inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// An optional argument, where given, must match `like` in device, dtype and shape.
+inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
+  if (!given(t)) return;
+  check_same_device_dtype(*t, like, arg);
+  MAML_CHECK_ARG(t->sizes() == like.sizes(), arg, "expected shape ", like.sizes(), ", got ",
+                 t->sizes());
 }
 
 }  // namespace maml_ext

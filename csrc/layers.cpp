@@ -1,8 +1,12 @@
 #include "layers.h"
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <utility>
+#include <vector>
 
+#include "batch_norm.h"
 #include "checks.h"
 #include "softmax_cross_entropy.h"
 #include "task_conv.h"
@@ -22,13 +26,6 @@ void write_param(const at::Tensor& flat, int64_t offset, const at::Tensor& value
   const int64_t tasks = flat.size(0);
   const int64_t numel = value.numel() / tasks;
   flat.narrow(1, offset, numel).copy_(value.reshape({tasks, numel}));
-}
-
-// Adds b to a, where either may be undefined (a zero tangent).
-at::Tensor add_tangents(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a + b;
 }
 
 class Linear final : public Layer {
@@ -172,166 +169,6 @@ class Conv2d final : public Layer {
   at::Tensor x_, rx_;
 };
 
-// Transductive batch norm: each task's own batch statistics, per channel. The T per-task batch
-// norms are one batch norm over T·C channels of the grouped view ([N, T·C, ...]), so forward and
-// backward are ATen's native kernels; the tangent rules (TANGENTS.md) are written on top of them:
-// with unit weight the native backward of g is (g − mean(g) − x̂ mean(g x̂)) / σ, which is both
-// R{x̂} (for g = R{x}) and D / σ (for g = gy).
-class BatchNorm final : public Layer {
- public:
-  BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
-            int64_t bias_offset, double eps)
-      : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
-        b_off_(bias_offset), eps_(eps) {}
-
-  void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
-    if (spatial_) {
-      MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels_, "x", "BatchNorm2d expects inputs with ",
-                     channels_, " channels [T, N, ", channels_, ", H, W], got [N, T, C, H, W] = ",
-                     x.sizes());
-    } else {
-      MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
-                     channels_, "], got ", x.sizes());
-    }
-    tasks_ = p.tasks();
-    input_sizes_ = x.sizes().vec();
-    x_ = to_grouped(x);
-    count_ = x_.numel() / x_.size(1);
-    reduce_dims_ = spatial_ ? std::vector<int64_t>{0, 2, 3} : std::vector<int64_t>{0};
-    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
-    auto [y, mean, invstd] = at::native_batch_norm(
-        x_, gamma, affine_ ? channel_param(p.theta, b_off_) : at::Tensor(), {}, {}, true, 0.0, eps_);
-    mean_ = mean;
-    invstd_ = invstd;
-    x_hat_ = rx_hat_ = r_sigma_ = at::Tensor();
-    if (p.carries_tangent()) {
-      x_hat_ = (x_ - broadcast(mean_)) * broadcast(invstd_);
-      // R{x̂} = (R{x} − mean(R{x}) − x̂ mean(x̂ R{x})) / σ;  R{y} = γ R{x̂} + v_γ x̂ + v_β
-      at::Tensor ry;
-      if (rx.defined()) {
-        const auto rxg = to_grouped(rx);
-        r_sigma_ = (x_hat_ * rxg).mean(reduce_dims_);  // R{σ} = mean(x̂ R{x})
-        rx_hat_ = unit_backward(rxg);
-        ry = affine_ ? rx_hat_ * broadcast(gamma) : rx_hat_;
-      }
-      if (affine_) {
-        ry = add_tangents(ry, at::addcmul(broadcast(channel_param(p.tangent, b_off_)), x_hat_,
-                                          broadcast(channel_param(p.tangent, w_off_))));
-      }
-      rx = ry.defined() ? from_grouped(ry) : ry;
-    }
-    x = from_grouped(y);
-  }
-
-  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
-                bool need_input_grad) override {
-    const auto gyg = to_grouped(gy);
-    const auto gamma = affine_ ? channel_param(p.theta, w_off_) : at::Tensor();
-    if (!p.carries_tangent()) {
-      auto [gx, ggamma, gbeta] = at::native_batch_norm_backward(
-          gyg, x_, gamma, {}, {}, mean_, invstd_, true, eps_, {need_input_grad, affine_, affine_});
-      if (affine_) {
-        write_param(p.grad, w_off_, ggamma);
-        write_param(p.grad, b_off_, gbeta);
-      }
-      gy = need_input_grad ? from_grouped(gx) : at::Tensor();
-      release();
-      return;
-    }
-    const auto rgyg = to_grouped(rgy);
-    const double inv_count = 1.0 / static_cast<double>(count_);
-    const auto sum_gy_xhat = (gyg * x_hat_).sum(reduce_dims_);
-    auto r_product = rgyg * x_hat_;  // R{gy ⊙ x̂} = R{gy} x̂ + gy R{x̂}
-    if (rx_hat_.defined()) r_product.addcmul_(gyg, rx_hat_);
-    if (affine_) {
-      write_param(p.grad, w_off_, sum_gy_xhat);
-      write_param(p.grad, b_off_, gyg.sum(reduce_dims_));
-      write_param(p.grad_tangent, w_off_, r_product.sum(reduce_dims_));
-      write_param(p.grad_tangent, b_off_, rgyg.sum(reduce_dims_));
-    }
-    if (need_input_grad) {
-      // gx = γ E with E = D/σ.  R{gx} = v_γ E − γ (R{σ}/σ) E + γ R{D}/σ, where
-      // R{D}/σ = E(R{gy}) − (R{x̂} mean(gy x̂) + x̂ mean(gy R{x̂})) / σ.
-      const auto e = unit_backward(gyg);
-      auto r_d = unit_backward(rgyg);
-      if (rx_hat_.defined()) {
-        const auto mean_gy_xhat = broadcast(sum_gy_xhat * inv_count);
-        const auto mean_gy_rxhat = broadcast((gyg * rx_hat_).mean(reduce_dims_));
-        r_d.sub_((rx_hat_ * mean_gy_xhat + x_hat_ * mean_gy_rxhat) * broadcast(invstd_));
-      }
-      at::Tensor coefficient;  // v_γ − γ R{σ}/σ, per channel
-      if (affine_) coefficient = channel_param(p.tangent, w_off_);
-      if (r_sigma_.defined()) {
-        const auto term = (affine_ ? gamma * r_sigma_ : r_sigma_) * invstd_;
-        coefficient = coefficient.defined() ? coefficient - term : -term;
-      }
-      auto rgx = affine_ ? r_d * broadcast(gamma) : r_d;
-      if (coefficient.defined()) rgx.addcmul_(e, broadcast(coefficient));
-      rgy = from_grouped(rgx);
-      gy = from_grouped(affine_ ? e * broadcast(gamma) : e);
-    } else {
-      gy = rgy = at::Tensor();
-    }
-    release();
-  }
-
- private:
-  // [T, C] parameters as the [T·C] channels of the grouped view.
-  at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
-    return param_view(flat, offset, {channels_}).reshape({-1});
-  }
-
-  at::Tensor broadcast(const at::Tensor& per_channel) const {
-    return spatial_ ? per_channel.view({1, -1, 1, 1}) : per_channel.view({1, -1});
-  }
-
-  // (g − mean(g) − x̂ mean(g x̂)) / σ: the native batch-norm backward with unit weight.
-  at::Tensor unit_backward(const at::Tensor& g) const {
-    return std::get<0>(at::native_batch_norm_backward(g, x_, {}, {}, {}, mean_, invstd_, true, eps_,
-                                                      {true, false, false}));
-  }
-
-  // Images: [N, T, C, H, W] is already [N, T·C, H, W]. Features [T, N, C] become [N, T·C].
-  at::Tensor to_grouped(const at::Tensor& x) const {
-    if (spatial_) return grouped(x);
-    return x.transpose(0, 1).reshape({x.size(1), x.size(0) * x.size(2)});
-  }
-
-  at::Tensor from_grouped(const at::Tensor& g) const {
-    if (spatial_) return g.view(input_sizes_);
-    return g.view({input_sizes_[1], input_sizes_[0], input_sizes_[2]}).transpose(0, 1).contiguous();
-  }
-
-  void release() { x_ = mean_ = invstd_ = x_hat_ = rx_hat_ = r_sigma_ = at::Tensor(); }
-
-  int64_t channels_;
-  bool spatial_, affine_;
-  int64_t w_off_, b_off_;
-  double eps_;
-  int64_t tasks_ = 0, count_ = 0;
-  std::vector<int64_t> input_sizes_, reduce_dims_;
-  at::Tensor x_, mean_, invstd_, x_hat_, rx_hat_, r_sigma_;
-};
-
-class ReLU final : public Layer {
- public:
-  void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
-    y_ = at::relu(x);
-    // threshold_backward(t, y, 0) keeps t where y > 0: the ReLU mask, without storing one.
-    if (rx.defined()) rx = at::threshold_backward(rx, y_, 0);
-    x = y_;
-  }
-
-  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy, bool) override {
-    gy = at::threshold_backward(gy, y_, 0);
-    if (p.carries_tangent() && rgy.defined()) rgy = at::threshold_backward(rgy, y_, 0);
-    y_ = at::Tensor();
-  }
-
- private:
-  at::Tensor y_;
-};
-
 class MaxPool2d final : public Layer {
  public:
   MaxPool2d(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool ceil_mode)
@@ -370,6 +207,154 @@ class MaxPool2d final : public Layer {
   bool ceil_mode_;
   std::vector<int64_t> output_sizes_;
   at::Tensor input_, indices_;
+};
+
+// Transductive batch norm: each task's own batch statistics, per channel, with the ReLU that
+// follows it, and on CUDA a 2×2 max-pool after that, fused into its epilogue (Program fuses them).
+// All tasks' channels are one maml_ext::task_batch_norm (or task_batch_norm_relu_max_pool) call
+// (csrc/batch_norm.h; CPU and CUDA kernels), which carries the tangent (TANGENTS.md) through
+// forward and backward. Images [N, T, C, H, W], stored N, H, W, T·C, are its x [1, N·H·W, T·C]
+// (pooled: [N, H, W, T·C]) without a copy; features [T, N, C] are its x [T, N, C].
+class BatchNorm final : public Layer {
+ public:
+  BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
+            int64_t bias_offset, double eps)
+      : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
+        b_off_(bias_offset), eps_(eps) {}
+
+  bool relu_fused() const { return relu_; }
+  void fuse_relu() { relu_ = true; }
+
+  // Takes over the max-pool that follows the fused ReLU where the kernel covers it: 2×2 windows,
+  // stride 2, no padding. Returns whether it did. CUDA tensors run the fused kernel; CPU tensors
+  // run ATen's pool after this layer's own epilogue (there the fused kernel measured slower).
+  bool fuse_max_pool(const std::array<int64_t, 2>& kernel, const std::array<int64_t, 2>& stride,
+                     const std::array<int64_t, 2>& padding, bool ceil_mode) {
+    if (!spatial_ || !relu_ || pool_ || kernel != std::array<int64_t, 2>{2, 2} ||
+        stride != std::array<int64_t, 2>{2, 2} || padding != std::array<int64_t, 2>{0, 0}) {
+      return false;
+    }
+    pool_ = std::make_unique<MaxPool2d>(2, 2, 2, 2, 0, 0, ceil_mode);
+    ceil_mode_ = ceil_mode;
+    return true;
+  }
+
+  void forward(const PassParams& p, at::Tensor& x, at::Tensor& rx) override {
+    if (spatial_) {
+      MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels_, "x", "BatchNorm2d expects inputs with ",
+                     channels_, " channels [T, N, ", channels_, ", H, W], got [N, T, C, H, W] = ",
+                     x.sizes());
+    } else {
+      MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels_, "x", "BatchNorm1d expects inputs [T, N, ",
+                     channels_, "], got ", x.sizes());
+    }
+    input_sizes_ = x.sizes().vec();
+    tasks_ = spatial_ ? x.size(1) : x.size(0);
+    fused_pool_ = pool_ != nullptr && x.is_cuda();
+    x_ = to_kernel(x);
+    rx_ = rx.defined() ? to_kernel(rx) : at::Tensor();
+    const bool tangent = p.carries_tangent();
+    const auto weight = channel_param(p.theta, w_off_), bias = channel_param(p.theta, b_off_);
+    const auto weight_tangent = tangent ? channel_param(p.tangent, w_off_) : at::Tensor();
+    const auto bias_tangent = tangent ? channel_param(p.tangent, b_off_) : at::Tensor();
+    at::Tensor y, ry, rx_mean, r_sigma;
+    if (fused_pool_) {
+      std::tie(y, ry, argmax_, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm_relu_max_pool(
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, ceil_mode_);
+      output_sizes_ = {input_sizes_[0], input_sizes_[1], input_sizes_[2], y.size(1), y.size(2)};
+    } else {
+      std::tie(y, ry, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm(
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, relu_);
+      output_sizes_ = input_sizes_;
+    }
+    rx_mean_ = rx_.defined() ? rx_mean : at::Tensor();
+    r_sigma_ = rx_.defined() ? r_sigma : at::Tensor();
+    y_ = relu_ ? y : at::Tensor();  // the fused ReLU's mask (and the pool's output), for the backward
+    rx = rx_.defined() || (tangent && affine_) ? from_kernel(ry, output_sizes_) : at::Tensor();
+    x = from_kernel(y, output_sizes_);
+    if (pool_ != nullptr && !fused_pool_) pool_->forward(p, x, rx);
+  }
+
+  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
+                bool need_input_grad) override {
+    if (pool_ != nullptr && !fused_pool_) pool_->backward(p, gy, rgy, true);
+    const bool tangent = p.carries_tangent();
+    const auto gyk = to_kernel(gy);
+    at::Tensor rgyk;
+    if (tangent) rgyk = rgy.defined() ? to_kernel(rgy) : at::zeros_like(gyk);
+    const auto weight = channel_param(p.theta, w_off_);
+    const auto weight_tangent = tangent ? channel_param(p.tangent, w_off_) : at::Tensor();
+    auto [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] =
+        fused_pool_ ? task_batch_norm_relu_max_pool_backward(gyk, rgyk, x_, rx_, weight, weight_tangent,
+                                                       mean_, invstd_, rx_mean_, r_sigma_, y_,
+                                                       argmax_, need_input_grad)
+              : task_batch_norm_backward(gyk, rgyk, x_, rx_, weight, weight_tangent, mean_,
+                                         invstd_, rx_mean_, r_sigma_, y_, need_input_grad);
+    if (affine_) {
+      write_param(p.grad, w_off_, grad_weight);
+      write_param(p.grad, b_off_, grad_bias);
+      if (tangent) {
+        write_param(p.grad_tangent, w_off_, grad_weight_tangent);
+        write_param(p.grad_tangent, b_off_, grad_bias_tangent);
+      }
+    }
+    gy = need_input_grad ? from_kernel(gx, input_sizes_) : at::Tensor();
+    rgy = need_input_grad && tangent ? from_kernel(rgx, input_sizes_) : at::Tensor();
+    x_ = rx_ = mean_ = invstd_ = rx_mean_ = r_sigma_ = y_ = argmax_ = at::Tensor();
+  }
+
+ private:
+  // [T, C] parameters as the kernel's [B, C]: [1, T·C] for images, [T, C] for features.
+  // Undefined without affine (γ = 1, β = 0).
+  at::Tensor channel_param(const at::Tensor& flat, int64_t offset) const {
+    if (!affine_) return at::Tensor();
+    const auto param = param_view(flat, offset, {channels_}).expand({tasks_, channels_});
+    return spatial_ ? param.reshape({1, tasks_ * channels_}) : param;
+  }
+
+  // Images [N, T, C, H, W] as the kernels' [N, H, W, T·C] (fused pool) or [1, N·H·W, T·C].
+  at::Tensor to_kernel(const at::Tensor& t) const {
+    if (!spatial_) return t;
+    const auto images = grouped(t).permute({0, 2, 3, 1});
+    return fused_pool_ ? images : images.reshape({1, -1, images.size(3)});
+  }
+
+  // The kernels' output back as [N, T, C, H, W] of `sizes`.
+  at::Tensor from_kernel(const at::Tensor& k, const std::vector<int64_t>& sizes) const {
+    if (!spatial_) return k;
+    return k.view({sizes[0], sizes[3], sizes[4], sizes[1] * sizes[2]})
+        .permute({0, 3, 1, 2})
+        .view(sizes);
+  }
+
+  int64_t channels_;
+  bool spatial_, affine_;
+  int64_t w_off_, b_off_;
+  double eps_;
+  bool relu_ = false, ceil_mode_ = false, fused_pool_ = false;
+  std::unique_ptr<MaxPool2d> pool_;  // the max-pool taken over, if any
+  int64_t tasks_ = 0;
+  std::vector<int64_t> input_sizes_, output_sizes_;
+  at::Tensor x_, rx_, mean_, invstd_, rx_mean_, r_sigma_, y_, argmax_;
+};
+
+class ReLU final : public Layer {
+ public:
+  void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
+    y_ = at::relu(x);
+    // threshold_backward(t, y, 0) keeps t where y > 0: the ReLU mask, without storing one.
+    if (rx.defined()) rx = at::threshold_backward(rx, y_, 0);
+    x = y_;
+  }
+
+  void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy, bool) override {
+    gy = at::threshold_backward(gy, y_, 0);
+    if (p.carries_tangent() && rgy.defined()) rgy = at::threshold_backward(rgy, y_, 0);
+    y_ = at::Tensor();
+  }
+
+ private:
+  at::Tensor y_;
 };
 
 // Images [N, T, C, H, W] (sample-major) become task-major features [T, N, C·H·W].
@@ -487,13 +472,24 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
             std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]));
         break;
       }
-      case LayerKind::kReLU:
-        layers_.push_back(std::make_unique<ReLU>());
+      case LayerKind::kReLU: {
+        // A ReLU right after a batch norm runs in the batch norm's epilogue.
+        auto* norm = layers_.empty() ? nullptr : dynamic_cast<BatchNorm*>(layers_.back().get());
+        if (norm != nullptr && !norm->relu_fused()) {
+          norm->fuse_relu();
+        } else {
+          layers_.push_back(std::make_unique<ReLU>());
+        }
         break;
+      }
       case LayerKind::kMaxPool2d: {
         int64_t v[7];
         for (auto& value : v) value = reader.next("a MaxPool2d field");
-        layers_.push_back(std::make_unique<MaxPool2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6] != 0));
+        // A 2×2 max-pool after a batch norm's fused ReLU runs in the same epilogue.
+        auto* norm = layers_.empty() ? nullptr : dynamic_cast<BatchNorm*>(layers_.back().get());
+        if (norm == nullptr || !norm->fuse_max_pool({v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6] != 0)) {
+          layers_.push_back(std::make_unique<MaxPool2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6] != 0));
+        }
         break;
       }
       case LayerKind::kFlatten:

@@ -2,6 +2,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "batch_norm.h"
+#include "kernels/batch_norm_plan.h"
 #include "softmax_cross_entropy.h"
 #include "task_conv.h"
 
@@ -64,6 +68,93 @@ TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
                  optional_arg(weight_tangent), stride, padding, need_input_grad, has_bias);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+                const at::Tensor& bias, const at::Tensor& weight_tangent,
+                const at::Tensor& bias_tangent, double eps, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(const at::Tensor&, const OptionalTensor&,
+                                        const OptionalTensor&, const OptionalTensor&,
+                                        const OptionalTensor&, const OptionalTensor&, double,
+                                        bool)>();
+  return op.call(x, optional_arg(x_tangent), optional_arg(weight), optional_arg(bias),
+                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
+                         const at::Tensor& x, const at::Tensor& x_tangent,
+                         const at::Tensor& weight, const at::Tensor& weight_tangent,
+                         const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& x_tangent_mean, const at::Tensor& sigma_tangent,
+                         const at::Tensor& relu_output, bool input_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, bool)>();
+  return op.call(grad_y, optional_arg(grad_y_tangent), x, optional_arg(x_tangent), optional_arg(weight),
+                 optional_arg(weight_tangent), mean, invstd, optional_arg(x_tangent_mean),
+                 optional_arg(sigma_tangent), optional_arg(relu_output), input_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
+                              double eps, bool ceil_mode) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_relu_max_pool", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
+              bool)>();
+  return op.call(x, optional_arg(x_tangent), optional_arg(weight), optional_arg(bias),
+                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, ceil_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+task_batch_norm_relu_max_pool_backward(
+    const at::Tensor& grad_y, const at::Tensor& grad_y_tangent, const at::Tensor& x,
+    const at::Tensor& x_tangent, const at::Tensor& weight, const at::Tensor& weight_tangent,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
+    const at::Tensor& sigma_tangent, const at::Tensor& output, const at::Tensor& argmax,
+    bool input_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_batch_norm_relu_max_pool_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(
+              const at::Tensor&, const OptionalTensor&, const at::Tensor&, const OptionalTensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+              bool)>();
+  return op.call(grad_y, optional_arg(grad_y_tangent), x, optional_arg(x_tangent), optional_arg(weight),
+                 optional_arg(weight_tangent), mean, invstd, optional_arg(x_tangent_mean),
+                 optional_arg(sigma_tangent), output, argmax, input_grad);
+}
+
+// The CUDA batch-norm reduction's launch shape, for the CPU tests of the launch logic.
+std::vector<int64_t> task_batch_norm_reduction_plan(int64_t batch, int64_t rows, int64_t channels,
+                                                    int64_t multiprocessors) {
+  MAML_CHECK_ARG(batch >= 1 && batch <= kernels::kMaxGridYZ, "batch", "expected 1 to ",
+                 kernels::kMaxGridYZ, ", got ", batch);
+  MAML_CHECK_ARG(rows >= 1, "rows", "expected at least 1, got ", rows);
+  MAML_CHECK_ARG(channels >= 1, "channels", "expected at least 1, got ", channels);
+  MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected at least 1, got ",
+                 multiprocessors);
+  const auto p = kernels::plan_channel_reduction(batch, rows, channels, multiprocessors);
+  return {p.channels_per_block, p.row_lanes, p.channel_blocks, p.splits, p.rows_per_split};
+}
+
 TORCH_LIBRARY(maml_ext, m) {
   // Program description: see csrc/layers.h (LayerKind) and maml_ext/program.py, which writes it.
   // loss: 1 softmax cross-entropy, 2 mean-squared error.
@@ -93,6 +184,39 @@ TORCH_LIBRARY(maml_ext, m) {
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? logits_tangent) -> "
       "(Tensor loss, Tensor correct, Tensor grad, Tensor grad_tangent)");
+  // Transductive batch norm (statistics per channel of x [B, M, C] over its M values), optionally
+  // with a fused ReLU, carrying tangents; contract in csrc/batch_norm.h.
+  m.def(
+      "task_batch_norm(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool relu) -> "
+      "(Tensor y, Tensor y_tangent, Tensor mean, Tensor invstd, Tensor x_tangent_mean, "
+      "Tensor sigma_tangent)");
+  m.def(
+      "task_batch_norm_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
+      "Tensor? x_tangent, Tensor? weight, Tensor? weight_tangent, Tensor mean, Tensor invstd, "
+      "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor? relu_output, bool input_grad) -> "
+      "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
+  // Batch norm + ReLU + 2×2 max-pool (stride 2) fused, on images x [N, H, W, C] (channels-last);
+  // contract in csrc/batch_norm.h.
+  m.def(
+      "task_batch_norm_relu_max_pool(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool ceil_mode) -> "
+      "(Tensor y, Tensor y_tangent, Tensor argmax, Tensor mean, Tensor invstd, "
+      "Tensor x_tangent_mean, Tensor sigma_tangent)");
+  m.def(
+      "task_batch_norm_relu_max_pool_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
+      "Tensor? x_tangent, Tensor? weight, Tensor? weight_tangent, Tensor mean, Tensor invstd, "
+      "Tensor? x_tangent_mean, Tensor? sigma_tangent, Tensor output, Tensor argmax, "
+      "bool input_grad) -> "
+      "(Tensor grad_x, Tensor grad_x_tangent, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_weight_tangent, Tensor grad_bias_tangent)");
+  // (channels_per_block, row_lanes, channel_blocks, splits, rows_per_split): see
+  // csrc/kernels/batch_norm_plan.h.
+  m.def(
+      "task_batch_norm_reduction_plan(int batch, int rows, int channels, int multiprocessors) -> "
+      "int[]",
+      &task_batch_norm_reduction_plan);
   m.def("compiled_with_cuda() -> bool", &compiled_with_cuda);
   // Task-batched 2-d convolution with fused tangents; layouts and results: csrc/task_conv.h.
   m.def(

@@ -34,19 +34,10 @@ using TaskConvForwardResult = std::tuple<at::Tensor, at::Tensor>;
 using TaskConvBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 inline void check_pair(at::IntArrayRef values, const char* arg, int64_t least) {
   MAML_CHECK_ARG(values.size() == 2, arg, "expected 2 values, got ", values.size());
   MAML_CHECK_ARG(values[0] >= least && values[1] >= least, arg, "expected values >= ", least,
                  ", got ", values);
-}
-
-inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
-  if (!given(t)) return;
-  check_same_device_dtype(*t, like, arg);
-  MAML_CHECK_ARG(t->sizes() == like.sizes(), arg, "expected shape ", like.sizes(), ", got ",
-                 t->sizes());
 }
 
 // Checks the arguments shared by both ops and returns the convolution's geometry.
