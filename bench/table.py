@@ -8,9 +8,12 @@ How it measures (DESIGN.md "How to measure"):
 - every implementation gets the same model (fixed seed) and the same task batch, in this process;
 - the first call of each is the warm-up (and, for vmap_compiled, the compile) and gives the
   gradient that is checked against the reference backend before anything is timed;
-- then N rounds, each calling every implementation once in turn (interleaved, so a burst of
-  background load hits all of them alike); each call is timed with perf_counter around the call,
-  synchronising the GPU before and after on CUDA; the table shows the median of the N;
+- then N rounds, each running every implementation in turn (interleaved, so a burst of
+  background load hits all of them alike); a round of an implementation is as many back-to-back
+  calls as fill ~20 ms (one call for the conv nets, hundreds for the sinusoid MLP, which would
+  otherwise be timed cold right after another implementation), timed with perf_counter around
+  them, synchronising the GPU before and after on CUDA; the table shows the median over the N
+  rounds of the time per call;
 - "speed-up" is (the fastest median of reference, vmap, vmap_compiled) / (fused median), and the
   same for fused_graph (CUDA only: the fused meta-step captured in a CUDA graph, then replayed);
 - errors are max_i |g_i − r_i| / max_i |r_i| against the float32 reference backend (and, unless
@@ -49,6 +52,7 @@ DEFAULT_IMPLS = ["reference", "fused", "fused_raw", "vmap", "vmap_compiled"]
 CUDA_IMPLS = ["fused_graph"]  # added to the default implementations on --device cuda
 MEMORY_CONFIG = "miniimagenet-5w1s"
 MEMORY_IMPLS = ["fused", "reference"]
+MIN_ROUND_S = 0.02  # each round of an implementation lasts at least this long
 
 
 class CompileTimeout(BaseException):
@@ -165,14 +169,25 @@ def run_config(name: str, args) -> dict:
             entry["max_err_vs_ref64"] = impls.max_elementwise_error(grad, oracle)
             entry["rel_err_vs_ref64"] = impls.relative_error(grad, oracle)
 
+    # Calls per round: enough for ~20 ms, so a sub-millisecond step is timed warm, not right
+    # after another implementation has evicted its code and data from the caches.
+    calls = {}
+    for impl_name, impl in live.items():
+        _sync(args.device)
+        start = time.perf_counter()
+        impl()
+        _sync(args.device)
+        calls[impl_name] = max(1, min(1000, round(MIN_ROUND_S / (time.perf_counter() - start))))
+        row["impls"][impl_name]["calls_per_round"] = calls[impl_name]
     times = {impl_name: [] for impl_name in live}
     for _ in range(args.repeats):
         for impl_name, impl in live.items():
             _sync(args.device)
             start = time.perf_counter()
-            impl()
+            for _ in range(calls[impl_name]):
+                impl()
             _sync(args.device)
-            times[impl_name].append(time.perf_counter() - start)
+            times[impl_name].append((time.perf_counter() - start) / calls[impl_name])
     for impl_name, samples in times.items():
         entry = row["impls"][impl_name]
         entry["times_ms"] = [s * 1e3 for s in samples]
@@ -302,7 +317,8 @@ def render(rows: list[dict], memory: dict | None, info: dict, args, command: str
             cells.append(f"{row[key]:.2f}× (vs {row['fastest_other']})" if key in row else "—")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    out.append(f"Cells: median ms per meta-step over {args.repeats} interleaved warm repetitions "
+    out.append(f"Cells: median ms per meta-step over {args.repeats} interleaved warm rounds (each "
+               f"as many calls as fill {MIN_ROUND_S * 1e3:.0f} ms) "
                "(second order, float32); in brackets max_i |g_i − r_i| / max_i |r_i| of the "
                "meta-gradient against the reference backend in float32"
                + (" and in float64" if args.oracle64 else "") + ". fused = MetaOptimizer."
