@@ -62,3 +62,16 @@ def all_grads(opt) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
+    """Fresh normal inputs [T, N, *shape]; class indices below `outputs` or normal targets."""
+    sx = torch.randn(tasks, support, *shape, dtype=dtype, generator=generator)
+    qx = torch.randn(tasks, query, *shape, dtype=dtype, generator=generator)
+    if loss == "cross_entropy":
+        sy = torch.randint(0, outputs, (tasks, support), generator=generator)
+        qy = torch.randint(0, outputs, (tasks, query), generator=generator)
+    else:
+        sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
+        qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)
+    return sx, sy, qx, qy

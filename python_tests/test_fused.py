@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, jvp
 import maml_ext
 from maml_ext.program import UnsupportedModelError
 from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
-                             relative_error, sinusoid_mlp)
+                             random_batch, relative_error, sinusoid_mlp)
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -62,18 +62,6 @@ def layer_stacks(draw):
     # nested Sequential, as users write them
     model = nn.Sequential(nn.Sequential(*layers), *head) if draw(st.booleans()) else nn.Sequential(*layers, *head)
     return model, shape, loss, outputs
-
-
-def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
-    sx = torch.randn(tasks, support, *shape, dtype=dtype, generator=generator)
-    qx = torch.randn(tasks, query, *shape, dtype=dtype, generator=generator)
-    if loss == "cross_entropy":
-        sy = torch.randint(0, outputs, (tasks, support), generator=generator)
-        qy = torch.randint(0, outputs, (tasks, query), generator=generator)
-    else:
-        sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
-        qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)
-    return sx, sy, qx, qy
 
 
 def meta_gradients(model, batch, backend, seed, **kwargs):

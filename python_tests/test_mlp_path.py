@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, compile_program
-from maml_test_utils import relative_error, sinusoid_mlp
+from maml_test_utils import random_batch, relative_error, sinusoid_mlp
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -39,15 +39,7 @@ def mlps(draw):
 
 
 def batch(generator, tasks, support, query, features, loss, outputs, dtype):
-    sx = torch.randn(tasks, support, features, dtype=dtype, generator=generator)
-    qx = torch.randn(tasks, query, features, dtype=dtype, generator=generator)
-    if loss == "cross_entropy":
-        sy = torch.randint(0, outputs, (tasks, support), generator=generator)
-        qy = torch.randint(0, outputs, (tasks, query), generator=generator)
-    else:
-        sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
-        qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)
-    return sx, sy, qx, qy
+    return random_batch(generator, tasks, support, query, (features,), loss, outputs, dtype)
 
 
 def oracle(model, program, theta, rates, data, loss, first_order):

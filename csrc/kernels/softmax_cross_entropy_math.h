@@ -8,11 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MAML_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MAML_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace maml_ext {
 namespace kernels {

@@ -15,13 +15,7 @@
 
 #include <cstdint>
 
-#ifndef MAML_HOST_DEVICE
-#if defined(__CUDACC__)
-#define MAML_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MAML_HOST_DEVICE inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace maml_ext {
 namespace kernels {
