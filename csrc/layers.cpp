@@ -98,11 +98,12 @@ class Linear final : public Layer {
   at::Tensor x_, rx_;
 };
 
-// Image activations are kept sample-major, [N, T, C, H, W]: viewed as [N, T·C, H, W] without a
-// copy, the T per-task convolutions are one grouped convolution (groups = T) and the per-task
-// batch norms one batch norm over T·C channels, both native ATen (oneDNN / cuDNN) kernels. They
-// are stored channels-last (N, H, W, T·C in memory), the format oneDNN computes in: measured on
-// the Omniglot shapes, NCHW cost a reorder per call and made max-pooling 3-7x slower.
+// Image activations are kept sample-major, [N, T, C, H, W], stored channels-last (N, H, W, T·C in
+// memory). Viewed as [N, T·C, H, W] without a copy, the T per-task convolutions are one grouped
+// convolution (task_conv2d: oneDNN with groups = T on the CPU, an implicit GEMM over all tasks on
+// CUDA) and the per-task batch norms one batch norm over T·C channels (task_batch_norm). On the
+// CPU channels-last is also oneDNN's own format: measured on the Omniglot shapes, NCHW cost a
+// reorder per call and made max-pooling 3-7x slower.
 at::Tensor grouped(const at::Tensor& x) {
   return x.reshape({x.size(0), x.size(1) * x.size(2), x.size(3), x.size(4)});
 }
