@@ -71,13 +71,16 @@ class LayerProgram:
             pieces.append(value.reshape(*value.shape[:task_dims], slot.numel))
         return torch.cat(pieces, dim=-1)
 
+    @functools.cached_property
+    def _split_sizes(self) -> list[int]:
+        return [slot.numel for slot in self.slots]
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Splits [..., P] back into named tensors [..., *shape]."""
+        """Splits [..., P] back into named tensors [..., *shape] (views where the layout allows)."""
         lead = flat.shape[:-1]
-        return {
-            slot.name: flat[..., slot.offset : slot.offset + slot.numel].reshape(*lead, *slot.shape)
-            for slot in self.slots
-        }
+        pieces = flat.split(self._split_sizes, dim=-1)
+        return {slot.name: piece.reshape(*lead, *slot.shape)
+                for slot, piece in zip(self.slots, pieces)}
 
 
 def _pair(value) -> tuple[int, int]:
