@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from . import fused
 from .backend import BackendChoice
 from .inner_lr import InnerLearningRates
 from .program import LOSS_CODES, LayerProgram
@@ -184,7 +185,6 @@ class GraphedMetaStep:
         rate_params = list(inner_lr.parameters())
         learned = bool(rate_params)
         names = list(params)
-        ints, floats = list(program.ints), list(program.floats)
         offsets = {slot.name: slot.offset for slot in program.slots}
         grad_slices = [(offsets[name], params[name].shape) for name in names]
         position = program.num_params
@@ -198,8 +198,9 @@ class GraphedMetaStep:
                 theta = program.flatten({name: params[name].detach() for name in names})
             with torch.set_grad_enabled(learned):
                 rates = inner_lr.flat(program.slots, steps, theta)
-            query_loss, accuracy, support_loss, meta_grad, rate_grad = torch.ops.maml_ext.meta_step(
-                theta, rates.detach(), *inputs, ints, floats, loss_code, first_order, learned)
+            query_loss, accuracy, support_loss, meta_grad, rate_grad = fused.meta_step(
+                program, theta, rates.detach(), *inputs, loss_code=loss_code,
+                first_order=first_order, inner_lr_grad=learned)
             rate_param_grads = (torch.autograd.grad(rates, rate_params, rate_grad)
                                 if learned else ())
             return torch.cat([meta_grad, *(g.reshape(-1) for g in rate_param_grads),

@@ -48,6 +48,15 @@ if compiled_ops_available():
     _register_fake_kernels()
 
 
+def meta_step(program: LayerProgram, theta, inner_lr, support_x, support_y, query_x, query_y, *,
+              loss_code: int, first_order: bool, inner_lr_grad: bool = False):
+    """The bare op: (per-task query loss, per-task query accuracy or [0], per-task support loss,
+    meta-gradient [P], inner-rate gradient [K, P] or [0]); no autograd."""
+    return torch.ops.maml_ext.meta_step(theta, inner_lr, support_x, support_y, query_x, query_y,
+                                        program.ints_list, program.floats_list, loss_code,
+                                        first_order, inner_lr_grad)
+
+
 class _FusedMetaLoss(torch.autograd.Function):
     """Mean query loss over tasks; backward returns the meta-gradient the op already computed."""
 
@@ -55,9 +64,9 @@ class _FusedMetaLoss(torch.autograd.Function):
     def forward(ctx, theta, inner_lr, support_x, support_y, query_x, query_y, program: LayerProgram,
                 loss_code: int, first_order: bool):
         need_rate_grad = inner_lr.requires_grad
-        query_loss, query_accuracy, support_loss, meta_grad, rate_grad = torch.ops.maml_ext.meta_step(
-            theta, inner_lr, support_x, support_y, query_x, query_y, list(program.ints),
-            list(program.floats), loss_code, first_order, need_rate_grad)
+        query_loss, query_accuracy, support_loss, meta_grad, rate_grad = meta_step(
+            program, theta, inner_lr, support_x, support_y, query_x, query_y, loss_code=loss_code,
+            first_order=first_order, inner_lr_grad=need_rate_grad)
         ctx.save_for_backward(meta_grad, rate_grad)
         ctx.need_rate_grad = need_rate_grad
         ctx.mark_non_differentiable(query_loss, query_accuracy, support_loss)
@@ -80,14 +89,14 @@ def meta_loss(program: LayerProgram, theta: torch.Tensor, inner_lr: torch.Tensor
 
 
 def adapt(program: LayerProgram, theta, inner_lr, support_x, support_y, *, loss_code: int):
-    return torch.ops.maml_ext.adapt(theta, inner_lr, support_x, support_y, list(program.ints),
-                                    list(program.floats), loss_code)
+    return torch.ops.maml_ext.adapt(theta, inner_lr, support_x, support_y, program.ints_list,
+                                    program.floats_list, loss_code)
 
 
 def forward(program: LayerProgram, theta, x):
-    return torch.ops.maml_ext.program_forward(theta, x, list(program.ints), list(program.floats))
+    return torch.ops.maml_ext.program_forward(theta, x, program.ints_list, program.floats_list)
 
 
 def loss_hvp(program: LayerProgram, theta, x, y, v, *, loss_code: int):
-    return torch.ops.maml_ext.loss_hvp(theta, x, y, v, list(program.ints), list(program.floats),
+    return torch.ops.maml_ext.loss_hvp(theta, x, y, v, program.ints_list, program.floats_list,
                                        loss_code)

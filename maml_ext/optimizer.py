@@ -201,12 +201,11 @@ class MetaOptimizer:
             if rates is None:
                 rates = self._fixed_rates[key] = self.inner_lr.flat(program.slots,
                                                                     self.inner_steps, theta)
-            query_loss, query_accuracy, support_loss, meta_grad, _ = torch.ops.maml_ext.meta_step(
-                theta, rates, support_x, support_y, query_x, query_y, program.ints_list,
-                program.floats_list, LOSS_CODES[self.loss.name], self.first_order, False)
+            query_loss, query_accuracy, support_loss, meta_grad, _ = fused.meta_step(
+                program, theta, rates, support_x, support_y, query_x, query_y,
+                loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
         return (query_loss.mean(), query_accuracy if query_accuracy.numel() else None, support_loss,
                 meta_grad)
-
 
     @staticmethod
     def _site(model: nn.Module, name: str) -> tuple[dict, str]:
@@ -264,6 +263,30 @@ class MetaOptimizer:
                       output_shape=None if classification or not self.loss.builtin else output_shape,
                       dtype=first.dtype, device=first.device)
 
+    def _differentiable_meta_loss(self, choice, params, support_x, support_y, query_x, query_y):
+        """(mean query loss, differentiable in the parameters and learned rates; mean query
+        accuracy or None; per-task support loss) by the graph-replayed or eager fused op, or the
+        reference backend."""
+        loss_code = LOSS_CODES[self.loss.name]
+        if choice.name == "fused" and self._graphed is not None:
+            loss, _, query_accuracy, support_loss = self._graphed(
+                choice.program, params, self.inner_lr, self.inner_steps, support_x, support_y,
+                query_x, query_y, loss_code=loss_code, first_order=self.first_order)
+        elif choice.name == "fused":
+            program = choice.program
+            theta = program.flatten(params)
+            rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
+            loss, _, query_accuracy, support_loss = fused.meta_loss(
+                program, theta, rates, support_x, support_y, query_x, query_y,
+                loss_code=loss_code, first_order=self.first_order)
+        else:
+            result = reference.meta_loss(self.model, params, self.inner_lr, support_x, support_y,
+                                         query_x, query_y, steps=self.inner_steps,
+                                         first_order=self.first_order, loss=self.loss)
+            loss, query_accuracy, support_loss = (result.loss, result.query_accuracy,
+                                                  result.support_loss)
+        return loss, query_accuracy, support_loss
+
     def _defer_class_range(self, device: torch.device, choice: BackendChoice) -> bool:
         """On a GPU the fused backend checks class indices without waiting for the device: its
         loss kernel turns an index out of range into a NaN loss and gradient, which the one
@@ -274,9 +297,9 @@ class MetaOptimizer:
     def _meta_gradient(self, support_x, support_y, query_x, query_y):
         params = self._params(self.model)
         first = next(iter(params.values()))
-        deferred = self._defer_class_range(first.device,
-                                           self._backend_choice(first.device, first.dtype))
-        choice = self._check_support(support_x, support_y, params, class_range=not deferred)
+        choice = self._backend_choice(first.device, first.dtype)
+        deferred = self._defer_class_range(first.device, choice)
+        self._check_support(support_x, support_y, params, class_range=not deferred)
         check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
                      device=first.device, features=tuple(support_x.shape[2:]))
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
@@ -292,24 +315,8 @@ class MetaOptimizer:
             if not bool(finite):
                 finite = torch.isfinite(loss) & torch.isfinite(meta_grad).all()
         else:
-            if choice.name == "fused" and self._graphed is not None:
-                loss, query_loss, query_accuracy, support_loss = self._graphed(
-                    choice.program, params, self.inner_lr, self.inner_steps, support_x, support_y,
-                    query_x, query_y, loss_code=LOSS_CODES[self.loss.name],
-                    first_order=self.first_order)
-            elif choice.name == "fused":
-                program = choice.program
-                theta = program.flatten(params)
-                rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
-                loss, query_loss, query_accuracy, support_loss = fused.meta_loss(
-                    program, theta, rates, support_x, support_y, query_x, query_y,
-                    loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
-            else:
-                result = reference.meta_loss(self.model, params, self.inner_lr, support_x,
-                                             support_y, query_x, query_y, steps=self.inner_steps,
-                                             first_order=self.first_order, loss=self.loss)
-                loss, query_accuracy, support_loss = (result.loss, result.query_accuracy,
-                                                      result.support_loss)
+            loss, query_accuracy, support_loss = self._differentiable_meta_loss(
+                choice, params, support_x, support_y, query_x, query_y)
             tensors = list(params.values()) + list(self.inner_lr.parameters())
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]

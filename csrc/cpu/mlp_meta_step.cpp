@@ -542,13 +542,23 @@ void check_labels(const at::Tensor& y, int64_t classes, const char* name) {
 
 }  // namespace
 
-bool mlp_meta_step_applies(const at::Tensor& theta, const at::Tensor& support_x,
-                           const at::Tensor& query_x, at::IntArrayRef program) {
+namespace {
+
+// The program as an MLP the path takes (see mlp_meta_step_applies), or false.
+bool parse_applicable(const at::Tensor& theta, const at::Tensor& support_x,
+                      const at::Tensor& query_x, at::IntArrayRef program, Mlp& mlp) {
   if (!theta.device().is_cpu() || support_x.dim() != 3 || query_x.dim() != 3) return false;
   if (support_x.size(2) != query_x.size(2)) return false;
-  Mlp mlp;
   if (!parse_mlp(program, support_x.size(2), mlp)) return false;
   return mlp.max_width <= kMaxWidth && mlp.layers.size() <= 64;
+}
+
+}  // namespace
+
+bool mlp_meta_step_applies(const at::Tensor& theta, const at::Tensor& support_x,
+                           const at::Tensor& query_x, at::IntArrayRef program) {
+  Mlp mlp;
+  return parse_applicable(theta, support_x, query_x, program, mlp);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
@@ -558,13 +568,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     bool inner_lr_grad) {
   const int64_t tasks =
       check_meta_step_args(theta, inner_lr, support_x, support_y, query_x, query_y, loss);
-  MAML_CHECK_ARG(mlp_meta_step_applies(theta, support_x, query_x, program), "program",
+  Mlp mlp;
+  MAML_CHECK_ARG(parse_applicable(theta, support_x, query_x, program, mlp), "program",
                  "the MLP path takes CPU tensors, inputs [T, N, features] and Linear/ReLU layers "
                  "at most ", kMaxWidth, " wide");
   // Validates the slices (they tile [0, P)) and the loss code, as the general path does.
   const Program validated(program, program_floats, loss, theta.size(0));
-  Mlp mlp;
-  parse_mlp(program, support_x.size(2), mlp);
   const auto kind = validated.loss();
   if (kind == LossKind::kCrossEntropy) {
     check_labels(support_y, mlp.output_width, "support_y");
