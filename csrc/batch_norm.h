@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "kernels/batch_norm_partials.h"
 
 namespace maml_ext {
 
@@ -129,6 +130,21 @@ inline void check_task_batch_norm_relu_max_pool_backward_args(
                  "x_tangent", "needs the forward's x_tangent_mean and sigma_tangent as well");
 }
 
+// partial_statistics, where given, replaces the forward's statistics passes: [P, B, C, 5], the
+// chunks' statistics of x (and x_tangent where given) per channel (kernels/batch_norm_partials.h),
+// whose counts add up to M; task_conv2d_with_statistics produces them.
+inline void check_partial_statistics(const OptionalTensor& partials, const at::Tensor& x,
+                                     int64_t batch) {
+  if (!given(partials)) return;
+  check_same_device_dtype(*partials, x, "partial_statistics");
+  MAML_CHECK_ARG(partials->dim() == 4 && partials->size(0) >= 1 && partials->size(1) == batch &&
+                     partials->size(2) == x.size(-1) &&
+                     partials->size(3) == kernels::kPartialFields,
+                 "partial_statistics", "expected [P, ", batch, ", ", x.size(-1), ", ",
+                 kernels::kPartialFields, "] with P >= 1 (chunks, batch, channels, fields), got ",
+                 partials->sizes());
+}
+
 // Forward: (y, y_tangent, mean, invstd, x_tangent_mean, sigma_tangent). y_tangent is computed
 // when x_tangent, weight_tangent or bias_tangent is given (else it is empty); x_tangent_mean
 // (mean R{x}) and sigma_tangent (R{σ} = mean(x̂ R{x})) when x_tangent is given. relu: y is
@@ -137,7 +153,8 @@ inline void check_task_batch_norm_relu_max_pool_backward_args(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
                 const at::Tensor& bias, const at::Tensor& weight_tangent,
-                const at::Tensor& bias_tangent, double eps, bool relu);
+                const at::Tensor& bias_tangent, double eps, bool relu,
+                const at::Tensor& partial_statistics = at::Tensor());
 
 // Backward: (grad_x, grad_x_tangent, grad_weight, grad_bias, grad_weight_tangent,
 // grad_bias_tangent). The tangents are computed when grad_y_tangent is given; relu_output (the
@@ -158,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
                               const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
-                              double eps, bool ceil_mode);
+                              double eps, bool ceil_mode,
+                              const at::Tensor& partial_statistics = at::Tensor());
 
 // Its backward, as task_batch_norm_backward's, from the forward's output y and argmax.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

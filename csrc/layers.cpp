@@ -128,12 +128,28 @@ class Conv2d final : public Layer {
     rx_ = rx;
     const bool tangent = p.carries_tangent();
     // R{y} = conv(R{x}, W) + conv(x, V) + v_b
-    auto [y, ry] = task_conv2d(x, rx, weights(p.theta), tangent ? weights(p.tangent) : at::Tensor(),
-                               bias(p.theta), tangent ? bias(p.tangent) : at::Tensor(), stride_,
-                               padding_);
+    const auto w = weights(p.theta), v = tangent ? weights(p.tangent) : at::Tensor();
+    const auto b = bias(p.theta), vb = tangent ? bias(p.tangent) : at::Tensor();
+    at::Tensor y, ry;
+    if (statistics_slot_ != nullptr && x.is_cuda()) {
+      // The kernel's epilogue summarises y for the batch norm that follows: [P, T, O, 5] as its
+      // [P, 1, T·O, 5].
+      at::Tensor partials;
+      std::tie(y, ry, partials) =
+          task_conv2d_with_statistics(x, rx, w, v, b, vb, stride_, padding_);
+      *statistics_slot_ = partials.view({partials.size(0), 1, -1, partials.size(3)});
+    } else {
+      std::tie(y, ry) = task_conv2d(x, rx, w, v, b, vb, stride_, padding_);
+    }
     if (tangent) rx = ry;
     x = y;
   }
+
+  int64_t out_channels() const { return out_; }
+
+  // A spatial batch norm directly after this layer takes its statistics from this layer's
+  // epilogue on CUDA (the CPU keeps oneDNN's convolution and the batch norm's own passes).
+  void hand_statistics_to(at::Tensor* slot) { statistics_slot_ = slot; }
 
   void backward(const PassParams& p, at::Tensor& gy, at::Tensor& rgy,
                 bool need_input_grad) override {
@@ -168,6 +184,7 @@ class Conv2d final : public Layer {
   bool bias_;
   int64_t w_off_, b_off_;
   at::Tensor x_, rx_;
+  at::Tensor* statistics_slot_ = nullptr;  // the following batch norm's, if it takes them
 };
 
 class MaxPool2d final : public Layer {
@@ -215,13 +232,19 @@ class MaxPool2d final : public Layer {
 // All tasks' channels are one maml_ext::task_batch_norm (or task_batch_norm_relu_max_pool) call
 // (csrc/batch_norm.h; CPU and CUDA kernels), which carries the tangent (TANGENTS.md) through
 // forward and backward. Images [N, T, C, H, W], stored N, H, W, T·C, are its x [1, N·H·W, T·C]
-// (pooled: [N, H, W, T·C]) without a copy; features [T, N, C] are its x [T, N, C].
+// (pooled: [N, H, W, T·C]) without a copy; features [T, N, C] are its x [T, N, C]. On CUDA, right
+// after a convolution, its statistics come from the convolution's epilogue (partial statistics
+// merged per channel) instead of two passes over x.
 class BatchNorm final : public Layer {
  public:
   BatchNorm(int64_t channels, bool spatial, bool affine, int64_t weight_offset,
             int64_t bias_offset, double eps)
       : channels_(channels), spatial_(spatial), affine_(affine), w_off_(weight_offset),
         b_off_(bias_offset), eps_(eps) {}
+
+  // Where the convolution before this layer leaves its output's partial statistics for the next
+  // forward (consumed there).
+  at::Tensor* partial_statistics_slot() { return &partial_statistics_; }
 
   bool relu_fused() const { return relu_; }
   void fuse_relu() { relu_ = true; }
@@ -259,13 +282,14 @@ class BatchNorm final : public Layer {
     const auto weight_tangent = tangent ? channel_param(p.tangent, w_off_) : at::Tensor();
     const auto bias_tangent = tangent ? channel_param(p.tangent, b_off_) : at::Tensor();
     at::Tensor y, ry, rx_mean, r_sigma;
+    const auto partials = std::exchange(partial_statistics_, at::Tensor());
     if (fused_pool_) {
       std::tie(y, ry, argmax_, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm_relu_max_pool(
-          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, ceil_mode_);
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, ceil_mode_, partials);
       output_sizes_ = {input_sizes_[0], input_sizes_[1], input_sizes_[2], y.size(1), y.size(2)};
     } else {
       std::tie(y, ry, mean_, invstd_, rx_mean, r_sigma) = task_batch_norm(
-          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, relu_);
+          x_, rx_, weight, bias, weight_tangent, bias_tangent, eps_, relu_, partials);
       output_sizes_ = input_sizes_;
     }
     rx_mean_ = rx_.defined() ? rx_mean : at::Tensor();
@@ -337,6 +361,7 @@ class BatchNorm final : public Layer {
   int64_t tasks_ = 0;
   std::vector<int64_t> input_sizes_, output_sizes_;
   at::Tensor x_, rx_, mean_, invstd_, rx_mean_, r_sigma_, y_, argmax_;
+  at::Tensor partial_statistics_;  // from the convolution before, for one forward
 };
 
 class ReLU final : public Layer {
@@ -469,8 +494,14 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
           claim(w, channels);
           claim(b, channels);
         }
-        layers_.push_back(
-            std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]));
+        auto norm =
+            std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]);
+        // A 2-d batch norm right after a convolution takes its statistics from the convolution.
+        auto* conv = layers_.empty() ? nullptr : dynamic_cast<Conv2d*>(layers_.back().get());
+        if (conv != nullptr && spatial && conv->out_channels() == channels) {
+          conv->hand_statistics_to(norm->partial_statistics_slot());
+        }
+        layers_.push_back(std::move(norm));
         break;
       }
       case LayerKind::kReLU: {

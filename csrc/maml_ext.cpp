@@ -51,6 +51,24 @@ TaskConvForwardResult task_conv2d(const at::Tensor& x, const at::Tensor& x_tange
                  optional_arg(bias_tangent), stride, padding);
 }
 
+TaskConvStatisticsResult task_conv2d_with_statistics(const at::Tensor& x, const at::Tensor& x_tangent,
+                                                     const at::Tensor& weight,
+                                                     const at::Tensor& weight_tangent,
+                                                     const at::Tensor& bias,
+                                                     const at::Tensor& bias_tangent,
+                                                     at::IntArrayRef stride,
+                                                     at::IntArrayRef padding) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::task_conv2d_with_statistics", "")
+          .typed<TaskConvStatisticsResult(
+              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(x, optional_arg(x_tangent), weight, optional_arg(weight_tangent), optional_arg(bias),
+                 optional_arg(bias_tangent), stride, padding);
+}
+
 TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
                                             const at::Tensor& grad_y_tangent, const at::Tensor& x,
                                             const at::Tensor& x_tangent, const at::Tensor& weight,
@@ -71,7 +89,8 @@ TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
                 const at::Tensor& bias, const at::Tensor& weight_tangent,
-                const at::Tensor& bias_tangent, double eps, bool relu) {
+                const at::Tensor& bias_tangent, double eps, bool relu,
+                const at::Tensor& partial_statistics) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("maml_ext::task_batch_norm", "")
@@ -79,9 +98,10 @@ task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tens
                             at::Tensor>(const at::Tensor&, const OptionalTensor&,
                                         const OptionalTensor&, const OptionalTensor&,
                                         const OptionalTensor&, const OptionalTensor&, double,
-                                        bool)>();
+                                        bool, const OptionalTensor&)>();
   return op.call(x, optional_arg(x_tangent), optional_arg(weight), optional_arg(bias),
-                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, relu);
+                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, relu,
+                 optional_arg(partial_statistics));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -108,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
                               const at::Tensor& weight, const at::Tensor& bias,
                               const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
-                              double eps, bool ceil_mode) {
+                              double eps, bool ceil_mode, const at::Tensor& partial_statistics) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("maml_ext::task_batch_norm_relu_max_pool", "")
@@ -116,9 +136,10 @@ task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
                             at::Tensor, at::Tensor>(
               const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
               const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
-              bool)>();
+              bool, const OptionalTensor&)>();
   return op.call(x, optional_arg(x_tangent), optional_arg(weight), optional_arg(bias),
-                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, ceil_mode);
+                 optional_arg(weight_tangent), optional_arg(bias_tangent), eps, ceil_mode,
+                 optional_arg(partial_statistics));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -185,10 +206,12 @@ TORCH_LIBRARY(maml_ext, m) {
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? logits_tangent) -> "
       "(Tensor loss, Tensor correct, Tensor grad, Tensor grad_tangent)");
   // Transductive batch norm (statistics per channel of x [B, M, C] over its M values), optionally
-  // with a fused ReLU, carrying tangents; contract in csrc/batch_norm.h.
+  // with a fused ReLU, carrying tangents; contract in csrc/batch_norm.h. partial_statistics
+  // [P, B, C, 5] (e.g. from task_conv2d_with_statistics) replaces the statistics passes.
   m.def(
       "task_batch_norm(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
-      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool relu) -> "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool relu, "
+      "Tensor? partial_statistics=None) -> "
       "(Tensor y, Tensor y_tangent, Tensor mean, Tensor invstd, Tensor x_tangent_mean, "
       "Tensor sigma_tangent)");
   m.def(
@@ -201,7 +224,8 @@ TORCH_LIBRARY(maml_ext, m) {
   // contract in csrc/batch_norm.h.
   m.def(
       "task_batch_norm_relu_max_pool(Tensor x, Tensor? x_tangent, Tensor? weight, Tensor? bias, "
-      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool ceil_mode) -> "
+      "Tensor? weight_tangent, Tensor? bias_tangent, float eps, bool ceil_mode, "
+      "Tensor? partial_statistics=None) -> "
       "(Tensor y, Tensor y_tangent, Tensor argmax, Tensor mean, Tensor invstd, "
       "Tensor x_tangent_mean, Tensor sigma_tangent)");
   m.def(
@@ -223,6 +247,12 @@ TORCH_LIBRARY(maml_ext, m) {
       "task_conv2d(Tensor x, Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, "
       "Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding) -> "
       "(Tensor y, Tensor y_tangent)");
+  // task_conv2d plus the batch-norm partial statistics of y [P, T, O, 5] (csrc/task_conv.h), for
+  // a following task_batch_norm.
+  m.def(
+      "task_conv2d_with_statistics(Tensor x, Tensor? x_tangent, Tensor weight, "
+      "Tensor? weight_tangent, Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding) "
+      "-> (Tensor y, Tensor y_tangent, Tensor partial_statistics)");
   m.def(
       "task_conv2d_backward(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, Tensor? x_tangent, "
       "Tensor weight, Tensor? weight_tangent, int[2] stride, int[2] padding, bool need_input_grad, "
@@ -234,6 +264,10 @@ TORCH_LIBRARY(maml_ext, m) {
       "_task_conv2d_emulated(Tensor x, Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, "
       "Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding, int multiprocessors) -> "
       "(Tensor y, Tensor y_tangent)");
+  m.def(
+      "_task_conv2d_with_statistics_emulated(Tensor x, Tensor? x_tangent, Tensor weight, "
+      "Tensor? weight_tangent, Tensor? bias, Tensor? bias_tangent, int[2] stride, int[2] padding, "
+      "int multiprocessors) -> (Tensor y, Tensor y_tangent, Tensor partial_statistics)");
   m.def(
       "_task_conv2d_backward_emulated(Tensor grad_y, Tensor? grad_y_tangent, Tensor x, "
       "Tensor? x_tangent, Tensor weight, Tensor? weight_tangent, int[2] stride, int[2] padding, "

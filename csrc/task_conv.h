@@ -16,6 +16,13 @@
 //                       tangents R{gx} = conv_input_grad(R{gy}, W) + conv_input_grad(gy, V),
 //                       R{gW} = conv_weight_grad(x, R{gy}) + conv_weight_grad(R{x}, gy),
 //                       R{gb} = Σ R{gy}.
+//   task_conv2d_with_statistics: task_conv2d's results and the batch-norm partial statistics of y
+//                       (and y_tangent, zero where there is none), partial_statistics
+//                       [P, T, O, 5]: per chunk p of the rows (n, ho, wo), per (task, channel),
+//                       the fields of kernels/batch_norm_partials.h. Viewed as [P, 1, T·O, 5] they
+//                       are task_batch_norm's partial_statistics for y as [1, N·Ho·Wo, T·O]. The
+//                       chunks are the CUDA kernel's row tiles; on the CPU, kStatisticsChunkRows
+//                       rows each.
 // An absent tangent is zero. Results that are not computed are empty tensors (shape [0]).
 #pragma once
 
@@ -31,6 +38,9 @@
 namespace maml_ext {
 
 using TaskConvForwardResult = std::tuple<at::Tensor, at::Tensor>;
+using TaskConvStatisticsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr int64_t kStatisticsChunkRows = 64;
 using TaskConvBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -132,6 +142,14 @@ TaskConvForwardResult task_conv2d(const at::Tensor& x, const at::Tensor& x_tange
                                   const at::Tensor& weight, const at::Tensor& weight_tangent,
                                   const at::Tensor& bias, const at::Tensor& bias_tangent,
                                   at::IntArrayRef stride, at::IntArrayRef padding);
+
+TaskConvStatisticsResult task_conv2d_with_statistics(const at::Tensor& x, const at::Tensor& x_tangent,
+                                                     const at::Tensor& weight,
+                                                     const at::Tensor& weight_tangent,
+                                                     const at::Tensor& bias,
+                                                     const at::Tensor& bias_tangent,
+                                                     at::IntArrayRef stride,
+                                                     at::IntArrayRef padding);
 
 TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
                                             const at::Tensor& grad_y_tangent, const at::Tensor& x,

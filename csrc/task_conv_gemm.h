@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include "kernels/batch_norm_partials.h"
 #include "kernels/conv_tiling.h"
 #include "kernels/task_conv_math.h"
 #include "task_conv.h"
@@ -41,14 +42,17 @@ inline void check_launch_limits(const kernels::GemmTiling& t) {
                  t.cols, " columns per task) for one launch");
 }
 
+// The forward; with `statistics`, also the batch-norm partial statistics of y per row tile
+// (kernels/task_gemm_tile.h's epilogue), [grid_m, T, O, kPartialFields], else an empty tensor.
 template <typename Executor>
-TaskConvForwardResult forward(const Executor& executor, const at::Tensor& x_arg,
-                              const std::optional<at::Tensor>& x_tangent_arg,
-                              const at::Tensor& weight_arg,
-                              const std::optional<at::Tensor>& weight_tangent_arg,
-                              const std::optional<at::Tensor>& bias_arg,
-                              const std::optional<at::Tensor>& bias_tangent_arg,
-                              at::IntArrayRef stride, at::IntArrayRef padding) {
+TaskConvStatisticsResult forward_impl(const Executor& executor, const at::Tensor& x_arg,
+                                      const std::optional<at::Tensor>& x_tangent_arg,
+                                      const at::Tensor& weight_arg,
+                                      const std::optional<at::Tensor>& weight_tangent_arg,
+                                      const std::optional<at::Tensor>& bias_arg,
+                                      const std::optional<at::Tensor>& bias_tangent_arg,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      bool statistics) {
   const auto g = check_task_conv2d_args(x_arg, x_tangent_arg, weight_arg, weight_tangent_arg,
                                         bias_arg, bias_tangent_arg, stride, padding);
   const bool tangent = given(x_tangent_arg) || given(weight_tangent_arg) || given(bias_tangent_arg);
@@ -64,6 +68,11 @@ TaskConvForwardResult forward(const Executor& executor, const at::Tensor& x_arg,
                     : at::empty({0}, options);
   const auto tiling = kernels::plan_conv_pass(g, kernels::ConvPass::kForward, executor.multiprocessors());
   check_launch_limits(tiling);
+  // The forward plan never splits the reduction, so each block's epilogue sees whole outputs.
+  TORCH_INTERNAL_ASSERT(tiling.splits == 1, "maml_ext: the forward convolution was split");
+  at::Tensor partials = statistics ? at::empty({tiling.grid_m, g.tasks, g.out_channels,
+                                                kernels::kPartialFields}, options)
+                                   : at::empty({0}, options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_conv2d", [&] {
     kernels::GemmOperands<scalar_t> ops{};
     ops.a = pointer<scalar_t>(x);
@@ -78,9 +87,32 @@ TaskConvForwardResult forward(const Executor& executor, const at::Tensor& x_arg,
     ops.bias_tangent_task_stride = task_stride(vb);
     ops.out = y.mutable_data_ptr<scalar_t>();
     ops.out_tangent = tangent ? ry.mutable_data_ptr<scalar_t>() : nullptr;
+    ops.statistics = statistics ? partials.mutable_data_ptr<scalar_t>() : nullptr;
     executor.template run<scalar_t>(kernels::ForwardGemm{g}, ops, tiling);
   });
+  return {y, ry, partials};
+}
+
+template <typename Executor>
+TaskConvForwardResult forward(const Executor& executor, const at::Tensor& x,
+                              const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& weight_tangent,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& bias_tangent,
+                              at::IntArrayRef stride, at::IntArrayRef padding) {
+  auto [y, ry, unused] = forward_impl(executor, x, x_tangent, weight, weight_tangent, bias,
+                                      bias_tangent, stride, padding, false);
   return {y, ry};
+}
+
+template <typename Executor>
+TaskConvStatisticsResult forward_with_statistics(
+    const Executor& executor, const at::Tensor& x, const std::optional<at::Tensor>& x_tangent,
+    const at::Tensor& weight, const std::optional<at::Tensor>& weight_tangent,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bias_tangent,
+    at::IntArrayRef stride, at::IntArrayRef padding) {
+  return forward_impl(executor, x, x_tangent, weight, weight_tangent, bias, bias_tangent, stride,
+                      padding, true);
 }
 
 template <typename Executor>

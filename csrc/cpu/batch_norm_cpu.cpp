@@ -1,7 +1,8 @@
 // CPU kernels of maml_ext::task_batch_norm and task_batch_norm_backward: channel sums in
 // parallel over channels (each channel summed in row order, so results do not depend on the
 // thread count), element passes in parallel over rows; arithmetic shared with the CUDA kernels
-// through kernels/batch_norm_math.h.
+// through kernels/batch_norm_math.h. Given partial statistics (kernels/batch_norm_partials.h), the
+// forward merges them instead of summing over x.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 
 #include "../batch_norm.h"
 #include "../kernels/batch_norm_math.h"
+#include "../kernels/batch_norm_partials.h"
 
 namespace maml_ext {
 namespace {
@@ -151,6 +153,31 @@ void forward_statistics(int64_t batch, int64_t rows, int64_t channels, const sca
   });
 }
 
+// The forward's statistics from partial statistics [P, B, C, 5] (batch_norm.h), merged per
+// channel in chunk order: no pass over x.
+template <typename scalar_t>
+void statistics_from_partials(int64_t total, int64_t rows, const at::Tensor& partials,
+                              bool tangent, double eps, scalar_t* mean_p, scalar_t* invstd_p,
+                              scalar_t* rx_mean_p, scalar_t* r_sigma_p) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const auto p = partials.contiguous();
+  const scalar_t* p_p = p.data_ptr<scalar_t>();
+  const int64_t chunks = p.size(0);
+  with_flag(tangent, [&](auto has_tangent) {
+    constexpr bool kTangent = decltype(has_tangent)::value;
+    for (int64_t k = 0; k < total; ++k) {
+      const auto s = kernels::forward_channel_from_partials<kTangent, scalar_t, acc_t>(
+          p_p, chunks, total, k, rows, eps);
+      mean_p[k] = s.mean;
+      invstd_p[k] = s.invstd;
+      if (kTangent) {
+        rx_mean_p[k] = s.rx_mean;
+        r_sigma_p[k] = s.r_sigma;
+      }
+    }
+  });
+}
+
 // What both forward ops share: the inputs, the statistics, the per-channel parameters.
 struct ForwardSetup {
   at::Tensor x, rx, mean, invstd, rx_mean, r_sigma;
@@ -170,9 +197,16 @@ struct ForwardSetup {
     r_sigma = at::zeros({batch, channels}, options);
   }
 
-  // rows: values per channel.
+  // rows: values per channel. From the partial statistics where given, else two passes over x.
   template <typename scalar_t>
-  void statistics(int64_t rows, double eps) {
+  void statistics(int64_t rows, double eps, const OptionalTensor& partials) {
+    if (given(partials)) {
+      statistics_from_partials<scalar_t>(mean.numel(), rows, *partials, rx.defined(), eps,
+                                         mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
+                                         rx_mean.data_ptr<scalar_t>(),
+                                         r_sigma.data_ptr<scalar_t>());
+      return;
+    }
     forward_statistics<scalar_t>(mean.size(0), rows, x.size(-1), x.data_ptr<scalar_t>(),
                                  data_or_null<scalar_t>(rx), eps, mean.data_ptr<scalar_t>(),
                                  invstd.data_ptr<scalar_t>(), rx_mean.data_ptr<scalar_t>(),
@@ -187,15 +221,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_cpu(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                     const OptionalTensor& weight, const OptionalTensor& bias,
                     const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
-                    double eps, bool relu) {
+                    double eps, bool relu, const OptionalTensor& partial_statistics) {
   check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  check_partial_statistics(partial_statistics, x_in, x_in.size(0));
   ForwardSetup f(x_in, x_tangent, weight_tangent, bias_tangent, x_in.size(0));
   const int64_t batch = f.x.size(0), rows = f.x.size(1), channels = f.x.size(2);
   const int64_t total = batch * channels;
   auto y = at::empty_like(f.x);
   auto ry = f.tangent_out ? at::empty_like(f.x) : at::empty({0}, f.x.options());
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_cpu", [&] {
-    f.statistics<scalar_t>(rows, eps);
+    f.statistics<scalar_t>(rows, eps, partial_statistics);
     const scalar_t* x_p = f.x.data_ptr<scalar_t>();
     const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
     const scalar_t *mean_p = f.mean.data_ptr<scalar_t>(), *invstd_p = f.invstd.data_ptr<scalar_t>();
@@ -230,9 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_relu_max_pool_cpu(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                                   const OptionalTensor& weight, const OptionalTensor& bias,
                                   const OptionalTensor& weight_tangent,
-                                  const OptionalTensor& bias_tangent, double eps, bool ceil_mode) {
+                                  const OptionalTensor& bias_tangent, double eps, bool ceil_mode,
+                                  const OptionalTensor& partial_statistics) {
   check_task_batch_norm_relu_max_pool_args(x_in, x_tangent, weight, bias, weight_tangent,
                                            bias_tangent, eps, ceil_mode);
+  check_partial_statistics(partial_statistics, x_in, 1);
   ForwardSetup f(x_in, x_tangent, weight_tangent, bias_tangent, 1);
   const int64_t n = f.x.size(0), h = f.x.size(1), w = f.x.size(2), channels = f.x.size(3);
   const int64_t out_h = kernels::pooled_size(h, ceil_mode);
@@ -242,7 +279,7 @@ task_batch_norm_relu_max_pool_cpu(const at::Tensor& x_in, const OptionalTensor& 
   auto ry = f.tangent_out ? at::empty_like(y) : at::empty({0}, options);
   auto argmax = at::empty({n, out_h, out_w, channels}, options.dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_relu_max_pool_cpu", [&] {
-    f.statistics<scalar_t>(n * h * w, eps);
+    f.statistics<scalar_t>(n * h * w, eps, partial_statistics);
     const scalar_t* x_p = f.x.data_ptr<scalar_t>();
     const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
     const ChannelValues<scalar_t> wt(weight, channels, 1), b(bias, channels, 0);

@@ -2,11 +2,18 @@
 //
 // Viewed as [N, T·C, H, W], the T per-task convolutions are one grouped convolution (groups = T),
 // a native ATen (oneDNN) kernel. Activations are channels-last, the format oneDNN computes in:
-// measured on the Omniglot shapes, NCHW cost a reorder per call.
+// measured on the Omniglot shapes, NCHW cost a reorder per call. task_conv2d_with_statistics
+// adds the batch-norm partial statistics of the output in a pass over it.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <vector>
 
+#include "../kernels/batch_norm_partials.h"
 #include "../task_conv.h"
 
 namespace maml_ext {
@@ -78,6 +85,53 @@ TaskConvForwardResult task_conv2d_cpu(const at::Tensor& x,
   return {y, ry};
 }
 
+// Partial batch-norm statistics of y (and ry, where defined) [rows, channels] (the layer layout
+// seen as N·Ho·Wo rows of T·O channels) over chunks of kStatisticsChunkRows rows, each chunk's
+// values added in row order with the CUDA epilogue's per-value update (batch_norm_partials.h).
+template <typename scalar_t>
+void chunk_statistics(const scalar_t* y, const scalar_t* ry, int64_t rows, int64_t channels,
+                      scalar_t* partials) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const int64_t chunks = (rows + kStatisticsChunkRows - 1) / kStatisticsChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<kernels::PartialStats<acc_t>> s(channels);
+    for (int64_t p = begin; p < end; ++p) {
+      std::fill(s.begin(), s.end(), kernels::empty_partial<acc_t>());
+      const int64_t stop = std::min(rows, (p + 1) * kStatisticsChunkRows);
+      for (int64_t m = p * kStatisticsChunkRows; m < stop; ++m) {
+        for (int64_t k = 0; k < channels; ++k) {
+          kernels::add_value(s[k], y[m * channels + k],
+                             ry != nullptr ? ry[m * channels + k] : scalar_t(0));
+        }
+      }
+      for (int64_t k = 0; k < channels; ++k) {
+        kernels::store_partial(s[k], partials + (p * channels + k) * kernels::kPartialFields);
+      }
+    }
+  });
+}
+
+TaskConvStatisticsResult task_conv2d_with_statistics_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
+    const std::optional<at::Tensor>& weight_tangent, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_tangent, at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  auto [y, ry] = task_conv2d_cpu(x, x_tangent, weight, weight_tangent, bias, bias_tangent, stride,
+                                 padding);
+  const int64_t tasks = y.size(1), out = y.size(2);
+  const int64_t rows = y.size(0) * y.size(3) * y.size(4);
+  const auto values = grouped_channels_last(y);
+  const auto tangents = ry.numel() > 0 ? grouped_channels_last(ry) : at::Tensor();
+  const int64_t chunks = (rows + kStatisticsChunkRows - 1) / kStatisticsChunkRows;
+  auto partials = at::empty({chunks, tasks, out, kernels::kPartialFields}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "task_conv2d_with_statistics_cpu", [&] {
+    chunk_statistics<scalar_t>(values.const_data_ptr<scalar_t>(),
+                               tangents.defined() ? tangents.const_data_ptr<scalar_t>() : nullptr,
+                               rows, tasks * out, partials.mutable_data_ptr<scalar_t>());
+  });
+  return {y, ry, partials};
+}
+
 TaskConvBackwardResult task_conv2d_backward_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_y_tangent, const at::Tensor& x,
     const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
@@ -135,6 +189,7 @@ TaskConvBackwardResult task_conv2d_backward_cpu(
 
 TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
   m.impl("task_conv2d", &task_conv2d_cpu);
+  m.impl("task_conv2d_with_statistics", &task_conv2d_with_statistics_cpu);
   m.impl("task_conv2d_backward", &task_conv2d_backward_cpu);
 }
 

@@ -1,5 +1,5 @@
 // CPU test hooks for the CUDA convolution kernels (which cannot run without a GPU):
-//   _task_conv2d_emulated / _task_conv2d_backward_emulated run the CUDA implementation's host side
+//   _task_conv2d_emulated / _task_conv2d_with_statistics_emulated / _task_conv2d_backward_emulated run the CUDA implementation's host side
 //     (../task_conv_gemm.h) with an executor that runs the kernel's body (kernels/task_gemm_tile.h)
 //     for every block and thread of its grid serially, so they check the kernel's tiling,
 //     shared-memory staging and index math, everything but the GPU's concurrency;
@@ -46,6 +46,7 @@ struct EmulationExecutor {
     // Blocks of different grid z (task, split) write disjoint outputs.
     at::parallel_for(0, t.tasks * t.splits, 1, [&](int64_t begin, int64_t end) {
       auto tiles = std::make_unique<kernels::GemmTiles<scalar_t, kTangent>>();
+      auto scratch = std::make_unique<kernels::StatisticsScratch<scalar_t>>();
       std::vector<kernels::ThreadAccumulators<scalar_t>> acc(kThreads * kThreads);
       for (int64_t z = begin; z < end; ++z) {
         for (int64_t x = 0; x < t.grid_m; ++x) {
@@ -68,6 +69,19 @@ struct EmulationExecutor {
                                                                   tid / kThreads, tid % kThreads,
                                                                   acc[tid]);
             }
+            if constexpr (kernels::kHasStatistics<Problem>) {
+              if (ops.statistics != nullptr) {
+                for (int j = 0; j < t.thread_n; ++j) {
+                  for (int tid = 0; tid < kThreads * kThreads; ++tid) {
+                    kernels::stage_column_statistics<scalar_t, kTangent>(
+                        ops, t, block, tid / kThreads, tid % kThreads, j, acc[tid], *scratch);
+                  }
+                  for (int tx = 0; tx < kThreads; ++tx) {
+                    kernels::merge_column_statistics(ops, t, block, tx, j, *scratch);
+                  }
+                }
+              }
+            }
           }
         }
       }
@@ -86,6 +100,17 @@ TaskConvForwardResult task_conv2d_emulated(const at::Tensor& x,
   MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected >= 1, got ", multiprocessors);
   return task_conv_gemm::forward(EmulationExecutor{multiprocessors}, x, x_tangent, weight,
                                  weight_tangent, bias, bias_tangent, stride, padding);
+}
+
+TaskConvStatisticsResult task_conv2d_with_statistics_emulated(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
+    const std::optional<at::Tensor>& weight_tangent, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_tangent, at::IntArrayRef stride, at::IntArrayRef padding,
+    int64_t multiprocessors) {
+  MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected >= 1, got ", multiprocessors);
+  return task_conv_gemm::forward_with_statistics(EmulationExecutor{multiprocessors}, x, x_tangent,
+                                                 weight, weight_tangent, bias, bias_tangent,
+                                                 stride, padding);
 }
 
 TaskConvBackwardResult task_conv2d_backward_emulated(
@@ -181,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor> task_conv2d_tile_coverage(at::IntArrayRef sha
 
 TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
   m.impl("_task_conv2d_emulated", &task_conv2d_emulated);
+  m.impl("_task_conv2d_with_statistics_emulated", &task_conv2d_with_statistics_emulated);
   m.impl("_task_conv2d_backward_emulated", &task_conv2d_backward_emulated);
 }
 

@@ -2,7 +2,8 @@
 // launch over all tasks' channels (plan in kernels/batch_norm_plan.h), accumulated in the scalar
 // type, the splits' partial sums added by a second small kernel in split order (deterministic).
 // Element passes: one thread per value, ReLU fused into the normalise epilogue. The arithmetic
-// is shared with the CPU kernels through kernels/batch_norm_math.h.
+// is shared with the CPU kernels through kernels/batch_norm_math.h. Given partial statistics
+// (e.g. from the convolution's epilogue), the forward merges them instead of reducing over x.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +17,7 @@
 
 #include "../batch_norm.h"
 #include "../kernels/batch_norm_math.h"
+#include "../kernels/batch_norm_partials.h"
 #include "../kernels/batch_norm_plan.h"
 
 namespace maml_ext {
@@ -178,6 +180,27 @@ struct CentredFinish {
     }
   }
 };
+
+// The forward's statistics from partial statistics [P, B·C, 5]: one thread per channel merges
+// its chunks in chunk order (kernels/batch_norm_partials.h), in place of both reduction passes.
+template <typename scalar_t, bool kTangent>
+__global__ void statistics_from_partials_kernel(int64_t total, int64_t chunks, int64_t rows,
+                                                double eps, const scalar_t* __restrict__ partials,
+                                                scalar_t* __restrict__ mean,
+                                                scalar_t* __restrict__ invstd,
+                                                scalar_t* __restrict__ rx_mean,
+                                                scalar_t* __restrict__ r_sigma) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= total) return;
+  const auto s = kernels::forward_channel_from_partials<kTangent, scalar_t, scalar_t>(
+      partials, chunks, total, k, rows, eps);
+  mean[k] = s.mean;
+  invstd[k] = s.invstd;
+  if (kTangent) {
+    rx_mean[k] = s.rx_mean;
+    r_sigma[k] = s.r_sigma;
+  }
+}
 
 // Per-channel inputs of the forward element pass; nullptr: absent (weight 1, others 0).
 template <typename scalar_t>
@@ -459,9 +482,28 @@ struct ForwardSetup {
     r_sigma = rx.defined() ? at::empty({batch, channels}, options) : empty;
   }
 
+  // From the partial statistics where given (one small launch), else two reductions over x.
   template <typename scalar_t>
-  void statistics(int64_t rows, double eps, cudaStream_t stream) {
+  void statistics(int64_t rows, double eps, const OptionalTensor& partials_in,
+                  cudaStream_t stream) {
     const int64_t batch = mean.size(0), channels = mean.size(1);
+    if (given(partials_in)) {
+      const auto partials = partials_in->contiguous();
+      const int64_t total = batch * channels;
+      const auto blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+      if (rx.defined()) {
+        statistics_from_partials_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+            total, partials.size(0), rows, eps, partials.data_ptr<scalar_t>(),
+            mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), rx_mean.data_ptr<scalar_t>(),
+            r_sigma.data_ptr<scalar_t>());
+      } else {
+        statistics_from_partials_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
+            total, partials.size(0), rows, eps, partials.data_ptr<scalar_t>(),
+            mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), nullptr, nullptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
                                                       multiprocessors(x.device().index()));
     const auto options = x.options();
@@ -498,8 +540,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                      const OptionalTensor& weight, const OptionalTensor& bias,
                      const OptionalTensor& weight_tangent, const OptionalTensor& bias_tangent,
-                     double eps, bool relu) {
+                     double eps, bool relu, const OptionalTensor& partial_statistics) {
   check_task_batch_norm_args(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, eps);
+  check_partial_statistics(partial_statistics, x_in, x_in.size(0));
   check_grid_batch(x_in.size(0));
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   ForwardSetup f(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, x_in.size(0));
@@ -509,7 +552,7 @@ task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
   if (f.x.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_cuda", [&] {
-      f.statistics<scalar_t>(rows, eps, stream);
+      f.statistics<scalar_t>(rows, eps, partial_statistics, stream);
       const auto p = f.channels<scalar_t>();
       const scalar_t* x_p = f.x.data_ptr<scalar_t>();
       const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
@@ -555,9 +598,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                                    const OptionalTensor& weight, const OptionalTensor& bias,
                                    const OptionalTensor& weight_tangent,
-                                   const OptionalTensor& bias_tangent, double eps, bool ceil_mode) {
+                                   const OptionalTensor& bias_tangent, double eps, bool ceil_mode,
+                                   const OptionalTensor& partial_statistics) {
   check_task_batch_norm_relu_max_pool_args(x_in, x_tangent, weight, bias, weight_tangent,
                                            bias_tangent, eps, ceil_mode);
+  check_partial_statistics(partial_statistics, x_in, 1);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   ForwardSetup f(x_in, x_tangent, weight, bias, weight_tangent, bias_tangent, 1);
   const int64_t h = f.x.size(1), w = f.x.size(2), channels = f.x.size(3);
@@ -570,7 +615,7 @@ task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor&
   if (f.x.numel() > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "task_batch_norm_relu_max_pool_cuda", [&] {
-      f.statistics<scalar_t>(f.x.numel() / channels, eps, stream);
+      f.statistics<scalar_t>(f.x.numel() / channels, eps, partial_statistics, stream);
       const auto p = f.channels<scalar_t>();
       const scalar_t* x_p = f.x.data_ptr<scalar_t>();
       const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);

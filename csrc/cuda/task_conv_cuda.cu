@@ -3,7 +3,8 @@
 // fused in: out = A·B and out_tangent = A·RB + RA·B accumulate together from the same tiles, so
 // each tile of A (x, or gy) and of B (the weights, or x) is read once for both. Index math:
 // kernels/task_conv_math.h; tiles and grid: kernels/conv_tiling.h; the kernel body:
-// kernels/task_gemm_tile.h; host side: task_conv_gemm.h.
+// kernels/task_gemm_tile.h; host side: task_conv_gemm.h. The forward can also produce the
+// batch-norm partial statistics of its output in an epilogue (task_conv2d_with_statistics).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,8 +25,9 @@ using kernels::GemmOperands;
 using kernels::GemmTiling;
 
 // One block: a block_m x block_n tile of one task's output (one split of its reduction), in the
-// phases of kernels/task_gemm_tile.h, which the CPU emulation runs too.
-template <typename scalar_t, typename Problem, bool kTangent>
+// phases of kernels/task_gemm_tile.h, which the CPU emulation runs too; with kStatistics, the
+// batch-norm statistics epilogue after the store.
+template <typename scalar_t, typename Problem, bool kTangent, bool kStatistics>
 __global__ void __launch_bounds__(kernels::kTileThreads* kernels::kTileThreads)
     task_gemm_kernel(const Problem problem, const GemmOperands<scalar_t> ops,
                      const GemmTiling tiling) {
@@ -43,6 +45,19 @@ __global__ void __launch_bounds__(kernels::kTileThreads* kernels::kTileThreads)
     __syncthreads();
   }
   kernels::store_outputs<scalar_t, Problem, kTangent>(problem, ops, tiling, block, ty, tx, acc);
+  if constexpr (kStatistics) {
+    __shared__ kernels::StatisticsScratch<scalar_t> scratch;
+    // thread_n is the same for the whole block, so every thread reaches each barrier.
+#pragma unroll
+    for (int j = 0; j < kernels::kTileMaxPerThread; ++j) {
+      if (j >= tiling.thread_n) break;
+      kernels::stage_column_statistics<scalar_t, kTangent>(ops, tiling, block, ty, tx, j, acc,
+                                                           scratch);
+      __syncthreads();
+      if (ty == 0) kernels::merge_column_statistics(ops, tiling, block, tx, j, scratch);
+      __syncthreads();
+    }
+  }
 }
 
 struct CudaExecutor {
@@ -60,10 +75,22 @@ struct CudaExecutor {
                     static_cast<unsigned>(tiling.tasks * tiling.splits));
     const dim3 block(static_cast<unsigned>(tiling.threads_n), static_cast<unsigned>(tiling.threads_m));
     const auto stream = c10::cuda::getCurrentCUDAStream(device);
-    if (ops.out_tangent != nullptr) {
-      task_gemm_kernel<scalar_t, Problem, true><<<grid, block, 0, stream>>>(problem, ops, tiling);
+    const bool tangent = ops.out_tangent != nullptr;
+    if constexpr (kernels::kHasStatistics<Problem>) {
+      if (ops.statistics != nullptr) {
+        if (tangent) {
+          task_gemm_kernel<scalar_t, Problem, true, true><<<grid, block, 0, stream>>>(problem, ops, tiling);
+        } else {
+          task_gemm_kernel<scalar_t, Problem, false, true><<<grid, block, 0, stream>>>(problem, ops, tiling);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    if (tangent) {
+      task_gemm_kernel<scalar_t, Problem, true, false><<<grid, block, 0, stream>>>(problem, ops, tiling);
     } else {
-      task_gemm_kernel<scalar_t, Problem, false><<<grid, block, 0, stream>>>(problem, ops, tiling);
+      task_gemm_kernel<scalar_t, Problem, false, false><<<grid, block, 0, stream>>>(problem, ops, tiling);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -81,6 +108,17 @@ TaskConvForwardResult task_conv2d_cuda(const at::Tensor& x,
                                  weight_tangent, bias, bias_tangent, stride, padding);
 }
 
+TaskConvStatisticsResult task_conv2d_with_statistics_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
+    const std::optional<at::Tensor>& weight_tangent, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_tangent, at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  return task_conv_gemm::forward_with_statistics(CudaExecutor{x.device().index()}, x, x_tangent,
+                                                 weight, weight_tangent, bias, bias_tangent,
+                                                 stride, padding);
+}
+
 TaskConvBackwardResult task_conv2d_backward_cuda(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_y_tangent, const at::Tensor& x,
     const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
@@ -96,6 +134,7 @@ TaskConvBackwardResult task_conv2d_backward_cuda(
 
 TORCH_LIBRARY_IMPL(maml_ext, CUDA, m) {
   m.impl("task_conv2d", &task_conv2d_cuda);
+  m.impl("task_conv2d_with_statistics", &task_conv2d_with_statistics_cuda);
   m.impl("task_conv2d_backward", &task_conv2d_backward_cuda);
 }
 

@@ -180,6 +180,8 @@ struct WeightGradGemm {
 // null: no tangent is computed. Task strides are 0 for activations (the task is in the offset)
 // and may be 0 for weights shared by all tasks. Partial sums of split k (see GemmTiling) go to
 // out + split · split_stride. bias (forward only) is added in the epilogue: bias[t·stride + col].
+// statistics (forward only, one split; null: none): each block's batch-norm partial statistics of
+// its rows per column, [grid_m, T, cols, kPartialFields] (kernels/batch_norm_partials.h).
 template <typename scalar_t>
 struct GemmOperands {
   const scalar_t* a;
@@ -193,6 +195,7 @@ struct GemmOperands {
   scalar_t* out;
   scalar_t* out_tangent;
   int64_t split_stride;
+  scalar_t* statistics;
 };
 
 }  // namespace kernels

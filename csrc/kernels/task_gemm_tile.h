@@ -6,10 +6,15 @@
 //
 // The fused tangent: out = A·B and out_tangent = A·RB + RA·B accumulate together from the same
 // staged tiles, so each tile of A (x or gy) and of B (weights or x) is read once for both.
+//
+// The forward may add an epilogue of two more phases: the batch-norm partial statistics of the
+// block's outputs (see stage_column_statistics), so a following batch norm need not re-read them.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
+#include "batch_norm_partials.h"
 #include "conv_tiling.h"
 #include "task_conv_math.h"
 
@@ -37,6 +42,10 @@ struct GemmTiles {
   scalar_t a_tangent[kTangent ? kTileK : 1][kTileMax + 1];
   scalar_t b_tangent[kTangent ? kTileK : 1][kTileMax];
 };
+
+// Only the forward product (never split) can carry the statistics epilogue.
+template <typename Problem>
+constexpr bool kHasStatistics = std::is_same_v<Problem, ForwardGemm>;
 
 // One thread's outputs (registers in the kernel); only thread_m x thread_n of them are used.
 template <typename scalar_t>
@@ -174,6 +183,27 @@ MAML_HOST_DEVICE void accumulate_tile(const GemmTiles<scalar_t, kTangent>& tiles
   }
 }
 
+// Output (i, j) of a thread, column col: its sum plus the bias (forward), and its tangent.
+template <typename scalar_t>
+MAML_HOST_DEVICE scalar_t output_value(const GemmOperands<scalar_t>& ops, const GemmBlock& blk,
+                                       const ThreadAccumulators<scalar_t>& acc, int i, int j,
+                                       int64_t col) {
+  scalar_t value = acc.out[i][j];
+  if (ops.bias != nullptr) value += ops.bias[blk.task * ops.bias_task_stride + col];
+  return value;
+}
+
+template <typename scalar_t>
+MAML_HOST_DEVICE scalar_t output_tangent(const GemmOperands<scalar_t>& ops, const GemmBlock& blk,
+                                         const ThreadAccumulators<scalar_t>& acc, int i, int j,
+                                         int64_t col) {
+  scalar_t tangent = acc.tangent[i][j];
+  if (ops.bias_tangent != nullptr) {
+    tangent += ops.bias_tangent[blk.task * ops.bias_tangent_task_stride + col];
+  }
+  return tangent;
+}
+
 // Phase 3: thread (ty, tx) stores its outputs (plus the bias, in the forward pass) to this split's
 // partial sums (the output itself when there is one split).
 template <typename scalar_t, typename Problem, bool kTangent>
@@ -190,18 +220,54 @@ MAML_HOST_DEVICE void store_outputs(const Problem& problem, const GemmOperands<s
       tile_element(t, blk.block_m_index, blk.block_n_index, ty, tx, i, j, &row, &col);
       if (i >= t.thread_m || j >= t.thread_n || row >= t.rows || col >= t.cols) continue;
       const int64_t offset = problem.out_offset(blk.task, row, col);
-      scalar_t value = acc.out[i][j];
-      if (ops.bias != nullptr) value += ops.bias[blk.task * ops.bias_task_stride + col];
-      out[offset] = value;
-      if constexpr (kTangent) {
-        scalar_t tangent = acc.tangent[i][j];
-        if (ops.bias_tangent != nullptr) {
-          tangent += ops.bias_tangent[blk.task * ops.bias_tangent_task_stride + col];
-        }
-        out_tangent[offset] = tangent;
-      }
+      out[offset] = output_value(ops, blk, acc, i, j, col);
+      if constexpr (kTangent) out_tangent[offset] = output_tangent(ops, blk, acc, i, j, col);
     }
   }
+}
+
+// The batch-norm statistics epilogue of the forward product (ops.statistics set; the forward is
+// never split, so each block holds whole sums): per column of its tile, the block's partial
+// statistics over its rows (kernels/batch_norm_partials.h), without atomics and in a fixed order.
+// For each j < thread_n in turn (the caller unrolls over j, so the accumulators stay registers):
+//   phase 4 (every thread): the statistics of its thread_m outputs of column j·threads_n + tx,
+//     into scratch[ty][tx];
+//   phase 5 (threads with ty = 0): merge scratch[0 .. threads_m)[tx] in ty order and store.
+// A round's scratch is consumed before the next round writes it (a barrier after each phase).
+template <typename scalar_t>
+struct StatisticsScratch {  // shared memory, beside GemmTiles
+  PartialStats<scalar_t> column[kTileThreads][kTileThreads];
+};
+
+template <typename scalar_t, bool kTangent>
+MAML_HOST_DEVICE void stage_column_statistics(const GemmOperands<scalar_t>& ops,
+                                              const GemmTiling& t, const GemmBlock& blk, int ty,
+                                              int tx, int j,
+                                              const ThreadAccumulators<scalar_t>& acc,
+                                              StatisticsScratch<scalar_t>& scratch) {
+  PartialStats<scalar_t> s = empty_partial<scalar_t>();
+  MAML_UNROLL
+  for (int i = 0; i < kTileMaxPerThread; ++i) {
+    int64_t row, col;
+    tile_element(t, blk.block_m_index, blk.block_n_index, ty, tx, i, j, &row, &col);
+    if (i >= t.thread_m || row >= t.rows || col >= t.cols) continue;
+    add_value(s, output_value(ops, blk, acc, i, j, col),
+              kTangent ? output_tangent(ops, blk, acc, i, j, col) : scalar_t(0));
+  }
+  scratch.column[ty][tx] = s;
+}
+
+template <typename scalar_t>
+MAML_HOST_DEVICE void merge_column_statistics(const GemmOperands<scalar_t>& ops,
+                                              const GemmTiling& t, const GemmBlock& blk, int tx,
+                                              int j, const StatisticsScratch<scalar_t>& scratch) {
+  int64_t row, col;
+  tile_element(t, blk.block_m_index, blk.block_n_index, 0, tx, 0, j, &row, &col);
+  if (col >= t.cols) return;
+  PartialStats<scalar_t> s = scratch.column[0][tx];
+  for (int ty = 1; ty < kTileThreads; ++ty) s = merge_partials(s, scratch.column[ty][tx]);
+  store_partial(s, ops.statistics + ((blk.block_m_index * t.tasks + blk.task) * t.cols + col) *
+                                        kPartialFields);
 }
 
 }  // namespace kernels
