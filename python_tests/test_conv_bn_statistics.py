@@ -220,6 +220,22 @@ def test_relu_max_pool_with_partials_matches_without(n, h, w, channels, affine, 
                                             "x_tangent_mean", "sigma_tangent"))
 
 
+def test_partial_statistics_replace_the_passes_over_x():
+    """The statistics come from the partials, not from x: shifted partial means shift them."""
+    x = torch.randn(2, 10, 3, dtype=torch.float64)
+    rx = torch.randn(2, 10, 3, dtype=torch.float64)
+    partials = python_partials(x, rx, [(0, 4), (4, 10)])
+    partials[..., 1] += 1.0
+    _, _, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm(x, rx, None, None, None, None,
+                                                               1e-5, False, partials)
+    assert relative_error(mean, x.mean(1) + 1.0) <= 1e-10
+    assert relative_error(invstd, (x.var(1, correction=0) + 1e-5).rsqrt()) <= 1e-10
+    images = x[:1].reshape(1, 2, 5, 3)
+    pooled = ops.task_batch_norm_relu_max_pool(images, None, None, None, None, None, 1e-5, False,
+                                               partials[:, :1])
+    assert relative_error(pooled[3], x[:1].mean(1) + 1.0) <= 1e-10
+
+
 def test_bad_partial_statistics_are_named():
     x = torch.randn(2, 10, 3, dtype=torch.float64)
     good = python_partials(x, None, [(0, 4), (4, 10)])
@@ -258,29 +274,46 @@ def test_cuda_epilogue_partials_match_direct_statistics(case, dtype):
         assert relative_error(merged[3][0], (direct[:, 2] / rows_y.shape[0] + 1e-5).rsqrt()) <= 1e-4
 
 
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("relu_pool", [False, True])
-def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool):
-    case = standard_case(5, 4, 64, 28)
-    t = make_tensors(case, device="cuda")
-    y, ry, partials = ops.task_conv2d_with_statistics(*forward_args(case, t))
+def check_batch_norm_with_conv_partials(case, relu_pool, convolve, device):
+    """The layers' hand-over: the convolution's partials [P, T, O, 5] as [P, 1, T·O, 5] for its
+    output as the batch norm's images [N, H, W, T·O] (or x [1, N·H·W, T·O]); the batch norm on
+    `device` with them against the CPU batch norm without."""
+    t = make_tensors(case, device=device)
+    y, ry, partials = convolve(*forward_args(case, t))
     n, tasks, out, h, w = y.shape
     images = y.permute(0, 3, 4, 1, 2).reshape(n, h, w, tasks * out)
     r_images = ry.permute(0, 3, 4, 1, 2).reshape(n, h, w, tasks * out)
-    p = partials.reshape(partials.shape[0], 1, -1, 5)
-    params = [torch.randn(1, tasks * out, dtype=y.dtype, device="cuda") for _ in range(4)]
+    p = partials.view(partials.shape[0], 1, -1, 5)
+    g = torch.Generator().manual_seed(case["seed"])
+    params = [torch.randn(1, tasks * out, dtype=y.dtype, generator=g).to(device) for _ in range(4)]
+    cpu_params = [q.cpu() for q in params]
     if relu_pool:
         actual = ops.task_batch_norm_relu_max_pool(images, r_images, *params, 1e-5, False, p)
-        expected = ops.task_batch_norm_relu_max_pool(images.cpu(), r_images.cpu(),
-                                                     *[q.cpu() for q in params], 1e-5, False)
+        expected = ops.task_batch_norm_relu_max_pool(images.cpu(), r_images.cpu(), *cpu_params,
+                                                     1e-5, False)
         names = ("y", "y_tangent", "argmax", "mean", "invstd", "x_tangent_mean", "sigma_tangent")
     else:
         x, rx = images.reshape(1, -1, tasks * out), r_images.reshape(1, -1, tasks * out)
         actual = ops.task_batch_norm(x, rx, *params, 1e-5, True, p)
-        expected = ops.task_batch_norm(x.cpu(), rx.cpu(), *[q.cpu() for q in params], 1e-5, True)
+        expected = ops.task_batch_norm(x.cpu(), rx.cpu(), *cpu_params, 1e-5, True)
         names = ("y", "y_tangent", "mean", "invstd", "x_tangent_mean", "sigma_tangent")
     assert_outputs_equal([a.cpu() for a in actual], expected, names)
+
+
+@pytest.mark.parametrize("relu_pool", [False, True])
+def test_batch_norm_with_emulated_conv_partials_matches_without(relu_pool):
+    """The CUDA data flow on the CPU: the kernel's epilogue (emulated), then the batch norm."""
+    def convolve(*args):
+        return ops._task_conv2d_with_statistics_emulated(*args, 132)
+    check_batch_norm_with_conv_partials(standard_case(2, 3, 64, 14), relu_pool, convolve, "cpu")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("relu_pool", [False, True])
+def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool):
+    check_batch_norm_with_conv_partials(standard_case(5, 4, 64, 28), relu_pool,
+                                        ops.task_conv2d_with_statistics, "cuda")
 
 
 @cuda
