@@ -109,22 +109,46 @@ MAML_HOST_DEVICE void forward_element(scalar_t x, scalar_t rx, const ForwardStat
   }
 }
 
-// x̂ and R{x̂} (0 without rx) of value i, from the forward's input and statistics.
+// x̂ and R{x̂} (0 without kInputTangent) of value i, from the forward's input and statistics.
+// The flags are template parameters so that CPU loops carry no branch (and vectorise).
+template <bool kInputTangent, typename scalar_t>
+MAML_HOST_DEVICE void normalised_value(const scalar_t* x, const scalar_t* rx, int64_t i,
+                                       const ForwardStats<scalar_t>& s, scalar_t& x_hat,
+                                       scalar_t& rx_hat) {
+  x_hat = normalise(x[i], s.mean, s.invstd);
+  rx_hat = kInputTangent ? normalise_tangent(rx[i], x_hat, s) : scalar_t(0);
+}
+
+// The same with rx == nullptr for an input without tangent.
 template <typename scalar_t>
 MAML_HOST_DEVICE void normalised_input(const scalar_t* x, const scalar_t* rx, int64_t i,
                                        const ForwardStats<scalar_t>& s, scalar_t& x_hat,
                                        scalar_t& rx_hat) {
-  x_hat = normalise(x[i], s.mean, s.invstd);
-  rx_hat = rx != nullptr ? normalise_tangent(rx[i], x_hat, s) : scalar_t(0);
+  if (rx != nullptr) {
+    normalised_value<true>(x, rx, i, s, x_hat, rx_hat);
+  } else {
+    normalised_value<false>(x, rx, i, s, x_hat, rx_hat);
+  }
 }
 
 // The gradient g and tangent R{g} reaching the normalisation at value i: gy, rgy masked by the
-// fused ReLU where its output y is given (R{g} = 0 without kTangent).
+// fused ReLU (kRelu, its output y) (R{g} = 0 without kTangent).
+template <bool kRelu, bool kTangent, typename scalar_t>
+MAML_HOST_DEVICE void masked_gradient(const scalar_t* gy, const scalar_t* rgy, const scalar_t* y,
+                                      int64_t i, scalar_t& g, scalar_t& rg) {
+  g = kRelu ? relu_mask(gy[i], y[i]) : gy[i];
+  rg = kTangent ? (kRelu ? relu_mask(rgy[i], y[i]) : rgy[i]) : scalar_t(0);
+}
+
+// The same with y == nullptr where there is no fused ReLU.
 template <bool kTangent, typename scalar_t>
 MAML_HOST_DEVICE void relu_gradient(const scalar_t* gy, const scalar_t* rgy, const scalar_t* y,
                                     int64_t i, scalar_t& g, scalar_t& rg) {
-  g = y != nullptr ? relu_mask(gy[i], y[i]) : gy[i];
-  rg = kTangent ? (y != nullptr ? relu_mask(rgy[i], y[i]) : rgy[i]) : scalar_t(0);
+  if (y != nullptr) {
+    masked_gradient<true, kTangent>(gy, rgy, y, i, g, rg);
+  } else {
+    masked_gradient<false, kTangent>(gy, rgy, y, i, g, rg);
+  }
 }
 
 // Normalise + ReLU + 2×2 max-pool (stride 2, no padding) fused: window (oh, ow) of an H×W image
