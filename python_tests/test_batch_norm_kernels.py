@@ -67,6 +67,41 @@ def random_case(draw_seed, batch, rows, channels, dtype, device="cpu"):
        eps=st.sampled_from([1e-5, 1e-3, 0.5]), seed=st.integers(0, 2**31 - 1))
 def test_cpu_kernels_match_torch_func(batch, rows, channels, affine, relu, x_tangent, param_tangent,
                                       eps, seed):
+    check_cpu_kernels(batch, rows, channels, affine, relu, x_tangent, param_tangent, eps, seed)
+
+
+# The CPU kernels sum a channel in units of 1024 rows (blocks of 64 inside), added in unit order:
+# several units, a partial last block, with every flag.
+@settings(max_examples=12, **COMMON)
+@given(batch=st.integers(1, 2), rows=st.integers(1025, 3000), channels=st.integers(1, 5),
+       affine=st.booleans(), relu=st.booleans(), x_tangent=st.booleans(), param_tangent=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_cpu_kernels_match_torch_func_over_several_row_units(batch, rows, channels, affine, relu,
+                                                             x_tangent, param_tangent, seed):
+    check_cpu_kernels(batch, rows, channels, affine, relu, x_tangent, param_tangent, 1e-5, seed)
+
+
+def test_cpu_kernels_do_not_depend_on_the_thread_count():
+    """Bitwise: the channel sums' units are fixed by the shape, not by the threads."""
+    x, randn = random_case(7, 1, 5000, 64, torch.float32)
+    weight, bias, rx, gy, rgy = randn(1, 64), randn(1, 64), randn(1, 5000, 64), randn(1, 5000, 64), randn(1, 5000, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y, ry, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm(x, rx, weight, bias, None, None,
+                                                                        1e-5, True)
+            grads = ops.task_batch_norm_backward(gy, rgy, x, rx, weight, None, mean, invstd, rx_mean,
+                                                 r_sigma, y, True)
+            results.append((y, ry, mean, invstd, rx_mean, r_sigma, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def check_cpu_kernels(batch, rows, channels, affine, relu, x_tangent, param_tangent, eps, seed):
     x, randn = random_case(seed, batch, rows, channels, torch.float64)
     weight = randn(batch, channels) if affine else None
     bias = randn(batch, channels) if affine else None
