@@ -31,9 +31,9 @@ void with_flag(bool flag, const F& f) {
 }
 
 // The element loops are compiled twice, for AVX2 + FMA and for baseline x86-64 (the extension is
-// built without -march), and picked at run time: 8-wide vectors over the channels run these
-// memory-light loops about twice as fast as SSE2's four. The lambda holding a loop is inlined,
-// with everything it calls, into a function compiled for the chosen instruction set.
+// built without -march), and picked at run time: 8-wide vectors over the channels instead of
+// SSE2's four. The lambda holding a loop is inlined, with everything it calls, into a function
+// compiled for the chosen instruction set. (This machine has AVX2: the tests run that version.)
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename F>
 __attribute__((noinline, flatten, target("avx2,fma"))) void run_avx2(const F& loop) {
