@@ -130,6 +130,33 @@ inline void check_task_batch_norm_relu_max_pool_backward_args(
                  "x_tangent", "needs the forward's x_tangent_mean and sigma_tangent as well");
 }
 
+// Shared by the CPU and CUDA implementations.
+
+// An optional tensor argument made contiguous; undefined where absent.
+inline at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
+  return given(t) ? t->contiguous() : at::Tensor();
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+// The outputs of a backward op: (grad_x, grad_x_tangent, grad_weight, grad_bias,
+// grad_weight_tangent, grad_bias_tangent), empty where not computed.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_outputs(const at::Tensor& x, int64_t batch, int64_t channels, bool tangent,
+                 bool input_grad) {
+  const auto options = x.options();
+  const auto empty = at::empty({0}, options);
+  return {input_grad ? at::empty_like(x) : empty,
+          input_grad && tangent ? at::empty_like(x) : empty,
+          at::empty({batch, channels}, options),
+          at::empty({batch, channels}, options),
+          tangent ? at::empty({batch, channels}, options) : empty,
+          tangent ? at::empty({batch, channels}, options) : empty};
+}
+
 // partial_statistics, where given, replaces the forward's statistics passes: [P, B, C, 5], the
 // chunks' statistics of x (and x_tangent where given) per channel (kernels/batch_norm_partials.h),
 // whose counts add up to M; task_conv2d_with_statistics produces them.

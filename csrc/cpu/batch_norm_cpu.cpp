@@ -150,15 +150,6 @@ class ChannelValues {
   const scalar_t* data_;
 };
 
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-}
-
-at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
-  return given(t) ? t->contiguous() : at::Tensor();
-}
-
 // The forward's reduction passes over x [B, M, C]: the mean, then invstd and, with rx, mean R{x}
 // and R{σ} (left untouched without rx).
 template <typename scalar_t>
@@ -450,21 +441,6 @@ void backward_passes(int64_t batch, int64_t rows, int64_t channels, const at::Te
     gx_p[i] = out;
     if (kTangent) rgx_p[i] = r_out;
   });
-}
-
-// The outputs of a backward op: (grad_x, grad_x_tangent, grad_weight, grad_bias,
-// grad_weight_tangent, grad_bias_tangent), empty where not computed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_outputs(const at::Tensor& x, int64_t batch, int64_t channels, bool tangent,
-                 bool input_grad) {
-  const auto options = x.options();
-  const auto empty = at::empty({0}, options);
-  return {input_grad ? at::empty_like(x) : empty,
-          input_grad && tangent ? at::empty_like(x) : empty,
-          at::empty({batch, channels}, options),
-          at::empty({batch, channels}, options),
-          tangent ? at::empty({batch, channels}, options) : empty,
-          tangent ? at::empty({batch, channels}, options) : empty};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -436,17 +436,8 @@ __global__ void pooled_forward_kernel(index_t n, index_t h, index_t w, index_t o
 }
 
 template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-}
-
-template <typename scalar_t>
 scalar_t* mutable_data_or_null(at::Tensor& t) {
   return t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
-}
-
-at::Tensor contiguous_or_undefined(const OptionalTensor& t) {
-  return given(t) ? t->contiguous() : at::Tensor();
 }
 
 // The reduction's grid has one y index per b.
@@ -632,21 +623,6 @@ task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor&
     });
   }
   return {y, ry, argmax, f.mean, f.invstd, f.rx_mean, f.r_sigma};
-}
-
-// The outputs of a backward op: (grad_x, grad_x_tangent, grad_weight, grad_bias,
-// grad_weight_tangent, grad_bias_tangent), empty where not computed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_outputs(const at::Tensor& x, int64_t batch, int64_t channels, bool tangent,
-                 bool input_grad) {
-  const auto options = x.options();
-  const auto empty = at::empty({0}, options);
-  return {input_grad ? at::empty_like(x) : empty,
-          input_grad && tangent ? at::empty_like(x) : empty,
-          at::empty({batch, channels}, options),
-          at::empty({batch, channels}, options),
-          tangent ? at::empty({batch, channels}, options) : empty,
-          tangent ? at::empty({batch, channels}, options) : empty};
 }
 
 // The backward's reduction and element launches over x [B, M, C], shared by both backward ops.
