@@ -1,6 +1,9 @@
 """The CPU meta-step path for small MLPs (csrc/cpu/mlp_meta_step.cpp) against an autograd oracle:
-random Linear/ReLU stacks, per-element rates and their gradients, first and second order; which
-programs it takes; its errors."""
+random Linear/ReLU stacks, per-element rates and their gradients, first and second order, in both
+compiled versions of its task kernels (AVX2 + FMA and baseline x86-64); which programs it takes;
+its errors."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,9 @@ def mlps(draw):
     if draw(st.booleans()):
         layers.append(nn.ReLU())
     for _ in range(draw(st.integers(1, 4))):
-        out = draw(st.integers(1, 20))
+        # Up to 45 wide: the kernels' 5-vector blocks (40 floats, 20 doubles), their remainders
+        # of 1-4 vectors and single columns, and the 8 × 8 / 4 × 4 transpose blocks and edges.
+        out = draw(st.integers(1, 45))
         layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
         if draw(st.booleans()):
             layers.append(nn.ReLU())
@@ -68,15 +73,27 @@ def oracle(model, program, theta, rates, data, loss, first_order):
     return per_task.detach(), torch.stack(support_losses), meta_grad, rate_grad, accuracy
 
 
+@contextlib.contextmanager
+def kernels(isa):
+    """Runs the block with the task kernels the CPU supports ("native") or the baseline ones."""
+    previous = torch.ops.maml_ext._force_baseline_cpu_kernels(isa == "baseline")
+    try:
+        yield
+    finally:
+        torch.ops.maml_ext._force_baseline_cpu_kernels(previous)
+
+
 def run_mlp_path(program, theta, rates, data, loss, first_order, op="_mlp_meta_step"):
     return getattr(torch.ops.maml_ext, op)(theta, rates, *data, program.ints_list,
                                            program.floats_list, LOSS_CODES[loss], first_order, True)
 
 
-@settings(max_examples=40, **COMMON)
+@pytest.mark.parametrize("isa", ["native", "baseline"])
+@settings(max_examples=30, **COMMON)
 @given(stack=mlps(), tasks=st.integers(1, 8), steps=st.integers(1, 5), first_order=st.booleans(),
        support=st.integers(1, 6), query=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
-def test_mlp_path_equals_autograd_float64(stack, tasks, steps, first_order, support, query, seed):
+def test_mlp_path_equals_autograd_float64(isa, stack, tasks, steps, first_order, support, query,
+                                          seed):
     model, features, loss, outputs = stack
     generator = torch.Generator().manual_seed(seed)
     model = model.double()
@@ -86,8 +103,9 @@ def test_mlp_path_equals_autograd_float64(stack, tasks, steps, first_order, supp
     rates = 0.05 + 0.1 * torch.rand(steps, program.num_params, dtype=torch.float64, generator=generator)
     data = batch(generator, tasks, support, query, features, loss, outputs, torch.float64)
 
-    query_loss, accuracy, support_loss, meta_grad, rate_grad = run_mlp_path(
-        program, theta, rates, data, loss, first_order)
+    with kernels(isa):
+        query_loss, accuracy, support_loss, meta_grad, rate_grad = run_mlp_path(
+            program, theta, rates, data, loss, first_order)
     expected_query, expected_support, expected_meta, expected_rates, expected_accuracy = oracle(
         model, program, theta, rates, data, loss, first_order)
     assert relative_error(query_loss, expected_query) < 1e-12
@@ -100,9 +118,10 @@ def test_mlp_path_equals_autograd_float64(stack, tasks, steps, first_order, supp
         assert accuracy.numel() == 0
 
 
+@pytest.mark.parametrize("isa", ["native", "baseline"])
 @settings(max_examples=10, **COMMON)
 @given(stack=mlps(), tasks=st.integers(1, 8), steps=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_mlp_path_float32_close_to_float64(stack, tasks, steps, seed):
+def test_mlp_path_float32_close_to_float64(isa, stack, tasks, steps, seed):
     model, features, loss, outputs = stack
     generator = torch.Generator().manual_seed(seed)
     program = compile_program(model)
@@ -111,7 +130,8 @@ def test_mlp_path_float32_close_to_float64(stack, tasks, steps, seed):
     data = batch(generator, tasks, 5, 5, features, loss, outputs, torch.float64)
     exact = run_mlp_path(program, theta, rates, data, loss, False)
     data32 = [d.float() if d.is_floating_point() else d for d in data]
-    single = run_mlp_path(program, theta.float(), rates.float(), data32, loss, False)
+    with kernels(isa):
+        single = run_mlp_path(program, theta.float(), rates.float(), data32, loss, False)
     # float32 against float64 truth, measured as the general path's tests measure it.
     assert relative_error(single[3], exact[3]) < 1e-4
 

@@ -15,6 +15,7 @@
 #include "../batch_norm.h"
 #include "../kernels/batch_norm_math.h"
 #include "../kernels/batch_norm_partials.h"
+#include "vector_isa.h"
 
 namespace maml_ext {
 namespace {
@@ -33,7 +34,7 @@ void with_flag(bool flag, const F& f) {
 // The element loops are compiled twice, for AVX2 + FMA and for baseline x86-64 (the extension is
 // built without -march), and picked at run time: 8-wide vectors over the channels instead of
 // SSE2's four. The lambda holding a loop is inlined, with everything it calls, into a function
-// compiled for the chosen instruction set. (This machine has AVX2: the tests run that version.)
+// compiled for the chosen instruction set (vector_isa.h; the tests run both).
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename F>
 __attribute__((noinline, flatten, target("avx2,fma"))) void run_avx2(const F& loop) {
@@ -49,8 +50,7 @@ __attribute__((noinline, flatten)) void run_baseline(const F& loop) {
 template <typename F>
 void run_vectorised(const F& loop) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return run_avx2(loop);
+  if (cpu::use_avx2_kernels()) return run_avx2(loop);
 #endif
   run_baseline(loop);
 }

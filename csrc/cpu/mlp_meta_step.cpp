@@ -19,16 +19,18 @@
 #include "../kernels/softmax_cross_entropy_math.h"
 #include "../layers.h"
 #include "../meta_step.h"
+#include "vector_isa.h"
 
-// The matrix products are compiled twice, for AVX2 + FMA and for baseline x86-64, and picked at run
-// time by what the CPU supports: the extension is built without -march, and 8-wide vectors run
-// these 40-wide products much faster than SSE2's four. Only they are: the rest of a pass is a few
-// element-wise loops, and one copy of it keeps the code small enough for the instruction cache.
+// The task kernels (mlp_task_kernels.h) are compiled twice, for AVX2 + FMA and for baseline
+// x86-64, and picked at run time (vector_isa.h): the extension is built without -march, and 8-wide
+// vectors run these 40-wide products much faster than SSE2's four. The whole task loop is compiled
+// both ways, not only the products: its element-wise loops (ReLU masks, transposes, biases) cost
+// as much as the products when left to SSE2 and to scalar branches.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define MAML_AVX2_VERSION 1
 #endif
-// The vector helpers below return vectors by value; they are always inlined, so the ABI note GCC
-// gives for the baseline build (no AVX registers to return them in) does not apply.
+// The vector helpers return vectors by value; they are always inlined, so the ABI note GCC gives
+// for the baseline build (no AVX registers to return them in) does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -109,159 +111,6 @@ struct Simd<double> {
 template <typename T>
 constexpr int kLanes = static_cast<int>(32 / sizeof(T));
 
-template <typename T>
-MAML_INLINE typename Simd<T>::Vec load(const T* p) {
-  typename Simd<T>::Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
-MAML_INLINE void store(T* p, typename Simd<T>::Vec v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// C[R, V vectors] (+)= Σ_k A[r, k] B[k, :] for one block: the R × V vector sums stay in registers
-// across k, so each step loads V vectors of B's row once for R rows of A.
-// A's element (r, k) is a[r * lda + k * a_step]; B's row k starts at b + k * ldb.
-template <int R, int V, typename T>
-MAML_INLINE void gemm_block(const T* __restrict__ a, int64_t lda, int64_t a_step,
-                            const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
-                            int64_t depth, bool accumulate) {
-  using Vec = typename Simd<T>::Vec;
-  constexpr int L = kLanes<T>;
-  Vec sums[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) sums[r][v] = accumulate ? load(c + r * ldc + v * L) : Vec{};
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec row[V];
-    for (int v = 0; v < V; ++v) row[v] = load(b + k * ldb + v * L);
-    for (int r = 0; r < R; ++r) {
-      const Vec scale = Vec{} + a[r * lda + k * a_step];
-      for (int v = 0; v < V; ++v) sums[r][v] += scale * row[v];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) store(c + r * ldc + v * L, sums[r][v]);
-  }
-}
-
-// The same for one column (the remainder after whole vectors).
-template <int R, typename T>
-MAML_INLINE void gemm_column(const T* __restrict__ a, int64_t lda, int64_t a_step,
-                             const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
-                             int64_t depth, bool accumulate) {
-  T sums[R];
-  for (int r = 0; r < R; ++r) sums[r] = accumulate ? c[r * ldc] : T(0);
-  for (int64_t k = 0; k < depth; ++k) {
-    for (int r = 0; r < R; ++r) sums[r] += a[r * lda + k * a_step] * b[k * ldb];
-  }
-  for (int r = 0; r < R; ++r) c[r * ldc] = sums[r];
-}
-
-template <int R, typename T>
-MAML_INLINE void gemm_rows(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
-                           int64_t ldc, int64_t cols, int64_t depth, bool accumulate) {
-  constexpr int L = kLanes<T>;
-  int64_t col = 0;
-  for (; col + 2 * L <= cols; col += 2 * L) {
-    gemm_block<R, 2>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
-  }
-  for (; col + L <= cols; col += L) {
-    gemm_block<R, 1>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
-  }
-  for (; col < cols; ++col) {
-    gemm_column<R>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
-  }
-}
-
-// C[rows, cols] (+)= A[rows, depth] B[depth, cols], A strided as in gemm_block, B and C row-major.
-template <typename T>
-MAML_INLINE void gemm_kernel(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
-                      int64_t ldc, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    gemm_rows<4>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
-  }
-  if (r + 2 <= rows) {
-    gemm_rows<2>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
-    r += 2;
-  }
-  for (; r < rows; ++r) {
-    gemm_rows<1>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
-  }
-}
-
-template <typename T>
-MAML_NOINLINE void gemm_baseline(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb,
-                                 T* c, int64_t ldc, int64_t rows, int64_t cols, int64_t depth,
-                                 bool accumulate) {
-  gemm_kernel(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
-}
-
-#ifdef MAML_AVX2_VERSION
-template <typename T>
-MAML_NOINLINE __attribute__((target("avx2,fma"))) void gemm_avx2(
-    const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c, int64_t ldc,
-    int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-  gemm_kernel(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
-}
-#endif
-
-template <typename T>
-void gemm(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c, int64_t ldc,
-          int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-#ifdef MAML_AVX2_VERSION
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return gemm_avx2(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
-#endif
-  gemm_baseline(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
-}
-
-// y[n, out] (+)= x[n, in] · Wᵀ + b, with Wᵀ given as wt[in, out].
-template <typename T>
-void times_transposed(const T* __restrict__ x, const T* __restrict__ wt,
-                                  const T* __restrict__ b, T* __restrict__ y, int64_t n,
-                                  int64_t in, int64_t out, bool accumulate) {
-  if (b) {
-    for (int64_t r = 0; r < n; ++r) {
-      T* __restrict__ yr = y + r * out;
-      for (int64_t o = 0; o < out; ++o) yr[o] = (accumulate ? yr[o] : T(0)) + b[o];
-    }
-  }
-  gemm(x, in, 1, wt, out, y, out, n, out, in, accumulate || b);
-}
-
-// gx[n, in] (+)= gy[n, out] · W, W given as w[out, in].
-template <typename T>
-void times_weight(const T* __restrict__ gy, const T* __restrict__ w,
-                              T* __restrict__ gx, int64_t n, int64_t in, int64_t out,
-                              bool accumulate) {
-  gemm(gy, out, 1, w, in, gx, in, n, in, out, accumulate);
-}
-
-// gw[out, in] (+)= gy[n, out]ᵀ · x[n, in]; gb[out] (+)= Σ_n gy.
-template <typename T>
-void weight_gradient(const T* __restrict__ gy, const T* __restrict__ x,
-                                 T* __restrict__ gw, T* __restrict__ gb, int64_t n, int64_t in,
-                                 int64_t out, bool accumulate) {
-  gemm(gy, 1, out, x, in, gw, in, out, in, n, accumulate);
-  if (gb) {
-    if (!accumulate) std::fill(gb, gb + out, T(0));
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t o = 0; o < out; ++o) gb[o] += gy[r * out + o];
-    }
-  }
-}
-
-template <typename T>
-void transpose(const T* __restrict__ w, T* __restrict__ wt, int64_t out, int64_t in) {
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t i = 0; i < in; ++i) wt[i * out + o] = w[o * in + i];
-  }
-}
-
 // ---- one task --------------------------------------------------------------------------------
 
 // Everything one task's meta-step reads and writes; pointers into the op's tensors.
@@ -272,6 +121,7 @@ struct Problem {
   int64_t params, steps, input_width, support_n, query_n;
   bool first_order;
   const T* theta;         // [P] shared θ
+  const T* theta_transposed;  // [P]: θ with its weights transposed (transpose_weights)
   const T* alpha;         // [K, P]
   const T* support_x;     // [T, Ns, F]
   const T* query_x;       // [T, Nq, F]
@@ -331,200 +181,48 @@ struct TapeUse {
   bool replay = false;
 };
 
-// One forward + backward at weights theta on (x, labels | targets) of n samples: writes the
-// gradient to grad (if given) and, carrying the tangent v, H v to hv. Returns the mean loss.
+}  // namespace
+
+// The task kernels, compiled for two instruction sets (see mlp_task_kernels.h).
+#ifdef MAML_AVX2_VERSION
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+namespace {
+#include "mlp_task_kernels.h"
+}  // namespace
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+namespace {
+#include "mlp_task_kernels.h"
+}  // namespace
+}  // namespace baseline
+
+namespace {
+
+// The task kernels compiled for this CPU's instruction set (vector_isa.h).
 template <typename T>
-T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* v, const T* x, int64_t n,
-       const int64_t* labels, const T* targets, T* grad, T* hv, T* accuracy,
-       TapeUse<T> tape = {}) {
-  const auto& layers = pb.mlp->layers;
-  const size_t depth = layers.size();
-  // Inputs of each layer and their tangents (null: zero tangent), kept for the backward pass.
-  const T* inputs[64];
-  const T* input_tangents[64];
-  for (const auto& layer : layers) {
-    if (!layer.linear) continue;
-    transpose(theta + layer.weight_offset, ws.wt + layer.weight_offset, layer.out, layer.in);
-    if (v) transpose(v + layer.weight_offset, ws.vt + layer.weight_offset, layer.out, layer.in);
-  }
-  const bool replay = tape.replay;
-  const T* h = x;
-  const T* rh = nullptr;
-  T* act = tape.outputs ? tape.outputs : ws.acts;
-  T* tan = ws.tangents;
-  int64_t offsets[64];  // of each layer's output within act (and within tape.grads)
-  for (size_t l = 0; l < depth; ++l) {
-    const auto& L = layers[l];
-    inputs[l] = h;
-    input_tangents[l] = rh;
-    offsets[l] = act - (tape.outputs ? tape.outputs : ws.acts);
-    const int64_t size = n * L.out;
-    if (L.linear) {
-      if (!replay) {
-        times_transposed(h, ws.wt + L.weight_offset, L.bias ? theta + L.bias_offset : nullptr,
-                         act, n, L.in, L.out, false);
-      }
-      if (v) {
-        // R{y} = x Vᵀ + v_b + R{x} Wᵀ
-        times_transposed(h, ws.vt + L.weight_offset, L.bias ? v + L.bias_offset : nullptr, tan, n,
-                         L.in, L.out, false);
-        if (rh) {
-          times_transposed(rh, ws.wt + L.weight_offset, static_cast<const T*>(nullptr), tan, n,
-                           L.in, L.out, true);
-        }
-        rh = tan;
-      }
-    } else {
-      if (!replay) {
-        for (int64_t e = 0; e < size; ++e) act[e] = h[e] > T(0) ? h[e] : T(0);
-      }
-      if (rh) {
-        for (int64_t e = 0; e < size; ++e) tan[e] = h[e] > T(0) ? rh[e] : T(0);
-        rh = tan;
-      }
-    }
-    h = act;
-    act += size;
-    tan += size;
-  }
+struct TaskKernels {
+  void (*transpose_weights)(const Mlp&, const T*, T*);
+  void (*run_tasks)(const Problem<T>&, Workspace<T>&, int64_t, int64_t);
+};
 
-  // The loss at the outputs z = h [n, D]: gradient gz and, with a tangent, R{gz}.
-  const int64_t D = pb.mlp->output_width;
-  T* gy = tape.grads ? tape.grads + offsets[depth - 1] : ws.g[0];
-  T* rgy = ws.rg[0];
-  if (v && !rh) std::fill(rgy, rgy + n * D, T(0));  // outputs independent of θ: zero tangent
-  T total = 0;
-  if (pb.loss == LossKind::kCrossEntropy) {
-    const T inv_n = T(1) / static_cast<T>(n);
-    T correct_sum = 0;
-    for (int64_t r = 0; r < n; ++r) {
-      T correct = 0;
-      total += kernels::softmax_cross_entropy_row<T>(h + r * D, rh ? rh + r * D : nullptr,
-                                                     labels[r], D, gy + r * D,
-                                                     rh ? rgy + r * D : nullptr, &correct);
-      correct_sum += correct;
-    }
-    for (int64_t e = 0; e < n * D; ++e) gy[e] *= inv_n;
-    if (rh) {
-      for (int64_t e = 0; e < n * D; ++e) rgy[e] *= inv_n;
-    }
-    if (accuracy) *accuracy = correct_sum * inv_n;
-    total *= inv_n;
-  } else {
-    const T scale = T(2) / static_cast<T>(n * D);
-    for (int64_t e = 0; e < n * D; ++e) {
-      const T diff = h[e] - targets[e];
-      total += diff * diff;
-      gy[e] = diff * scale;
-    }
-    if (rh) {
-      for (int64_t e = 0; e < n * D; ++e) rgy[e] = rh[e] * scale;
-    }
-    total /= static_cast<T>(n * D);
-  }
-
-  int which = 0;
-  for (size_t l = depth; l-- > 0;) {
-    const auto& L = layers[l];
-    const bool need_input_grad = l > 0;
-    T* gx = tape.grads && l > 0 ? tape.grads + offsets[l - 1] : ws.g[1 - which];
-    T* rgx = ws.rg[1 - which];
-    const T* xin = inputs[l];
-    const T* rxin = input_tangents[l];
-    if (L.linear) {
-      const T* w = theta + L.weight_offset;
-      if (grad) {
-        weight_gradient(gy, xin, grad + L.weight_offset, L.bias ? grad + L.bias_offset : nullptr,
-                        n, L.in, L.out, false);
-      }
-      if (v) {
-        // R{gW} = R{gy}ᵀ x + gyᵀ R{x};  R{gb} = Σ R{gy}
-        weight_gradient(rgy, xin, hv + L.weight_offset, L.bias ? hv + L.bias_offset : nullptr, n,
-                        L.in, L.out, false);
-        if (rxin) {
-          weight_gradient(gy, rxin, hv + L.weight_offset, static_cast<T*>(nullptr), n, L.in,
-                          L.out, true);
-        }
-      }
-      if (need_input_grad) {
-        if (!replay) times_weight(gy, w, gx, n, L.in, L.out, false);
-        if (v) {
-          // R{gx} = R{gy} W + gy V
-          times_weight(rgy, w, rgx, n, L.in, L.out, false);
-          times_weight(gy, v + L.weight_offset, rgx, n, L.in, L.out, true);
-        }
-      }
-    } else if (need_input_grad) {
-      const int64_t size = n * L.out;
-      if (!replay) {
-        for (int64_t e = 0; e < size; ++e) gx[e] = xin[e] > T(0) ? gy[e] : T(0);
-      }
-      if (v) {
-        for (int64_t e = 0; e < size; ++e) rgx[e] = xin[e] > T(0) ? rgy[e] : T(0);
-      }
-    }
-    gy = gx;
-    rgy = rgx;
-    which = 1 - which;
-  }
-  return total;
+template <typename T>
+TaskKernels<T> task_kernels() {
+#ifdef MAML_AVX2_VERSION
+  if (use_avx2_kernels()) return {avx2::transpose_weights<T>, avx2::run_tasks<T>};
+#endif
+  return {baseline::transpose_weights<T>, baseline::run_tasks<T>};
 }
 
-// Task t's whole meta-step: the inner loop, the query pass, the reverse sweep.
+// Scratch of the thread that calls the op (grown, never shrunk).
 template <typename T>
-void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
-  const int64_t P = pb.params, K = pb.steps, F = pb.input_width;
-  const int64_t D = pb.mlp->output_width;
-  const T* sx = pb.support_x + t * pb.support_n * F;
-  const T* qx = pb.query_x + t * pb.query_n * F;
-  const int64_t* sl = pb.support_labels ? pb.support_labels + t * pb.support_n : nullptr;
-  const int64_t* ql = pb.query_labels ? pb.query_labels + t * pb.query_n : nullptr;
-  const T* st = pb.support_targets ? pb.support_targets + t * pb.support_n * D : nullptr;
-  const T* qt = pb.query_targets ? pb.query_targets + t * pb.query_n * D : nullptr;
-  auto theta_at = [&](int64_t k) { return k == 0 ? pb.theta : ws.adapted + (k - 1) * P; };
-
-  for (int64_t k = 0; k < K; ++k) {
-    T* g = ws.grads + k * P;
-    const TapeUse<T> record{ws.tape_outputs + k * ws.tape_stride,
-                            ws.tape_grads + k * ws.tape_stride, false};
-    const T loss = pass(pb, ws, theta_at(k), static_cast<const T*>(nullptr), sx, pb.support_n, sl,
-                        st, g, static_cast<T*>(nullptr), static_cast<T*>(nullptr),
-                        pb.first_order ? TapeUse<T>{} : record);
-    if (k == 0) pb.support_loss[t] = loss;
-    // θ_{k+1} = θ_k − α_k ⊙ g_k
-    const T* theta = theta_at(k);
-    const T* alpha = pb.alpha + k * P;
-    T* next = ws.adapted + k * P;
-    for (int64_t j = 0; j < P; ++j) next[j] = theta[j] - alpha[j] * g[j];
-  }
-
-  T* lambda = pb.lambda + t * P;
-  pb.query_loss[t] = pass(pb, ws, theta_at(K), static_cast<const T*>(nullptr), qx, pb.query_n, ql,
-                          qt, lambda, static_cast<T*>(nullptr),
-                          pb.query_accuracy ? pb.query_accuracy + t : nullptr);
-
-  for (int64_t k = K - 1; k >= 0; --k) {
-    const T* g = ws.grads + k * P;
-    if (pb.rate_products) {
-      T* product = pb.rate_products + (t * K + k) * P;
-      for (int64_t j = 0; j < P; ++j) product[j] = lambda[j] * g[j];
-    }
-    if (!pb.first_order) {
-      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1}); the primal pass at θ_k is on the tape.
-      const T* alpha = pb.alpha + k * P;
-      for (int64_t j = 0; j < P; ++j) ws.direction[j] = alpha[j] * lambda[j];
-      const TapeUse<T> replay{ws.tape_outputs + k * ws.tape_stride,
-                              ws.tape_grads + k * ws.tape_stride, true};
-      pass(pb, ws, theta_at(k), static_cast<const T*>(ws.direction), sx, pb.support_n, sl, st,
-           static_cast<T*>(nullptr), ws.hessian_vector, static_cast<T*>(nullptr), replay);
-      for (int64_t j = 0; j < P; ++j) lambda[j] -= ws.hessian_vector[j];
-    }
-  }
-}
-
-template <typename T>
-void run_tasks(const Problem<T>& pb, Workspace<T>& ws, int64_t begin, int64_t end) {
-  for (int64_t t = begin; t < end; ++t) run_task(pb, ws, t);
+std::vector<T>& caller_scratch() {
+  thread_local std::vector<T> scratch;
+  return scratch;
 }
 
 template <typename T>
@@ -591,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
   auto query_loss = at::empty({tasks}, options);
   auto accuracy = at::empty({kind == LossKind::kCrossEntropy ? tasks : 0}, options);
   auto support_loss = at::empty({tasks}, options);
-  auto lambda = at::empty({tasks, P}, options);
+  auto meta_grad = at::empty({P}, options);
   auto rate_products = inner_lr_grad ? at::empty({tasks, K, P}, options) : at::Tensor();
   const auto th = theta.contiguous(), alpha = inner_lr.contiguous();
   const auto sx = support_x.contiguous(), qx = query_x.contiguous();
@@ -622,7 +320,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     pb.query_loss = query_loss.data_ptr<T>();
     pb.query_accuracy = accuracy.numel() ? accuracy.data_ptr<T>() : nullptr;
     pb.support_loss = support_loss.data_ptr<T>();
-    pb.lambda = lambda.data_ptr<T>();
+    // The per-task meta-gradients and θ₀'s transposed weights live in the calling thread's
+    // scratch, reused across calls (at the sinusoid's size a fresh [T, P] tensor costs as much as
+    // several tasks: allocation and first-touch page faults).
+    auto& scratch = caller_scratch<T>();
+    scratch.resize(std::max<size_t>(scratch.size(), static_cast<size_t>((tasks + 1) * P)));
+    pb.lambda = scratch.data();
+    T* theta_transposed = scratch.data() + tasks * P;
     pb.rate_products = inner_lr_grad ? rate_products.data_ptr<T>() : nullptr;
 
     // Split tasks across threads only when each share is worth a thread hand-off (~tens of µs):
@@ -633,15 +337,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     const int64_t task_macs = macs_per_sample * 3 * (pb.support_n * passes + pb.query_n);
     constexpr int64_t kMacsPerThread = 1 << 20;
     const int64_t grain = std::max<int64_t>(1, kMacsPerThread / std::max<int64_t>(task_macs, 1));
+    const auto kernels = task_kernels<T>();
+    kernels.transpose_weights(mlp, pb.theta, theta_transposed);
+    pb.theta_transposed = theta_transposed;
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       auto& ws = thread_workspace<T>();
       ws.prepare(pb);
-      run_tasks(pb, ws, begin, end);
+      kernels.run_tasks(pb, ws, begin, end);
     });
+    // The mean over tasks, summed in task order (deterministic whatever the thread count).
+    T* mean = meta_grad.data_ptr<T>();
+    std::copy(pb.lambda, pb.lambda + P, mean);
+    for (int64_t t = 1; t < tasks; ++t) {
+      const T* task = pb.lambda + t * P;
+      for (int64_t j = 0; j < P; ++j) mean[j] += task[j];
+    }
+    const T scale = T(1) / static_cast<T>(tasks);
+    for (int64_t j = 0; j < P; ++j) mean[j] *= scale;
   });
 
-  // The task means, in a fixed order (deterministic whatever the thread count).
-  auto meta_grad = lambda.mean(0);
   auto rate_grad = inner_lr_grad ? rate_products.sum(0).mul_(-1.0 / static_cast<double>(tasks))
                                  : at::empty({0}, options);
   return {query_loss, accuracy, support_loss, meta_grad, rate_grad};

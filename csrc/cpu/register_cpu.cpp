@@ -4,6 +4,7 @@
 
 #include "../meta_step.h"
 #include "mlp_meta_step.h"
+#include "vector_isa.h"
 
 namespace maml_ext {
 namespace cpu {
@@ -30,4 +31,10 @@ TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
   m.impl("adapt", &maml_ext::adapt);
   m.impl("program_forward", &maml_ext::program_forward);
   m.impl("loss_hvp", &maml_ext::loss_hvp);
+}
+
+// CPU-only test hook: see vector_isa.h. Returns the previous setting.
+TORCH_LIBRARY_FRAGMENT(maml_ext, m) {
+  m.def("_force_baseline_cpu_kernels(bool force) -> bool",
+        [](bool force) { return maml_ext::cpu::force_baseline_kernels(force); });
 }
