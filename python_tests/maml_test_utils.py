@@ -1,6 +1,8 @@
 """Models and random task batches shared by the tests."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -75,3 +77,14 @@ def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
         sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
         qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)
     return sx, sy, qx, qy
+
+
+@contextlib.contextmanager
+def cpu_kernels(isa: str):
+    """Runs the block with the CPU kernels compiled for what this CPU supports ("native") or with
+    their baseline x86-64 versions ("baseline"; csrc/cpu/vector_isa.h)."""
+    previous = torch.ops.maml_ext._force_baseline_cpu_kernels(isa == "baseline")
+    try:
+        yield
+    finally:
+        torch.ops.maml_ext._force_baseline_cpu_kernels(previous)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.func import jvp, vjp
 
 import maml_ext
-from maml_test_utils import relative_error
+from maml_test_utils import cpu_kernels, relative_error
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -61,13 +61,16 @@ def random_case(draw_seed, batch, rows, channels, dtype, device="cpu"):
 
 # At least 4 values per channel: with 2, x̂ = ±1 up to eps and the input gradient cancels to
 # O(eps / var), a problem no kernel can compute to 1e-10 relative.
+# In both compiled versions of the kernels (AVX2 + FMA and baseline x86-64).
+@pytest.mark.parametrize("isa", ["native", "baseline"])
 @settings(max_examples=60, **COMMON)
 @given(batch=st.integers(1, 4), rows=st.integers(4, 40), channels=st.integers(1, 9),
        affine=st.booleans(), relu=st.booleans(), x_tangent=st.booleans(), param_tangent=st.booleans(),
        eps=st.sampled_from([1e-5, 1e-3, 0.5]), seed=st.integers(0, 2**31 - 1))
-def test_cpu_kernels_match_torch_func(batch, rows, channels, affine, relu, x_tangent, param_tangent,
-                                      eps, seed):
-    check_cpu_kernels(batch, rows, channels, affine, relu, x_tangent, param_tangent, eps, seed)
+def test_cpu_kernels_match_torch_func(isa, batch, rows, channels, affine, relu, x_tangent,
+                                      param_tangent, eps, seed):
+    with cpu_kernels(isa):
+        check_cpu_kernels(batch, rows, channels, affine, relu, x_tangent, param_tangent, eps, seed)
 
 
 # The CPU kernels sum a channel in units of 1024 rows (blocks of 64 inside), added in unit order:
@@ -179,12 +182,13 @@ def pooled_reference(x, weight, bias, eps, ceil_mode):
     return F.max_pool2d(F.relu(y), 2, ceil_mode=ceil_mode).permute(0, 2, 3, 1)
 
 
+@pytest.mark.parametrize("isa", ["native", "baseline"])
 @settings(max_examples=60, **COMMON)
 @given(n=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), channels=st.integers(1, 5),
        affine=st.booleans(), x_tangent=st.booleans(), param_tangent=st.booleans(),
        ceil_mode=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_cpu_fused_pool_kernels_match_torch_func(n, h, w, channels, affine, x_tangent, param_tangent,
-                                                 ceil_mode, seed):
+def test_cpu_fused_pool_kernels_match_torch_func(isa, n, h, w, channels, affine, x_tangent,
+                                                 param_tangent, ceil_mode, seed):
     if not ceil_mode:
         h, w = max(h, 2), max(w, 2)
     if n * h * w < 4:  # see test_cpu_kernels_match_torch_func
@@ -210,8 +214,9 @@ def test_cpu_fused_pool_kernels_match_torch_func(n, h, w, channels, affine, x_ta
     gy, rgy = randn(*y_ref.shape), randn(*y_ref.shape)
     grads_ref, rgrads_ref = jvp(lambda gy, *p: vjp(forward, *p)[1](gy), (gy, *primals), (rgy, *tangents))
 
-    y, ry, argmax, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm_relu_max_pool(
-        x, rx, weight, bias, vw, vb, 1e-5, ceil_mode)
+    with cpu_kernels(isa):
+        y, ry, argmax, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm_relu_max_pool(
+            x, rx, weight, bias, vw, vb, 1e-5, ceil_mode)
     assert relative_error(y, y_ref) <= 1e-10
     if rx is not None or vw is not None:
         assert relative_error(ry, ry_ref) <= 1e-10
@@ -227,9 +232,11 @@ def test_cpu_fused_pool_kernels_match_torch_func(n, h, w, channels, affine, x_ta
     assert torch.equal(argmax.long(), position.permute(0, 2, 3, 1))
 
     for tangent in (False, True):
-        gx, rgx, gw, gb, rgw, rgb = ops.task_batch_norm_relu_max_pool_backward(
-            gy, rgy if tangent else None, x, rx, weight, vw if tangent else None, mean, invstd,
-            rx_mean if rx is not None else None, r_sigma if rx is not None else None, y, argmax, True)
+        with cpu_kernels(isa):
+            gx, rgx, gw, gb, rgw, rgb = ops.task_batch_norm_relu_max_pool_backward(
+                gy, rgy if tangent else None, x, rx, weight, vw if tangent else None, mean, invstd,
+                rx_mean if rx is not None else None, r_sigma if rx is not None else None, y,
+                argmax, True)
         assert relative_error(gx, grads_ref[0]) <= 1e-10
         if affine:
             assert relative_error(gw, grads_ref[1]) <= 1e-10

@@ -2,8 +2,6 @@
 random Linear/ReLU stacks, per-element rates and their gradients, first and second order, in both
 compiled versions of its task kernels (AVX2 + FMA and baseline x86-64); which programs it takes;
 its errors."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from torch.func import functional_call
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, compile_program
-from maml_test_utils import random_batch, relative_error, sinusoid_mlp
+from maml_test_utils import cpu_kernels, random_batch, relative_error, sinusoid_mlp
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -73,16 +71,6 @@ def oracle(model, program, theta, rates, data, loss, first_order):
     return per_task.detach(), torch.stack(support_losses), meta_grad, rate_grad, accuracy
 
 
-@contextlib.contextmanager
-def kernels(isa):
-    """Runs the block with the task kernels the CPU supports ("native") or the baseline ones."""
-    previous = torch.ops.maml_ext._force_baseline_cpu_kernels(isa == "baseline")
-    try:
-        yield
-    finally:
-        torch.ops.maml_ext._force_baseline_cpu_kernels(previous)
-
-
 def run_mlp_path(program, theta, rates, data, loss, first_order, op="_mlp_meta_step"):
     return getattr(torch.ops.maml_ext, op)(theta, rates, *data, program.ints_list,
                                            program.floats_list, LOSS_CODES[loss], first_order, True)
@@ -103,7 +91,7 @@ def test_mlp_path_equals_autograd_float64(isa, stack, tasks, steps, first_order,
     rates = 0.05 + 0.1 * torch.rand(steps, program.num_params, dtype=torch.float64, generator=generator)
     data = batch(generator, tasks, support, query, features, loss, outputs, torch.float64)
 
-    with kernels(isa):
+    with cpu_kernels(isa):
         query_loss, accuracy, support_loss, meta_grad, rate_grad = run_mlp_path(
             program, theta, rates, data, loss, first_order)
     expected_query, expected_support, expected_meta, expected_rates, expected_accuracy = oracle(
@@ -130,7 +118,7 @@ def test_mlp_path_float32_close_to_float64(isa, stack, tasks, steps, seed):
     data = batch(generator, tasks, 5, 5, features, loss, outputs, torch.float64)
     exact = run_mlp_path(program, theta, rates, data, loss, False)
     data32 = [d.float() if d.is_floating_point() else d for d in data]
-    with kernels(isa):
+    with cpu_kernels(isa):
         single = run_mlp_path(program, theta.float(), rates.float(), data32, loss, False)
     # float32 against float64 truth, measured as the general path's tests measure it.
     assert relative_error(single[3], exact[3]) < 1e-4

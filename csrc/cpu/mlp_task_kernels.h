@@ -43,7 +43,13 @@ MAML_INLINE void gemm_block(const T* __restrict__ a, int64_t lda, int64_t a_step
     Vec scale[R];
     for (int r = 0; r < R; ++r) scale[r] = broadcast<T>(a[r * lda + k * a_step]);
     for (int v = 0; v < V; ++v) {
-      const Vec row = load(b + k * ldb + v * L);
+      Vec row = load(b + k * ldb + v * L);
+#ifdef __AVX__
+      // Keeps the vector in a register: GCC otherwise folds the load into each of the R FMAs,
+      // and R loads per vector of B made the products load-bound (2 × 5 blocks: 1236 → 729
+      // cycles for a 40 × 10 × 40 weight gradient, 913 → 746 for a 10 × 40 × 40 product).
+      __asm__("" : "+x"(row));
+#endif
       for (int r = 0; r < R; ++r) sums[r][v] += scale[r] * row;
     }
   }
