@@ -1,6 +1,8 @@
 """torch.ops.maml_ext.meta_gradient (MetaOptimizer's fixed-rate step in one op) against meta_step:
 the same meta-gradient split into the parameters' shapes, the means over tasks, the finiteness
 flag; bad parameter lists are named."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -150,3 +152,48 @@ def test_bad_parameter_lists_are_named():
     with pytest.raises(ValueError, match="argument 'inner_lr'"):
         torch.ops.maml_ext.meta_gradient(params, rates[:, 1:], *batch, program.ints_list,
                                          program.floats_list, LOSS_CODES[loss], False)
+
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
+                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
+
+
+def synchronisations(fn) -> int:
+    """How many host synchronisations PyTorch's sync debug mode reports while ``fn`` runs."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("make_case", [mlp_case, conv_case], ids=["mlp", "conv"])
+def test_on_cuda_equals_meta_step_without_host_synchronisation(make_case):
+    generator, seed = fresh_generator()
+    model, batch, loss = make_case(generator)
+    model = model.cuda()
+    batch = [b.cuda() for b in batch]
+    program = compile_program(model)
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    rates = torch.full((2, theta.numel()), 0.03, dtype=theta.dtype, device="cuda")
+    args = (program.ints_list, program.floats_list, LOSS_CODES[loss], False)
+    theirs = torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, False)
+    grads, query_loss, accuracy, support_loss, finite = torch.ops.maml_ext.meta_gradient(
+        params, rates, *batch, *args)
+    assert finite.device.type == "cuda" and finite.dtype == torch.bool and bool(finite), seed
+    assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), theirs[3]), seed
+    assert relative_error(query_loss, theirs[0].mean()) <= 1e-12, seed
+    assert relative_error(support_loss, theirs[2].mean()) <= 1e-12, seed
+    # The op adds no host synchronisation to meta_step's own (if it has any).
+    bare = synchronisations(lambda: torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, False))
+    ours = synchronisations(lambda: torch.ops.maml_ext.meta_gradient(params, rates, *batch, *args))
+    assert ours == bare, (ours, bare)
+    with torch.no_grad():
+        params[-1].view(-1)[0] = float("nan")
+    assert not bool(torch.ops.maml_ext.meta_gradient(params, rates, *batch, *args)[4]), seed
