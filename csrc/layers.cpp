@@ -446,6 +446,52 @@ at::Tensor to_task_major(const at::Tensor& x) {
 
 }  // namespace
 
+std::vector<ParameterSlice> parameter_slices(at::IntArrayRef ints) {
+  std::vector<ParameterSlice> slices;
+  ProgramReader reader(ints);
+  while (!reader.done()) {
+    reader.start_record();
+    const int64_t kind = reader.next("the layer kind");
+    switch (static_cast<LayerKind>(kind)) {
+      case LayerKind::kLinear: {
+        const int64_t in = reader.next("in_features"), out = reader.next("out_features");
+        const bool bias = reader.next("has_bias") != 0;
+        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
+        slices.push_back({w, in * out});
+        if (bias) slices.push_back({b, out});
+        break;
+      }
+      case LayerKind::kConv2d: {
+        int64_t v[11];
+        for (auto& value : v) value = reader.next("a Conv2d field");
+        slices.push_back({v[9], v[0] * v[1] * v[2] * v[3]});
+        if (v[8] != 0) slices.push_back({v[10], v[1]});
+        break;
+      }
+      case LayerKind::kBatchNorm: {
+        const int64_t channels = reader.next("channels");
+        reader.next("spatial");
+        const bool affine = reader.next("affine") != 0;
+        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
+        if (affine) {
+          slices.push_back({w, channels});
+          slices.push_back({b, channels});
+        }
+        break;
+      }
+      case LayerKind::kMaxPool2d:
+        for (int field = 0; field < 7; ++field) reader.next("a MaxPool2d field");
+        break;
+      case LayerKind::kReLU:
+      case LayerKind::kFlatten:
+        break;
+      default:
+        MAML_CHECK_ARG(false, "program", "unknown layer kind ", kind);
+    }
+  }
+  return slices;
+}
+
 Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss,
                  int64_t num_params)
     : num_params_(num_params) {
@@ -453,13 +499,6 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
                      loss == static_cast<int64_t>(LossKind::kMeanSquaredError),
                  "loss", "expected 1 (cross-entropy) or 2 (mean-squared error), got ", loss);
   loss_ = static_cast<LossKind>(loss);
-  std::vector<std::pair<int64_t, int64_t>> slices;  // [begin, end) of every parameter
-  auto claim = [&](int64_t offset, int64_t numel) {
-    MAML_CHECK_ARG(offset >= 0 && offset + numel <= num_params, "program", "parameter slice [",
-                   offset, ", ", offset + numel, ") lies outside the ", num_params,
-                   " parameters");
-    slices.emplace_back(offset, offset + numel);
-  };
   ProgramReader reader(ints);
   size_t float_index = 0;
   while (!reader.done()) {
@@ -470,16 +509,12 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
         const int64_t in = reader.next("in_features"), out = reader.next("out_features");
         const bool bias = reader.next("has_bias") != 0;
         const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
-        claim(w, in * out);
-        if (bias) claim(b, out);
         layers_.push_back(std::make_unique<Linear>(in, out, bias, w, b));
         break;
       }
       case LayerKind::kConv2d: {
         int64_t v[11];
         for (auto& value : v) value = reader.next("a Conv2d field");
-        claim(v[9], v[0] * v[1] * v[2] * v[3]);
-        if (v[8] != 0) claim(v[10], v[1]);
         layers_.push_back(std::make_unique<Conv2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
                                                    v[8] != 0, v[9], v[10]));
         break;
@@ -490,10 +525,6 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
         const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
         MAML_CHECK_ARG(float_index < floats.size(), "program_floats",
                        "expected an eps for every BatchNorm layer, got ", floats.size());
-        if (affine) {
-          claim(w, channels);
-          claim(b, channels);
-        }
         auto norm =
             std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]);
         // A 2-d batch norm right after a convolution takes its statistics from the convolution.
@@ -532,13 +563,21 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
     }
   }
   MAML_CHECK_ARG(!layers_.empty(), "program", "expected at least one layer");
-  std::sort(slices.begin(), slices.end());
+  auto slices = parameter_slices(ints);
+  for (const auto& slice : slices) {
+    MAML_CHECK_ARG(slice.offset >= 0 && slice.offset + slice.numel <= num_params, "program",
+                   "parameter slice [", slice.offset, ", ", slice.offset + slice.numel,
+                   ") lies outside the ", num_params, " parameters");
+  }
+  std::sort(slices.begin(), slices.end(), [](const auto& a, const auto& b) {
+    return std::tie(a.offset, a.numel) < std::tie(b.offset, b.numel);
+  });
   int64_t covered = 0;
-  for (const auto& [begin, end] : slices) {
-    MAML_CHECK_ARG(begin == covered, "program", "parameter slices must tile [0, ", num_params,
-                   ") without gaps or overlaps; found one starting at ", begin, " after ",
-                   covered);
-    covered = end;
+  for (const auto& slice : slices) {
+    MAML_CHECK_ARG(slice.offset == covered, "program", "parameter slices must tile [0, ",
+                   num_params, ") without gaps or overlaps; found one starting at ", slice.offset,
+                   " after ", covered);
+    covered = slice.offset + slice.numel;
   }
   MAML_CHECK_ARG(covered == num_params, "program", "parameter slices cover ", covered, " of ",
                  num_params, " parameters");

@@ -29,6 +29,16 @@ enum class LayerKind : int64_t {
 
 enum class LossKind : int64_t { kCrossEntropy = 1, kMeanSquaredError = 2 };
 
+// One parameter tensor's slice [offset, offset + numel) of the flat θ.
+struct ParameterSlice {
+  int64_t offset;
+  int64_t numel;
+};
+
+// The parameter slices a program description names, in record order (a layer's weight before its
+// bias): the order of maml_ext/program.py's slots. Checks only that the records parse.
+std::vector<ParameterSlice> parameter_slices(at::IntArrayRef ints);
+
 // The per-task parameter tensors of one pass. `tangent` undefined: no tangent is carried.
 struct PassParams {
   at::Tensor theta;         // [T, P] weights

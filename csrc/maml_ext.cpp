@@ -185,6 +185,15 @@ TORCH_LIBRARY(maml_ext, m) {
       "bool first_order, bool inner_lr_grad) -> "
       "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
       "Tensor inner_lr_grad)");
+  // MetaOptimizer's fixed-rate step: meta_step at the concatenated params (in the program's slot
+  // order), its meta-gradient split into params' shapes, the means over tasks (accuracy [0] for
+  // MSE) and whether the loss and gradient are all finite (0-d bool); csrc/meta_gradient.h.
+  m.def(
+      "meta_gradient(Tensor[] params, Tensor inner_lr, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] program, float[] program_floats, int loss, "
+      "bool first_order) -> "
+      "(Tensor[] grads, Tensor query_loss, Tensor query_accuracy, Tensor support_loss, "
+      "Tensor finite)");
   // meta_step's CPU path for small MLPs (cpu/mlp_meta_step.cpp), which meta_step takes by itself
   // where it applies; callable directly so that tests know which path they check.
   m.def(

@@ -24,6 +24,17 @@ def _register_fake_kernels() -> None:
         alpha_grad = theta.new_empty(inner_lr.shape if inner_lr_grad else (0,))
         return per_task, accuracy, theta.new_empty((tasks,)), theta.new_empty(theta.shape), alpha_grad
 
+    @torch.library.register_fake("maml_ext::meta_gradient")
+    def _(params, inner_lr, support_x, support_y, query_x, query_y, program, program_floats, loss,
+          first_order):
+        # The gradients are views of one flat buffer, as the real kernel returns them.
+        first, sizes = params[0], [p.numel() for p in params]
+        flat = first.new_empty((sum(sizes),))
+        grads = [piece.view(p.shape) for piece, p in zip(flat.split(sizes), params)]
+        accuracy = first.new_empty(() if loss == LOSS_CODES["cross_entropy"] else (0,))
+        return (grads, first.new_empty(()), accuracy, first.new_empty(()),
+                first.new_empty((), dtype=torch.bool))
+
     @torch.library.register_fake("maml_ext::adapt")
     def _(theta, inner_lr, support_x, support_y, program, program_floats, loss):
         return theta.new_empty((support_x.shape[0], theta.shape[-1]))
@@ -55,6 +66,18 @@ def meta_step(program: LayerProgram, theta, inner_lr, support_x, support_y, quer
     return torch.ops.maml_ext.meta_step(theta, inner_lr, support_x, support_y, query_x, query_y,
                                         program.ints_list, program.floats_list, loss_code,
                                         first_order, inner_lr_grad)
+
+
+def meta_gradient(program: LayerProgram, params: list[torch.Tensor], inner_lr, support_x, support_y,
+                  query_x, query_y, *, loss_code: int, first_order: bool):
+    """MetaOptimizer's fixed-rate meta-step in one op, for ``params`` in the program's slot order:
+    (their meta-gradients (views of one buffer), mean query loss, mean query accuracy or None,
+    mean support loss, finite: a 0-d bool tensor, true iff the query loss and every gradient
+    element are finite); no autograd, no host synchronisation."""
+    grads, loss, accuracy, support_loss, finite = torch.ops.maml_ext.meta_gradient(
+        params, inner_lr, support_x, support_y, query_x, query_y, program.ints_list,
+        program.floats_list, loss_code, first_order)
+    return grads, loss, (accuracy if accuracy.numel() else None), support_loss, finite
 
 
 class _FusedMetaLoss(torch.autograd.Function):

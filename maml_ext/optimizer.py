@@ -77,7 +77,7 @@ class MetaOptimizer:
         self.requested_backend = backend
         self._choices: dict[tuple, BackendChoice] = {}
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
-        self._fixed_rates: dict[tuple, torch.Tensor] = {}  # [K, P] per (K, P, device, dtype)
+        self._fixed_rates: dict[tuple, torch.Tensor] = {}  # [K, P] per (device, dtype, K)
         self._backend_choice(first.device, first.dtype)  # validates `backend` now, warns once
         self._graphed = graphs.check_option(cuda_graph, backend=backend, device=first.device,
                                             choice=self._backend_choice(first.device, first.dtype))
@@ -190,22 +190,15 @@ class MetaOptimizer:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _fused_fixed_rates(self, program, params, support_x, support_y, query_x, query_y):
-        """The fused meta-step with fixed inner rates: nothing needs autograd, so the op is called
-        directly (the caller hands its flat meta-gradient out as views, one per parameter). This
-        path is the per-call overhead of small models such as the sinusoid MLP."""
-        with torch.no_grad():
-            theta = program.flatten(params)
-            key = (self.inner_steps, program.num_params, theta.device, theta.dtype)
-            rates = self._fixed_rates.get(key)
-            if rates is None:
-                rates = self._fixed_rates[key] = self.inner_lr.flat(program.slots,
-                                                                    self.inner_steps, theta)
-            query_loss, query_accuracy, support_loss, meta_grad, _ = fused.meta_step(
-                program, theta, rates, support_x, support_y, query_x, query_y,
-                loss_code=LOSS_CODES[self.loss.name], first_order=self.first_order)
-        return (query_loss.mean(), query_accuracy if query_accuracy.numel() else None, support_loss,
-                meta_grad)
+    def _fixed_rate_table(self, program, first: torch.Tensor) -> torch.Tensor:
+        """The fixed inner rates [K, P] in the program's layout, built once per device, dtype and
+        K (the program, and so P, is one per device and dtype)."""
+        key = (first.device, first.dtype, self.inner_steps)
+        rates = self._fixed_rates.get(key)
+        if rates is None:
+            rates = self._fixed_rates[key] = self.inner_lr.flat(
+                program.slots, self.inner_steps, first.new_empty(program.num_params))
+        return rates
 
     @staticmethod
     def _site(model: nn.Module, name: str) -> tuple[dict, str]:
@@ -305,35 +298,34 @@ class MetaOptimizer:
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
 
         if choice.name == "fused" and self.inner_lr.learn is None and self._graphed is None:
-            loss, query_accuracy, support_loss, meta_grad = self._fused_fixed_rates(
-                choice.program, params, support_x, support_y, query_x, query_y)
-            named = choice.program.unflatten(meta_grad)  # views into meta_grad
-            tensors, grads = list(params.values()), [named[name] for name in params]
-            # One reduction decides in the common case; the element-wise test only where the sum
-            # is not finite (a NaN/inf somewhere, or finite values whose sum overflows).
-            finite = torch.isfinite(meta_grad.sum() + loss)
-            if not bool(finite):
-                finite = torch.isfinite(loss) & torch.isfinite(meta_grad).all()
+            # Nothing needs autograd with fixed rates: one op does the whole step (this path is
+            # the per-call overhead of small models such as the sinusoid MLP).
+            program = choice.program
+            names = program.slot_names
+            tensors = [params[name] for name in names]
+            grads, loss, query_accuracy, support_loss, finite = fused.meta_gradient(
+                program, tensors, self._fixed_rate_table(program, first), support_x, support_y,
+                query_x, query_y, loss_code=LOSS_CODES[self.loss.name],
+                first_order=self.first_order)
         else:
             loss, query_accuracy, support_loss = self._differentiable_meta_loss(
                 choice, params, support_x, support_y, query_x, query_y)
             tensors = list(params.values()) + list(self.inner_lr.parameters())
+            names = list(params) + ["inner_lr"] * (len(tensors) - len(params))
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
             finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+            loss = loss.detach()
+            query_accuracy = None if query_accuracy is None else query_accuracy.mean()
+            support_loss = support_loss.mean()
         if not bool(finite):
             if deferred:  # an index out of range reads as NaN: name it if that is the cause
                 self._check_targets("support_y", support_y, support_x, first)
                 self._check_targets("query_y", query_y, query_x, first)
-            names = list(params) + ["inner_lr"] * (len(grads) - len(params))
             bad = [name for name, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(
                 f"maml_ext: non-finite meta-step (query loss {loss.item():.4g}; non-finite "
                 f"gradient of {bad or 'none'}); nothing was applied")
-        result = MetaStepResult(
-            query_loss=loss.detach(),
-            query_accuracy=None if query_accuracy is None else query_accuracy.mean(),
-            support_loss=support_loss.mean(),
-            backend=choice.name,
-        )
+        result = MetaStepResult(query_loss=loss, query_accuracy=query_accuracy,
+                                support_loss=support_loss, backend=choice.name)
         return result, tensors, grads

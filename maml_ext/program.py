@@ -62,6 +62,11 @@ class LayerProgram:
     def floats_list(self) -> list[float]:
         return list(self.floats)
 
+    @functools.cached_property
+    def slot_names(self) -> tuple[str, ...]:
+        """The parameters' names in θ's order (the order of the fused ops' parameter lists)."""
+        return tuple(slot.name for slot in self.slots)
+
     def flatten(self, params: dict[str, torch.Tensor], task_dims: int = 0) -> torch.Tensor:
         """θ as one vector [P] (or [T, P] when the params carry ``task_dims`` leading task dims);
         differentiable, so gradients reach the original tensors."""

@@ -11,9 +11,9 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import maml_ext
-from maml_ext.program import UnsupportedModelError
+from maml_ext.program import LOSS_CODES, UnsupportedModelError
 from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
-                             random_batch, relative_error, sinusoid_mlp)
+                             random_batch, regression_batch, relative_error, sinusoid_mlp)
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -238,10 +238,23 @@ def opcheck_cases():
         (torch.ops.maml_ext.loss_hvp.default, (per_task, sx, sy, torch.randn_like(per_task), ints, floats, 1)),
         (torch.ops.maml_ext.softmax_cross_entropy.default,
          (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=torch.float64))),
+        # MetaOptimizer passes parameters that require grad: float64 conv, float32 MLP
+        (torch.ops.maml_ext.meta_gradient.default,
+         (list(model.parameters()), rates, sx, sy, qx, qy, ints, floats, 1, False)),
+        (torch.ops.maml_ext.meta_gradient.default, meta_gradient_mlp_args(torch.float32)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+def meta_gradient_mlp_args(dtype):
+    model = sinusoid_mlp(dtype)
+    program = maml_ext.program.compile_program(model)
+    sx, sy, qx, qy = regression_batch(3, 4, 5, dtype=dtype)
+    rates = torch.full((1, program.num_params), 0.01, dtype=dtype)
+    return (list(model.parameters()), rates, sx, sy, qx, qy, list(program.ints),
+            list(program.floats), LOSS_CODES["mse"], True)
+
+
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = opcheck_cases()[index]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -1,0 +1,130 @@
+#include "meta_gradient.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/strides.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "layers.h"
+
+namespace maml_ext {
+namespace {
+
+using MetaStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+MetaStepResult dispatch_meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
+                                  const at::Tensor& support_x, const at::Tensor& support_y,
+                                  const at::Tensor& query_x, const at::Tensor& query_y,
+                                  at::IntArrayRef program, at::ArrayRef<double> program_floats,
+                                  int64_t loss, bool first_order) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::meta_step", "")
+          .typed<MetaStepResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                at::IntArrayRef, at::ArrayRef<double>, int64_t, bool, bool)>();
+  return op.call(theta, inner_lr, support_x, support_y, query_x, query_y, program, program_floats,
+                 loss, first_order, /*inner_lr_grad=*/false);
+}
+
+// θ [P]: the parameters flattened and concatenated in slot order, after checking them against the
+// program's slots.
+at::Tensor flatten_params(at::TensorList params, const std::vector<ParameterSlice>& slices) {
+  MAML_CHECK_ARG(params.size() == slices.size(), "params", "expected the program's ",
+                 slices.size(), " parameter tensors, got ", params.size());
+  std::vector<at::Tensor> flat;
+  flat.reserve(params.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    MAML_CHECK_ARG(p.defined(), "params", "tensor ", i, " is undefined");
+    check_same_device_dtype(p, params[0], "params");
+    MAML_CHECK_ARG(p.numel() == slices[i].numel, "params", "expected tensor ", i, " to hold ",
+                   slices[i].numel, " elements (its slot in the program), got shape ", p.sizes());
+    // Concatenation lays θ out in slot order, which must be the program's offsets.
+    MAML_CHECK_ARG(slices[i].offset == offset, "program", "expected parameter ", i,
+                   " at offset ", offset, ", got ", slices[i].offset);
+    offset += slices[i].numel;
+    flat.push_back(p.reshape({-1}));
+  }
+  return at::cat(flat);
+}
+
+// 0-d bool: the mean query loss and every element of meta_grad are finite. One pass over both
+// by mixed-precision training's overflow check (found_inf, here with a scale of 1, which leaves
+// the values bit for bit): exact where a finite-sum test is not (finite values whose sum
+// overflows), and nothing is read back to the host, so on a GPU it stays a device tensor.
+at::Tensor all_finite(const at::Tensor& meta_grad, const at::Tensor& query_loss) {
+  const auto options = meta_grad.options().dtype(at::kFloat);
+  auto found_non_finite = at::scalar_tensor(0, options);
+  at::_amp_foreach_non_finite_check_and_unscale_({meta_grad, query_loss}, found_non_finite,
+                                                 at::scalar_tensor(1, options));
+  return found_non_finite.logical_not();
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gradient(
+    at::TensorList params, const at::Tensor& inner_lr, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss, bool first_order) {
+  MAML_CHECK_ARG(!params.empty(), "params", "expected at least one parameter tensor");
+  check_floating(params[0], "params");
+  const at::OptionalDeviceGuard device_guard(at::device_of(params[0]));
+  const auto slices = parameter_slices(program);
+  const auto theta = flatten_params(params, slices);
+  const auto [query_loss, query_accuracy, support_loss, meta_grad, unused_rate_grad] =
+      dispatch_meta_step(theta, inner_lr, support_x, support_y, query_x, query_y, program,
+                         program_floats, loss, first_order);
+  // Each gradient a view of meta_grad in its parameter's shape (one op each: these µs count for
+  // small models).
+  const auto flat_grad = meta_grad.contiguous();
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto sizes = params[i].sizes();
+    grads.push_back(flat_grad.as_strided(sizes, c10::contiguous_strides(sizes),
+                                         flat_grad.storage_offset() + slices[i].offset));
+  }
+  // Separate means, not rows of one reduction: outputs that share storage would surprise a
+  // caller who updates one in place.
+  const auto query_loss_mean = query_loss.mean();
+  const auto accuracy_mean = query_accuracy.numel() > 0 ? query_accuracy.mean() : query_accuracy;
+  return {std::move(grads), query_loss_mean, accuracy_mean, support_loss.mean(),
+          all_finite(flat_grad, query_loss_mean)};
+}
+
+namespace {
+
+// The op is not differentiable (its outputs are gradients for an optimiser; nothing
+// differentiates through them), but MetaOptimizer calls it with parameters that require grad.
+// Without this kernel, autograd's fallback would run the kernel with autograd still on for the
+// ops inside (recording a graph through cat, meta_step and the means) and mark the outputs as
+// requiring grad; below it, nothing is recorded and the outputs are plain tensors.
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+meta_gradient_autograd(at::TensorList params, const at::Tensor& inner_lr,
+                       const at::Tensor& support_x, const at::Tensor& support_y,
+                       const at::Tensor& query_x, const at::Tensor& query_y,
+                       at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss,
+                       bool first_order) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("maml_ext::meta_gradient", "")
+          .typed<decltype(meta_gradient)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(params, inner_lr, support_x, support_y, query_x, query_y, program,
+                 program_floats, loss, first_order);
+}
+
+}  // namespace
+}  // namespace maml_ext
+
+// One kernel for every backend: it only composes ops that dispatch by themselves.
+TORCH_LIBRARY_IMPL(maml_ext, CompositeExplicitAutograd, m) {
+  m.impl("meta_gradient", &maml_ext::meta_gradient);
+}
+
+TORCH_LIBRARY_IMPL(maml_ext, Autograd, m) {
+  m.impl("meta_gradient", &maml_ext::meta_gradient_autograd);
+}
