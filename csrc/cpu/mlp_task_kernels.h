@@ -401,6 +401,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
 // Task t's whole meta-step: the inner loop, the query pass, the reverse sweep.
 template <typename T>
 void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
+  const int64_t S = pb.param_stride;
   const int64_t P = pb.params, K = pb.steps, F = pb.input_width;
   const int64_t D = pb.mlp->output_width;
   const T* sx = pb.support_x + t * pb.support_n * F;
@@ -409,12 +410,12 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
   const int64_t* ql = pb.query_labels ? pb.query_labels + t * pb.query_n : nullptr;
   const T* st = pb.support_targets ? pb.support_targets + t * pb.support_n * D : nullptr;
   const T* qt = pb.query_targets ? pb.query_targets + t * pb.query_n * D : nullptr;
-  auto theta_at = [&](int64_t k) { return k == 0 ? pb.theta : ws.adapted + (k - 1) * P; };
+  auto theta_at = [&](int64_t k) { return k == 0 ? pb.theta : ws.adapted + (k - 1) * S; };
   // θ₀'s transposed weights are shared by all tasks; the adapted ones are transposed per pass.
   auto transposed_at = [&](int64_t k) { return k == 0 ? pb.theta_transposed : nullptr; };
 
   for (int64_t k = 0; k < K; ++k) {
-    T* g = ws.grads + k * P;
+    T* g = ws.grads + k * S;
     const TapeUse<T> record{ws.tape_outputs + k * ws.tape_stride,
                             ws.tape_grads + k * ws.tape_stride, false};
     const T loss = pass(pb, ws, theta_at(k), transposed_at(k), static_cast<const T*>(nullptr), sx,
@@ -425,18 +426,18 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
     // θ_{k+1} = θ_k − α_k ⊙ g_k
     const T* theta = theta_at(k);
     const T* alpha = pb.alpha + k * P;
-    T* next = ws.adapted + k * P;
+    T* next = ws.adapted + k * S;
     for (int64_t j = 0; j < P; ++j) next[j] = theta[j] - alpha[j] * g[j];
   }
 
-  T* lambda = pb.lambda + t * P;
+  T* lambda = pb.lambda + t * S;
   pb.query_loss[t] = pass(pb, ws, theta_at(K), transposed_at(K), static_cast<const T*>(nullptr),
                           qx, pb.query_n, ql,
                           qt, lambda, static_cast<T*>(nullptr),
                           pb.query_accuracy ? pb.query_accuracy + t : nullptr);
 
   for (int64_t k = K - 1; k >= 0; --k) {
-    const T* g = ws.grads + k * P;
+    const T* g = ws.grads + k * S;
     if (pb.rate_products) {
       T* product = pb.rate_products + (t * K + k) * P;
       for (int64_t j = 0; j < P; ++j) product[j] = lambda[j] * g[j];
