@@ -160,7 +160,7 @@ struct Problem {
 template <typename T>
 struct Workspace {
   std::vector<T> buffer;
-  T *adapted, *grads, *direction, *hessian_vector, *wt, *vt, *acts, *tangents, *g[2], *rg[2];
+  T *adapted, *grads, *direction, *wt, *vt, *acts, *tangents, *g[2], *rg[2];
   // Per inner step k: the support pass's layer outputs and the loss gradient at each of them,
   // which the Hessian-vector pass at θ_k reuses instead of recomputing.
   T *tape_outputs, *tape_grads;
@@ -172,7 +172,7 @@ struct Workspace {
     const int64_t act = whole_lines<T>(rows * pb.mlp->activation_floats);
     const int64_t wide = whole_lines<T>(rows * pb.mlp->max_width);
     tape_stride = whole_lines<T>(pb.support_n * pb.mlp->activation_floats);
-    const size_t need = static_cast<size_t>(2 * K * P + 4 * P + 2 * act + 4 * wide +
+    const size_t need = static_cast<size_t>(2 * K * P + 3 * P + 2 * act + 4 * wide +
                                             2 * K * tape_stride + kLine / sizeof(T));
     if (buffer.size() < need) buffer.assign(need, T(0));
     T* p = line_aligned(buffer.data());
@@ -180,7 +180,6 @@ struct Workspace {
     adapted = take(K * P);
     grads = take(K * P);
     direction = take(P);
-    hessian_vector = take(P);
     wt = take(P);
     vt = take(P);
     acts = take(act);

@@ -25,50 +25,78 @@ MAML_INLINE typename Simd<T>::Vec broadcast(T x) {
   return x - typename Simd<T>::Vec{};
 }
 
-// C[R, V vectors] (+)= Σ_k A[r, k] B[k, :] for one block: the R × V vector sums stay in registers
+// C[rows, cols] = start + A₁ B₁ (+ A₂ B₂): one or two products of the same shape into the same
+// sums (the Hessian-vector pass's tangent rules come in such pairs, e.g. R{y} = x Vᵀ + R{x} Wᵀ;
+// summing both in registers writes C once instead of storing and reloading it). A's element
+// (r, k) is a[r * lda + k * a_step] (A given transposed: lda = 1); B and C are row-major. The
+// start is C's own values (accumulate), else the row start_row[cols] in every row (a bias), else 0.
+template <typename T>
+struct Product {
+  const T* a[2];
+  const T* b[2];
+  int terms;  // 1 or 2
+  int64_t lda, a_step, ldb;
+  T* c;
+  int64_t ldc, rows, cols, depth;
+  bool accumulate;
+  const T* start_row;  // or null
+};
+
+// The block of R rows × V vectors of C at (row, col): the R × V vector sums stay in registers
 // across k, so each step loads V vectors of B's row once for R rows of A.
-// A's element (r, k) is a[r * lda + k * a_step]; B's row k starts at b + k * ldb.
 template <int R, int V, typename T>
-MAML_INLINE void gemm_block(const T* __restrict__ a, int64_t lda, int64_t a_step,
-                            const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
-                            int64_t depth, bool accumulate) {
+MAML_INLINE void gemm_block(const Product<T>& p, int64_t row, int64_t col) {
   using Vec = typename Simd<T>::Vec;
   constexpr int L = kLanes<T>;
+  T* __restrict__ c = p.c + row * p.ldc + col;
   Vec sums[R][V];
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) sums[r][v] = accumulate ? load(c + r * ldc + v * L) : Vec{};
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    // R broadcasts, then B's row one vector at a time: R × V sums + R + 1 registers.
-    Vec scale[R];
-    for (int r = 0; r < R; ++r) scale[r] = broadcast<T>(a[r * lda + k * a_step]);
     for (int v = 0; v < V; ++v) {
-      Vec row = load(b + k * ldb + v * L);
+      sums[r][v] = p.accumulate  ? load(c + r * p.ldc + v * L)
+                   : p.start_row ? load(p.start_row + col + v * L)
+                                 : Vec{};
+    }
+  }
+  for (int term = 0; term < p.terms; ++term) {
+    const T* __restrict__ a = p.a[term] + row * p.lda;
+    const T* __restrict__ b = p.b[term] + col;
+    for (int64_t k = 0; k < p.depth; ++k) {
+      // R broadcasts, then B's row one vector at a time: R × V sums + R + 1 registers.
+      Vec scale[R];
+      for (int r = 0; r < R; ++r) scale[r] = broadcast<T>(a[r * p.lda + k * p.a_step]);
+      for (int v = 0; v < V; ++v) {
+        Vec b_row = load(b + k * p.ldb + v * L);
 #ifdef __AVX__
-      // Keeps the vector in a register: GCC otherwise folds the load into each of the R FMAs,
-      // and R loads per vector of B made the products load-bound (2 × 5 blocks: 1236 → 729
-      // cycles for a 40 × 10 × 40 weight gradient, 913 → 746 for a 10 × 40 × 40 product).
-      __asm__("" : "+x"(row));
+        // Keeps the vector in a register: GCC otherwise folds the load into each of the R FMAs,
+        // and R loads per vector of B made the products load-bound (2 × 5 blocks: 1236 → 729
+        // cycles for a 40 × 10 × 40 weight gradient, 913 → 746 for a 10 × 40 × 40 product).
+        __asm__("" : "+x"(b_row));
 #endif
-      for (int r = 0; r < R; ++r) sums[r][v] += scale[r] * row;
+        for (int r = 0; r < R; ++r) sums[r][v] += scale[r] * b_row;
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) store(c + r * ldc + v * L, sums[r][v]);
+    for (int v = 0; v < V; ++v) store(c + r * p.ldc + v * L, sums[r][v]);
   }
 }
 
 // The same for one column (the remainder after whole vectors).
 template <int R, typename T>
-MAML_INLINE void gemm_column(const T* __restrict__ a, int64_t lda, int64_t a_step,
-                             const T* __restrict__ b, int64_t ldb, T* __restrict__ c, int64_t ldc,
-                             int64_t depth, bool accumulate) {
+MAML_INLINE void gemm_column(const Product<T>& p, int64_t row, int64_t col) {
+  T* c = p.c + row * p.ldc + col;
   T sums[R];
-  for (int r = 0; r < R; ++r) sums[r] = accumulate ? c[r * ldc] : T(0);
-  for (int64_t k = 0; k < depth; ++k) {
-    for (int r = 0; r < R; ++r) sums[r] += a[r * lda + k * a_step] * b[k * ldb];
+  for (int r = 0; r < R; ++r) {
+    sums[r] = p.accumulate ? c[r * p.ldc] : p.start_row ? p.start_row[col] : T(0);
   }
-  for (int r = 0; r < R; ++r) c[r * ldc] = sums[r];
+  for (int term = 0; term < p.terms; ++term) {
+    const T* a = p.a[term] + row * p.lda;
+    const T* b = p.b[term] + col;
+    for (int64_t k = 0; k < p.depth; ++k) {
+      for (int r = 0; r < R; ++r) sums[r] += a[r * p.lda + k * p.a_step] * b[k * p.ldb];
+    }
+  }
+  for (int r = 0; r < R; ++r) c[r * p.ldc] = sums[r];
 }
 
 // Blocks of R rows × 5 vectors (40 floats: the sinusoid net's width), then one block of the
@@ -76,109 +104,109 @@ MAML_INLINE void gemm_column(const T* __restrict__ a, int64_t lda, int64_t a_ste
 // flight, enough to cover the FMA latency (4 × 8 blocks left the 40-wide products' last 8 columns
 // and last 2 rows at half or a quarter of the speed), in 16 vector registers.
 template <int R, typename T>
-MAML_INLINE void gemm_rows(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
-                           int64_t ldc, int64_t cols, int64_t depth, bool accumulate) {
+MAML_INLINE void gemm_rows(const Product<T>& p, int64_t row) {
   constexpr int L = kLanes<T>;
   int64_t col = 0;
-  for (; col + 5 * L <= cols; col += 5 * L) {
-    gemm_block<R, 5>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
-  }
-  const int64_t vectors = (cols - col) / L;
+  for (; col + 5 * L <= p.cols; col += 5 * L) gemm_block<R, 5>(p, row, col);
+  const int64_t vectors = (p.cols - col) / L;
   switch (vectors) {
-    case 4: gemm_block<R, 4>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate); break;
-    case 3: gemm_block<R, 3>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate); break;
-    case 2: gemm_block<R, 2>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate); break;
-    case 1: gemm_block<R, 1>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate); break;
+    case 4: gemm_block<R, 4>(p, row, col); break;
+    case 3: gemm_block<R, 3>(p, row, col); break;
+    case 2: gemm_block<R, 2>(p, row, col); break;
+    case 1: gemm_block<R, 1>(p, row, col); break;
     default: break;
   }
-  col += vectors * L;
-  for (; col < cols; ++col) {
-    gemm_column<R>(a, lda, a_step, b + col, ldb, c + col, ldc, depth, accumulate);
-  }
+  for (col += vectors * L; col < p.cols; ++col) gemm_column<R>(p, row, col);
 }
 
-// c[r * ldc] (+)= Σ_k a[r * lda + k] b[k]: a matrix-vector product with contiguous rows, summed
-// in vectors along k (a layer with one output: the column path would run one scalar chain per row).
+// One output column with contiguous rows of A and a contiguous B (a layer with one output):
+// dot products summed in vectors along k, where the column path would run one scalar chain per
+// row.
 template <typename T>
-MAML_INLINE void gemv_rows(const T* __restrict__ a, int64_t lda, const T* __restrict__ b,
-                           T* __restrict__ c, int64_t ldc, int64_t rows, int64_t depth,
-                           bool accumulate) {
+MAML_INLINE void gemv_rows(const Product<T>& p) {
   using Vec = typename Simd<T>::Vec;
   constexpr int L = kLanes<T>;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = a + r * lda;
+  for (int64_t r = 0; r < p.rows; ++r) {
     Vec acc{};
-    int64_t k = 0;
-    for (; k + L <= depth; k += L) acc += load(row + k) * load(b + k);
-    T sum = accumulate ? c[r * ldc] : T(0);
+    T sum = p.accumulate ? p.c[r * p.ldc] : p.start_row ? p.start_row[0] : T(0);
+    for (int term = 0; term < p.terms; ++term) {
+      const T* a = p.a[term] + r * p.lda;
+      const T* b = p.b[term];
+      int64_t k = 0;
+      for (; k + L <= p.depth; k += L) acc += load(a + k) * load(b + k);
+      for (; k < p.depth; ++k) sum += a[k] * b[k];
+    }
     for (int i = 0; i < L; ++i) sum += acc[i];
-    for (; k < depth; ++k) sum += row[k] * b[k];
-    c[r * ldc] = sum;
+    p.c[r * p.ldc] = sum;
   }
 }
 
-// C[rows, cols] (+)= A[rows, depth] B[depth, cols], A strided as in gemm_block, B and C row-major.
 template <typename T>
-MAML_INLINE void gemm_kernel(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
-                             int64_t ldc, int64_t rows, int64_t cols, int64_t depth,
-                             bool accumulate) {
-  if (cols == 1 && a_step == 1 && ldb == 1) {
-    return gemv_rows(a, lda, b, c, ldc, rows, depth, accumulate);
-  }
-  if (cols == 1 && rows > 1 && lda == 1 && ldc == 1) {
+MAML_INLINE void gemm_kernel(const Product<T>& p) {
+  if (p.cols == 1 && p.a_step == 1 && p.ldb == 1) return gemv_rows(p);
+  if (p.cols == 1 && p.rows > 1 && p.lda == 1 && p.ldc == 1 && !p.start_row) {
     // One column of a product with A given transposed (a weight gradient with one input): as
     // the row Cᵀ = Bᵀ Aᵀ, whose columns are vectors.
-    return gemm_rows<1>(b, 0, ldb, a, a_step, c, 0, rows, depth, accumulate);
+    Product<T> row = p;
+    row.a[0] = p.b[0], row.a[1] = p.b[1], row.b[0] = p.a[0], row.b[1] = p.a[1];
+    row.lda = 0, row.a_step = p.ldb, row.ldb = p.a_step, row.ldc = 0;
+    row.rows = 1, row.cols = p.rows;
+    return gemm_rows<1>(row, 0);
   }
   int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    gemm_rows<2>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
-  }
-  if (r < rows) {
-    gemm_rows<1>(a + r * lda, lda, a_step, b, ldb, c + r * ldc, ldc, cols, depth, accumulate);
-  }
+  for (; r + 2 <= p.rows; r += 2) gemm_rows<2>(p, r);
+  if (r < p.rows) gemm_rows<1>(p, r);
 }
 
 // One instance per T and instruction set, called from everywhere: the register blocks are
 // inlined into it, not into each caller (code size, instruction cache).
 template <typename T>
-MAML_NOINLINE void gemm(const T* a, int64_t lda, int64_t a_step, const T* b, int64_t ldb, T* c,
-                        int64_t ldc, int64_t rows, int64_t cols, int64_t depth, bool accumulate) {
-  gemm_kernel(a, lda, a_step, b, ldb, c, ldc, rows, cols, depth, accumulate);
+MAML_NOINLINE void gemm(const Product<T>& p) {
+  gemm_kernel(p);
 }
 
-// y[n, out] (+)= x[n, in] · Wᵀ + b, with Wᵀ given as wt[in, out].
+// The operand pairs of one product or a sum of two (second pair: null, or both given).
 template <typename T>
-void times_transposed(const T* __restrict__ x, const T* __restrict__ wt,
-                                  const T* __restrict__ b, T* __restrict__ y, int64_t n,
-                                  int64_t in, int64_t out, bool accumulate) {
-  if (b) {
-    for (int64_t r = 0; r < n; ++r) {
-      T* __restrict__ yr = y + r * out;
-      for (int64_t o = 0; o < out; ++o) yr[o] = (accumulate ? yr[o] : T(0)) + b[o];
-    }
-  }
-  gemm(x, in, 1, wt, out, y, out, n, out, in, accumulate || b);
+struct Operands {
+  const T* a;
+  const T* b;
+  const T* a2 = nullptr;
+  const T* b2 = nullptr;
+};
+
+template <typename T>
+Product<T> product(const Operands<T>& o, int64_t lda, int64_t a_step, int64_t ldb, T* c,
+                   int64_t ldc, int64_t rows, int64_t cols, int64_t depth, bool accumulate,
+                   const T* start_row) {
+  return {{o.a, o.a2}, {o.b, o.b2}, o.a2 ? 2 : 1, lda, a_step, ldb, c, ldc, rows, cols, depth,
+          accumulate, start_row};
 }
 
-// gx[n, in] (+)= gy[n, out] · W, W given as w[out, in].
+// y[n, out] (+)= x[n, in] · Wᵀ (+ x₂ · W₂ᵀ) + bias, with each Wᵀ given as wt[in, out]:
+// operands {x, wt[, x₂, wt₂]}.
 template <typename T>
-void times_weight(const T* __restrict__ gy, const T* __restrict__ w,
-                              T* __restrict__ gx, int64_t n, int64_t in, int64_t out,
-                              bool accumulate) {
-  gemm(gy, out, 1, w, in, gx, in, n, in, out, accumulate);
+void times_transposed(const Operands<T>& o, const T* bias, T* y, int64_t n, int64_t in,
+                      int64_t out, bool accumulate) {
+  gemm(product(o, in, 1, out, y, out, n, out, in, accumulate, bias));
 }
 
-// gw[out, in] (+)= gy[n, out]ᵀ · x[n, in]; gb[out] (+)= Σ_n gy.
+// gx[n, in] (+)= gy[n, out] · W (+ gy₂ · W₂), W given as w[out, in]: operands {gy, w[, gy₂, w₂]}.
 template <typename T>
-void weight_gradient(const T* __restrict__ gy, const T* __restrict__ x,
-                                 T* __restrict__ gw, T* __restrict__ gb, int64_t n, int64_t in,
-                                 int64_t out, bool accumulate) {
-  gemm(gy, 1, out, x, in, gw, in, out, in, n, accumulate);
+void times_weight(const Operands<T>& o, T* gx, int64_t n, int64_t in, int64_t out,
+                  bool accumulate) {
+  gemm(product(o, out, 1, in, gx, in, n, in, out, accumulate, static_cast<const T*>(nullptr)));
+}
+
+// gw[out, in] (+)= gy[n, out]ᵀ · x[n, in] (+ gy₂ᵀ x₂): operands {gy, x[, gy₂, x₂]};
+// gb[out] (+)= Σ_n gy (the first term's only: a bias's input is the constant 1, without tangent).
+template <typename T>
+void weight_gradient(const Operands<T>& o, T* gw, T* gb, int64_t n, int64_t in, int64_t out,
+                     bool accumulate) {
+  gemm(product(o, 1, out, in, gw, in, out, in, n, accumulate, static_cast<const T*>(nullptr)));
   if (gb) {
     if (!accumulate) std::fill(gb, gb + out, T(0));
     for (int64_t r = 0; r < n; ++r) {
-      for (int64_t o = 0; o < out; ++o) gb[o] += gy[r * out + o];
+      for (int64_t o_ = 0; o_ < out; ++o_) gb[o_] += o.a[r * out + o_];
     }
   }
 }
@@ -248,7 +276,7 @@ void transpose_weights(const Mlp& mlp, const T* theta, T* theta_t) {
 }
 
 // One forward + backward at weights theta on (x, labels | targets) of n samples: writes the
-// gradient to grad (if given) and, carrying the tangent v, H v to hv. Returns the mean loss.
+// gradient to grad (if given) and, carrying the tangent v, adds H v to hv. Returns the mean loss.
 // theta_t: theta's weights transposed (transpose_weights), or null to transpose them here.
 template <typename T>
 T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t, const T* v,
@@ -280,17 +308,14 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
     const int64_t size = n * L.out;
     if (L.linear) {
       if (!replay) {
-        times_transposed(h, wt + L.weight_offset, L.bias ? theta + L.bias_offset : nullptr,
-                         act, n, L.in, L.out, false);
+        times_transposed<T>({h, wt + L.weight_offset}, L.bias ? theta + L.bias_offset : nullptr,
+                            act, n, L.in, L.out, false);
       }
       if (v) {
         // R{y} = x Vᵀ + v_b + R{x} Wᵀ
-        times_transposed(h, ws.vt + L.weight_offset, L.bias ? v + L.bias_offset : nullptr, tan, n,
-                         L.in, L.out, false);
-        if (rh) {
-          times_transposed(rh, wt + L.weight_offset, static_cast<const T*>(nullptr), tan, n,
-                           L.in, L.out, true);
-        }
+        Operands<T> terms{h, ws.vt + L.weight_offset};
+        if (rh) terms.a2 = rh, terms.b2 = wt + L.weight_offset;
+        times_transposed(terms, L.bias ? v + L.bias_offset : nullptr, tan, n, L.in, L.out, false);
         rh = tan;
       }
     } else {
@@ -356,24 +381,21 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
     if (L.linear) {
       const T* w = theta + L.weight_offset;
       if (grad) {
-        weight_gradient(gy, xin, grad + L.weight_offset, L.bias ? grad + L.bias_offset : nullptr,
-                        n, L.in, L.out, false);
+        weight_gradient<T>({gy, xin}, grad + L.weight_offset,
+                           L.bias ? grad + L.bias_offset : nullptr, n, L.in, L.out, false);
       }
       if (v) {
         // R{gW} = R{gy}ᵀ x + gyᵀ R{x};  R{gb} = Σ R{gy}
-        weight_gradient(rgy, xin, hv + L.weight_offset, L.bias ? hv + L.bias_offset : nullptr, n,
-                        L.in, L.out, false);
-        if (rxin) {
-          weight_gradient(gy, rxin, hv + L.weight_offset, static_cast<T*>(nullptr), n, L.in,
-                          L.out, true);
-        }
+        Operands<T> terms{rgy, xin};
+        if (rxin) terms.a2 = gy, terms.b2 = rxin;
+        weight_gradient(terms, hv + L.weight_offset, L.bias ? hv + L.bias_offset : nullptr, n,
+                        L.in, L.out, true);
       }
       if (need_input_grad) {
-        if (!replay) times_weight(gy, w, gx, n, L.in, L.out, false);
+        if (!replay) times_weight<T>({gy, w}, gx, n, L.in, L.out, false);
         if (v) {
           // R{gx} = R{gy} W + gy V
-          times_weight(rgy, w, rgx, n, L.in, L.out, false);
-          times_weight(gy, v + L.weight_offset, rgx, n, L.in, L.out, true);
+          times_weight<T>({rgy, w, gy, v + L.weight_offset}, rgx, n, L.in, L.out, false);
         }
       }
     } else if (need_input_grad) {
@@ -443,15 +465,16 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
       for (int64_t j = 0; j < P; ++j) product[j] = lambda[j] * g[j];
     }
     if (!pb.first_order) {
-      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1}); the primal pass at θ_k is on the tape.
+      // λ_k = λ_{k+1} − H_S(θ_k)(α_k ⊙ λ_{k+1}) = λ_{k+1} + H_S(θ_k)(−α_k ⊙ λ_{k+1}): the
+      // pass adds H v into λ as it goes (negating v is exact), with no H v buffer and no
+      // subtraction pass. The primal pass at θ_k is on the tape.
       const T* alpha = pb.alpha + k * P;
-      for (int64_t j = 0; j < P; ++j) ws.direction[j] = alpha[j] * lambda[j];
+      for (int64_t j = 0; j < P; ++j) ws.direction[j] = -alpha[j] * lambda[j];
       const TapeUse<T> replay{ws.tape_outputs + k * ws.tape_stride,
                               ws.tape_grads + k * ws.tape_stride, true};
       pass(pb, ws, theta_at(k), transposed_at(k), static_cast<const T*>(ws.direction), sx,
-           pb.support_n, sl, st,
-           static_cast<T*>(nullptr), ws.hessian_vector, static_cast<T*>(nullptr), replay);
-      for (int64_t j = 0; j < P; ++j) lambda[j] -= ws.hessian_vector[j];
+           pb.support_n, sl, st, static_cast<T*>(nullptr), lambda, static_cast<T*>(nullptr),
+           replay);
     }
   }
 }
