@@ -99,10 +99,9 @@ MAML_INLINE void gemm_column(const Product<T>& p, int64_t row, int64_t col) {
   for (int r = 0; r < R; ++r) c[r * p.ldc] = sums[r];
 }
 
-// Blocks of R rows × 5 vectors (40 floats: the sinusoid net's width), then one block of the
-// remaining whole vectors, then single columns. With R = 2 a block keeps 10 independent sums in
-// flight, enough to cover the FMA latency (4 × 8 blocks left the 40-wide products' last 8 columns
-// and last 2 rows at half or a quarter of the speed), in 16 vector registers.
+// R (1 or 2) rows: blocks of 5 vectors (40 floats: the sinusoid net's width), then one block of
+// the remaining whole vectors, then single columns. A 2 × 5 block keeps 10 independent sums in
+// flight, enough to cover the FMA latency, in 16 vector registers.
 template <int R, typename T>
 MAML_INLINE void gemm_rows(const Product<T>& p, int64_t row) {
   constexpr int L = kLanes<T>;
@@ -117,6 +116,18 @@ MAML_INLINE void gemm_rows(const Product<T>& p, int64_t row) {
     default: break;
   }
   for (col += vectors * L; col < p.cols; ++col) gemm_column<R>(p, row, col);
+}
+
+// 4 rows: blocks of 2 vectors, then 1, then single columns. Each vector of B serves 4 rows, so
+// a 10-row product reads B in 3 sweeps, not 5 (measured in the op, sinusoid: 434k → 401k cycles
+// per call against 2 × 5 blocks throughout, which are faster on data already in L1).
+template <typename T>
+MAML_INLINE void gemm_four_rows(const Product<T>& p, int64_t row) {
+  constexpr int L = kLanes<T>;
+  int64_t col = 0;
+  for (; col + 2 * L <= p.cols; col += 2 * L) gemm_block<4, 2>(p, row, col);
+  for (; col + L <= p.cols; col += L) gemm_block<4, 1>(p, row, col);
+  for (; col < p.cols; ++col) gemm_column<4>(p, row, col);
 }
 
 // One output column with contiguous rows of A and a contiguous B (a layer with one output):
@@ -154,6 +165,7 @@ MAML_INLINE void gemm_kernel(const Product<T>& p) {
     return gemm_rows<1>(row, 0);
   }
   int64_t r = 0;
+  for (; r + 4 <= p.rows; r += 4) gemm_four_rows(p, r);
   for (; r + 2 <= p.rows; r += 2) gemm_rows<2>(p, r);
   if (r < p.rows) gemm_rows<1>(p, r);
 }
