@@ -74,7 +74,7 @@ def meta_gradient(program: LayerProgram, params: list[torch.Tensor], inner_lr, s
     (their meta-gradients (views of one buffer), mean query loss, mean query accuracy or None,
     mean support loss, finite: a 0-d bool tensor, true iff the query loss and every gradient
     element are finite); no autograd, no host synchronisation."""
-    grads, loss, accuracy, support_loss, finite = torch.ops.maml_ext.meta_gradient(
+    grads, loss, accuracy, support_loss, finite = torch.ops.maml_ext.meta_gradient.default(
         params, inner_lr, support_x, support_y, query_x, query_y, program.ints_list,
         program.floats_list, loss_code, first_order)
     return grads, loss, (accuracy if accuracy.numel() else None), support_loss, finite

@@ -220,11 +220,11 @@ class MetaOptimizer:
                 "loss": self.loss.name}
 
     def _backend_choice(self, device: torch.device, dtype: torch.dtype) -> BackendChoice:
-        key = (device, dtype)
-        if key not in self._choices:
-            self._choices[key] = choose_backend(self.requested_backend, self.model, self.loss,
-                                                device, dtype, warn=True)
-        return self._choices[key]
+        choice = self._choices.get((device, dtype))
+        if choice is None:
+            choice = self._choices[(device, dtype)] = choose_backend(
+                self.requested_backend, self.model, self.loss, device, dtype, warn=True)
+        return choice
 
     def _output_shape(self, name: str, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
         """The model's per-sample output shape for inputs of per-sample shape ``features``."""

@@ -20,7 +20,8 @@ def check_tensor(name: str, value, *, dtype: torch.dtype | None = None, device=N
         raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
     if dtype is not None and value.dtype != dtype:
         raise ValueError(f"{name}: expected dtype {dtype} (the model's), got {value.dtype}")
-    if device is not None and value.device != torch.device(device):
+    if device is not None and value.device != (device if isinstance(device, torch.device)
+                                                else torch.device(device)):
         raise ValueError(f"{name}: expected a tensor on {device} (the model's device), got one on "
                          f"{value.device}")
 
