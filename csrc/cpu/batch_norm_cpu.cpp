@@ -35,15 +35,25 @@ void with_flag(bool flag, const F& f) {
 // built without -march), and picked at run time: 8-wide vectors over the channels instead of
 // SSE2's four. The lambda holding a loop is inlined, with everything it calls, into a function
 // compiled for the chosen instruction set (vector_isa.h; the tests run both).
+// no-tree-sink: GCC otherwise moves the tangent's arithmetic into the ReLU's "output > 0" branch
+// (only that branch uses it), and a loop with a branch is not vectorised: the forward with
+// tangent and ReLU ran element by element (x [1, 58800, 64], 1 thread: 40.9 ms against 2.2 ms
+// without tangent).
+#if defined(__GNUC__) && !defined(__clang__)
+#define MAML_VECTOR_LOOP_OPTIONS optimize("no-tree-sink")
+#else
+#define MAML_VECTOR_LOOP_OPTIONS
+#endif
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename F>
-__attribute__((noinline, flatten, target("avx2,fma"))) void run_avx2(const F& loop) {
+__attribute__((noinline, flatten, target("avx2,fma"), MAML_VECTOR_LOOP_OPTIONS)) void run_avx2(
+    const F& loop) {
   loop();
 }
 #endif
 
 template <typename F>
-__attribute__((noinline, flatten)) void run_baseline(const F& loop) {
+__attribute__((noinline, flatten, MAML_VECTOR_LOOP_OPTIONS)) void run_baseline(const F& loop) {
   loop();
 }
 
