@@ -287,6 +287,17 @@ void transpose_weights(const Mlp& mlp, const T* theta, T* theta_t) {
   }
 }
 
+// out[e] = values[e] where the ReLU's input x[e] > 0, else 0: its derivative applied to values
+// (a tangent forward, a gradient or its tangent backward). values is read unconditionally, so the
+// loop is a vector blend, not a branch per element.
+template <typename T>
+void relu_masked(const T* x, const T* values, T* out, int64_t size) {
+  for (int64_t e = 0; e < size; ++e) {
+    const T value = values[e];
+    out[e] = x[e] > T(0) ? value : T(0);
+  }
+}
+
 // One forward + backward at weights theta on (x, labels | targets) of n samples: writes the
 // gradient to grad (if given) and, carrying the tangent v, adds H v to hv. Returns the mean loss.
 // theta_t: theta's weights transposed (transpose_weights), or null to transpose them here.
@@ -335,10 +346,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
         for (int64_t e = 0; e < size; ++e) act[e] = h[e] > T(0) ? h[e] : T(0);
       }
       if (rh) {
-        for (int64_t e = 0; e < size; ++e) {
-          const T r = rh[e];
-          tan[e] = h[e] > T(0) ? r : T(0);
-        }
+        relu_masked(h, rh, tan, size);
         rh = tan;
       }
     }
@@ -412,18 +420,8 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
       }
     } else if (need_input_grad) {
       const int64_t size = n * L.out;
-      if (!replay) {
-        for (int64_t e = 0; e < size; ++e) {
-          const T g = gy[e];
-          gx[e] = xin[e] > T(0) ? g : T(0);
-        }
-      }
-      if (v) {
-        for (int64_t e = 0; e < size; ++e) {
-          const T r = rgy[e];
-          rgx[e] = xin[e] > T(0) ? r : T(0);
-        }
-      }
+      if (!replay) relu_masked(xin, gy, gx, size);
+      if (v) relu_masked(xin, rgy, rgx, size);
     }
     gy = gx;
     rgy = rgx;
