@@ -433,6 +433,49 @@ class ProgramReader {
   int64_t record_ = -1;
 };
 
+// The fields of one layer record after its kind (maml_ext/program.py writes them), read in one
+// place for the layer builder (Program) and the parameter slices.
+struct LinearRecord {
+  int64_t in, out;
+  bool bias;
+  int64_t weight_offset, bias_offset;
+};
+
+LinearRecord read_linear(ProgramReader& reader) {
+  LinearRecord r{};
+  r.in = reader.next("in_features");
+  r.out = reader.next("out_features");
+  r.bias = reader.next("has_bias") != 0;
+  r.weight_offset = reader.next("weight offset");
+  r.bias_offset = reader.next("bias offset");
+  return r;
+}
+
+struct BatchNormRecord {
+  int64_t channels;
+  bool spatial, affine;
+  int64_t weight_offset, bias_offset;
+};
+
+BatchNormRecord read_batch_norm(ProgramReader& reader) {
+  BatchNormRecord r{};
+  r.channels = reader.next("channels");
+  r.spatial = reader.next("spatial") != 0;
+  r.affine = reader.next("affine") != 0;
+  r.weight_offset = reader.next("weight offset");
+  r.bias_offset = reader.next("bias offset");
+  return r;
+}
+
+// Conv2d: in, out, kernel h, w, stride h, w, padding h, w, has_bias, weight offset, bias offset.
+// MaxPool2d: kernel h, w, stride h, w, padding h, w, ceil_mode.
+template <size_t N>
+std::array<int64_t, N> read_fields(ProgramReader& reader, const char* what) {
+  std::array<int64_t, N> v{};
+  for (auto& value : v) value = reader.next(what);
+  return v;
+}
+
 // Images travel sample-major inside the program ([N, T, C, H, W] stored as N, H, W, T, C; see
 // Conv2d); the program's inputs and outputs are task-major ([T, N, ...]).
 at::Tensor to_sample_major(const at::Tensor& x) {
@@ -454,33 +497,27 @@ std::vector<ParameterSlice> parameter_slices(at::IntArrayRef ints) {
     const int64_t kind = reader.next("the layer kind");
     switch (static_cast<LayerKind>(kind)) {
       case LayerKind::kLinear: {
-        const int64_t in = reader.next("in_features"), out = reader.next("out_features");
-        const bool bias = reader.next("has_bias") != 0;
-        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
-        slices.push_back({w, in * out});
-        if (bias) slices.push_back({b, out});
+        const auto r = read_linear(reader);
+        slices.push_back({r.weight_offset, r.in * r.out});
+        if (r.bias) slices.push_back({r.bias_offset, r.out});
         break;
       }
       case LayerKind::kConv2d: {
-        int64_t v[11];
-        for (auto& value : v) value = reader.next("a Conv2d field");
+        const auto v = read_fields<11>(reader, "a Conv2d field");
         slices.push_back({v[9], v[0] * v[1] * v[2] * v[3]});
         if (v[8] != 0) slices.push_back({v[10], v[1]});
         break;
       }
       case LayerKind::kBatchNorm: {
-        const int64_t channels = reader.next("channels");
-        reader.next("spatial");
-        const bool affine = reader.next("affine") != 0;
-        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
-        if (affine) {
-          slices.push_back({w, channels});
-          slices.push_back({b, channels});
+        const auto r = read_batch_norm(reader);
+        if (r.affine) {
+          slices.push_back({r.weight_offset, r.channels});
+          slices.push_back({r.bias_offset, r.channels});
         }
         break;
       }
       case LayerKind::kMaxPool2d:
-        for (int field = 0; field < 7; ++field) reader.next("a MaxPool2d field");
+        read_fields<7>(reader, "a MaxPool2d field");
         break;
       case LayerKind::kReLU:
       case LayerKind::kFlatten:
@@ -506,30 +543,26 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
     const int64_t kind = reader.next("the layer kind");
     switch (static_cast<LayerKind>(kind)) {
       case LayerKind::kLinear: {
-        const int64_t in = reader.next("in_features"), out = reader.next("out_features");
-        const bool bias = reader.next("has_bias") != 0;
-        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
-        layers_.push_back(std::make_unique<Linear>(in, out, bias, w, b));
+        const auto r = read_linear(reader);
+        layers_.push_back(
+            std::make_unique<Linear>(r.in, r.out, r.bias, r.weight_offset, r.bias_offset));
         break;
       }
       case LayerKind::kConv2d: {
-        int64_t v[11];
-        for (auto& value : v) value = reader.next("a Conv2d field");
+        const auto v = read_fields<11>(reader, "a Conv2d field");
         layers_.push_back(std::make_unique<Conv2d>(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
                                                    v[8] != 0, v[9], v[10]));
         break;
       }
       case LayerKind::kBatchNorm: {
-        const int64_t channels = reader.next("channels");
-        const bool spatial = reader.next("spatial") != 0, affine = reader.next("affine") != 0;
-        const int64_t w = reader.next("weight offset"), b = reader.next("bias offset");
+        const auto r = read_batch_norm(reader);
         MAML_CHECK_ARG(float_index < floats.size(), "program_floats",
                        "expected an eps for every BatchNorm layer, got ", floats.size());
-        auto norm =
-            std::make_unique<BatchNorm>(channels, spatial, affine, w, b, floats[float_index++]);
+        auto norm = std::make_unique<BatchNorm>(r.channels, r.spatial, r.affine, r.weight_offset,
+                                                r.bias_offset, floats[float_index++]);
         // A 2-d batch norm right after a convolution takes its statistics from the convolution.
         auto* conv = layers_.empty() ? nullptr : dynamic_cast<Conv2d*>(layers_.back().get());
-        if (conv != nullptr && spatial && conv->out_channels() == channels) {
+        if (conv != nullptr && r.spatial && conv->out_channels() == r.channels) {
           conv->hand_statistics_to(norm->partial_statistics_slot());
         }
         layers_.push_back(std::move(norm));
@@ -546,8 +579,7 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
         break;
       }
       case LayerKind::kMaxPool2d: {
-        int64_t v[7];
-        for (auto& value : v) value = reader.next("a MaxPool2d field");
+        const auto v = read_fields<7>(reader, "a MaxPool2d field");
         // A 2×2 max-pool after a batch norm's fused ReLU runs in the same epilogue.
         auto* norm = layers_.empty() ? nullptr : dynamic_cast<BatchNorm*>(layers_.back().get());
         if (norm == nullptr || !norm->fuse_max_pool({v[0], v[1]}, {v[2], v[3]}, {v[4], v[5]}, v[6] != 0)) {
