@@ -467,6 +467,17 @@ BatchNormRecord read_batch_norm(ProgramReader& reader) {
   return r;
 }
 
+// Calls on_record(kind, reader) for each layer record of a program description, its kind read.
+template <typename OnRecord>
+void for_each_record(at::IntArrayRef ints, const OnRecord& on_record) {
+  ProgramReader reader(ints);
+  while (!reader.done()) {
+    reader.start_record();
+    const int64_t kind = reader.next("the layer kind");
+    on_record(kind, reader);
+  }
+}
+
 // Conv2d: in, out, kernel h, w, stride h, w, padding h, w, has_bias, weight offset, bias offset.
 // MaxPool2d: kernel h, w, stride h, w, padding h, w, ceil_mode.
 template <size_t N>
@@ -491,10 +502,7 @@ at::Tensor to_task_major(const at::Tensor& x) {
 
 std::vector<ParameterSlice> parameter_slices(at::IntArrayRef ints) {
   std::vector<ParameterSlice> slices;
-  ProgramReader reader(ints);
-  while (!reader.done()) {
-    reader.start_record();
-    const int64_t kind = reader.next("the layer kind");
+  for_each_record(ints, [&](int64_t kind, ProgramReader& reader) {
     switch (static_cast<LayerKind>(kind)) {
       case LayerKind::kLinear: {
         const auto r = read_linear(reader);
@@ -525,7 +533,7 @@ std::vector<ParameterSlice> parameter_slices(at::IntArrayRef ints) {
       default:
         MAML_CHECK_ARG(false, "program", "unknown layer kind ", kind);
     }
-  }
+  });
   return slices;
 }
 
@@ -536,11 +544,8 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
                      loss == static_cast<int64_t>(LossKind::kMeanSquaredError),
                  "loss", "expected 1 (cross-entropy) or 2 (mean-squared error), got ", loss);
   loss_ = static_cast<LossKind>(loss);
-  ProgramReader reader(ints);
   size_t float_index = 0;
-  while (!reader.done()) {
-    reader.start_record();
-    const int64_t kind = reader.next("the layer kind");
+  for_each_record(ints, [&](int64_t kind, ProgramReader& reader) {
     switch (static_cast<LayerKind>(kind)) {
       case LayerKind::kLinear: {
         const auto r = read_linear(reader);
@@ -593,7 +598,7 @@ Program::Program(at::IntArrayRef ints, at::ArrayRef<double> floats, int64_t loss
       default:
         MAML_CHECK_ARG(false, "program", "unknown layer kind ", kind);
     }
-  }
+  });
   MAML_CHECK_ARG(!layers_.empty(), "program", "expected at least one layer");
   auto slices = parameter_slices(ints);
   for (const auto& slice : slices) {

@@ -44,7 +44,7 @@ void with_flag(bool flag, const F& f) {
 #else
 #define MAML_VECTOR_LOOP_OPTIONS
 #endif
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef MAML_EXT_AVX2_VERSIONS
 template <typename F>
 __attribute__((noinline, flatten, target("avx2,fma"), MAML_VECTOR_LOOP_OPTIONS)) void run_avx2(
     const F& loop) {
@@ -59,7 +59,7 @@ __attribute__((noinline, flatten, MAML_VECTOR_LOOP_OPTIONS)) void run_baseline(c
 
 template <typename F>
 void run_vectorised(const F& loop) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef MAML_EXT_AVX2_VERSIONS
   if (cpu::use_avx2_kernels()) return run_avx2(loop);
 #endif
   run_baseline(loop);

@@ -27,9 +27,6 @@
 // vectors run these 40-wide products much faster than SSE2's four. The whole task loop is compiled
 // both ways, not only the products: its element-wise loops (ReLU masks, transposes, biases) cost
 // as much as the products when left to SSE2 and to scalar branches.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MAML_AVX2_VERSION 1
-#endif
 // The vector helpers return vectors by value; they are always inlined, so the ABI note GCC gives
 // for the baseline build (no AVX registers to return them in) does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -172,22 +169,33 @@ struct Workspace {
     const int64_t act = whole_lines<T>(rows * pb.mlp->activation_floats);
     const int64_t wide = whole_lines<T>(rows * pb.mlp->max_width);
     tape_stride = whole_lines<T>(pb.support_n * pb.mlp->activation_floats);
-    const size_t need = static_cast<size_t>(2 * K * P + 3 * P + 2 * act + 4 * wide +
-                                            2 * K * tape_stride + kLine / sizeof(T));
+    // The layout, run once to count and once more to point into the (grown) buffer.
+    T* base = nullptr;
+    int64_t used = 0;
+    auto take = [&](int64_t n) {
+      T* q = base ? base + used : nullptr;
+      used += n;
+      return q;
+    };
+    auto lay_out = [&] {
+      used = 0;
+      adapted = take(K * P);
+      grads = take(K * P);
+      direction = take(P);
+      wt = take(P);
+      vt = take(P);
+      acts = take(act);
+      tangents = take(act);
+      for (auto& b : g) b = take(wide);
+      for (auto& b : rg) b = take(wide);
+      tape_outputs = take(K * tape_stride);
+      tape_grads = take(K * tape_stride);
+    };
+    lay_out();
+    const auto need = static_cast<size_t>(used) + kLine / sizeof(T);
     if (buffer.size() < need) buffer.assign(need, T(0));
-    T* p = line_aligned(buffer.data());
-    auto take = [&p](int64_t n) { T* q = p; p += n; return q; };
-    adapted = take(K * P);
-    grads = take(K * P);
-    direction = take(P);
-    wt = take(P);
-    vt = take(P);
-    acts = take(act);
-    tangents = take(act);
-    for (auto& b : g) b = take(wide);
-    for (auto& b : rg) b = take(wide);
-    tape_outputs = take(K * tape_stride);
-    tape_grads = take(K * tape_stride);
+    base = line_aligned(buffer.data());
+    lay_out();
   }
 };
 
@@ -204,7 +212,7 @@ struct TapeUse {
 }  // namespace
 
 // The task kernels, compiled for two instruction sets (see mlp_task_kernels.h).
-#ifdef MAML_AVX2_VERSION
+#ifdef MAML_EXT_AVX2_VERSIONS
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -232,7 +240,7 @@ struct TaskKernels {
 
 template <typename T>
 TaskKernels<T> task_kernels() {
-#ifdef MAML_AVX2_VERSION
+#ifdef MAML_EXT_AVX2_VERSIONS
   if (use_avx2_kernels()) return {avx2::transpose_weights<T>, avx2::run_tasks<T>};
 #endif
   return {baseline::transpose_weights<T>, baseline::run_tasks<T>};

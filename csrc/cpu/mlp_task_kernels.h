@@ -194,19 +194,18 @@ Product<T> product(const Operands<T>& o, int64_t lda, int64_t a_step, int64_t ld
           accumulate, start_row};
 }
 
-// y[n, out] (+)= x[n, in] · Wᵀ (+ x₂ · W₂ᵀ) + bias, with each Wᵀ given as wt[in, out]:
+// y[n, out] = x[n, in] · Wᵀ (+ x₂ · W₂ᵀ) + bias, with each Wᵀ given as wt[in, out]:
 // operands {x, wt[, x₂, wt₂]}.
 template <typename T>
 void times_transposed(const Operands<T>& o, const T* bias, T* y, int64_t n, int64_t in,
-                      int64_t out, bool accumulate) {
-  gemm(product(o, in, 1, out, y, out, n, out, in, accumulate, bias));
+                      int64_t out) {
+  gemm(product(o, in, 1, out, y, out, n, out, in, false, bias));
 }
 
-// gx[n, in] (+)= gy[n, out] · W (+ gy₂ · W₂), W given as w[out, in]: operands {gy, w[, gy₂, w₂]}.
+// gx[n, in] = gy[n, out] · W (+ gy₂ · W₂), W given as w[out, in]: operands {gy, w[, gy₂, w₂]}.
 template <typename T>
-void times_weight(const Operands<T>& o, T* gx, int64_t n, int64_t in, int64_t out,
-                  bool accumulate) {
-  gemm(product(o, out, 1, in, gx, in, n, in, out, accumulate, static_cast<const T*>(nullptr)));
+void times_weight(const Operands<T>& o, T* gx, int64_t n, int64_t in, int64_t out) {
+  gemm(product(o, out, 1, in, gx, in, n, in, out, false, static_cast<const T*>(nullptr)));
 }
 
 // gw[out, in] (+)= gy[n, out]ᵀ · x[n, in] (+ gy₂ᵀ x₂): operands {gy, x[, gy₂, x₂]};
@@ -332,13 +331,13 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
     if (L.linear) {
       if (!replay) {
         times_transposed<T>({h, wt + L.weight_offset}, L.bias ? theta + L.bias_offset : nullptr,
-                            act, n, L.in, L.out, false);
+                            act, n, L.in, L.out);
       }
       if (v) {
         // R{y} = x Vᵀ + v_b + R{x} Wᵀ
         Operands<T> terms{h, ws.vt + L.weight_offset};
         if (rh) terms.a2 = rh, terms.b2 = wt + L.weight_offset;
-        times_transposed(terms, L.bias ? v + L.bias_offset : nullptr, tan, n, L.in, L.out, false);
+        times_transposed(terms, L.bias ? v + L.bias_offset : nullptr, tan, n, L.in, L.out);
         rh = tan;
       }
     } else {
@@ -412,10 +411,10 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const T* theta, const T* theta_t,
                         L.in, L.out, true);
       }
       if (need_input_grad) {
-        if (!replay) times_weight<T>({gy, w}, gx, n, L.in, L.out, false);
+        if (!replay) times_weight<T>({gy, w}, gx, n, L.in, L.out);
         if (v) {
           // R{gx} = R{gy} W + gy V
-          times_weight<T>({rgy, w, gy, v + L.weight_offset}, rgx, n, L.in, L.out, false);
+          times_weight<T>({rgy, w, gy, v + L.weight_offset}, rgx, n, L.in, L.out);
         }
       }
     } else if (need_input_grad) {

@@ -9,7 +9,7 @@ namespace {
 std::atomic<bool> baseline_forced{false};
 
 bool cpu_has_avx2_fma() {
-#if defined(__GNUC__) && defined(__x86_64__)
+#ifdef MAML_EXT_AVX2_VERSIONS
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return supported;
 #else

@@ -4,6 +4,12 @@
 // cpu/batch_norm_cpu.cpp) and pick one per call here.
 #pragma once
 
+// Defined where an AVX2 + FMA version of those kernels is compiled (GCC-compatible compilers on
+// x86-64: function-level target attributes and pragmas).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MAML_EXT_AVX2_VERSIONS 1
+#endif
+
 namespace maml_ext {
 namespace cpu {
 
