@@ -8,6 +8,7 @@ few-shot checkpoint format built on it lives with the presets, in
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,8 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     descriptor, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX,
                                              dir=folder)
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would have given it.
+        os.chmod(temp_name, _new_file_mode())
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
@@ -52,6 +55,14 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
         raise
     _fsync_folder(folder)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _new_file_mode() -> int:
+    # The umask can only be read by setting it; done once, then restored at once.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_atomic(obj, path: PathLike) -> Path:
