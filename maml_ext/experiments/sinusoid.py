@@ -141,29 +141,42 @@ def _summarise(evaluation: Dict[int, dict]) -> Dict[str, dict]:
     return summary
 
 
+class _LossCurve:
+    """``[iteration, mean loss]`` rows, one per ``log_every`` iterations (and the last), shown on
+    the progress bar as ``label``. One device sync per window rather than per step: cheap on the
+    CPU, matters on a GPU."""
+
+    def __init__(self, iterations: int, log_every: int, bar, label: str):
+        self.iterations, self.log_every, self.bar, self.label = iterations, log_every, bar, label
+        self.rows: List[List[float]] = []
+        self._window: List[torch.Tensor] = []
+
+    def add(self, iteration: int, loss: torch.Tensor) -> None:
+        self._window.append(loss.detach())
+        if len(self._window) == self.log_every or iteration == self.iterations - 1:
+            mean_loss = torch.stack(self._window).mean().item()
+            self.rows.append([iteration + 1, mean_loss])
+            self.bar.set_postfix({self.label: f"{mean_loss:.3f}"})
+            self._window = []
+
+
 def _train_maml(optimizer, task_source: Sinusoid, iterations: int, meta_batch: int, device,
                 log_every: int, progress: bool) -> List[List[float]]:
-    curve, window = [], []
     bar = progress_bar(progress, range(iterations), description="MAML")
+    curve = _LossCurve(iterations, log_every, bar, "query_mse")
     for iteration in bar:
         batch = task_source.sample(meta_batch, device=device)
         result = optimizer.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        window.append(result.query_loss.detach())
-        if len(window) == log_every or iteration == iterations - 1:
-            # One sync per window rather than per step: cheap on the CPU, matters on a GPU.
-            mean_loss = torch.stack(window).mean().item()
-            curve.append([iteration + 1, mean_loss])
-            bar.set_postfix(query_mse=f"{mean_loss:.3f}")
-            window = []
+        curve.add(iteration, result.query_loss)
     bar.close()
-    return curve
+    return curve.rows
 
 
 def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, meta_batch: int,
                       lr: float, device, log_every: int, progress: bool) -> List[List[float]]:
     adam = torch.optim.Adam(model.parameters(), lr=lr)
-    curve, window = [], []
     bar = progress_bar(progress, range(iterations), description="pretrained")
+    curve = _LossCurve(iterations, log_every, bar, "mse")
     for iteration in bar:
         batch = task_source.sample(meta_batch, device=device)
         # Joint regression: every point of every task, no adaptation.
@@ -173,14 +186,9 @@ def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, 
         adam.zero_grad(set_to_none=True)
         loss.backward()
         adam.step()
-        window.append(loss.detach())
-        if len(window) == log_every or iteration == iterations - 1:
-            mean_loss = torch.stack(window).mean().item()
-            curve.append([iteration + 1, mean_loss])
-            bar.set_postfix(mse=f"{mean_loss:.3f}")
-            window = []
+        curve.add(iteration, loss)
     bar.close()
-    return curve
+    return curve.rows
 
 
 def train_sinusoid(
