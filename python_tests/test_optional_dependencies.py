@@ -85,7 +85,6 @@ def _one_drawing_archive(root: Path) -> Path:
     return root
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_core_runs_without_the_experiments_extra(tmp_path):
     pytest.importorskip("PIL")  # only to write the test drawing in this process
     drawings = _one_drawing_archive(tmp_path / "omniglot")

@@ -1,14 +1,16 @@
-"""What every experiment sets up the same way: CPU threads, the device, RNG states, checks."""
+"""What every experiment does the same way: CPU threads, the device, RNG states, checks of
+counts, and the per-task weights of zero adaptation steps."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
 from maml_ext.experiments.presets import ConfigurationError
 
-__all__ = ["intra_op_threads", "default_device", "rng_state", "set_rng_state", "check_count"]
+__all__ = ["intra_op_threads", "default_device", "rng_state", "set_rng_state", "check_count",
+           "weights_per_task"]
 
 
 @contextlib.contextmanager
@@ -54,3 +56,10 @@ def check_count(name: str, value, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigurationError(f"{name}: expected an integer >= {low}, got {value!r}")
     return value
+
+
+def weights_per_task(model: torch.nn.Module, tasks: int) -> Dict[str, torch.Tensor]:
+    """The model's trainable parameters, detached and repeated ``[tasks, *shape]``: every task's
+    weights after zero adaptation steps, in the layout ``MetaOptimizer.adapt`` returns."""
+    return {name: p.detach().unsqueeze(0).expand(tasks, *p.shape).contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}

@@ -33,7 +33,7 @@ from maml_ext.experiments.reporting import (
     require_plotting,
     require_progress_bars,
 )
-from maml_ext.experiments.runtime import intra_op_threads
+from maml_ext.experiments.runtime import intra_op_threads, weights_per_task
 from maml_ext.tasks.sinusoid import Sinusoid, SinusoidBatch
 
 __all__ = [
@@ -64,14 +64,6 @@ def make_sinusoid_model(hidden: int = 40) -> nn.Sequential:
     )
 
 
-def _expand_per_task(model: nn.Module, tasks: int) -> Weights:
-    """The model's own weights, repeated for each task: the 0-step "adapted" weights."""
-    return {
-        name: param.detach().unsqueeze(0).expand(tasks, *param.shape).contiguous()
-        for name, param in model.named_parameters()
-    }
-
-
 def predict_per_task(model: nn.Module, weights: Weights, x: torch.Tensor) -> torch.Tensor:
     """Outputs ``[T, N, *out]`` of ``model`` run on each task's ``x[t]`` with its ``weights[t]``."""
 
@@ -96,7 +88,7 @@ def sgd_adapt(
         return F.mse_loss(functional_call(model, task_weights, (task_x,)), task_y)
 
     support_grad = vmap(grad(support_loss))
-    weights = _expand_per_task(model, support_x.shape[0])
+    weights = weights_per_task(model, support_x.shape[0])
     for _ in range(steps):
         grads = support_grad(weights, support_x, support_y)
         weights = {name: w - inner_lr * grads[name] for name, w in weights.items()}
@@ -291,13 +283,13 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
     maml_eval = evaluate_adaptation(
         adapt=lambda sx, sy, steps: meta_optimizer.adapt(sx, sy, steps=steps),
         predict=meta_optimizer.predict,
-        base_weights=lambda tasks: _expand_per_task(maml_model, tasks),
+        base_weights=lambda tasks: weights_per_task(maml_model, tasks),
         tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
     )
     pretrained_eval = evaluate_adaptation(
         adapt=lambda sx, sy, steps: sgd_adapt(pretrained_model, sx, sy, steps, inner_lr),
         predict=lambda weights, x: predict_per_task(pretrained_model, weights, x),
-        base_weights=lambda tasks: _expand_per_task(pretrained_model, tasks),
+        base_weights=lambda tasks: weights_per_task(pretrained_model, tasks),
         tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
     )
     eval_seconds = time.perf_counter() - start

@@ -41,7 +41,12 @@ from maml_ext.experiments.reporting import (
     progress_bar,
     require_progress_bars,
 )
-from maml_ext.experiments.runtime import check_count, default_device, intra_op_threads
+from maml_ext.experiments.runtime import (
+    check_count,
+    default_device,
+    intra_op_threads,
+    weights_per_task,
+)
 
 __all__ = ["EVAL_CHUNK", "per_step_accuracy", "evaluate_tasks", "summarise", "evaluate_checkpoint"]
 
@@ -57,12 +62,6 @@ _BASELINE_DESCRIPTION = (
     "fine-tuned with MetaOptimizer.adapt at the same inner learning rate and steps as MAML")
 
 
-def _base_weights(meta_optimizer, tasks: int) -> Dict[str, torch.Tensor]:
-    """The model's own weights repeated per task: the "adapted" weights after 0 steps."""
-    return {name: p.detach().unsqueeze(0).expand(tasks, *p.shape).contiguous()
-            for name, p in meta_optimizer.model.named_parameters() if p.requires_grad}
-
-
 def per_step_accuracy(meta_optimizer, support_x, support_y, query_x, query_y,
                       steps: Sequence[int]) -> Evaluation:
     """Per-task query accuracy and loss ``{k: {"accuracy": [T], "loss": [T]}}`` after k inner
@@ -70,7 +69,7 @@ def per_step_accuracy(meta_optimizer, support_x, support_y, query_x, query_y,
     results = {}
     for k in steps:
         if k == 0:
-            weights = _base_weights(meta_optimizer, support_x.shape[0])
+            weights = weights_per_task(meta_optimizer.model, support_x.shape[0])
         else:
             weights = meta_optimizer.adapt(support_x, support_y, steps=k)
         logits = meta_optimizer.predict(weights, query_x)
