@@ -2,6 +2,8 @@
 them: what meta_gradient returns, that the fused backend's two paths (the one-op fixed-rate path
 and the differentiable path of learned rates) agree with each other and with the reference, the
 finite flag, and the backend choice."""
+import warnings
+
 import pytest
 import torch
 
@@ -173,3 +175,44 @@ def test_only_the_fused_backend_on_a_gpu_defers_the_class_range():
     assert not FusedBackend(program, resolve_loss("mse"), cuda, torch.float32).defers_class_range
     assert not FusedBackend(program, resolve_loss("cross_entropy"), CPU, torch.float32).defers_class_range
     assert not ReferenceBackend(model, resolve_loss("cross_entropy")).defers_class_range
+
+
+def test_a_backend_is_picked_once_per_device_and_dtype():
+    # The model changes dtype after construction: the optimiser picks anew for the new dtype (and
+    # its one fallback warning), and keeps the earlier pick for the earlier dtype.
+    model = sinusoid_mlp()
+    with pytest.warns(UserWarning, match="custom loss"):
+        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1,
+                                     loss=lambda out, y: ((out - y) ** 2).mean())
+    batch = regression_batch(2, 3, 3, generator=torch.Generator().manual_seed(fresh_seed()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.meta_gradient(*batch).backend == "reference"
+    model.float()
+    with pytest.warns(UserWarning, match="custom loss"):
+        assert opt.backend == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.meta_gradient(*[b.float() for b in batch]).backend == "reference"
+        model.double()
+        assert opt.backend == "reference"
+
+
+def test_fused_follows_the_model_to_another_dtype():
+    seed = fresh_seed()
+    model = sinusoid_mlp()
+    batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
+    fused = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, loss="mse", backend="fused")
+    fused.meta_gradient(*batch)  # the float64 backend is picked (and used) first
+    model.float()
+    for p in model.parameters():
+        p.grad = None
+    assert fused.meta_gradient(*[b.float() for b in batch]).backend == "fused"
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert got.dtype == torch.float32
+    reference = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, loss="mse", backend="reference")
+    for p in model.parameters():
+        p.grad = None
+    reference.meta_gradient(*[b.float() for b in batch])
+    want = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert relative_error(got, want) <= 1e-4, seed

@@ -246,6 +246,26 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn):
             assert got.shape == expected.shape and relative_error(got, expected) <= 1e-12, seed
 
 
+@pytest.mark.parametrize("learn", [None, "scalar"])
+def test_non_finite_replay_raises_and_changes_nothing(learn):
+    graphed = eager_graphs()
+    _, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
+                                    learn_inner_lr=learn)
+    sx, sy, qx, qy = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(2))
+    with_graph.step(sx, sy, qx, qy)
+    before = [t.detach().clone() for t in (*with_graph.model.parameters(),
+                                           *with_graph.inner_lr.parameters())]
+    qx = qx.clone()
+    qx[1, 2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="nothing was applied") as error:
+        with_graph.step(sx, sy, qx, qy)
+    assert graphed.captures == 1  # the replayed graph found it, not a new capture
+    names = [name for name, _ in with_graph.model.named_parameters()]
+    assert f"non-finite gradient of {names + (['inner_lr'] if learn else [])}" in str(error.value)
+    after = [*with_graph.model.parameters(), *with_graph.inner_lr.parameters()]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
+
+
 def test_meta_gradient_accumulates_like_eager():
     graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
