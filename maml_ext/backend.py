@@ -26,12 +26,15 @@ What ``MetaOptimizer`` does around a backend (maml_ext/optimizer.py): it validat
 raises ``FloatingPointError`` when ``MetaGradient.finite`` is false (applying nothing), and hands
 ``MetaGradient.grads`` to ``.grad`` of ``MetaGradient.tensors`` and to the outer optimiser.
 
-So a new algorithm is a new backend, or a backend wrapping another, not a branch in every method:
-ANIL (adapt only the head) and iMAML (implicit gradients from ``hvp``) implement
-``meta_gradient`` differently; first-order annealing chooses ``first_order`` per call; a
-distributed all-reduce wraps a backend and reduces the gradients of its ``meta_gradient`` (the
-fused ones are views of one flat buffer). ``GraphedFusedBackend`` (maml_ext/cuda_graph.py) is
-such a variant: the fused backend whose meta-step is captured and replayed in a CUDA graph.
+Adding an algorithm means writing a backend, or a wrapper around one, and returning it where
+backends are picked (``choose_backend``, or a wrapper applied to its choice as
+``cuda_graph.graphed`` applies ``GraphedFusedBackend``, the fused backend whose meta-step is
+replayed from a CUDA graph), not a branch in MetaOptimizer's methods. For example: ANIL's
+``meta_gradient`` adapts only the head's parameters in the inner loop; iMAML's solves for the
+implicit meta-gradient with conjugate gradients over ``hvp``; first-order annealing needs no new
+backend, as ``first_order`` is an argument of every call; a distributed all-reduce wraps any
+backend and reduces ``MetaGradient.grads`` before returning them (the fused backend's parameter
+gradients are views of one flat buffer in θ's layout).
 """
 from __future__ import annotations
 
