@@ -14,8 +14,9 @@ from maml_test_utils import DEVICES, DTYPES, SEED_VARIABLE, cuda_unavailable_rea
 
 def pytest_report_header(config):
     replay = os.environ.get(SEED_VARIABLE)
-    return (f"random seeds: {SEED_VARIABLE}={replay} (every test replays it)" if replay
-            else f"random seeds: a fresh one per test (printed on failure; {SEED_VARIABLE} replays)")
+    if replay:
+        return f"random seeds: {SEED_VARIABLE}={replay} (every test replays it)"
+    return f"random seeds: a fresh one per test (printed on failure; {SEED_VARIABLE} replays one)"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
-    """Every device present: "cpu", and "cuda" (marked ``cuda``) where a GPU is visible."""
+    """"cpu" and "cuda"; the "cuda" case carries the ``cuda`` marker, so where no GPU (or no CUDA
+    build) is present it is skipped with the reason."""
     return request.param
 
 
