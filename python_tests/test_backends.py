@@ -20,12 +20,6 @@ LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
 CPU = torch.device("cpu")
 
 
-def fresh_seed() -> int:
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")
-    return seed
-
-
 def case(kind: str, generator: torch.Generator):
     """(model, loss name, batch): the sinusoid MLP (mse) or a small conv net (cross-entropy)."""
     if kind == "mlp":
@@ -51,8 +45,7 @@ def flat(grads) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("learn", LEARN_KINDS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_gradient_contract_and_backends_agree(kind, learn, first_order):
-    seed = fresh_seed()
+def test_meta_gradient_contract_and_backends_agree(kind, learn, first_order, seed):
     generator = torch.Generator().manual_seed(seed)
     model, loss_name, batch = case(kind, generator)
     rates = rates_for(model, 2, learn, generator)
@@ -87,10 +80,9 @@ def test_meta_gradient_contract_and_backends_agree(kind, learn, first_order):
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_fused_fixed_rate_op_equals_the_differentiable_path(kind, first_order):
+def test_fused_fixed_rate_op_equals_the_differentiable_path(kind, first_order, seed):
     # meta_gradient takes the one-op path for fixed rates; differentiable_step is the path of
     # learned rates (and of the CUDA graph): both must give the same meta-step.
-    seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     model, loss_name, batch = case(kind, generator)
     rates = rates_for(model, 3, None, generator)
@@ -109,8 +101,7 @@ def test_fused_fixed_rate_op_equals_the_differentiable_path(kind, first_order):
 
 @pytest.mark.parametrize("name", ["reference", "fused"])
 @pytest.mark.parametrize("learn", [None, "per_step"])
-def test_non_finite_step_is_flagged(name, learn):
-    seed = fresh_seed()
+def test_non_finite_step_is_flagged(name, learn, seed):
     generator = torch.Generator().manual_seed(seed)
     model, loss_name, (sx, sy, qx, qy) = case("mlp", generator)
     rates = rates_for(model, 1, learn, generator)
@@ -124,9 +115,8 @@ def test_non_finite_step_is_flagged(name, learn):
 
 @pytest.mark.parametrize("name", ["reference", "fused"])
 @pytest.mark.parametrize("learn", [None, "scalar"])
-def test_meta_gradient_does_not_depend_on_grad_mode(name, learn):
+def test_meta_gradient_does_not_depend_on_grad_mode(name, learn, seed):
     # The meta-gradient is computed whatever the caller's grad mode (autograd runs inside).
-    seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     model, loss_name, batch = case("mlp", generator)
     rates = rates_for(model, 2, learn, generator)
@@ -177,14 +167,14 @@ def test_only_the_fused_backend_on_a_gpu_defers_the_class_range():
     assert not ReferenceBackend(model, resolve_loss("cross_entropy")).defers_class_range
 
 
-def test_a_backend_is_picked_once_per_device_and_dtype():
+def test_a_backend_is_picked_once_per_device_and_dtype(seed):
     # The model changes dtype after construction: the optimiser picks anew for the new dtype (and
     # its one fallback warning), and keeps the earlier pick for the earlier dtype.
     model = sinusoid_mlp()
     with pytest.warns(UserWarning, match="custom loss"):
         opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1,
                                      loss=lambda out, y: ((out - y) ** 2).mean())
-    batch = regression_batch(2, 3, 3, generator=torch.Generator().manual_seed(fresh_seed()))
+    batch = regression_batch(2, 3, 3, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert opt.meta_gradient(*batch).backend == "reference"
@@ -198,8 +188,7 @@ def test_a_backend_is_picked_once_per_device_and_dtype():
         assert opt.backend == "reference"
 
 
-def test_fused_follows_the_model_to_another_dtype():
-    seed = fresh_seed()
+def test_fused_follows_the_model_to_another_dtype(seed):
     model = sinusoid_mlp()
     batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
     fused = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, loss="mse", backend="fused")

@@ -160,11 +160,11 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
                                      first_order=False) != base
 
 
-def test_replays_equal_eager_over_steps_new_batches_and_shape_changes():
+def test_replays_equal_eager_over_steps_new_batches_and_shape_changes(seed):
     graphed = eager_graphs()
     eager, with_graph = twin_optimizers(conv_net(channels=4, blocks=2, image=8), graphed=graphed,
                                         inner_lr=0.1, inner_steps=2)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):  # a fresh batch every step, one shape: one capture
         step_both(eager, with_graph, classification_batch(3, 5, 6, (1, 8, 8), 5, generator=g))
     assert graphed.captures == 1 and len(graphed) == 1
@@ -176,12 +176,12 @@ def test_replays_equal_eager_over_steps_new_batches_and_shape_changes():
 
 @pytest.mark.parametrize("learn", LEARN_KINDS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_learned_rates_are_supported(learn, first_order):
+def test_learned_rates_are_supported(learn, first_order, seed):
     graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05,
                                         inner_steps=3, loss="mse", learn_inner_lr=learn,
                                         first_order=first_order)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):
         results = step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     assert results[1].query_accuracy is None and results[1].backend == "fused"
@@ -192,10 +192,10 @@ def test_learned_rates_are_supported(learn, first_order):
             assert relative_error(b.detach(), a.detach()) <= 1e-12
 
 
-def test_replaced_parameter_storage_recaptures():
+def test_replaced_parameter_storage_recaptures(seed):
     graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     for opt in (eager, with_graph):
         layer = opt.model[0]
@@ -206,17 +206,17 @@ def test_replaced_parameter_storage_recaptures():
     assert graphed.captures == 2
 
 
-def test_least_recently_used_graph_is_dropped():
+def test_least_recently_used_graph_is_dropped(seed):
     graphed = eager_graphs(max_graphs=2)
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for query, captures in ((4, 1), (5, 2), (4, 2), (6, 3), (4, 3), (5, 4)):
         step_both(eager, with_graph, regression_batch(3, 5, query, generator=g))
         assert graphed.captures == captures and len(graphed) == min(captures, 2)
 
 
 @pytest.mark.parametrize("learn", LEARN_KINDS)
-def test_graphed_backend_returns_what_fused_meta_loss_gives(learn):
+def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
     # The backend called directly, against the eager op's autograd function (an independent path:
     # autograd through the flattening and the rates' construction).
     model = sinusoid_mlp()
@@ -227,7 +227,6 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn):
     program = fused_backend.program
     params = dict(model.named_parameters())
     tensors = list(params.values()) + list(opt.inner_lr.parameters())
-    seed = torch.seed() % 2**31
     batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
     theta = program.flatten(params)
     loss, _, accuracy, support_loss = fused.meta_loss(
@@ -266,11 +265,11 @@ def test_non_finite_replay_raises_and_changes_nothing(learn):
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
 
 
-def test_meta_gradient_accumulates_like_eager():
+def test_meta_gradient_accumulates_like_eager(seed):
     graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
                                         learn_inner_lr="per_parameter")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     batches = [regression_batch(3, 5, 4, generator=g) for _ in range(2)]
     for opt in (eager, with_graph):
         for batch in batches:  # the second call's gradients add to the first's
@@ -279,9 +278,6 @@ def test_meta_gradient_accumulates_like_eager():
 
 
 # ---- real capture and replay on a GPU ------------------------------------------------------------
-
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
 
 
 def cuda_batch(tasks, support, query, generator, dtype=torch.float64):
@@ -305,13 +301,12 @@ def cuda_twins(learn, **kwargs):
     return optimizers
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("learn", LEARN_KINDS)
-def test_cuda_graph_replays_equal_eager_fused(learn):
+def test_cuda_graph_replays_equal_eager_fused(learn, seed):
     eager, with_graph = cuda_twins(learn)
     assert with_graph.cuda_graphs is not None
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):  # fresh batches, one shape: one capture, outer Adam steps in between
         step_both(eager, with_graph, cuda_batch(4, 5, 6, g))
     assert with_graph.cuda_graphs.captures == 1
@@ -320,11 +315,10 @@ def test_cuda_graph_replays_equal_eager_fused(learn):
     assert with_graph.cuda_graphs.captures == 2
 
 
-@cuda
 @pytest.mark.cuda
-def test_cuda_graph_first_order_and_replaced_storage():
+def test_cuda_graph_first_order_and_replaced_storage(seed):
     eager, with_graph = cuda_twins(None, first_order=True)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     step_both(eager, with_graph, cuda_batch(4, 5, 6, g))
     for opt in (eager, with_graph):
         opt.model[0].weight.data = opt.model[0].weight.data.clone()
