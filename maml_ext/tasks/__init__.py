@@ -13,6 +13,7 @@ _EXPORTS = {
     "MiniImageNet": "miniimagenet",
     "TaskSampler": "sampler",
     "TaskBatch": "sampler",
+    "DatasetError": "_data_errors",
 }
 
 __all__ = sorted(_EXPORTS)
