@@ -45,7 +45,7 @@ template <typename T>
 struct PassArgs {
   const T* theta;              // [P] the weights θ the pass runs at
   const T* theta_t;            // θ's weights transposed (transpose_weights), or null: done here
-  const T* tangent = nullptr;  // [P] v: with it the pass adds H v to hv
+  const T* tangent = nullptr;  // [P] v, for pass<true>: the pass adds H v to hv
   Samples<T> samples;
   T* grad = nullptr;      // [P] written: the gradient of the mean loss at θ
   T* hv = nullptr;        // [P] incremented by H v (with tangent)
@@ -53,12 +53,13 @@ struct PassArgs {
   TapeUse<T> tape = {};
 };
 
-// One forward + backward at weights a.theta on a.samples: writes the gradient (a.grad) and,
-// carrying the tangent v, adds H v to a.hv. Returns the mean loss.
-template <typename T>
+// One forward + backward at weights a.theta on a.samples: writes the gradient (a.grad) and, with
+// kTangent, carries the tangent v = a.tangent and adds H v to a.hv. Returns the mean loss.
+// kTangent is a template flag so that the gradient-only passes compile without the tangent's code.
+template <bool kTangent, typename T>
 T pass(const Problem<T>& pb, Workspace<T>& ws, const PassArgs<T>& a) {
   const T* theta = a.theta;
-  const T* v = a.tangent;
+  const T* v = kTangent ? a.tangent : nullptr;
   const T* x = a.samples.x;
   const int64_t n = a.samples.n;
   T* grad = a.grad;
@@ -186,12 +187,13 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
     T* g = ws.grads + k * S;
     const TapeUse<T> record{ws.tape_outputs + k * ws.tape_stride,
                             ws.tape_grads + k * ws.tape_stride, false};
-    const T loss = pass(pb, ws,
-                        {.theta = theta_at(k),
-                         .theta_t = transposed_at(k),
-                         .samples = support,
-                         .grad = g,
-                         .tape = pb.first_order ? TapeUse<T>{} : record});
+    const T loss = pass</*kTangent=*/false>(
+        pb, ws,
+        {.theta = theta_at(k),
+         .theta_t = transposed_at(k),
+         .samples = support,
+         .grad = g,
+         .tape = pb.first_order ? TapeUse<T>{} : record});
     if (k == 0) pb.support_loss[t] = loss;
     // θ_{k+1} = θ_k − α_k ⊙ g_k
     const T* theta = theta_at(k);
@@ -201,13 +203,13 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
   }
 
   T* lambda = pb.lambda + t * S;
-  pb.query_loss[t] =
-      pass(pb, ws,
-           {.theta = theta_at(K),
-            .theta_t = transposed_at(K),
-            .samples = query,
-            .grad = lambda,
-            .accuracy = pb.query_accuracy ? pb.query_accuracy + t : nullptr});
+  pb.query_loss[t] = pass</*kTangent=*/false>(
+      pb, ws,
+      {.theta = theta_at(K),
+       .theta_t = transposed_at(K),
+       .samples = query,
+       .grad = lambda,
+       .accuracy = pb.query_accuracy ? pb.query_accuracy + t : nullptr});
 
   for (int64_t k = K - 1; k >= 0; --k) {
     const T* g = ws.grads + k * S;
@@ -223,13 +225,13 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
       for (int64_t j = 0; j < P; ++j) ws.direction[j] = -alpha[j] * lambda[j];
       const TapeUse<T> replay{ws.tape_outputs + k * ws.tape_stride,
                               ws.tape_grads + k * ws.tape_stride, true};
-      pass(pb, ws,
-           {.theta = theta_at(k),
-            .theta_t = transposed_at(k),
-            .tangent = ws.direction,
-            .samples = support,
-            .hv = lambda,
-            .tape = replay});
+      pass</*kTangent=*/true>(pb, ws,
+                              {.theta = theta_at(k),
+                               .theta_t = transposed_at(k),
+                               .tangent = ws.direction,
+                               .samples = support,
+                               .hv = lambda,
+                               .tape = replay});
     }
   }
 }
