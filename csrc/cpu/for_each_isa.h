@@ -9,14 +9,17 @@
 //   #include "for_each_isa.h"
 //
 // No include guard: each inclusion compiles the header it is given. The kernel header has none
-// either (it is read once per namespace), includes its standard and project headers before this
-// point (not inside the namespaces), and may set `#pragma GCC optimize` for its own functions:
-// the options are restored after each copy.
+// either (it is read once per namespace) and relies on the includer for its standard and project
+// headers (included before this point, at file scope). GCC's target and optimisation options are
+// restored after each copy.
 #ifndef MAML_EXT_PER_ISA_INCLUDE
 #error "define MAML_EXT_PER_ISA_INCLUDE to the kernel header before including for_each_isa.h"
 #endif
 
-#include "vector_isa.h"
+// vector_isa.h must come first, at file scope (this file is included inside a namespace).
+#ifndef MAML_INLINE
+#error "include vector_isa.h before for_each_isa.h"
+#endif
 
 // The vector helpers of the kernels return 32-byte vectors by value; they are always inlined, so
 // the ABI note GCC gives for the baseline version (no AVX registers to return them in) does not
