@@ -50,7 +50,7 @@ struct PassArgs {
   T* grad = nullptr;      // [P] written: the gradient of the mean loss at θ
   T* hv = nullptr;        // [P] incremented by H v (with tangent)
   T* accuracy = nullptr;  // written: the fraction of rows classified right (cross-entropy)
-  TapeUse<T> tape = {};
+  TapeUse<T> tape = {};   // layer outputs and gradients: kept nowhere, recorded, or replayed
 };
 
 // One forward + backward at weights a.theta on a.samples: writes the gradient (a.grad) and, with
