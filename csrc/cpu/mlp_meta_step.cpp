@@ -4,7 +4,7 @@
 // runs as plain loops over raw memory on one thread, tasks in parallel. At these sizes the general
 // path's ~130 ATen calls per meta-step cost more than their arithmetic (a few µs of dispatch and
 // allocation each, against ~0.1 µs of multiply-adds); here a meta-step allocates its outputs and
-// nothing else. The mathematics is csrc/meta_step.cpp's and shared/TANGENTS.md's, the contract
+// nothing else. The mathematics is csrc/meta_step.cpp's and docs/tangent_rules.md's, the contract
 // meta_step.h's; python_tests/test_mlp_path.py checks both against the reference.
 #include "mlp_meta_step.h"
 
@@ -17,28 +17,10 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../kernels/softmax_cross_entropy_math.h"
+#include "../kernels/loss_math.h"
 #include "../layers.h"
 #include "../meta_step.h"
 #include "vector_isa.h"
-
-// The task kernels (mlp_task_kernels.h) are compiled twice, for AVX2 + FMA and for baseline
-// x86-64, and picked at run time (vector_isa.h): the extension is built without -march, and 8-wide
-// vectors run these 40-wide products much faster than SSE2's four. The whole task loop is compiled
-// both ways, not only the products: its element-wise loops (ReLU masks, transposes, biases) cost
-// as much as the products when left to SSE2 and to scalar branches.
-// The vector helpers return vectors by value; they are always inlined, so the ABI note GCC gives
-// for the baseline build (no AVX registers to return them in) does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if defined(__GNUC__)
-#define MAML_INLINE inline __attribute__((always_inline))
-#define MAML_NOINLINE __attribute__((noinline))
-#else
-#define MAML_INLINE inline
-#define MAML_NOINLINE
-#endif
 
 namespace maml_ext {
 namespace cpu {
@@ -90,25 +72,6 @@ bool parse_mlp(at::IntArrayRef ints, int64_t input_width, Mlp& mlp) {
   return any_linear;
 }
 
-// ---- small dense kernels on row-major matrices -----------------------------------------------
-
-// One 32-byte vector of T (GCC vector extensions: AVX in the AVX2 build, two SSE halves in the
-// baseline one).
-typedef float Float8 __attribute__((vector_size(32)));
-typedef double Double4 __attribute__((vector_size(32)));
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  using Vec = Float8;
-};
-template <>
-struct Simd<double> {
-  using Vec = Double4;
-};
-template <typename T>
-constexpr int kLanes = static_cast<int>(32 / sizeof(T));
-
 // ---- one task --------------------------------------------------------------------------------
 
 // Per-task buffers start on cache lines (see Problem::param_stride).
@@ -147,8 +110,8 @@ struct Problem {
   T* support_loss;        // [T]
   T* lambda;              // [T, param_stride]: each task's meta-gradient, averaged by the caller
   // P rounded up to whole 64-byte lines: every per-task vector of P (θ_k, g_k, λ) starts on a
-  // line. (At P = 1681, unpadded vectors put most of the weights' 32-byte loads across two lines,
-  // which made the in-op products run at half the speed of the same products on aligned data.)
+  // line: unpadded, most of the weights' 32-byte loads straddle two lines, which slows the
+  // products down markedly (bench/NOTES.md).
   int64_t param_stride;
   T* rate_products;       // [T, K, P]: λ_{k+1} ⊙ g_k, for the rate gradient; or null
 };
@@ -211,40 +174,15 @@ struct TapeUse {
 
 }  // namespace
 
-// The task kernels, compiled for two instruction sets (see mlp_task_kernels.h).
-#ifdef MAML_EXT_AVX2_VERSIONS
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-namespace {
-#include "mlp_task_kernels.h"
-}  // namespace
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-
-namespace baseline {
-namespace {
-#include "mlp_task_kernels.h"
-}  // namespace
-}  // namespace baseline
+// The task kernels, compiled for AVX2 + FMA and for baseline x86-64 (for_each_isa.h): the
+// extension is built without -march, and 8-wide vectors run these 40-wide products much faster
+// than SSE2's four. The whole task loop is compiled both ways, not only the products: its
+// element-wise loops (ReLU masks, transposes, biases) cost as much as the products when left to
+// SSE2 and to scalar branches.
+#define MAML_EXT_PER_ISA_INCLUDE "mlp_task_kernels.h"
+#include "for_each_isa.h"
 
 namespace {
-
-// The task kernels compiled for this CPU's instruction set (vector_isa.h).
-template <typename T>
-struct TaskKernels {
-  void (*transpose_weights)(const Mlp&, const T*, T*);
-  void (*run_tasks)(const Problem<T>&, Workspace<T>&, int64_t, int64_t);
-};
-
-template <typename T>
-TaskKernels<T> task_kernels() {
-#ifdef MAML_EXT_AVX2_VERSIONS
-  if (use_avx2_kernels()) return {avx2::transpose_weights<T>, avx2::run_tasks<T>};
-#endif
-  return {baseline::transpose_weights<T>, baseline::run_tasks<T>};
-}
 
 // Scratch of the thread that calls the op (grown, never shrunk).
 template <typename T>
@@ -367,13 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     const int64_t task_macs = macs_per_sample * 3 * (pb.support_n * passes + pb.query_n);
     constexpr int64_t kMacsPerThread = 1 << 20;
     const int64_t grain = std::max<int64_t>(1, kMacsPerThread / std::max<int64_t>(task_macs, 1));
-    const auto kernels = task_kernels<T>();
-    kernels.transpose_weights(mlp, pb.theta, theta_transposed);
+    MAML_EXT_ISA_DISPATCH(transpose_weights<T>)(mlp, pb.theta, theta_transposed);
     pb.theta_transposed = theta_transposed;
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       auto& ws = thread_workspace<T>();
       ws.prepare(pb);
-      kernels.run_tasks(pb, ws, begin, end);
+      MAML_EXT_ISA_DISPATCH(run_tasks<T>)(pb, ws, begin, end);
     });
     // The mean over tasks, summed in task order (deterministic whatever the thread count).
     T* mean = meta_grad.data_ptr<T>();

@@ -1,7 +1,8 @@
 // Arithmetic of the transductive batch norm (each task's own batch statistics) with an optional
-// fused ReLU, forward and backward, each with its tangent (TANGENTS.md, BatchNorm and ReLU).
-// Written once for host and device: the CPU kernels (cpu/batch_norm_cpu.cpp) and the CUDA kernels
-// (cuda/batch_norm_cuda.cu) both call these, so the CPU tests exercise the arithmetic the GPU runs.
+// fused ReLU, forward and backward, each with its tangent (docs/tangent_rules.md, BatchNorm and
+// ReLU). Written once for host and device: the CPU kernels (cpu/batch_norm_cpu_kernels.h) and the
+// CUDA kernels (cuda/batch_norm_cuda.cu) both call these, so the CPU tests exercise the arithmetic
+// the GPU runs.
 //
 // Per channel over its M values: the kernels accumulate the channel sums with the `*_terms`
 // functions (in their own order), turn them into per-channel coefficients with the `*_channel`

@@ -1,4 +1,5 @@
-// Per-row arithmetic of softmax cross-entropy with its gradient and tangent (TANGENTS.md, Losses).
+// Per-row arithmetic of softmax cross-entropy with its gradient and tangent (docs/tangent_rules.md,
+// Losses; kernels/loss_math.h builds the per-task loss on it).
 // Written once for host and device: the CPU kernel and the CUDA kernel both call these, so the CPU
 // tests exercise the arithmetic the GPU runs.
 #pragma once
