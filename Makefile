@@ -104,7 +104,7 @@ cmake: $(ENV_STAMP)
 	  -DWITH_CUDA=$$with_cuda \
 	  $(if $(CUDA_HOME),-DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCUDAToolkit_ROOT=$(CUDA_HOME) -DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-	  > cmake-build/configure.log || { cat cmake-build/configure.log; exit 1; }
+	  > cmake-build/configure.log 2>&1 || { cat cmake-build/configure.log; exit 1; }
 	@grep "^-- maml_ext:" cmake-build/configure.log
 	cmake --build cmake-build -j $(MAX_JOBS)
 	$(PYTHON) build_tools/check_cmake_library.py cmake-build/libmaml_ext.so

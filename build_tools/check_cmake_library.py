@@ -32,19 +32,18 @@ def check_cross_entropy(device):
 def main(library):
     torch.ops.load_library(library)
     check_cross_entropy("cpu")
-    checked = ["CPU kernels run"]
+    checked = "CPU kernels run"
     if built_with_cuda(library):
         op = "maml_ext::softmax_cross_entropy"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), (
             f"built WITH_CUDA=ON but {op} has no CUDA kernel"
         )
-        checked.append("CUDA kernels registered")
         if torch.cuda.is_available():
             check_cross_entropy("cuda")
-            checked.append("and run")
+            checked += "; CUDA kernels registered and run"
         else:
-            checked.append("(no GPU here to run them)")
-    print(f"{library} loads: {', '.join(checked)}")
+            checked += "; CUDA kernels registered (no GPU here to run them)"
+    print(f"{library} loads: {checked}")
 
 
 if __name__ == "__main__":
