@@ -98,7 +98,7 @@ cmake: $(ENV_STAMP)
 	if [ -n "$(CUDA_HOME)" ] && [ "$(MAML_EXT_CPU_ONLY)" != 1 ] \
 	  && $(PYTHON) -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then with_cuda=ON; fi; \
 	if [ "$(FORCE_CUDA)" = 1 ] && [ $$with_cuda = OFF ]; then \
-	  echo "maml_ext: FORCE_CUDA=1 but no CUDA toolkit or a CPU-only torch"; exit 1; fi; \
+	  echo "maml_ext: FORCE_CUDA=1 but the CMake build would be CPU-only (MAML_EXT_CPU_ONLY=1, no CUDA toolkit, or a CPU-only torch)"; exit 1; fi; \
 	mkdir -p cmake-build; set -x; \
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release \
 	  -DWITH_CUDA=$$with_cuda \
