@@ -36,7 +36,7 @@ try:
 except ImportError:  # run from a checkout: the package (and its built _C) sits beside bench/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import maml_ext
-from maml_ext.program import LOSS_CODES
+from maml_ext.program import LOSS_CODES, compile_program
 
 NAMES = ("reference", "fused", "fused_graph", "fused_raw", "vmap", "vmap_compiled")
 # The implementations a speed-up of fused is measured against (DESIGN.md "How to measure").
@@ -112,8 +112,7 @@ class FusedRaw(Implementation):
         opt = maml_ext.MetaOptimizer(model, None, inner_lr=config.inner_lr,
                                      inner_steps=config.inner_steps, first_order=first_order,
                                      loss=config.loss, backend="fused")
-        program = opt._backend_choice(next(model.parameters()).device,
-                                      next(model.parameters()).dtype).program
+        program = compile_program(model)
         params = {n: p.detach() for n, p in model.named_parameters()}
         self.theta = program.flatten(params).contiguous()
         self.rates = opt.inner_lr.flat(program.slots, config.inner_steps, self.theta).detach()

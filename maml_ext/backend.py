@@ -1,24 +1,223 @@
-"""Backend choice: 'fused' where the compiled program can run the model, else 'reference'."""
+"""Backends: the objects that compute a MAML meta-step, and the rule that picks one.
+
+A backend is one object bound to a model, a task loss, a device and a dtype. It provides:
+
+- ``name``: the string ``MetaStepResult.backend`` reports ("fused" or "reference");
+- ``reason``: why ``backend='auto'`` did not pick the fused backend (None otherwise);
+- ``defers_class_range``: True when a class index out of range makes the step's loss non-finite
+  instead of failing, so the caller may skip reading the indices (a host synchronisation on a GPU)
+  and read them only after a non-finite step, to name the culprit;
+- ``meta_gradient(params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
+  first_order) -> MetaGradient``: the gradient of the mean query loss over tasks after ``steps``
+  inner SGD steps, with respect to every parameter and every learned inner rate, the step's means
+  and a finite flag, without touching any ``.grad`` and without a host synchronisation where the
+  backend can avoid one;
+- ``adapt(params, inner_lr, support_x, support_y, *, steps) -> {name: [T, *shape]}``: per-task
+  adapted weights, no graph kept;
+- ``predict(adapted, x) -> [T, N, ...]``: per-task outputs at per-task weights;
+- ``hvp(params, x, y, v) -> {name: [T, *shape]}``: per-task Hessian-vector products of the loss.
+
+``params`` is the model's trainable parameters ``{name: tensor}`` in ``named_parameters()``
+order, ``inner_lr`` the ``InnerLearningRates`` module; inputs are task-batched ``[T, N, ...]``.
+
+What ``MetaOptimizer`` does around a backend (maml_ext/optimizer.py): it validates every input
+(naming the argument) before calling it, picks one backend per (device, dtype) with
+``choose_backend`` (once: the choice, its one warning and the compiled program are cached),
+raises ``FloatingPointError`` when ``MetaGradient.finite`` is false (applying nothing), and hands
+``MetaGradient.grads`` to ``.grad`` of ``MetaGradient.tensors`` and to the outer optimiser.
+
+Adding an algorithm means writing a backend, or a wrapper around one, and returning it where
+backends are picked (``choose_backend``, or a wrapper applied to its choice as
+``cuda_graph.graphed`` applies ``GraphedFusedBackend``, the fused backend whose meta-step is
+replayed from a CUDA graph), not a branch in MetaOptimizer's methods. For example: ANIL's
+``meta_gradient`` adapts only the head's parameters in the inner loop; iMAML's solves for the
+implicit meta-gradient with conjugate gradients over ``hvp``; first-order annealing needs no new
+backend, as ``first_order`` is an argument of every call; a distributed all-reduce wraps any
+backend and reduces ``MetaGradient.grads`` before returning them (the fused backend's parameter
+gradients are views of one flat buffer in θ's layout).
+"""
 from __future__ import annotations
 
-import dataclasses
 import warnings
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from . import fused, reference
 from ._extension import _load_error, compiled_ops_available, cuda_kernels_compiled
+from .inner_lr import InnerLearningRates
 from .losses import TaskLoss
-from .program import LayerProgram, UnsupportedModelError, compile_program
+from .program import LOSS_CODES, LayerProgram, UnsupportedModelError, compile_program
 
 BACKENDS = ("auto", "reference", "fused")
 
+Params = dict[str, torch.Tensor]
 
-@dataclasses.dataclass(frozen=True)
-class BackendChoice:
-    name: str                       # "fused" or "reference"
-    program: LayerProgram | None    # the compiled program when fused
-    reason: str | None = None       # why not fused, when auto fell back
+
+class MetaGradient(NamedTuple):
+    """One meta-step's gradients and means (0-dim tensors, not synchronised with the host)."""
+
+    tensors: Sequence[torch.Tensor]  # what was differentiated: the parameters, then learned rates
+    grads: Sequence[torch.Tensor]    # their meta-gradients, one per tensor, same shapes
+    names: Sequence[str]             # one per tensor, for messages ("inner_lr" for the rates)
+    query_loss: torch.Tensor         # mean query loss over tasks after adaptation, detached
+    query_accuracy: torch.Tensor | None  # mean query accuracy (classification), else None
+    support_loss: torch.Tensor       # mean support loss before adaptation
+    finite: torch.Tensor             # 0-dim bool: the query loss and every gradient are finite
+
+
+class Backend:
+    """The interface every backend provides (see the module docstring)."""
+
+    name: str
+    reason: str | None = None
+    defers_class_range: bool = False
+
+    def meta_gradient(self, params: Params, inner_lr: InnerLearningRates, support_x, support_y,
+                      query_x, query_y, *, steps: int, first_order: bool) -> MetaGradient:
+        raise NotImplementedError
+
+    def adapt(self, params: Params, inner_lr: InnerLearningRates, support_x, support_y, *,
+              steps: int) -> Params:
+        raise NotImplementedError
+
+    def predict(self, adapted: Params, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hvp(self, params: Params, x: torch.Tensor, y: torch.Tensor, v: Params) -> Params:
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch, any model: a per-task loop with autograd (maml_ext/reference.py)."""
+
+    name = "reference"
+
+    def __init__(self, model: nn.Module, loss: TaskLoss, reason: str | None = None):
+        self.model, self.loss, self.reason = model, loss, reason
+
+    def meta_gradient(self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
+                      first_order):
+        with torch.enable_grad():  # the inner steps and the meta-gradient are autograd's
+            result = reference.meta_loss(self.model, params, inner_lr, support_x, support_y,
+                                         query_x, query_y, steps=steps, first_order=first_order,
+                                         loss=self.loss)
+            tensors = list(params.values()) + list(inner_lr.parameters())
+            grads = torch.autograd.grad(result.loss, tensors, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+        loss = result.loss.detach()
+        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+        names = list(params) + ["inner_lr"] * (len(tensors) - len(params))
+        accuracy = None if result.query_accuracy is None else result.query_accuracy.mean()
+        return MetaGradient(tensors, grads, names, loss, accuracy, result.support_loss.mean(),
+                            finite)
+
+    def adapt(self, params, inner_lr, support_x, support_y, *, steps):
+        return reference.adapt(self.model, params, inner_lr, support_x, support_y, steps=steps,
+                               loss=self.loss)
+
+    def predict(self, adapted, x):
+        return reference.predict(self.model, adapted, x)
+
+    def hvp(self, params, x, y, v):
+        return reference.hvp(self.model, params, x, y, v, loss=self.loss)
+
+
+class FusedBackend(Backend):
+    """The compiled layer program: one op runs the meta-step for all tasks (maml_ext/fused.py)."""
+
+    name = "fused"
+
+    def __init__(self, program: LayerProgram, loss: TaskLoss, device: torch.device,
+                 dtype: torch.dtype):
+        self.program, self.loss, self.device, self.dtype = program, loss, device, dtype
+        self.loss_code = LOSS_CODES[loss.name]
+        # On a GPU the loss kernel turns a class index out of range into a NaN loss and gradient,
+        # which the step's one finite check catches, so the indices need not be read up front.
+        # (On the CPU reading them costs nothing; the reference cannot defer: PyTorch's CUDA
+        # cross-entropy asserts on the device.)
+        self.defers_class_range = device.type != "cpu" and loss.is_classification
+        self._fixed_rates: dict[tuple[int, float], torch.Tensor] = {}  # [K, P] per (K, rate)
+
+    def meta_gradient(self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
+                      first_order):
+        program = self.program
+        names = program.slot_names
+        tensors = [params[name] for name in names]
+        if inner_lr.learn is None:
+            # Nothing needs autograd with fixed rates: one op does the whole step (this path is
+            # the per-call overhead of small models such as the sinusoid MLP).
+            grads, loss, accuracy, support_loss, finite = fused.meta_gradient(
+                program, tensors, self.fixed_rates(inner_lr, steps), support_x, support_y,
+                query_x, query_y, loss_code=self.loss_code, first_order=first_order)
+            return MetaGradient(tensors, grads, names, loss, accuracy, support_loss, finite)
+        meta_grad, rate_grads, query_loss, accuracy, support_loss = self.differentiable_step(
+            params, inner_lr, support_x, support_y, query_x, query_y, steps=steps,
+            first_order=first_order)
+        loss = query_loss.mean()
+        rate_params = list(inner_lr.parameters())
+        grads = [*program.unflatten(meta_grad).values(), *rate_grads]
+        finite = torch.isfinite(torch.cat([loss.reshape(1), meta_grad,
+                                           *(g.reshape(-1) for g in rate_grads)])).all()
+        return MetaGradient(tensors + rate_params, grads,
+                            names + ("inner_lr",) * len(rate_params), loss,
+                            accuracy.mean() if accuracy.numel() else None, support_loss.mean(),
+                            finite)
+
+    def differentiable_step(self, params, inner_lr, support_x, support_y, query_x, query_y, *,
+                            steps, first_order):
+        """The meta-step with learned rates as plain tensors: (meta-gradient [P] in θ's layout,
+        the gradients of ``inner_lr.parameters()`` (empty with fixed rates), per-task query loss,
+        per-task query accuracy or [0], per-task support loss). The op returns the gradient of the
+        per-element rates [K, P]; autograd carries it back through ``InnerLearningRates.flat`` to
+        the rates' parameters. Nothing here synchronises with the host, so a CUDA graph can
+        capture it whole (GraphedFusedBackend)."""
+        program = self.program
+        rate_params = list(inner_lr.parameters())
+        learned = bool(rate_params)
+        with torch.no_grad():
+            theta = program.flatten(params)
+        with torch.set_grad_enabled(learned):
+            rates = inner_lr.flat(program.slots, steps, theta)
+        query_loss, accuracy, support_loss, meta_grad, rate_grad = fused.meta_step(
+            program, theta, rates.detach(), support_x, support_y, query_x, query_y,
+            loss_code=self.loss_code, first_order=first_order, inner_lr_grad=learned)
+        rate_grads = ()
+        if learned:
+            rate_grads = torch.autograd.grad(rates, rate_params, rate_grad, allow_unused=True)
+            rate_grads = tuple(torch.zeros_like(p) if g is None else g
+                               for p, g in zip(rate_params, rate_grads))
+        return meta_grad, rate_grads, query_loss, accuracy, support_loss
+
+    def fixed_rates(self, inner_lr: InnerLearningRates, steps: int) -> torch.Tensor:
+        """``inner_lr``'s rates [K, P] in θ's layout when they are fixed (not learned), built once
+        per (K, rate)."""
+        key = (steps, inner_lr.init)
+        table = self._fixed_rates.get(key)
+        if table is None:
+            like = torch.empty(self.program.num_params, device=self.device, dtype=self.dtype)
+            table = self._fixed_rates[key] = inner_lr.flat(self.program.slots, steps, like)
+        return table
+
+    def adapt(self, params, inner_lr, support_x, support_y, *, steps):
+        program = self.program
+        with torch.no_grad():
+            theta = program.flatten(params)
+            rates = inner_lr.flat(program.slots, steps, theta)
+            adapted = fused.adapt(program, theta, rates, support_x, support_y,
+                                  loss_code=self.loss_code)
+        return program.unflatten(adapted)
+
+    def predict(self, adapted, x):
+        with torch.no_grad():
+            return fused.forward(self.program, self.program.flatten(adapted, task_dims=1), x)
+
+    def hvp(self, params, x, y, v):
+        program = self.program
+        _, _, products = fused.loss_hvp(program, program.flatten(params, task_dims=1), x, y,
+                                        program.flatten(v, task_dims=1), loss_code=self.loss_code)
+        return program.unflatten(products)
 
 
 def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
@@ -39,11 +238,14 @@ def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
 
 
 def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: torch.device,
-                   dtype: torch.dtype, *, warn: bool = True) -> BackendChoice:
+                   dtype: torch.dtype, *, warn: bool = True) -> Backend:
+    """The backend for ``model`` on (device, dtype): 'fused' or 'reference' as asked (raising
+    where 'fused' cannot run), or 'auto': fused where it can run, else reference with one warning
+    saying why."""
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
-        return BackendChoice("reference", None)
+        return ReferenceBackend(model, loss)
     try:
         program, reason = fused_obstacle(model, loss, device, dtype)
     except UnsupportedModelError as error:
@@ -51,9 +253,9 @@ def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: tor
             raise
         program, reason = None, str(error)
     if program is not None:
-        return BackendChoice("fused", program)
+        return FusedBackend(program, loss, device, dtype)
     if requested == "fused":
         raise ValueError(f"backend='fused' cannot run here: {reason}")
     if warn:
         warnings.warn(f"maml_ext: backend='auto' uses the reference backend: {reason}", stacklevel=3)
-    return BackendChoice("reference", None, reason)
+    return ReferenceBackend(model, loss, reason)

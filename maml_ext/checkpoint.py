@@ -1,35 +1,23 @@
-"""Checkpoints of few-shot meta-training runs: atomic saving, and loading a ready MetaOptimizer.
+"""Atomic file writes for checkpoints, logs and reports.
 
-A checkpoint written by ``python -m maml_ext train <preset>`` is a dict of plain Python values and
-tensors (so ``torch.load(weights_only=True)`` reads it):
-
-- ``format``: :data:`CHECKPOINT_FORMAT`;
-- ``meta_optimizer``: ``MetaOptimizer.state_dict()`` (model, learned inner rates, outer Adam);
-- ``preset``: the run's :class:`~maml_ext.experiments.presets.FewShotPreset` as a dict (the
-  network is rebuilt from it), ``settings``: the run's other settings (data, seeds, backend, ...);
-- ``iteration``: meta-iterations done; ``sampler``: the training TaskSampler's state;
-  ``rng``: torch's global CPU (and CUDA) generator states; plus logging state.
-
-To use a trained network on your own few-shot problem::
-
-    meta = maml_ext.load_checkpoint("runs/omniglot-5w1s/checkpoint.pt")
-    adapted = meta.adapt(support_x, support_y, steps=3)        # [T, N*K, 1, 28, 28], [T, N*K]
-    predictions = meta.predict(adapted, query_x).argmax(-1)    # [T, M]
+:func:`write_atomic` is the one mechanism: the bytes go to a temporary file in the target's
+folder, are flushed and fsync'ed, and ``os.replace`` renames the file over the target. The
+few-shot checkpoint format built on it lives with the presets, in
+:mod:`maml_ext.experiments.fewshot.checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Callable, Union
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "save_atomic", "read_checkpoint", "load_checkpoint",
-           "remove_stale_temporaries"]
+__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "remove_stale_temporaries"]
 
-CHECKPOINT_FORMAT = "maml_ext.fewshot.checkpoint/1"
 _TEMP_SUFFIX = ".tmp"
 
 PathLike = Union[str, os.PathLike]
@@ -39,8 +27,8 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def save_atomic(obj, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` so that ``path`` always holds a complete file.
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Calls ``write(handle)`` on a binary file that becomes ``path`` only once it is complete.
 
     The data goes to a temporary file in the same folder, is flushed and fsync'ed, and then
     ``os.replace`` renames it over ``path`` (atomic on POSIX and Windows within one file system);
@@ -54,8 +42,10 @@ def save_atomic(obj, path: PathLike) -> Path:
     descriptor, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX,
                                              dir=folder)
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would have given it.
+        os.chmod(temp_name, _new_file_mode())
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
@@ -65,6 +55,26 @@ def save_atomic(obj, path: PathLike) -> Path:
         raise
     _fsync_folder(folder)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _new_file_mode() -> int:
+    # The umask can only be read by setting it; done once, then restored at once.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_atomic(obj, path: PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` always holds a complete file
+    (:func:`write_atomic`)."""
+    return write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """``text`` (UTF-8) to ``path`` so that ``path`` always holds a complete file
+    (:func:`write_atomic`)."""
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -82,7 +92,7 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def remove_stale_temporaries(path: PathLike) -> list:
-    """Deletes temporary files a killed :func:`save_atomic` left beside ``path``; returns them.
+    """Deletes temporary files a killed :func:`write_atomic` left beside ``path``; returns them.
     Call it only when no other process is saving to ``path``."""
     path = Path(path)
     removed = []
@@ -92,59 +102,3 @@ def remove_stale_temporaries(path: PathLike) -> list:
                 candidate.unlink()
                 removed.append(candidate)
     return removed
-
-
-def read_checkpoint(path: PathLike, map_location="cpu") -> dict:
-    """The checkpoint's dict (tensors on ``map_location``), checked to be one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # unpickling reports damage with many exception types
-        raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a maml_ext few-shot checkpoint (format {found!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def build_meta_optimizer(preset, *, device=None, backend: str = "auto",
-                         outer_optimizer: bool = True):
-    """A fresh MetaOptimizer for ``preset``'s network (current RNG for the initial weights) with
-    Adam at the preset's outer learning rate (or no outer optimiser)."""
-    from .optimizer import MetaOptimizer
-
-    model = preset.build_model()
-    if device is not None:
-        model = model.to(device)
-    adam = torch.optim.Adam(model.parameters(), lr=preset.outer_lr) if outer_optimizer else None
-    return MetaOptimizer(model, adam, inner_lr=preset.inner_lr, inner_steps=preset.inner_steps,
-                         first_order=preset.first_order, backend=backend)
-
-
-def load_checkpoint(path: PathLike, *, device: Optional[Union[str, torch.device]] = None,
-                    backend: str = "auto", outer_optimizer: bool = True):
-    """A ready :class:`maml_ext.MetaOptimizer` from a training checkpoint.
-
-    The network is rebuilt from the preset stored in the checkpoint and gets the trained weights,
-    learned inner rates and inner-loop settings (steps, α, first order); with
-    ``outer_optimizer=True`` also Adam with its saved state, so ``step`` continues training.
-    ``device``: where to put the model (default CPU). ``backend``: as for MetaOptimizer.
-
-    Adapt to your own tasks with ``adapt(support_x, support_y, steps=k)`` and classify with
-    ``predict(adapted, query_x)``; tensors are task-batched ``[T, N, C, H, W]`` / ``[T, N]``.
-    The preset (ways, image shape, ...) is in ``read_checkpoint(path)["preset"]``.
-    """
-    from .experiments.presets import FewShotPreset
-
-    state = read_checkpoint(path)
-    preset = FewShotPreset.from_dict(state["preset"])
-    meta_optimizer = build_meta_optimizer(preset, device=device, backend=backend,
-                                          outer_optimizer=outer_optimizer)
-    saved = dict(state["meta_optimizer"])
-    if not outer_optimizer:
-        saved["outer_optimizer"] = None
-    meta_optimizer.load_state_dict(saved)
-    return meta_optimizer

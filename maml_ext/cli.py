@@ -5,10 +5,15 @@ Experiments are looked up in :data:`EXPERIMENTS`, a registry from preset name to
 runs it; adding a preset (omniglot-5w1s, ...) is one entry there.
 """
 import argparse
+import functools
 import importlib
 import inspect
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional
+
+from maml_ext._optional import MissingExtraError
+from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS
+from maml_ext.experiments.presets import ConfigurationError
 
 
 class Experiment(NamedTuple):
@@ -16,10 +21,12 @@ class Experiment(NamedTuple):
 
     target: str  # "module:function", imported only when the preset runs
     description: str
+    preset: Optional[str] = None  # passed as the function's first argument when given
 
     def load(self) -> Callable[..., dict]:
         module_name, function_name = self.target.split(":")
-        return getattr(importlib.import_module(module_name), function_name)
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function if self.preset is None else functools.partial(function, self.preset)
 
 
 EXPERIMENTS: Dict[str, Experiment] = {
@@ -30,12 +37,9 @@ EXPERIMENTS: Dict[str, Experiment] = {
 }
 
 # The paper's few-shot classification presets (maml_ext/experiments/presets.py).
-from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS  # noqa: E402
-
 for _name, _preset in _FEWSHOT_PRESETS.items():
-    EXPERIMENTS[_name] = Experiment(
-        f"maml_ext.experiments.fewshot:train_{_name.replace('-', '_')}", _preset.description
-    )
+    EXPERIMENTS[_name] = Experiment("maml_ext.experiments.fewshot:train_fewshot",
+                                    _preset.description, preset=_name)
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -105,8 +109,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs the command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from maml_ext.experiments.presets import ConfigurationError
-
     try:
         if args.command == "train":
             _positive(parser, "--iterations", args.iterations)
@@ -142,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 **{name: value for name, value in options.items() if value is not None})
     except ConfigurationError as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+    except MissingExtraError as error:
+        parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
 
 

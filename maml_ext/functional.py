@@ -4,10 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fused, reference
 from .backend import choose_backend
 from .losses import LossFn, resolve_loss
-from .program import LOSS_CODES
 from .validation import check_inputs, check_targets, check_tensor
 
 
@@ -35,11 +33,4 @@ def hvp(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: t
     check_inputs("x", x, tasks=tasks, dtype=first.dtype, device=first.device)
     check_targets("y", y, x, classification=task_loss.is_classification, num_classes=None,
                   output_shape=None, dtype=first.dtype, device=first.device)
-    choice = choose_backend(backend, model, task_loss, first.device, first.dtype)
-    if choice.name == "fused":
-        program = choice.program
-        _, _, products = fused.loss_hvp(program, program.flatten(params, task_dims=1), x, y,
-                                        program.flatten(v, task_dims=1),
-                                        loss_code=LOSS_CODES[task_loss.name])
-        return program.unflatten(products)
-    return reference.hvp(model, params, x, y, v, loss=task_loss)
+    return choose_backend(backend, model, task_loss, first.device, first.dtype).hvp(params, x, y, v)

@@ -1,4 +1,7 @@
-"""MetaOptimizer: the MAML meta-update for an ordinary nn.Module and outer optimiser."""
+"""MetaOptimizer: the MAML meta-update for an ordinary nn.Module and outer optimiser.
+
+It validates inputs, picks a backend object per (device, dtype) and delegates the computation to
+it; the backends and what they provide are in maml_ext/backend.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,11 +9,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import cuda_graph as graphs, fused, reference
-from .backend import BackendChoice, choose_backend
+from . import cuda_graph as graphs, reference
+from .backend import Backend, choose_backend
 from .inner_lr import InnerLearningRates
 from .losses import LossFn, resolve_loss
-from .program import LOSS_CODES
 from .validation import check_inputs, check_steps, check_targets, check_tensor
 
 
@@ -41,6 +43,8 @@ class MetaOptimizer:
             "auto" (fused where supported, else reference with one warning saying why).
         cuda_graph: capture the fused meta-step on CUDA in a CUDA graph per input shape and
             replay it (maml_ext/cuda_graph.py: when it pays, memory); needs the fused backend.
+            True keeps up to ``cuda_graph.MAX_GRAPHS`` graphs; a ``cuda_graph.MetaStepGraphs``
+            given here sets another bound (``max_graphs``) and is where the graphs are kept.
 
     Tensors are task-batched: inputs ``[T, N, *features]``; targets ``[T, N]`` class indices or
     ``[T, N, *outputs]`` for regression. Batch norm must use batch statistics
@@ -75,12 +79,14 @@ class MetaOptimizer:
         if outer_optimizer is not None and learn_inner_lr is not None:
             outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
         self.requested_backend = backend
-        self._choices: dict[tuple, BackendChoice] = {}
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
-        self._fixed_rates: dict[tuple, torch.Tensor] = {}  # [K, P] per (device, dtype, K)
-        self._backend_choice(first.device, first.dtype)  # validates `backend` now, warns once
-        self._graphed = graphs.check_option(cuda_graph, backend=backend, device=first.device,
-                                            choice=self._backend_choice(first.device, first.dtype))
+        # One backend object per (device, dtype), picked on first use; the first one now, which
+        # validates `backend` and warns once where 'auto' falls back.
+        chosen = choose_backend(backend, model, self.loss, first.device, first.dtype, warn=True)
+        self._cuda_graphs = graphs.check_option(cuda_graph, backend=backend, chosen=chosen,
+                                                device=first.device)
+        self._backends: dict[tuple, Backend] = {
+            (first.device, first.dtype): graphs.graphed(chosen, self._cuda_graphs)}
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -88,7 +94,13 @@ class MetaOptimizer:
     def backend(self) -> str:
         """The backend used for the model's current device and dtype."""
         first = next(iter(self._params(self.model).values()))
-        return self._backend_choice(first.device, first.dtype).name
+        return self._backend_for(first.device, first.dtype).name
+
+    @property
+    def cuda_graphs(self) -> graphs.MetaStepGraphs | None:
+        """The captured CUDA graphs of the meta-step (how many are kept, how many captures were
+        made) with ``cuda_graph``; None without."""
+        return self._cuda_graphs
 
     def step(self, support_x, support_y, query_x, query_y) -> MetaStepResult:
         """One meta-update: the meta-gradient of the mean query loss, then the outer step.
@@ -115,17 +127,10 @@ class MetaOptimizer:
         SGD steps on each task's support set. No graph is kept."""
         steps = self.inner_steps if steps is None else check_steps("steps", steps)
         params = self._params(self.model)
-        choice = self._check_support(support_x, support_y, params)
-        if choice.name == "fused":
-            program = choice.program
-            with torch.no_grad():
-                theta = program.flatten(params)
-                rates = self.inner_lr.flat(program.slots, steps, theta)
-                adapted = fused.adapt(program, theta, rates, support_x, support_y,
-                                      loss_code=LOSS_CODES[self.loss.name])
-            return program.unflatten(adapted)
-        return reference.adapt(self.model, params, self.inner_lr, support_x, support_y, steps=steps,
-                               loss=self.loss)
+        first = next(iter(params.values()))
+        self._check_support(support_x, support_y, first)
+        return self._backend_for(first.device, first.dtype).adapt(
+            params, self.inner_lr, support_x, support_y, steps=steps)
 
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Per-task outputs [T, N, ...] of the model at the adapted weights from ``adapt``."""
@@ -142,11 +147,7 @@ class MetaOptimizer:
                                  f"[{tasks}, {', '.join(map(str, params[name].shape))}], got "
                                  f"[{', '.join(map(str, value.shape))}]")
         check_inputs("x", x, tasks=tasks, dtype=first.dtype, device=first.device)
-        choice = self._backend_choice(first.device, first.dtype)
-        if choice.name == "fused":
-            with torch.no_grad():
-                return fused.forward(choice.program, choice.program.flatten(adapted, task_dims=1), x)
-        return reference.predict(self.model, adapted, x)
+        return self._backend_for(first.device, first.dtype).predict(adapted, x)
 
     def state_dict(self) -> dict:
         return {
@@ -190,16 +191,6 @@ class MetaOptimizer:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _fixed_rate_table(self, program, first: torch.Tensor) -> torch.Tensor:
-        """The fixed inner rates [K, P] in the program's layout, built once per device, dtype and
-        K (the program, and so P, is one per device and dtype)."""
-        key = (first.device, first.dtype, self.inner_steps)
-        rates = self._fixed_rates.get(key)
-        if rates is None:
-            rates = self._fixed_rates[key] = self.inner_lr.flat(
-                program.slots, self.inner_steps, first.new_empty(program.num_params))
-        return rates
-
     @staticmethod
     def _site(model: nn.Module, name: str) -> tuple[dict, str]:
         module_path, _, key = name.rpartition(".")
@@ -219,12 +210,13 @@ class MetaOptimizer:
                 "learn_inner_lr": self.inner_lr.learn, "inner_lr": self.inner_lr.init,
                 "loss": self.loss.name}
 
-    def _backend_choice(self, device: torch.device, dtype: torch.dtype) -> BackendChoice:
-        choice = self._choices.get((device, dtype))
-        if choice is None:
-            choice = self._choices[(device, dtype)] = choose_backend(
-                self.requested_backend, self.model, self.loss, device, dtype, warn=True)
-        return choice
+    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
+        backend = self._backends.get((device, dtype))
+        if backend is None:
+            backend = self._backends[(device, dtype)] = graphs.graphed(
+                choose_backend(self.requested_backend, self.model, self.loss, device, dtype,
+                               warn=True), self._cuda_graphs)
+        return backend
 
     def _output_shape(self, name: str, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
         """The model's per-sample output shape for inputs of per-sample shape ``features``."""
@@ -239,11 +231,9 @@ class MetaOptimizer:
                                  f"[{shape}] ({error})") from None
         return self._output_shapes[features]
 
-    def _check_support(self, support_x, support_y, params, *, class_range=True) -> BackendChoice:
-        first = next(iter(params.values()))
+    def _check_support(self, support_x, support_y, first, *, class_range=True) -> None:
         check_inputs("support_x", support_x, tasks=None, dtype=first.dtype, device=first.device)
         self._check_targets("support_y", support_y, support_x, first, class_range=class_range)
-        return self._backend_choice(first.device, first.dtype)
 
     def _check_targets(self, name, y, x, first, *, class_range=True) -> None:
         """Shapes and dtypes; with class_range, also that class indices lie in [0, classes), which
@@ -256,76 +246,28 @@ class MetaOptimizer:
                       output_shape=None if classification or not self.loss.builtin else output_shape,
                       dtype=first.dtype, device=first.device)
 
-    def _differentiable_meta_loss(self, choice, params, support_x, support_y, query_x, query_y):
-        """(mean query loss, differentiable in the parameters and learned rates; mean query
-        accuracy or None; per-task support loss) by the graph-replayed or eager fused op, or the
-        reference backend."""
-        loss_code = LOSS_CODES[self.loss.name]
-        if choice.name == "fused" and self._graphed is not None:
-            loss, _, query_accuracy, support_loss = self._graphed(
-                choice.program, params, self.inner_lr, self.inner_steps, support_x, support_y,
-                query_x, query_y, loss_code=loss_code, first_order=self.first_order)
-        elif choice.name == "fused":
-            program = choice.program
-            theta = program.flatten(params)
-            rates = self.inner_lr.flat(program.slots, self.inner_steps, theta)
-            loss, _, query_accuracy, support_loss = fused.meta_loss(
-                program, theta, rates, support_x, support_y, query_x, query_y,
-                loss_code=loss_code, first_order=self.first_order)
-        else:
-            result = reference.meta_loss(self.model, params, self.inner_lr, support_x, support_y,
-                                         query_x, query_y, steps=self.inner_steps,
-                                         first_order=self.first_order, loss=self.loss)
-            loss, query_accuracy, support_loss = (result.loss, result.query_accuracy,
-                                                  result.support_loss)
-        return loss, query_accuracy, support_loss
-
-    def _defer_class_range(self, device: torch.device, choice: BackendChoice) -> bool:
-        """On a GPU the fused backend checks class indices without waiting for the device: its
-        loss kernel turns an index out of range into a NaN loss and gradient, which the one
-        non-finite check of the step catches; only then are the indices read to name the culprit.
-        The reference backend cannot defer (PyTorch's CUDA cross-entropy asserts on the device)."""
-        return device.type != "cpu" and self.loss.is_classification and choice.name == "fused"
-
     def _meta_gradient(self, support_x, support_y, query_x, query_y):
         params = self._params(self.model)
         first = next(iter(params.values()))
-        choice = self._backend_choice(first.device, first.dtype)
-        deferred = self._defer_class_range(first.device, choice)
-        self._check_support(support_x, support_y, params, class_range=not deferred)
+        backend = self._backend_for(first.device, first.dtype)
+        # A backend that defers the class range reports an index out of range as a non-finite
+        # step; the indices are read only then, to name the culprit.
+        deferred = backend.defers_class_range
+        self._check_support(support_x, support_y, first, class_range=not deferred)
         check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
                      device=first.device, features=tuple(support_x.shape[2:]))
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
-
-        if choice.name == "fused" and self.inner_lr.learn is None and self._graphed is None:
-            # Nothing needs autograd with fixed rates: one op does the whole step (this path is
-            # the per-call overhead of small models such as the sinusoid MLP).
-            program = choice.program
-            names = program.slot_names
-            tensors = [params[name] for name in names]
-            grads, loss, query_accuracy, support_loss, finite = fused.meta_gradient(
-                program, tensors, self._fixed_rate_table(program, first), support_x, support_y,
-                query_x, query_y, loss_code=LOSS_CODES[self.loss.name],
-                first_order=self.first_order)
-        else:
-            loss, query_accuracy, support_loss = self._differentiable_meta_loss(
-                choice, params, support_x, support_y, query_x, query_y)
-            tensors = list(params.values()) + list(self.inner_lr.parameters())
-            names = list(params) + ["inner_lr"] * (len(tensors) - len(params))
-            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-            finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
-            loss = loss.detach()
-            query_accuracy = None if query_accuracy is None else query_accuracy.mean()
-            support_loss = support_loss.mean()
-        if not bool(finite):
+        step = backend.meta_gradient(params, self.inner_lr, support_x, support_y, query_x, query_y,
+                                     steps=self.inner_steps, first_order=self.first_order)
+        if not bool(step.finite):
             if deferred:  # an index out of range reads as NaN: name it if that is the cause
                 self._check_targets("support_y", support_y, support_x, first)
                 self._check_targets("query_y", query_y, query_x, first)
-            bad = [name for name, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
+            bad = [name for name, g in zip(step.names, step.grads)
+                   if not bool(torch.isfinite(g).all())]
             raise FloatingPointError(
-                f"maml_ext: non-finite meta-step (query loss {loss.item():.4g}; non-finite "
-                f"gradient of {bad or 'none'}); nothing was applied")
-        result = MetaStepResult(query_loss=loss, query_accuracy=query_accuracy,
-                                support_loss=support_loss, backend=choice.name)
-        return result, tensors, grads
+                f"maml_ext: non-finite meta-step (query loss {step.query_loss.item():.4g}; "
+                f"non-finite gradient of {bad or 'none'}); nothing was applied")
+        result = MetaStepResult(query_loss=step.query_loss, query_accuracy=step.query_accuracy,
+                                support_loss=step.support_loss, backend=backend.name)
+        return result, step.tensors, step.grads

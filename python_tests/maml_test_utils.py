@@ -1,10 +1,36 @@
-"""Models and random task batches shared by the tests."""
+"""What the tests share: the devices and dtypes they run on, models, random task batches, and
+the random convolution cases of the task-batched convolution's tests."""
 from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
 from torch import nn
+
+import maml_ext
+
+SEED_VARIABLE = "MAML_TEST_SEED"
+
+# Parameters of the `device` and `dtype` fixtures (conftest.py); Hypothesis tests, which cannot
+# take function-scoped fixtures, take them through @pytest.mark.parametrize("device", DEVICES).
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
+
+COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why tests marked ``cuda`` cannot run here, or None where they can."""
+    if not maml_ext.extension_info()["compiled_ops_loaded"]:
+        return "needs maml_ext._C, which is not built"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU: torch.cuda.is_available() is False here"
+    if not maml_ext.extension_info()["cuda_kernels_compiled"]:
+        return "needs maml_ext built with its CUDA kernels: this build is CPU-only"
+    return None
 
 
 def sinusoid_mlp(dtype=torch.float64) -> nn.Module:
@@ -88,3 +114,89 @@ def cpu_kernels(isa: str):
         yield
     finally:
         torch.ops.maml_ext._force_baseline_cpu_kernels(previous)
+
+
+# --- random cases of one task-batched convolution (maml_ext::task_conv2d and its statistics) ---
+
+PASS = {"forward": 0, "backward_data": 1, "weight_grad": 2}
+
+
+@st.composite
+def conv_cases(draw, max_side=8):
+    """Shapes, layouts and which tangents are given, for one convolution."""
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+    side = [draw(st.integers(max(1, k - 2 * p), max_side)) for k, p in zip(kernel, padding)]
+    bias = draw(st.booleans())
+    return dict(
+        tasks=draw(st.integers(1, 4)), batch=draw(st.integers(1, 3)),
+        in_channels=draw(st.integers(1, 6)), out_channels=draw(st.integers(1, 6)),
+        height=side[0], width=side[1], kernel=kernel, padding=padding,
+        stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))), bias=bias,
+        x_tangent=draw(st.booleans()), weight_tangent=draw(st.booleans()),
+        bias_tangent=bias and draw(st.booleans()), grad_y_tangent=draw(st.booleans()),
+        need_input_grad=draw(st.booleans()),
+        layer_layout=draw(st.booleans()), weights=draw(st.sampled_from(["own", "shared", "slice"])),
+        seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def make_tensors(case, dtype=torch.float64, device="cpu"):
+    """Random inputs of one case (fresh per seed), on `device`; absent tangents are None."""
+    g = torch.Generator().manual_seed(case["seed"])
+    T, N, C, O = case["tasks"], case["batch"], case["in_channels"], case["out_channels"]
+    H, W = case["height"], case["width"]
+    kh, kw = case["kernel"]
+    Ho = output_size(H, kh, case["stride"][0], case["padding"][0])
+    Wo = output_size(W, kw, case["stride"][1], case["padding"][1])
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype=dtype, device=device)
+
+    def activation(*shape):
+        a = randn(*shape)
+        if case["layer_layout"]:  # the layer's layout: memory order N, H, W, T, C
+            a = a.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+        return a
+
+    def weights(*shape):
+        if case["weights"] == "shared":
+            return randn(1, *shape[1:]).expand(*shape)
+        if case["weights"] == "slice":  # a slice of a flat [T, P] vector, as the layer passes it
+            numel = torch.Size(shape[1:]).numel()
+            return randn(shape[0], numel + 3)[:, 2:2 + numel].view(shape)
+        return randn(*shape)
+
+    t = dict(x=activation(N, T, C, H, W), weight=weights(T, O, C, kh, kw),
+             bias=weights(T, O) if case["bias"] else None,
+             grad_y=activation(N, T, O, Ho, Wo))
+    t["x_tangent"] = activation(N, T, C, H, W) if case["x_tangent"] else None
+    t["weight_tangent"] = randn(T, O, C, kh, kw) if case["weight_tangent"] else None
+    t["bias_tangent"] = randn(T, O) if case["bias_tangent"] else None
+    t["grad_y_tangent"] = activation(N, T, O, Ho, Wo) if case["grad_y_tangent"] else None
+    return t
+
+
+def forward_args(case, t):
+    return (t["x"], t["x_tangent"], t["weight"], t["weight_tangent"], t["bias"], t["bias_tangent"],
+            case["stride"], case["padding"])
+
+
+def backward_args(case, t):
+    return (t["grad_y"], t["grad_y_tangent"], t["x"], t["x_tangent"], t["weight"],
+            t["weight_tangent"], case["stride"], case["padding"], case["need_input_grad"],
+            case["bias"])
+
+
+def standard_case(batch, tasks, channels, side, in_channels=None, seed=None):
+    """A 3x3, stride 1, pad 1 convolution of the standard configurations, all tangents given. A
+    case built at collection (a parametrize list) gets its test's seed later:
+    ``dict(case, seed=seed)``."""
+    return dict(tasks=tasks, batch=batch, in_channels=in_channels or channels,
+                out_channels=channels, height=side, width=side, kernel=(3, 3), padding=(1, 1),
+                stride=(1, 1), bias=True, x_tangent=True, weight_tangent=True, bias_tangent=True,
+                grad_y_tangent=True, need_input_grad=True, layer_layout=True, weights="slice",
+                seed=seed)

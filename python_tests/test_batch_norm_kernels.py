@@ -303,18 +303,13 @@ def test_cuda_reduction_plan_fills_the_device_on_omniglot_shapes():
         ops.task_batch_norm_reduction_plan(1, 0, 5, 132)
 
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
-
-
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("shape", [(1, 75 * 28 * 28, 5 * 64), (8, 25, 64), (3, 7, 5), (1, 4000, 33)])
 @pytest.mark.parametrize("relu", [False, True])
-def test_cuda_kernels_match_cpu(dtype, tolerance, shape, relu):
+def test_cuda_kernels_match_cpu(dtype, tolerance, shape, relu, seed):
     batch, rows, channels = shape
-    x, randn = random_case(torch.seed() % 2**31, batch, rows, channels, dtype)
+    x, randn = random_case(seed, batch, rows, channels, dtype)
     weight, bias, vw, vb = (randn(batch, channels) for _ in range(4))
     rx, gy, rgy = (randn(batch, rows, channels) for _ in range(3))
 
@@ -337,13 +332,12 @@ def test_cuda_kernels_match_cpu(dtype, tolerance, shape, relu):
             assert b.shape == a.shape and relative_error(b.cpu(), a) <= tolerance
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("shape, ceil_mode", [((75, 28, 28, 5 * 64), False), ((4, 7, 5, 3), True),
                                               ((4, 7, 5, 3), False), ((2, 1, 1, 40), True)])
-def test_cuda_fused_pool_kernels_match_cpu(dtype, tolerance, shape, ceil_mode):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_cuda_fused_pool_kernels_match_cpu(dtype, tolerance, shape, ceil_mode, seed):
+    g = torch.Generator().manual_seed(seed)
     channels = shape[-1]
     randn = lambda *s: torch.randn(*s, dtype=dtype, generator=g)
     x = randn(*shape) * (0.5 + randn(channels).abs()) + randn(channels)

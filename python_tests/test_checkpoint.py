@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes and maml_ext.checkpoint.load_checkpoint (no data needed)."""
+"""Atomic checkpoint writes and maml_ext.experiments.load_checkpoint (no data needed)."""
 import os
 import signal
 import subprocess
@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from maml_ext import MetaOptimizer
-from maml_ext.checkpoint import (
+from maml_ext.checkpoint import remove_stale_temporaries, save_atomic
+from maml_ext.experiments.fewshot.checkpoint import (
     CHECKPOINT_FORMAT,
     build_meta_optimizer,
     load_checkpoint,
     read_checkpoint,
-    remove_stale_temporaries,
-    save_atomic,
 )
 from maml_ext.experiments.presets import PRESETS
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maml_ext
-from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
-                             relative_error)
-from test_task_conv import COMMON, PASS, conv_cases, cuda, forward_args, make_tensors, standard_case
+from maml_test_utils import (COMMON, PASS, all_grads, classification_batch, conv_cases, conv_net,
+                             forward_args, make_tensors, perturb_rates, relative_error,
+                             standard_case)
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
@@ -125,8 +125,8 @@ def test_emulated_epilogue_partials_match_direct_statistics(case, multiprocessor
     standard_case(2, 3, 64, 28, in_channels=1),   # its first layer
     standard_case(1, 2, 32, 21),                  # 2 columns per thread, a partial last tile
 ], ids=["omniglot", "omniglot-first", "odd"])
-def test_emulated_epilogue_on_standard_shapes(case):
-    t = make_tensors(case)
+def test_emulated_epilogue_on_standard_shapes(case, seed):
+    t = make_tensors(dict(case, seed=seed))
     y, ry, partials = ops._task_conv2d_with_statistics_emulated(*forward_args(case, t), 132)
     check_partials(y, ry, partials, tile_rows(case, 132))
     check_merged(y, ry, partials)
@@ -251,7 +251,6 @@ def test_bad_partial_statistics_are_named():
                                           torch.zeros(1, 1, 4, 5, dtype=torch.float64))
 
 
-@cuda
 @pytest.mark.cuda
 @settings(max_examples=40, **COMMON)
 @given(case=conv_cases(max_side=20), dtype=st.sampled_from([torch.float64, torch.float32]))
@@ -301,28 +300,27 @@ def check_batch_norm_with_conv_partials(case, relu_pool, convolve, device):
 
 
 @pytest.mark.parametrize("relu_pool", [False, True])
-def test_batch_norm_with_emulated_conv_partials_matches_without(relu_pool):
+def test_batch_norm_with_emulated_conv_partials_matches_without(relu_pool, seed):
     """The CUDA data flow on the CPU: the kernel's epilogue (emulated), then the batch norm."""
     def convolve(*args):
         return ops._task_conv2d_with_statistics_emulated(*args, 132)
-    check_batch_norm_with_conv_partials(standard_case(2, 3, 64, 14), relu_pool, convolve, "cpu")
+    check_batch_norm_with_conv_partials(standard_case(2, 3, 64, 14, seed=seed), relu_pool,
+                                        convolve, "cpu")
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("relu_pool", [False, True])
-def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool):
-    check_batch_norm_with_conv_partials(standard_case(5, 4, 64, 28), relu_pool,
+def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool, seed):
+    check_batch_norm_with_conv_partials(standard_case(5, 4, 64, 28, seed=seed), relu_pool,
                                         ops.task_conv2d_with_statistics, "cuda")
 
 
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_fused_omniglot_like_net_on_cuda_matches_reference(dtype, tolerance):
+def test_fused_omniglot_like_net_matches_reference(device, dtype, seed):
     """Conv → BN (statistics from the convolution's epilogue) → ReLU → pool, Omniglot's widths:
-    64 channels fill four columns per thread and 28×28 maps several row tiles."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    64 channels fill four columns per thread and 28×28 maps several row tiles. The reference runs
+    on the CPU, the fused backend on `device`."""
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    generator = torch.Generator().manual_seed(seed)
     model = conv_net(ways=5, channels=64, blocks=4, image=28, dtype=dtype)
     batch = classification_batch(2, 5, 5, (1, 28, 28), 5, dtype=dtype, generator=generator)
 
@@ -333,7 +331,7 @@ def test_fused_omniglot_like_net_on_cuda_matches_reference(dtype, tolerance):
         return opt.meta_gradient(*batch), all_grads(opt)
 
     _, expected = meta_gradients("reference", batch)
-    model.cuda()
-    result, actual = meta_gradients("fused", [b.cuda() for b in batch])
+    model.to(device)
+    result, actual = meta_gradients("fused", [b.to(device) for b in batch])
     assert result.backend == "fused"
     assert relative_error(actual.cpu(), expected) <= tolerance

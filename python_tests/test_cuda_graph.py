@@ -8,8 +8,9 @@ import torch
 
 import maml_ext
 from maml_ext import fused
-from maml_ext.backend import BackendChoice
-from maml_ext.cuda_graph import GraphedMetaStep, check_option
+from maml_ext.backend import choose_backend
+from maml_ext.cuda_graph import GraphedFusedBackend, MetaStepGraphs
+from maml_ext.losses import resolve_loss
 from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
                              regression_batch, relative_error, sinusoid_mlp)
 
@@ -17,7 +18,6 @@ pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_load
                                 reason="maml_ext._C is not built")
 
 LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
-FUSED = BackendChoice("fused", None)
 
 
 class EagerCapture:
@@ -37,17 +37,20 @@ class EagerCapture:
         return replay, output
 
 
+def eager_graphs(**kwargs) -> MetaStepGraphs:
+    return MetaStepGraphs(capture=EagerCapture(), **kwargs)
+
+
 def twin_optimizers(model, *, graphed, lr=1e-2, **kwargs):
     """(eager fused optimiser, optimiser whose fused meta-step goes through ``graphed``), on two
     identical copies of ``model``, each with its own Adam."""
     optimizers = []
-    for use_graph in (False, True):
+    for cuda_graph in (False, graphed):
         copy_of = copy.deepcopy(model)
         opt = maml_ext.MetaOptimizer(copy_of, torch.optim.Adam(copy_of.parameters(), lr=lr),
-                                     backend="fused", **kwargs)
-        if use_graph:
-            opt._graphed = graphed
+                                     backend="fused", cuda_graph=cuda_graph, **kwargs)
         optimizers.append(opt)
+    assert optimizers[1].cuda_graphs is graphed
     perturb = torch.Generator().manual_seed(3)
     perturb_rates(optimizers[0], perturb)
     with torch.no_grad():
@@ -95,37 +98,41 @@ def test_cuda_graph_with_cpu_model_raises(backend):
 
 
 def test_cuda_graph_where_auto_falls_back_to_reference_raises():
-    reason = "a custom loss callable (fused supports 'cross_entropy' and 'mse')"
-    with pytest.raises(ValueError, match=r"cuda_graph: True needs the fused backend, but "
-                                         r"backend='auto' uses the reference backend here: a custom loss"):
-        check_option(True, backend="auto", choice=BackendChoice("reference", None, reason),
-                     device=torch.device("cuda", 0))
+    # (The stand-in capture runs on the CPU, so the device check passes and the backend's fails.)
+    with pytest.warns(UserWarning, match="custom loss"), \
+            pytest.raises(ValueError, match=r"cuda_graph: True needs the fused backend, but "
+                                            r"backend='auto' uses the reference backend here: a custom loss"):
+        maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1,
+                               loss=lambda out, y: (out - y).abs().mean(), cuda_graph=eager_graphs())
 
 
-def test_check_option_off_and_on():
-    assert check_option(False, backend="reference", choice=BackendChoice("reference", None),
-                        device=torch.device("cpu")) is None
-    graphed = check_option(True, backend="auto", choice=FUSED, device=torch.device("cuda", 0))
-    assert isinstance(graphed, GraphedMetaStep) and len(graphed) == 0 and graphed.captures == 0
-
-
-def test_cuda_graph_off_leaves_the_eager_path():
+def test_cuda_graph_off_and_on():
     opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend="fused")
-    assert opt._graphed is None
+    assert opt.cuda_graphs is None
+    graphs = eager_graphs(max_graphs=2)
+    opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1, loss="mse", cuda_graph=graphs)
+    assert opt.cuda_graphs is graphs and opt.backend == "fused"
+    assert len(graphs) == 0 and graphs.captures == 0  # nothing is captured before the first step
+    opt.meta_gradient(*regression_batch(2, 5, 5))
+    assert len(graphs) == 1 and graphs.captures == 1
 
 
-def test_graph_runner_rejects_cpu_parameters():
+def test_graphed_backend_rejects_cpu_parameters():
     # The model was moved off the GPU after construction: the real capture refuses, naming the option.
-    opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend="fused")
-    opt._graphed = GraphedMetaStep()
+    model = sinusoid_mlp()
+    fused_backend = choose_backend("fused", model, resolve_loss("mse"), torch.device("cpu"),
+                                   torch.float64)
+    backend = GraphedFusedBackend(fused_backend, MetaStepGraphs())
+    opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, loss="mse")
     with pytest.raises(ValueError, match="cuda_graph: True needs the model on a CUDA device"):
-        opt.meta_gradient(*regression_batch(2, 5, 5))
+        backend.meta_gradient(dict(model.named_parameters()), opt.inner_lr,
+                              *regression_batch(2, 5, 5), steps=1, first_order=False)
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.0, True])
 def test_max_graphs_must_be_a_positive_int(value):
     with pytest.raises(ValueError, match="max_graphs"):
-        GraphedMetaStep(max_graphs=value)
+        MetaStepGraphs(max_graphs=value)
 
 
 # ---- keys and recapture decisions ---------------------------------------------------------------
@@ -133,10 +140,10 @@ def test_max_graphs_must_be_a_positive_int(value):
 def test_signature_keys_on_shapes_dtypes_and_settings():
     model = conv_net(channels=4, blocks=1, image=6)
     opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused")
-    program = opt._backend_choice(torch.device("cpu"), torch.float64).program
+    program = choose_backend("fused", model, opt.loss, torch.device("cpu"), torch.float64).program
     g = torch.Generator().manual_seed(0)
     batch = classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)
-    key = lambda b, **kw: GraphedMetaStep.signature(  # noqa: E731
+    key = lambda b, **kw: MetaStepGraphs.signature(  # noqa: E731
         program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=1, first_order=kw.pop("first_order", False))
     base = key(batch)
     # New values, same shapes: the same graph.
@@ -149,15 +156,15 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     assert key(batch, steps=2) != base
     assert key(batch, first_order=True) != base
     learned = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused", learn_inner_lr="scalar")
-    assert GraphedMetaStep.signature(program, learned.inner_lr, 1, batch, loss_code=1,
+    assert MetaStepGraphs.signature(program, learned.inner_lr, 1, batch, loss_code=1,
                                      first_order=False) != base
 
 
-def test_replays_equal_eager_over_steps_new_batches_and_shape_changes():
-    graphed = GraphedMetaStep(capture=EagerCapture())
+def test_replays_equal_eager_over_steps_new_batches_and_shape_changes(seed):
+    graphed = eager_graphs()
     eager, with_graph = twin_optimizers(conv_net(channels=4, blocks=2, image=8), graphed=graphed,
                                         inner_lr=0.1, inner_steps=2)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):  # a fresh batch every step, one shape: one capture
         step_both(eager, with_graph, classification_batch(3, 5, 6, (1, 8, 8), 5, generator=g))
     assert graphed.captures == 1 and len(graphed) == 1
@@ -169,12 +176,12 @@ def test_replays_equal_eager_over_steps_new_batches_and_shape_changes():
 
 @pytest.mark.parametrize("learn", LEARN_KINDS)
 @pytest.mark.parametrize("first_order", [False, True])
-def test_learned_rates_are_supported(learn, first_order):
-    graphed = GraphedMetaStep(capture=EagerCapture())
+def test_learned_rates_are_supported(learn, first_order, seed):
+    graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05,
                                         inner_steps=3, loss="mse", learn_inner_lr=learn,
                                         first_order=first_order)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):
         results = step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     assert results[1].query_accuracy is None and results[1].backend == "fused"
@@ -185,10 +192,10 @@ def test_learned_rates_are_supported(learn, first_order):
             assert relative_error(b.detach(), a.detach()) <= 1e-12
 
 
-def test_replaced_parameter_storage_recaptures():
-    graphed = GraphedMetaStep(capture=EagerCapture())
+def test_replaced_parameter_storage_recaptures(seed):
+    graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     for opt in (eager, with_graph):
         layer = opt.model[0]
@@ -199,45 +206,70 @@ def test_replaced_parameter_storage_recaptures():
     assert graphed.captures == 2
 
 
-def test_least_recently_used_graph_is_dropped():
-    graphed = GraphedMetaStep(max_graphs=2, capture=EagerCapture())
+def test_least_recently_used_graph_is_dropped(seed):
+    graphed = eager_graphs(max_graphs=2)
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     for query, captures in ((4, 1), (5, 2), (4, 2), (6, 3), (4, 3), (5, 4)):
         step_both(eager, with_graph, regression_batch(3, 5, query, generator=g))
         assert graphed.captures == captures and len(graphed) == min(captures, 2)
 
 
-def test_runner_returns_what_fused_meta_loss_returns():
-    # Called directly, with the loss scaled before differentiating (the backward must scale too).
+@pytest.mark.parametrize("learn", LEARN_KINDS)
+def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
+    # The backend called directly, against the eager op's autograd function (an independent path:
+    # autograd through the flattening and the rates' construction).
     model = sinusoid_mlp()
     opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, inner_steps=2, loss="mse",
-                                 backend="fused", learn_inner_lr="per_step")
+                                 backend="fused", learn_inner_lr=learn)
     perturb_rates(opt, torch.Generator().manual_seed(5))
-    program = opt._backend_choice(torch.device("cpu"), torch.float64).program
+    fused_backend = choose_backend("fused", model, opt.loss, torch.device("cpu"), torch.float64)
+    program = fused_backend.program
     params = dict(model.named_parameters())
     tensors = list(params.values()) + list(opt.inner_lr.parameters())
-    batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
     theta = program.flatten(params)
-    expected = fused.meta_loss(program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch,
-                               loss_code=2, first_order=False)
-    actual = GraphedMetaStep(capture=EagerCapture())(program, params, opt.inner_lr, 2, *batch,
-                                                     loss_code=2, first_order=False)
-    assert actual[2] is None and expected[2] is None
-    for a, e in zip(actual, expected):
-        if e is not None:
-            assert relative_error(a.detach(), e.detach()) <= 1e-12
-    want = torch.autograd.grad(3 * expected[0], tensors)
-    got = torch.autograd.grad(3 * actual[0], tensors)
-    for a, e in zip(got, want):
-        assert a.shape == e.shape and relative_error(a, e) <= 1e-12
+    loss, _, accuracy, support_loss = fused.meta_loss(
+        program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch, loss_code=2,
+        first_order=False)
+    want = torch.autograd.grad(loss, tensors)
+    backend = GraphedFusedBackend(fused_backend, eager_graphs())
+    for _ in range(2):  # the capture, then a replay
+        step = backend.meta_gradient(params, opt.inner_lr, *batch, steps=2, first_order=False)
+        assert step.query_accuracy is None and accuracy is None and bool(step.finite), seed
+        assert relative_error(step.query_loss, loss.detach()) <= 1e-12, seed
+        assert relative_error(step.support_loss, support_loss.mean()) <= 1e-12, seed
+        assert [id(t) for t in step.tensors] == [id(t) for t in tensors]
+        assert list(step.names) == list(params) + ["inner_lr"] * (len(tensors) - len(params))
+        for got, expected in zip(step.grads, want, strict=True):
+            assert got.shape == expected.shape and relative_error(got, expected) <= 1e-12, seed
 
 
-def test_meta_gradient_accumulates_like_eager():
-    graphed = GraphedMetaStep(capture=EagerCapture())
+@pytest.mark.parametrize("learn", [None, "scalar"])
+def test_non_finite_replay_raises_and_changes_nothing(learn):
+    graphed = eager_graphs()
+    _, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
+                                    learn_inner_lr=learn)
+    sx, sy, qx, qy = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(2))
+    with_graph.step(sx, sy, qx, qy)
+    before = [t.detach().clone() for t in (*with_graph.model.parameters(),
+                                           *with_graph.inner_lr.parameters())]
+    qx = qx.clone()
+    qx[1, 2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="nothing was applied") as error:
+        with_graph.step(sx, sy, qx, qy)
+    assert graphed.captures == 1  # the replayed graph found it, not a new capture
+    names = [name for name, _ in with_graph.model.named_parameters()]
+    assert f"non-finite gradient of {names + (['inner_lr'] if learn else [])}" in str(error.value)
+    after = [*with_graph.model.parameters(), *with_graph.inner_lr.parameters()]
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
+
+
+def test_meta_gradient_accumulates_like_eager(seed):
+    graphed = eager_graphs()
     eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
                                         learn_inner_lr="per_parameter")
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     batches = [regression_batch(3, 5, 4, generator=g) for _ in range(2)]
     for opt in (eager, with_graph):
         for batch in batches:  # the second call's gradients add to the first's
@@ -246,9 +278,6 @@ def test_meta_gradient_accumulates_like_eager():
 
 
 # ---- real capture and replay on a GPU ------------------------------------------------------------
-
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
 
 
 def cuda_batch(tasks, support, query, generator, dtype=torch.float64):
@@ -272,28 +301,26 @@ def cuda_twins(learn, **kwargs):
     return optimizers
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("learn", LEARN_KINDS)
-def test_cuda_graph_replays_equal_eager_fused(learn):
+def test_cuda_graph_replays_equal_eager_fused(learn, seed):
     eager, with_graph = cuda_twins(learn)
-    assert with_graph._graphed is not None
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    assert with_graph.cuda_graphs is not None
+    g = torch.Generator().manual_seed(seed)
     for _ in range(3):  # fresh batches, one shape: one capture, outer Adam steps in between
         step_both(eager, with_graph, cuda_batch(4, 5, 6, g))
-    assert with_graph._graphed.captures == 1
+    assert with_graph.cuda_graphs.captures == 1
     step_both(eager, with_graph, cuda_batch(3, 5, 9, g))  # a new shape captures anew
     step_both(eager, with_graph, cuda_batch(4, 5, 6, g))  # and the first one replays again
-    assert with_graph._graphed.captures == 2
+    assert with_graph.cuda_graphs.captures == 2
 
 
-@cuda
 @pytest.mark.cuda
-def test_cuda_graph_first_order_and_replaced_storage():
+def test_cuda_graph_first_order_and_replaced_storage(seed):
     eager, with_graph = cuda_twins(None, first_order=True)
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
     step_both(eager, with_graph, cuda_batch(4, 5, 6, g))
     for opt in (eager, with_graph):
         opt.model[0].weight.data = opt.model[0].weight.data.clone()
     step_both(eager, with_graph, cuda_batch(4, 5, 6, g))
-    assert with_graph._graphed.captures == 2 and len(with_graph._graphed) == 1
+    assert with_graph.cuda_graphs.captures == 2 and len(with_graph.cuda_graphs) == 1

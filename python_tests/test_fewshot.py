@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from maml_ext import MetaOptimizer
-from maml_ext.checkpoint import load_checkpoint, read_checkpoint
 from maml_ext.experiments import fewshot
+from maml_ext.experiments.fewshot import load_checkpoint, read_checkpoint
 from maml_ext.experiments.presets import PRESETS, ConfigurationError, FewShotPreset, get_preset
 from maml_ext.program import compile_program
+from maml_ext.tasks import TaskSampler
 
 TINY = PRESETS["omniglot-5w1s"].with_overrides(filters=8, queries=2, meta_batch=2)
 
@@ -229,7 +230,8 @@ def test_load_checkpoint_adapts_and_predicts_like_the_evaluation(straight_run, o
     meta = load_checkpoint(out / "checkpoint.pt", backend="reference")
     assert isinstance(meta, MetaOptimizer) and meta.inner_lr.init == TINY.inner_lr
     test = fewshot.load_split(TINY, omniglot_root, "test", cache_dir=fewshot_cache)
-    batch = fewshot._sampler(test, TINY, 3, 0, "cpu").sample()
+    batch = TaskSampler(test, ways=TINY.ways, shots=TINY.shots, queries=TINY.queries, meta_batch=3,
+                        seed=0, device="cpu").sample()
     adapted = meta.adapt(batch.support_x, batch.support_y, steps=2)
     logits = meta.predict(adapted, batch.query_x)
     assert logits.shape == (3, 5 * TINY.queries, 5)

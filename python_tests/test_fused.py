@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, jvp
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, UnsupportedModelError
-from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
+from maml_test_utils import (DEVICES, all_grads, classification_batch, conv_net, perturb_rates,
                              random_batch, regression_batch, relative_error, sinusoid_mlp)
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
@@ -72,7 +72,9 @@ def meta_gradients(model, batch, backend, seed, **kwargs):
     return result, all_grads(opt)
 
 
-def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype, tolerance):
+def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype, tolerance,
+                            device):
+    """The fused backend on `device` against the reference on the CPU."""
     model, shape, loss, outputs = stack
     model = model.to(dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +92,10 @@ def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype
         model.float()
         assume(exact_result is not None and abs(exact_result.query_loss.item()) < 1e4)
     ref_result, expected = meta_gradients(model, batch, "reference", seed, **kwargs)
-    fused_result, actual = meta_gradients(model, batch, "fused", seed, **kwargs)
+    model.to(device)
+    fused_result, actual = meta_gradients(model, [b.to(device) for b in batch], "fused", seed,
+                                          **kwargs)
+    actual = actual.cpu()
     assert fused_result.backend == "fused"
 
     def within(fused_value, reference_value, exact_value):
@@ -112,7 +117,8 @@ def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype
         exact_losses = {n: getattr(exact_result, n).reshape(1) for n in ("query_loss", "support_loss")}
     assert within(actual, expected, exact if dtype == torch.float32 else None)
     for name in ("query_loss", "support_loss"):
-        fused_value, want = getattr(fused_result, name).reshape(1), getattr(ref_result, name).reshape(1)
+        fused_value = getattr(fused_result, name).reshape(1).cpu()
+        want = getattr(ref_result, name).reshape(1)
         assert within(fused_value, want, exact_losses.get(name)), (name, fused_value, want)
     if loss == "cross_entropy":
         assert fused_result.query_accuracy.item() == pytest.approx(ref_result.query_accuracy.item(), abs=1e-6)
@@ -121,23 +127,28 @@ def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, **COMMON)
 @given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
        first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
-def test_fused_equals_reference_float64(stack, tasks, steps, first_order, learn, seed):
-    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float64, 1e-10)
+def test_fused_equals_reference_float64(device, stack, tasks, steps, first_order, learn, seed):
+    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float64, 1e-10,
+                            device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=12, **COMMON)
 @given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
        first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
-def test_fused_equals_reference_float32(stack, tasks, steps, first_order, learn, seed):
-    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float32, 1e-4)
+def test_fused_equals_reference_float32(device, stack, tasks, steps, first_order, learn, seed):
+    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float32, 1e-4,
+                            device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, **COMMON)
 @given(stack=layer_stacks(), tasks=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
-def test_hvp_equals_torch_func_jvp_of_grad(stack, tasks, seed):
+def test_hvp_equals_torch_func_jvp_of_grad(device, stack, tasks, seed):
     model, shape, loss, outputs = stack
     model = model.double()
     generator = torch.Generator().manual_seed(seed)
@@ -149,24 +160,32 @@ def test_hvp_equals_torch_func_jvp_of_grad(stack, tasks, seed):
     # The squared error written out: torch.func's forward-over-reverse of F.mse_loss trips over an
     # immutable ZeroTensor for purely linear models (torch 2.14).
     loss_fn = F.cross_entropy if loss == "cross_entropy" else (lambda out, target: ((out - target) ** 2).mean())
-    fused = maml_ext.hvp(model, params, x, y, v, loss=loss, backend="fused")
+
+    def moved(tensors):
+        return {n: a.to(device) for n, a in tensors.items()}
+
+    fused = maml_ext.hvp(model, moved(params), x.to(device), y.to(device), moved(v), loss=loss,
+                         backend="fused")
     for t in range(tasks):
         def task_loss(p):
             return loss_fn(functional_call(model, p, (x[t],)), y[t])
         _, expected = jvp(grad(task_loss), ({n: params[n][t] for n in names},),
                           ({n: v[n][t] for n in names},))
-        got = torch.cat([fused[n][t].reshape(-1) for n in names])
+        got = torch.cat([fused[n][t].reshape(-1) for n in names]).cpu()
         want = torch.cat([expected[n].reshape(-1) for n in names])
         assert relative_error(got, want) <= 1e-10
 
 
-def test_hvp_backends_agree():
+def test_hvp_backends_agree(device, seed):
+    """The fused backend on `device` against the reference on the CPU."""
     model = conv_net(ways=3, channels=4)
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = torch.Generator().manual_seed(seed)
     x, y, _, _ = classification_batch(3, 5, 1, (1, 8, 8), 3, generator=generator)
     params = {n: p.detach().expand(3, *p.shape).clone() for n, p in model.named_parameters()}
     v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
-    fused = maml_ext.hvp(model, params, x, y, v, backend="fused")
+    fused = maml_ext.hvp(model, {n: p.to(device) for n, p in params.items()}, x.to(device),
+                         y.to(device), {n: a.to(device) for n, a in v.items()}, backend="fused")
+    fused = {n: a.cpu() for n, a in fused.items()}
     reference = maml_ext.hvp(model, params, x, y, v, backend="reference")
     # Compared as one vector: a conv bias followed by batch norm has an exactly zero Hessian, whose
     # rounding noise has no meaningful relative error of its own.
@@ -175,48 +194,62 @@ def test_hvp_backends_agree():
 
 
 @pytest.mark.parametrize("learn", LEARN_KINDS)
-def test_adapt_and_predict_match_reference(learn):
+def test_adapt_and_predict_match_reference(learn, device, seed):
+    """The fused backend on `device` against the reference on the CPU."""
     model = conv_net(ways=4, channels=5)
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    generator = torch.Generator().manual_seed(seed)
     sx, sy, qx, _ = classification_batch(4, 6, 5, (1, 8, 8), 4, generator=generator)
     outputs = {}
-    for backend in ("reference", "fused"):
+    for backend, where in (("reference", "cpu"), ("fused", device)):
+        model.to(where)
         opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, inner_steps=2, learn_inner_lr=learn,
                                      backend=backend)
         perturb_rates(opt, torch.Generator().manual_seed(7))
-        adapted = opt.adapt(sx, sy, steps=3)
-        outputs[backend] = (adapted, opt.predict(adapted, qx))
+        adapted = opt.adapt(sx.to(where), sy.to(where), steps=3)
+        predicted = opt.predict(adapted, qx.to(where))
+        outputs[backend] = ({n: a.cpu() for n, a in adapted.items()}, predicted.cpu())
     for name, value in outputs["reference"][0].items():
         assert relative_error(outputs["fused"][0][name], value) <= 1e-10
     assert relative_error(outputs["fused"][1], outputs["reference"][1]) <= 1e-10
 
 
-def test_softmax_cross_entropy_kernel_matches_torch():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    logits = torch.randn(37, 7, dtype=torch.float64, generator=generator) * 3
-    target = torch.randint(0, 7, (37,), generator=generator)
-    tangent = torch.randn(37, 7, dtype=torch.float64, generator=generator)
-    loss, correct, g, rg = torch.ops.maml_ext.softmax_cross_entropy(logits, target, tangent)
+@pytest.mark.parametrize("rows, classes, scale", [(37, 7, 3), (1000, 20, 4)])
+def test_softmax_cross_entropy_kernel_matches_torch(device, seed, rows, classes, scale):
+    """The kernel on `device` against PyTorch on the CPU (and, off the CPU, against the CPU
+    kernel); 1000 rows span several CUDA blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, classes, dtype=torch.float64, generator=generator) * scale
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    tangent = torch.randn(rows, classes, dtype=torch.float64, generator=generator)
+    on_device = torch.ops.maml_ext.softmax_cross_entropy(logits.to(device), target.to(device),
+                                                         tangent.to(device))
+    loss, correct, g, rg = (a.cpu() for a in on_device)
 
     def gradient(z):
-        return torch.softmax(z, dim=1) - F.one_hot(target, 7).to(z.dtype)
+        return torch.softmax(z, dim=1) - F.one_hot(target, classes).to(z.dtype)
 
     _, expected_rg = jvp(gradient, (logits,), (tangent,))
     assert relative_error(loss, F.cross_entropy(logits, target, reduction="none")) < 1e-14
     assert torch.equal(correct, (logits.argmax(1) == target).double())
     assert relative_error(g, gradient(logits)) < 1e-14
     assert relative_error(rg, expected_rg) < 1e-13
-    with pytest.raises(ValueError, match="argument 'target': expected 37 rows"):
-        torch.ops.maml_ext.softmax_cross_entropy(logits, target[:5], None)
+    if device != "cpu":
+        on_cpu = torch.ops.maml_ext.softmax_cross_entropy(logits, target, tangent)
+        for a, b in zip(on_cpu, (loss, correct, g, rg)):
+            assert relative_error(b, a) <= 1e-14
+    with pytest.raises(ValueError, match=f"argument 'target': expected {rows} rows"):
+        torch.ops.maml_ext.softmax_cross_entropy(logits.to(device), target[:5].to(device), None)
 
 
 @pytest.mark.parametrize("bad", [-1, 7])
-def test_softmax_cross_entropy_kernel_out_of_range_target_is_nan(bad):
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_softmax_cross_entropy_kernel_out_of_range_target_is_nan(bad, device, seed):
+    generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(6, 7, dtype=torch.float64, generator=generator)
     target = torch.randint(0, 7, (6,), generator=generator)
     target[2] = bad
-    loss, correct, g, rg = torch.ops.maml_ext.softmax_cross_entropy(logits, target, torch.ones_like(logits))
+    on_device = torch.ops.maml_ext.softmax_cross_entropy(logits.to(device), target.to(device),
+                                                         torch.ones_like(logits).to(device))
+    loss, correct, g, rg = (a.cpu() for a in on_device)
     assert torch.isnan(loss[2]) and torch.isnan(g[2]).all() and torch.isnan(rg[2]).all()
     assert correct[2] == 0
     others = torch.arange(6) != 2
@@ -306,48 +339,30 @@ def test_custom_loss_falls_back_to_reference_with_reason():
     assert opt.backend == "reference"
 
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
-
-
-@cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("learn", LEARN_KINDS)
-def test_fused_on_cuda_matches_reference(dtype, tolerance, learn):
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_fused_conv_net_matches_reference(device, dtype, learn, seed):
+    """The fused backend on `device` against the reference on the CPU: the paper's conv net,
+    scaled down, with each kind of inner rate."""
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    generator = torch.Generator().manual_seed(seed)
     model = conv_net(ways=5, channels=8, blocks=2, dtype=dtype)
     batch = classification_batch(4, 5, 6, (1, 8, 8), 5, dtype=dtype, generator=generator)
     kwargs = dict(inner_lr=0.1, inner_steps=3, learn_inner_lr=learn)
     _, expected = meta_gradients(model, batch, "reference", 11, **kwargs)
-    model.cuda()
-    result, actual = meta_gradients(model, [b.cuda() for b in batch], "fused", 11, **kwargs)
+    model.to(device)
+    result, actual = meta_gradients(model, [b.to(device) for b in batch], "fused", 11, **kwargs)
     assert result.backend == "fused"
     assert relative_error(actual.cpu(), expected) <= tolerance
 
 
-@cuda
-@pytest.mark.cuda
-def test_softmax_cross_entropy_cuda_kernel_matches_cpu():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    logits = torch.randn(1000, 20, dtype=torch.float64, generator=generator) * 4
-    target = torch.randint(0, 20, (1000,), generator=generator)
-    tangent = torch.randn(1000, 20, dtype=torch.float64, generator=generator)
-    on_cpu = torch.ops.maml_ext.softmax_cross_entropy(logits, target, tangent)
-    on_gpu = torch.ops.maml_ext.softmax_cross_entropy(logits.cuda(), target.cuda(), tangent.cuda())
-    for a, b in zip(on_cpu, on_gpu):
-        assert relative_error(b.cpu(), a) <= 1e-14
-
-
-@cuda
-@pytest.mark.cuda
-def test_out_of_range_class_on_cuda_is_named_and_changes_nothing():
+def test_out_of_range_class_is_named_and_changes_nothing(device):
     """On a GPU the class range is checked through the step's non-finite check (no extra host
-    synchronisation); the error must still name the argument and leave the model as it was."""
-    model = conv_net(ways=5, channels=8, blocks=2).cuda()
+    synchronisation); on every device the error must name the argument and leave the model as
+    it was."""
+    model = conv_net(ways=5, channels=8, blocks=2).to(device)
     opt = maml_ext.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
                                  backend="fused")
-    sx, sy, qx, qy = [b.cuda() for b in classification_batch(3, 5, 6, (1, 8, 8), 5)]
+    sx, sy, qx, qy = [b.to(device) for b in classification_batch(3, 5, 6, (1, 8, 8), 5)]
     qy[1, 2] = 5
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="query_y: class indices must lie in \\[0, 4\\]"):

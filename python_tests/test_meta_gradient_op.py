@@ -16,11 +16,6 @@ pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_load
                                 reason="maml_ext._C is not built")
 
 
-def fresh_generator():
-    seed = torch.seed() % 2**31
-    return torch.Generator().manual_seed(seed), seed
-
-
 def randomize(model, generator):
     """Random parameters away from the default initialisation (batch-norm weights included)."""
     with torch.no_grad():
@@ -46,6 +41,7 @@ def both_ops(model, batch, loss, *, steps=2, first_order=False, generator=None):
     params = [p for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     rates = 0.02 * (1 + torch.rand(steps, theta.numel(), dtype=theta.dtype, generator=generator))
+    rates = rates.to(theta.device)
     ints, floats, code = program.ints_list, program.floats_list, LOSS_CODES[loss]
     ours = torch.ops.maml_ext.meta_gradient(params, rates, *batch, ints, floats, code, first_order)
     theirs = torch.ops.maml_ext.meta_step(theta, rates, *batch, ints, floats, code, first_order,
@@ -55,9 +51,10 @@ def both_ops(model, batch, loss, *, steps=2, first_order=False, generator=None):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("make_case", [mlp_case, conv_case], ids=["mlp", "conv"])
-def test_equals_meta_step(make_case, first_order):
-    generator, seed = fresh_generator()
+def test_equals_meta_step(make_case, first_order, device, seed):
+    generator = torch.Generator().manual_seed(seed)
     model, batch, loss = make_case(generator)
+    model, batch = model.to(device), [b.to(device) for b in batch]
     (grads, query_loss, accuracy, support_loss, finite), theirs = both_ops(
         model, batch, loss, first_order=first_order, generator=generator)
     their_loss, their_accuracy, their_support, their_grad, _ = theirs
@@ -72,12 +69,13 @@ def test_equals_meta_step(make_case, first_order):
     else:
         assert accuracy.shape == (0,), seed
     assert finite.dtype == torch.bool and finite.dim() == 0 and bool(finite), seed
+    assert finite.device == their_grad.device, seed
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("make_case", [mlp_case, conv_case], ids=["mlp", "conv"])
-def test_non_finite_parameter_is_flagged(make_case, bad):
-    generator, seed = fresh_generator()
+def test_non_finite_parameter_is_flagged(make_case, bad, seed):
+    generator = torch.Generator().manual_seed(seed)
     model, batch, loss = make_case(generator)
     params = list(model.parameters())
     # The output bias reaches every output, so the step cannot be finite; elsewhere a ReLU may
@@ -95,10 +93,10 @@ def test_non_finite_parameter_is_flagged(make_case, bad):
             params[index].copy_(original)
 
 
-def test_non_finite_query_loss_alone_is_flagged():
+def test_non_finite_query_loss_alone_is_flagged(seed):
     """A query target of inf: the loss is inf; the flag must say so even where no gradient does
     (the MSE gradient at an infinite target is infinite too, so check the loss directly)."""
-    generator, _ = fresh_generator()
+    generator = torch.Generator().manual_seed(seed)
     model, (sx, sy, qx, qy), loss = mlp_case(generator)
     qy[0, 0, 0] = float("inf")
     (_, query_loss, *_, finite), _ = both_ops(model, (sx, sy, qx, qy), loss, generator=generator)
@@ -126,8 +124,8 @@ def test_finite_flag_is_exact_where_the_gradient_sum_overflows():
     assert bool(finite)
 
 
-def test_bad_parameter_lists_are_named():
-    generator, _ = fresh_generator()
+def test_bad_parameter_lists_are_named(seed):
+    generator = torch.Generator().manual_seed(seed)
     model, batch, loss = mlp_case(generator)
     program = compile_program(model)
     params = [p.detach() for p in model.parameters()]
@@ -154,10 +152,6 @@ def test_bad_parameter_lists_are_named():
                                          program.floats_list, LOSS_CODES[loss], False)
 
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
-
-
 def synchronisations(fn) -> int:
     """How many host synchronisations PyTorch's sync debug mode reports while ``fn`` runs."""
     with warnings.catch_warnings(record=True) as caught:
@@ -170,11 +164,12 @@ def synchronisations(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-@cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("make_case", [mlp_case, conv_case], ids=["mlp", "conv"])
-def test_on_cuda_equals_meta_step_without_host_synchronisation(make_case):
-    generator, seed = fresh_generator()
+def test_on_cuda_equals_meta_step_without_host_synchronisation(make_case, seed):
+    """The GPU's own concern: the op adds no host synchronisation to meta_step's (the equality
+    on every device is test_equals_meta_step's)."""
+    generator = torch.Generator().manual_seed(seed)
     model, batch, loss = make_case(generator)
     model = model.cuda()
     batch = [b.cuda() for b in batch]

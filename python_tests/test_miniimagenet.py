@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from maml_ext.tasks import MiniImageNet, TaskSampler
-from maml_ext.tasks._data_errors import DatasetError
+from maml_ext.tasks import DatasetError
 from maml_ext.tasks.miniimagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 
 CLASSES = {

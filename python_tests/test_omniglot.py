@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from maml_ext.tasks import Omniglot, omniglot_image
-from maml_ext.tasks._data_errors import DatasetError
+from maml_ext.tasks import DatasetError
 from maml_ext.tasks.omniglot import _split_counts
 
 SMALL1, SMALL2 = "images_background_small1", "images_background_small2"

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from maml_ext.experiments import reporting
 from maml_ext.experiments import sinusoid as experiment
 from maml_ext.tasks import Sinusoid, SinusoidBatch
 
@@ -114,14 +115,15 @@ def test_rejects_bad_arguments(kwargs):
 # --- evaluation helpers ----------------------------------------------------------------------
 
 
-def test_mean_confidence_interval_on_a_known_sample():
-    mean, half_width = experiment.mean_confidence_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+def test_mean_ci95_on_a_known_sample():
+    mean, half_width, std = reporting.mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == pytest.approx(3.0)
     # sample std = sqrt(2.5); 1.96 * sqrt(2.5) / sqrt(5) = 1.96 * sqrt(0.5)
+    assert std == pytest.approx(math.sqrt(2.5))
     assert half_width == pytest.approx(1.96 * math.sqrt(0.5))
-    assert experiment.mean_confidence_interval(torch.tensor([2.5])) == (2.5, 0.0)
+    assert reporting.mean_ci95(torch.tensor([2.5])) == (2.5, 0.0, 0.0)
     with pytest.raises(ValueError):
-        experiment.mean_confidence_interval([])
+        reporting.mean_ci95([])
 
 
 def test_sgd_adapt_takes_plain_per_task_sgd_steps():
@@ -143,12 +145,12 @@ def test_sgd_adapt_takes_plain_per_task_sgd_steps():
     assert predictions.shape == batch.query_y.shape
 
 
-def test_format_table_has_a_row_per_method_and_a_column_per_step():
+def test_mse_table_has_a_row_per_method_and_a_column_per_step():
     results = {
         method: {str(s): {"mse": 1.0 + s, "ci95": 0.25} for s in experiment.EVAL_STEPS}
         for method in ("MAML", "pretrained")
     }
-    lines = experiment.format_table(results).splitlines()
+    lines = reporting.mse_table(results, experiment.EVAL_STEPS).splitlines()
     assert lines[0].split()[:3] == ["method", "0", "steps"]
     assert lines[2].startswith("MAML") and "11.000 ± 0.250" in lines[2]
     assert lines[3].startswith("pretrained")

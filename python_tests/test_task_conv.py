@@ -5,95 +5,21 @@ op where a GPU is visible."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import jvp, vjp
 
 import maml_ext
-from maml_test_utils import relative_error
+from maml_test_utils import (COMMON, PASS, backward_args, conv_cases, forward_args, make_tensors,
+                             output_size, relative_error, standard_case)
 
 pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
                                 reason="maml_ext._C is not built")
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and maml_ext.extension_info()["cuda_kernels_compiled"]),
-                          reason="needs a CUDA GPU and maml_ext built with its CUDA kernels")
-
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 FORWARD_NAMES = ("y", "y_tangent")
 BACKWARD_NAMES = ("grad_x", "grad_x_tangent", "grad_weight", "grad_weight_tangent", "grad_bias",
                   "grad_bias_tangent")
-PASS = {"forward": 0, "backward_data": 1, "weight_grad": 2}
-
-
-@st.composite
-def conv_cases(draw, max_side=8):
-    """Shapes, layouts and which tangents are given, for one convolution."""
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
-    side = [draw(st.integers(max(1, k - 2 * p), max_side)) for k, p in zip(kernel, padding)]
-    bias = draw(st.booleans())
-    return dict(
-        tasks=draw(st.integers(1, 4)), batch=draw(st.integers(1, 3)),
-        in_channels=draw(st.integers(1, 6)), out_channels=draw(st.integers(1, 6)),
-        height=side[0], width=side[1], kernel=kernel, padding=padding,
-        stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))), bias=bias,
-        x_tangent=draw(st.booleans()), weight_tangent=draw(st.booleans()),
-        bias_tangent=bias and draw(st.booleans()), grad_y_tangent=draw(st.booleans()),
-        need_input_grad=draw(st.booleans()),
-        layer_layout=draw(st.booleans()), weights=draw(st.sampled_from(["own", "shared", "slice"])),
-        seed=draw(st.integers(0, 2**31 - 1)))
-
-
-def output_size(size, kernel, stride, padding):
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def make_tensors(case, dtype=torch.float64, device="cpu"):
-    """Random inputs of one case (fresh per seed), on `device`; absent tangents are None."""
-    g = torch.Generator().manual_seed(case["seed"])
-    T, N, C, O = case["tasks"], case["batch"], case["in_channels"], case["out_channels"]
-    H, W = case["height"], case["width"]
-    kh, kw = case["kernel"]
-    Ho = output_size(H, kh, case["stride"][0], case["padding"][0])
-    Wo = output_size(W, kw, case["stride"][1], case["padding"][1])
-
-    def randn(*shape):
-        return torch.randn(*shape, dtype=torch.float64, generator=g).to(dtype=dtype, device=device)
-
-    def activation(*shape):
-        a = randn(*shape)
-        if case["layer_layout"]:  # the layer's layout: memory order N, H, W, T, C
-            a = a.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
-        return a
-
-    def weights(*shape):
-        if case["weights"] == "shared":
-            return randn(1, *shape[1:]).expand(*shape)
-        if case["weights"] == "slice":  # a slice of a flat [T, P] vector, as the layer passes it
-            numel = torch.Size(shape[1:]).numel()
-            return randn(shape[0], numel + 3)[:, 2:2 + numel].view(shape)
-        return randn(*shape)
-
-    t = dict(x=activation(N, T, C, H, W), weight=weights(T, O, C, kh, kw),
-             bias=weights(T, O) if case["bias"] else None,
-             grad_y=activation(N, T, O, Ho, Wo))
-    t["x_tangent"] = activation(N, T, C, H, W) if case["x_tangent"] else None
-    t["weight_tangent"] = randn(T, O, C, kh, kw) if case["weight_tangent"] else None
-    t["bias_tangent"] = randn(T, O) if case["bias_tangent"] else None
-    t["grad_y_tangent"] = activation(N, T, O, Ho, Wo) if case["grad_y_tangent"] else None
-    return t
-
-
-def forward_args(case, t):
-    return (t["x"], t["x_tangent"], t["weight"], t["weight_tangent"], t["bias"], t["bias_tangent"],
-            case["stride"], case["padding"])
-
-
-def backward_args(case, t):
-    return (t["grad_y"], t["grad_y_tangent"], t["x"], t["x_tangent"], t["weight"],
-            t["weight_tangent"], case["stride"], case["padding"], case["need_input_grad"],
-            case["bias"])
 
 
 def per_task_conv(case):
@@ -182,22 +108,14 @@ def test_emulated_cuda_implementation_matches_cpu_op(case, dtype, multiprocessor
             assert_layer_layout(a, name)
 
 
-def standard_case(batch, tasks, channels, side, in_channels=None, seed=None):
-    """A 3x3, stride 1, pad 1 convolution of the standard configurations, all tangents given."""
-    return dict(tasks=tasks, batch=batch, in_channels=in_channels or channels,
-                out_channels=channels, height=side, width=side, kernel=(3, 3), padding=(1, 1),
-                stride=(1, 1), bias=True, x_tangent=True, weight_tangent=True, bias_tangent=True,
-                grad_y_tangent=True, need_input_grad=True, layer_layout=True, weights="slice",
-                seed=torch.seed() % 2**31 if seed is None else seed)
-
-
 @pytest.mark.parametrize("case", [
     standard_case(2, 2, 64, 28),                   # Omniglot, hidden layers
     standard_case(2, 3, 64, 28, in_channels=1),    # Omniglot, first layer
     standard_case(1, 1, 32, 84, in_channels=3),    # miniImageNet, first layer
     standard_case(1, 2, 32, 42),                   # miniImageNet, second layer
 ], ids=["omniglot", "omniglot-first", "miniimagenet-first", "miniimagenet-second"])
-def test_emulated_cuda_implementation_on_standard_shapes(case):
+def test_emulated_cuda_implementation_on_standard_shapes(case, seed):
+    case = dict(case, seed=seed)
     t = make_tensors(case)
     ops = torch.ops.maml_ext
     multiprocessors = 132  # an H100 / H200
@@ -315,7 +233,6 @@ def check_cuda_against_cpu(case, dtype):
             assert_layer_layout(actual[0], names[0])
 
 
-@cuda
 @pytest.mark.cuda
 @settings(max_examples=60, **COMMON)
 @given(case=conv_cases(max_side=20), dtype=st.sampled_from([torch.float64, torch.float32]))
@@ -323,14 +240,12 @@ def test_cuda_op_matches_cpu_op(case, dtype):
     check_cuda_against_cpu(case, dtype)
 
 
-@cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [
     standard_case(5, 32, 64, 28),                  # omniglot-5w1s support, hidden layers
     standard_case(5, 32, 64, 28, in_channels=1),   # its first layer
     standard_case(75, 4, 32, 84, in_channels=3),   # miniimagenet-5w1s query, first layer
     standard_case(75, 4, 32, 42),                  # its second layer
 ], ids=["omniglot", "omniglot-first", "miniimagenet-first", "miniimagenet-second"])
-def test_cuda_op_matches_cpu_op_on_standard_shapes(case, dtype):
-    check_cuda_against_cpu(case, dtype)
+def test_cuda_op_matches_cpu_op_on_standard_shapes(case, dtype, seed):
+    check_cuda_against_cpu(dict(case, seed=seed), dtype)

@@ -12,41 +12,44 @@ squared error against the true function on ``eval_query_points`` evenly spaced x
 after 0, 1, 5 and 10 steps. Reported: the mean over tasks and its 95% confidence interval,
 1.96 * std / sqrt(n) with the sample standard deviation (ddof = 1).
 """
-import contextlib
 import copy
 import json
-import math
 import os
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from maml_ext.checkpoint import save_atomic, write_text_atomic
+from maml_ext.experiments.reporting import (
+    DEFAULT_EVAL_SEED,
+    mean_ci95,
+    mse_table,
+    plot_sinusoid_adaptation,
+    progress_bar,
+    require_plotting,
+    require_progress_bars,
+)
+from maml_ext.experiments.runtime import intra_op_threads, weights_per_task
 from maml_ext.tasks.sinusoid import Sinusoid, SinusoidBatch
 
 __all__ = [
     "DEFAULT_ITERATIONS",
     "EVAL_STEPS",
     "make_sinusoid_model",
-    "mean_confidence_interval",
     "sgd_adapt",
     "predict_per_task",
     "evaluate_adaptation",
-    "format_table",
-    "plot_adaptation",
     "train_sinusoid",
 ]
 
-# Training (MAML and baseline) plus evaluation measured 114 s with the reference backend on the
-# 2-core development machine while it was busy (load 4.4), 13 s with the fused one, and MAML
-# already adapts far better than the baseline; the paper trains for 70000 iterations.
+# Enough for MAML to adapt far better than the baseline within minutes on a CPU (timings in
+# bench/NOTES.md); the paper trains for 70000 iterations.
 DEFAULT_ITERATIONS = 1000
 EVAL_STEPS = (0, 1, 5, 10)
-# Test tasks come from their own seed, so runs with different training seeds face the same tasks.
-DEFAULT_EVAL_SEED = 20170309
 
 Weights = Dict[str, torch.Tensor]
 # adapt(support_x, support_y, steps) -> per-task weights; predict(weights, x) -> per-task outputs.
@@ -59,29 +62,6 @@ def make_sinusoid_model(hidden: int = 40) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
     )
-
-
-def mean_confidence_interval(values) -> Tuple[float, float]:
-    """``(mean, half_width)`` of the 95% confidence interval of the mean: 1.96 * std / sqrt(n).
-
-    ``std`` is the sample standard deviation (ddof = 1); a single value has half-width 0.
-    """
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if values.numel() == 0:
-        raise ValueError("mean_confidence_interval needs at least one value")
-    mean = values.mean().item()
-    if values.numel() == 1:
-        return mean, 0.0
-    half_width = 1.96 * values.std(correction=1).item() / math.sqrt(values.numel())
-    return mean, half_width
-
-
-def _expand_per_task(model: nn.Module, tasks: int) -> Weights:
-    """The model's own weights, repeated for each task: the 0-step "adapted" weights."""
-    return {
-        name: param.detach().unsqueeze(0).expand(tasks, *param.shape).contiguous()
-        for name, param in model.named_parameters()
-    }
 
 
 def predict_per_task(model: nn.Module, weights: Weights, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +88,7 @@ def sgd_adapt(
         return F.mse_loss(functional_call(model, task_weights, (task_x,)), task_y)
 
     support_grad = vmap(grad(support_loss))
-    weights = _expand_per_task(model, support_x.shape[0])
+    weights = weights_per_task(model, support_x.shape[0])
     for _ in range(steps):
         grads = support_grad(weights, support_x, support_y)
         weights = {name: w - inner_lr * grads[name] for name, w in weights.items()}
@@ -148,103 +128,47 @@ def evaluate_adaptation(
 def _summarise(evaluation: Dict[int, dict]) -> Dict[str, dict]:
     summary = {}
     for step_count, result in evaluation.items():
-        mean, half_width = mean_confidence_interval(result["per_task_mse"])
+        mean, half_width, _ = mean_ci95(result["per_task_mse"])
         summary[str(step_count)] = {"mse": mean, "ci95": half_width}
     return summary
 
 
-def format_table(results: Dict[str, Dict[str, dict]], steps: Sequence[int] = EVAL_STEPS) -> str:
-    """A text table: one row per method, one "mse ± ci" column per number of steps."""
-    headers = ["method"] + [f"{s} step" + ("" if s == 1 else "s") for s in steps]
-    rows = []
-    for method, by_steps in results.items():
-        cells = [f"{by_steps[str(s)]['mse']:.3f} ± {by_steps[str(s)]['ci95']:.3f}" for s in steps]
-        rows.append([method] + cells)
-    widths = [max(len(row[i]) for row in [headers] + rows) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [headers] + rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+class _LossCurve:
+    """``[iteration, mean loss]`` rows, one per ``log_every`` iterations (and the last), shown on
+    the progress bar as ``label``. One device sync per window rather than per step: cheap on the
+    CPU, matters on a GPU."""
 
+    def __init__(self, iterations: int, log_every: int, bar, label: str):
+        self.iterations, self.log_every, self.bar, self.label = iterations, log_every, bar, label
+        self.rows: List[List[float]] = []
+        self._window: List[torch.Tensor] = []
 
-def plot_adaptation(
-    path: str,
-    tasks: SinusoidBatch,
-    maml: Dict[int, dict],
-    pretrained: Dict[int, dict],
-    inner_lr: float,
-) -> None:
-    """Saves a PNG with, for each kept test task, the true sine, its support points, MAML before
-    and after 1 and the most steps, and the pretrained baseline after the most steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    most_steps = max(maml)
-    num_plots = maml[0]["predictions"].shape[0]
-    columns = min(num_plots, 2)
-    rows = math.ceil(num_plots / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    grid_x = tasks.query_x[:num_plots, :, 0].cpu()
-    curves = [
-        (maml[0]["predictions"], "MAML, 0 steps", dict(color="tab:blue", linestyle=":")),
-        (maml[1]["predictions"] if 1 in maml else None, "MAML, 1 step",
-         dict(color="tab:blue", linestyle="--")),
-        (maml[most_steps]["predictions"], f"MAML, {most_steps} steps", dict(color="tab:blue")),
-        (pretrained[most_steps]["predictions"], f"pretrained, {most_steps} steps",
-         dict(color="tab:orange")),
-    ]
-    for task, axis in enumerate(axes.flat):
-        if task >= num_plots:
-            axis.set_visible(False)
-            continue
-        axis.plot(grid_x[task], tasks.query_y[task, :, 0].cpu(), color="black", label="true function")
-        for predictions, label, style in curves:
-            if predictions is not None:
-                axis.plot(grid_x[task], predictions[task, :, 0], label=label, **style)
-        axis.scatter(tasks.support_x[task, :, 0].cpu(), tasks.support_y[task, :, 0].cpu(),
-                     color="black", marker="^", zorder=3, label=f"{tasks.support_x.shape[1]} support points")
-        axis.set_title(
-            f"A = {tasks.amplitude[task].item():.2f}, phase = {tasks.phase[task].item():.2f}"
-        )
-        axis.set_xlabel("x")
-    axes.flat[0].legend(fontsize="small")
-    figure.suptitle(f"K-shot sinusoid regression, SGD fine-tuning with step size {inner_lr}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _progress_bar(iterations: int, description: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(range(iterations), desc=description, disable=not enabled, dynamic_ncols=True)
+    def add(self, iteration: int, loss: torch.Tensor) -> None:
+        self._window.append(loss.detach())
+        if len(self._window) == self.log_every or iteration == self.iterations - 1:
+            mean_loss = torch.stack(self._window).mean().item()
+            self.rows.append([iteration + 1, mean_loss])
+            self.bar.set_postfix({self.label: f"{mean_loss:.3f}"})
+            self._window = []
 
 
 def _train_maml(optimizer, task_source: Sinusoid, iterations: int, meta_batch: int, device,
                 log_every: int, progress: bool) -> List[List[float]]:
-    curve, window = [], []
-    bar = _progress_bar(iterations, "MAML", progress)
+    bar = progress_bar(progress, range(iterations), description="MAML")
+    curve = _LossCurve(iterations, log_every, bar, "query_mse")
     for iteration in bar:
         batch = task_source.sample(meta_batch, device=device)
         result = optimizer.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        window.append(result.query_loss.detach())
-        if len(window) == log_every or iteration == iterations - 1:
-            # One sync per window rather than per step: cheap on the CPU, matters on a GPU.
-            mean_loss = torch.stack(window).mean().item()
-            curve.append([iteration + 1, mean_loss])
-            bar.set_postfix(query_mse=f"{mean_loss:.3f}")
-            window = []
+        curve.add(iteration, result.query_loss)
     bar.close()
-    return curve
+    return curve.rows
 
 
 def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, meta_batch: int,
                       lr: float, device, log_every: int, progress: bool) -> List[List[float]]:
     adam = torch.optim.Adam(model.parameters(), lr=lr)
-    curve, window = [], []
-    bar = _progress_bar(iterations, "pretrained", progress)
+    bar = progress_bar(progress, range(iterations), description="pretrained")
+    curve = _LossCurve(iterations, log_every, bar, "mse")
     for iteration in bar:
         batch = task_source.sample(meta_batch, device=device)
         # Joint regression: every point of every task, no adaptation.
@@ -254,14 +178,9 @@ def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, 
         adam.zero_grad(set_to_none=True)
         loss.backward()
         adam.step()
-        window.append(loss.detach())
-        if len(window) == log_every or iteration == iterations - 1:
-            mean_loss = torch.stack(window).mean().item()
-            curve.append([iteration + 1, mean_loss])
-            bar.set_postfix(mse=f"{mean_loss:.3f}")
-            window = []
+        curve.add(iteration, loss)
     bar.close()
-    return curve
+    return curve.rows
 
 
 def train_sinusoid(
@@ -309,20 +228,13 @@ def train_sinusoid(
         eval_query_points=eval_query_points, eval_query="evenly spaced grid over x_range",
         eval_seed=eval_seed, device=str(device), cpu_threads=cpu_threads,
     )
-    with _intra_op_threads(cpu_threads if device.type == "cpu" else None):
+    # Fail now, not after training, when the experiments extra is missing.
+    if out_dir is not None and min(plot_tasks, eval_tasks) > 0:
+        require_plotting("the sinusoid plot (sinusoid_adaptation.png)")
+    if progress:
+        require_progress_bars()
+    with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         return _train_and_evaluate(config, device, out_dir, plot_tasks, progress, log_every, verbose)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(threads: Optional[int]):
-    """Sets torch's intra-op thread count for the block (None: unchanged), then restores it."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[str],
@@ -371,13 +283,13 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
     maml_eval = evaluate_adaptation(
         adapt=lambda sx, sy, steps: meta_optimizer.adapt(sx, sy, steps=steps),
         predict=meta_optimizer.predict,
-        base_weights=lambda tasks: _expand_per_task(maml_model, tasks),
+        base_weights=lambda tasks: weights_per_task(maml_model, tasks),
         tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
     )
     pretrained_eval = evaluate_adaptation(
         adapt=lambda sx, sy, steps: sgd_adapt(pretrained_model, sx, sy, steps, inner_lr),
         predict=lambda weights, x: predict_per_task(pretrained_model, weights, x),
-        base_weights=lambda tasks: _expand_per_task(pretrained_model, tasks),
+        base_weights=lambda tasks: weights_per_task(pretrained_model, tasks),
         tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
     )
     eval_seconds = time.perf_counter() - start
@@ -394,7 +306,7 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
                     "evaluation": eval_seconds},
         "files": {},
     }
-    table = format_table(results, eval_steps)
+    table = mse_table(results, eval_steps)
     if verbose:
         print(f"Query MSE on {eval_tasks} test tasks ({eval_query_points} grid points each) after "
               f"k SGD steps (step size {inner_lr}) on K={support} support points; mean ± 95% CI")
@@ -406,14 +318,13 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
         plot_path = os.path.join(out_dir, "sinusoid_adaptation.png")
         models_path = os.path.join(out_dir, "sinusoid_models.pt")
         if keep:
-            plot_adaptation(plot_path, test_tasks, maml_eval, pretrained_eval, inner_lr)
+            plot_sinusoid_adaptation(plot_path, test_tasks, maml_eval, pretrained_eval, inner_lr)
             report["files"]["plot"] = plot_path
-        torch.save({"config": config, "maml": maml_model.state_dict(),
-                    "pretrained": pretrained_model.state_dict()}, models_path)
+        save_atomic({"config": config, "maml": maml_model.state_dict(),
+                     "pretrained": pretrained_model.state_dict()}, models_path)
         report["files"]["models"] = models_path
         report["files"]["json"] = json_path
-        with open(json_path, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_text_atomic(json_path, json.dumps(report, indent=2))
         if verbose:
             print(f"wrote {json_path}" + (f", {plot_path}" if keep else "") + f", {models_path}")
     return report

@@ -1,6 +1,7 @@
 """Few-shot task distributions: the paper's sinusoid regression and image classification data.
 
-Names are imported lazily so that ``import maml_ext`` stays cheap (the image loaders pull in PIL).
+Names are imported lazily so that ``import maml_ext.tasks`` stays cheap. Decoding images needs PIL
+(the optional ``experiments`` extra), imported only when an image is decoded.
 """
 import importlib
 
@@ -8,10 +9,11 @@ _EXPORTS = {
     "Sinusoid": "sinusoid",
     "SinusoidBatch": "sinusoid",
     "Omniglot": "omniglot",
-    "omniglot_image": "omniglot",
+    "omniglot_image": "omniglot_archive",
     "MiniImageNet": "miniimagenet",
     "TaskSampler": "sampler",
     "TaskBatch": "sampler",
+    "DatasetError": "_data_errors",
 }
 
 __all__ = sorted(_EXPORTS)

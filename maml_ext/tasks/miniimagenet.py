@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+
+from maml_ext._optional import require
 
 from ._data_errors import (
     DatasetError,
@@ -81,8 +82,14 @@ def _read_split_csv(csv_path: Path) -> Tuple[List[str], List[str]]:
     return filenames, labels
 
 
+def _pil_image():
+    """PIL's Image module (``experiments`` extra), imported when an image is decoded."""
+    return require("PIL.Image", "decoding miniImageNet images")
+
+
 def _decode_jpeg(path: Path) -> np.ndarray:
     """uint8 ``[84, 84, 3]``."""
+    Image = _pil_image()  # outside the try: a missing extra is not a damaged file
     try:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
@@ -129,6 +136,7 @@ def _load_csv_split(
 
 def _decode_all(paths: Sequence[Path]) -> np.ndarray:
     # PIL releases the GIL while decoding and resizing, so threads give a real speed-up.
+    _pil_image()  # a missing extra fails once, here, rather than in every thread
     workers = min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return np.stack(list(pool.map(_decode_jpeg, paths, chunksize=64)))
