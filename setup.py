@@ -3,15 +3,16 @@
 Environment:
   MAML_EXT_CPU_ONLY=1     never compile CUDA sources
   FORCE_CUDA=1            fail unless the CUDA sources can be compiled (CI sets it; no GPU needed)
-  CUDA_HOME               the CUDA toolkit; found automatically when unset (build_tools/cuda_home.py)
+  CUDA_HOME               the CUDA toolkit; found when unset (build_tools/cuda_home.py)
   TORCH_CUDA_ARCH_LIST    architectures to compile for; default "9.0" where no GPU is visible
   MAX_JOBS                parallel compile jobs (ninja)
 """
+
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_tools.cuda_home import find_cuda_home  # noqa: E402
@@ -37,6 +38,15 @@ def _cuda_decision(torch):
     return True, "FORCE_CUDA=1" if forced else f"CUDA {torch.version.cuda} toolkit found"
 
 
+def _sources(*patterns, exclude=()):
+    """Files under csrc/ matching the (recursive) patterns, without those under csrc/<exclude>,
+    sorted: a new source folder needs no edit here (CMakeLists.txt globs alike)."""
+    paths = set()
+    for pattern in patterns:
+        paths.update(glob.glob(os.path.join("csrc", pattern), recursive=True))
+    return sorted(p for p in paths if p.split(os.sep)[1] not in exclude)
+
+
 def _extensions():
     cuda_home = find_cuda_home()
     if cuda_home is not None:
@@ -46,21 +56,20 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda, reason = _cuda_decision(torch)
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(
-        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-    )
+    sources = _sources("**/*.cpp", exclude=("cuda", "python"))
     sources.append(os.path.join("csrc", "python", "module.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += _sources("cuda/**/*.cpp", "cuda/**/*.cu")
         define_macros.append(("MAML_EXT_WITH_CUDA", "1"))
         arches = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPU's"
-        print(f"maml_ext: compiling CUDA kernels ({reason}) with {cuda_home}, "
-              f"architectures {arches}", file=sys.stderr)
+        print(
+            f"maml_ext: compiling CUDA kernels ({reason}) with {cuda_home}, architectures {arches}",
+            file=sys.stderr,
+        )
         extension = CUDAExtension(
             "maml_ext._C",
             sources,
@@ -77,26 +86,20 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
+
     class BuildExtensionInTree(BuildExtension):
         """Keeps objects under build/temp (pip's editable builds would use a fresh temporary
         folder each time), so ninja recompiles only the sources that changed."""
 
         def finalize_options(self):
             super().finalize_options()
-            self.build_temp = os.environ.get("MAML_EXT_BUILD_TEMP", os.path.join(ROOT, "build", "temp"))
+            default = os.path.join(ROOT, "build", "temp")
+            self.build_temp = os.environ.get("MAML_EXT_BUILD_TEMP", default)
 
     return [extension], {"build_ext": BuildExtensionInTree}
 
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="maml_ext",
-    version="0.1.0",
-    description="Fused, task-batched MAML meta-gradients for PyTorch (C++/CUDA extension)",
-    packages=find_packages(include=["maml_ext", "maml_ext.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib", "pillow"],
-)
+# Name, version, dependencies and packages are in pyproject.toml; only the extension is here.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -12,9 +12,9 @@
 #    the fastest other one, and peak memory.
 # Everything is logged to $OUT/gpu_check.log (or build/gpu_check/ where OUT is unset); the short
 # table comes last. Time limits per stage keep the whole run under 8 minutes: build 150 s, tests
-# 75 s, table 230 s for the five DESIGN.md configurations (torch.compile gets 30 s for each; a
-# compile that takes longer shows as failed in its cell and the speed-up is then against the
-# others).
+# 75 s, table 230 s for the five standard configurations of bench/configs.py (torch.compile gets
+# 30 s for each; a compile that takes longer shows as failed in its cell and the speed-up is then
+# against the others).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_check}"
@@ -50,7 +50,7 @@ check() {
     --continue-on-collection-errors --junitxml="$OUT/cuda_tests.xml" || status=1
 
   stage "benchmark table (CUDA)"
-  # Every configuration the issue sets a target for (DESIGN.md's table).
+  # The five standard configurations (bench/configs.py: the paper's appendix A.1 settings).
   timeout -k 10 230 "$PYTHON" bench/table.py --device cuda --repeats 5 --compile-timeout 30 \
     --configs sinusoid omniglot-5w1s omniglot-20w1s miniimagenet-5w1s miniimagenet-5w5s \
     --json "$OUT/table.json" | tee "$OUT/table.md" || status=1

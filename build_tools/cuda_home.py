@@ -1,12 +1,15 @@
 """Finds the CUDA toolkit folder. Run as a script it prints it (empty where there is none)."""
+
 import glob
 import os
 import shutil
 
 
 def _is_toolkit(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h")
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
     )
 
 
