@@ -4,6 +4,7 @@ The paper's appendix A.1 settings, with the PyTorch community's 15 query images 
 DESIGN.md says so. ``build_model`` and ``make_batch`` give the model and a random task batch for a
 configuration, both from fixed seeds, so every implementation sees the same weights and inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,36 +16,95 @@ from torch import nn
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
-    kind: str                      # "mlp" or "conv"
+    kind: str  # "mlp" or "conv"
     tasks: int
     inner_steps: int
     inner_lr: float
-    support: int                   # points / images per task in the support set
+    support: int  # points / images per task in the support set
     query: int
-    features: tuple[int, ...]      # per-sample input shape
-    outputs: int                   # regression outputs or classes (ways)
-    loss: str                      # "mse" or "cross_entropy"
-    channels: int = 0              # conv width (conv nets)
+    features: tuple[int, ...]  # per-sample input shape
+    outputs: int  # regression outputs or classes (ways)
+    loss: str  # "mse" or "cross_entropy"
+    channels: int = 0  # conv width (conv nets)
     blocks: int = 4
 
     @property
     def label(self) -> str:
-        return (f"{self.name} (T={self.tasks}, K={self.inner_steps}, α={self.inner_lr}, "
-                f"{self.support}/{self.query})")
+        return (
+            f"{self.name} (T={self.tasks}, K={self.inner_steps}, α={self.inner_lr}, "
+            f"{self.support}/{self.query})"
+        )
 
 
-CONFIGS: dict[str, Config] = {c.name: c for c in [
-    Config("sinusoid", "mlp", tasks=25, inner_steps=1, inner_lr=0.01, support=10, query=10,
-           features=(1,), outputs=1, loss="mse"),
-    Config("omniglot-5w1s", "conv", tasks=32, inner_steps=1, inner_lr=0.4, support=5, query=75,
-           features=(1, 28, 28), outputs=5, loss="cross_entropy", channels=64),
-    Config("omniglot-20w1s", "conv", tasks=16, inner_steps=5, inner_lr=0.1, support=20, query=100,
-           features=(1, 28, 28), outputs=20, loss="cross_entropy", channels=64),
-    Config("miniimagenet-5w1s", "conv", tasks=4, inner_steps=5, inner_lr=0.01, support=5, query=75,
-           features=(3, 84, 84), outputs=5, loss="cross_entropy", channels=32),
-    Config("miniimagenet-5w5s", "conv", tasks=2, inner_steps=5, inner_lr=0.01, support=25, query=75,
-           features=(3, 84, 84), outputs=5, loss="cross_entropy", channels=32),
-]}
+CONFIGS: dict[str, Config] = {
+    c.name: c
+    for c in [
+        Config(
+            "sinusoid",
+            "mlp",
+            tasks=25,
+            inner_steps=1,
+            inner_lr=0.01,
+            support=10,
+            query=10,
+            features=(1,),
+            outputs=1,
+            loss="mse",
+        ),
+        Config(
+            "omniglot-5w1s",
+            "conv",
+            tasks=32,
+            inner_steps=1,
+            inner_lr=0.4,
+            support=5,
+            query=75,
+            features=(1, 28, 28),
+            outputs=5,
+            loss="cross_entropy",
+            channels=64,
+        ),
+        Config(
+            "omniglot-20w1s",
+            "conv",
+            tasks=16,
+            inner_steps=5,
+            inner_lr=0.1,
+            support=20,
+            query=100,
+            features=(1, 28, 28),
+            outputs=20,
+            loss="cross_entropy",
+            channels=64,
+        ),
+        Config(
+            "miniimagenet-5w1s",
+            "conv",
+            tasks=4,
+            inner_steps=5,
+            inner_lr=0.01,
+            support=5,
+            query=75,
+            features=(3, 84, 84),
+            outputs=5,
+            loss="cross_entropy",
+            channels=32,
+        ),
+        Config(
+            "miniimagenet-5w5s",
+            "conv",
+            tasks=2,
+            inner_steps=5,
+            inner_lr=0.01,
+            support=25,
+            query=75,
+            features=(3, 84, 84),
+            outputs=5,
+            loss="cross_entropy",
+            channels=32,
+        ),
+    ]
+}
 
 MODEL_SEED = 0
 DATA_SEED = 1
@@ -54,16 +114,25 @@ def build_model(config: Config, *, dtype=torch.float32, device="cpu") -> nn.Modu
     """The configuration's network with weights from a fixed seed."""
     torch.manual_seed(MODEL_SEED)
     if config.kind == "mlp":
-        model = nn.Sequential(nn.Linear(config.features[0], 40), nn.ReLU(), nn.Linear(40, 40),
-                              nn.ReLU(), nn.Linear(40, config.outputs))
+        model = nn.Sequential(
+            nn.Linear(config.features[0], 40),
+            nn.ReLU(),
+            nn.Linear(40, 40),
+            nn.ReLU(),
+            nn.Linear(40, config.outputs),
+        )
     else:
         in_channels, size, _ = config.features
         layers: list[nn.Module] = []
         for block in range(config.blocks):
-            layers += [nn.Conv2d(in_channels if block == 0 else config.channels, config.channels,
-                                 3, padding=1),
-                       nn.BatchNorm2d(config.channels, track_running_stats=False),
-                       nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(
+                    in_channels if block == 0 else config.channels, config.channels, 3, padding=1
+                ),
+                nn.BatchNorm2d(config.channels, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             size //= 2
         layers += [nn.Flatten(), nn.Linear(config.channels * size * size, config.outputs)]
         model = nn.Sequential(*layers)

@@ -20,6 +20,7 @@ parameters' gradients concatenated in ``model.named_parameters()`` order).
 
 Usage: ``impl = make("fused", model, config, batch); grad = impl()``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -69,10 +70,16 @@ class _MetaOptimizerImpl(Implementation):
 
     def __init__(self, model, config, batch, *, first_order=False):
         super().__init__(model, config, batch, first_order=first_order)
-        self.opt = maml_ext.MetaOptimizer(model, None, inner_lr=config.inner_lr,
-                                          inner_steps=config.inner_steps, first_order=first_order,
-                                          loss=config.loss, backend=self.backend,
-                                          cuda_graph=self.cuda_graph)
+        self.opt = maml_ext.MetaOptimizer(
+            model,
+            None,
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            first_order=first_order,
+            loss=config.loss,
+            backend=self.backend,
+            cuda_graph=self.cuda_graph,
+        )
         assert self.opt.backend == self.backend, self.opt.backend
         # Walking the module tree twice costs ~15-30 µs a call (the harness's cost, not the
         # library's, in a sinusoid meta-step): list the parameters once.
@@ -105,13 +112,20 @@ class FusedGraph(_MetaOptimizerImpl):
 
 class FusedRaw(Implementation):
     """torch.ops.maml_ext.meta_step alone; θ, rates and the program are prepared once."""
+
     name = "fused_raw"
 
     def __init__(self, model, config, batch, *, first_order=False):
         super().__init__(model, config, batch, first_order=first_order)
-        opt = maml_ext.MetaOptimizer(model, None, inner_lr=config.inner_lr,
-                                     inner_steps=config.inner_steps, first_order=first_order,
-                                     loss=config.loss, backend="fused")
+        opt = maml_ext.MetaOptimizer(
+            model,
+            None,
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            first_order=first_order,
+            loss=config.loss,
+            backend="fused",
+        )
         program = compile_program(model)
         params = {n: p.detach() for n, p in model.named_parameters()}
         self.theta = program.flatten(params).contiguous()
@@ -123,8 +137,16 @@ class FusedRaw(Implementation):
         assert [s.name for s in program.slots] == [n for n, _ in model.named_parameters()]
 
     def __call__(self):
-        out = torch.ops.maml_ext.meta_step(self.theta, self.rates, *self.batch, self.ints,
-                                           self.floats, self.loss_code, self.first_order, False)
+        out = torch.ops.maml_ext.meta_step(
+            self.theta,
+            self.rates,
+            *self.batch,
+            self.ints,
+            self.floats,
+            self.loss_code,
+            self.first_order,
+            False,
+        )
         return out[3]  # the mean-over-tasks meta-gradient [P]
 
 
@@ -175,6 +197,7 @@ class VmapCompiled(Vmap):
     """``torch.compile`` of the whole meta-gradient function; if that fails, of the per-task
     query-loss function only (vmap and both grads applied to the compiled function eagerly).
     Compiles on the first call (``warm_up``); ``compile_mode``/``note`` say what worked."""
+
     name = "vmap_compiled"
     mode = None  # torch.compile mode; None = default
 
@@ -189,6 +212,7 @@ class VmapCompiled(Vmap):
         if self.compiled is not None:
             return
         import torch._dynamo
+
         kwargs = {} if self.mode is None else {"mode": self.mode}
         start = time.perf_counter()
         whole = torch.compile(self.fn, fullgraph=True, **kwargs)
@@ -198,7 +222,6 @@ class VmapCompiled(Vmap):
         except Exception as error:  # noqa: BLE001 - recorded in the table
             self.failures.append(f"whole meta-grad: {_short(error)}")
             torch._dynamo.reset()
-            loss_fn, alpha, steps = _loss_fn(self.config), self.config.inner_lr, self.config.inner_steps
             task_fn = torch.compile(self.task_fn, **kwargs)
 
             def meta_loss(params, sx, sy, qx, qy):
@@ -213,8 +236,9 @@ class VmapCompiled(Vmap):
                 torch._dynamo.reset()
                 raise RuntimeError("compile failed: " + " | ".join(self.failures)) from error2
         self.compile_seconds = time.perf_counter() - start
-        self.note = (f"compiled {self.compile_mode} in {self.compile_seconds:.0f} s"
-                     + (f"; {'; '.join(self.failures)}" if self.failures else ""))
+        self.note = f"compiled {self.compile_mode} in {self.compile_seconds:.0f} s" + (
+            f"; {'; '.join(self.failures)}" if self.failures else ""
+        )
 
     def __call__(self):
         self.warm_up()
@@ -231,7 +255,9 @@ def _short(error: BaseException, limit: int = 160) -> str:
 _CLASSES = {c.name: c for c in (Reference, Fused, FusedGraph, FusedRaw, Vmap, VmapCompiled)}
 
 
-def make(name: str, model: nn.Module, config, batch, *, first_order: bool = False) -> Implementation:
+def make(
+    name: str, model: nn.Module, config, batch, *, first_order: bool = False
+) -> Implementation:
     if name not in _CLASSES:
         raise KeyError(f"unknown implementation {name!r}; choose from {NAMES}")
     return _CLASSES[name](model, config, batch, first_order=first_order)
@@ -249,5 +275,12 @@ def max_elementwise_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-__all__ = ["NAMES", "COMPETITORS", "Unavailable", "make", "relative_error", "max_elementwise_error",
-           "flat_grads"]
+__all__ = [
+    "NAMES",
+    "COMPETITORS",
+    "Unavailable",
+    "make",
+    "relative_error",
+    "max_elementwise_error",
+    "flat_grads",
+]

@@ -6,6 +6,7 @@
 One warm-up call, then one profiled call; prints the ops sorted by self time (CPU, or CUDA time
 on a GPU) and with input shapes grouped, so grouped convolutions and the like show their sizes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,20 @@ def main(argv=None) -> None:
         sync()
     wall = time.perf_counter() - start
     key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    print(f"# {args.impl} on {config.label}, {args.device}, threads={torch.get_num_threads()}, "
-          f"profiled call {wall * 1e3:.0f} ms (profiler overhead included)")
+    print(
+        f"# {args.impl} on {config.label}, {args.device}, threads={torch.get_num_threads()}, "
+        f"profiled call {wall * 1e3:.0f} ms (profiler overhead included)"
+    )
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=48))
     if args.shapes:
-        print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by=key, row_limit=args.rows, max_name_column_width=40, max_shapes_column_width=90))
+        print(
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by=key,
+                row_limit=args.rows,
+                max_name_column_width=40,
+                max_shapes_column_width=90,
+            )
+        )
 
 
 if __name__ == "__main__":

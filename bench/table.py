@@ -25,6 +25,7 @@ How it measures (DESIGN.md "How to measure"):
   (VmHWM of /proc/self/status, reset to the current RSS after the model and data were built)
   over one warm-up and one step, minus the RSS before them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,7 @@ def machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
     try:
         import maml_ext
+
         info["maml_ext"] = maml_ext.extension_info()
     except Exception as error:  # noqa: BLE001
         info["maml_ext"] = f"import failed: {error}"
@@ -97,8 +99,10 @@ def _warm_up(impl, device: str, compile_timeout: float | None):
     """The first call (compiles vmap_compiled, under an alarm of ``compile_timeout`` seconds)."""
     use_alarm = impl.name == "vmap_compiled" and compile_timeout and hasattr(signal, "SIGALRM")
     if use_alarm:
+
         def on_alarm(signum, frame):
             raise CompileTimeout(f"torch.compile exceeded the {compile_timeout:.0f} s budget")
+
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, compile_timeout)
     try:
@@ -136,6 +140,7 @@ def run_config(name: str, args) -> dict:
             grad, seconds = _warm_up(impl, args.device, args.compile_timeout)
         except CompileTimeout as error:
             import torch._dynamo
+
             torch._dynamo.reset()
             entry["failed"] = f"compile failed: {error}"
             continue
@@ -158,7 +163,7 @@ def run_config(name: str, args) -> dict:
     if args.oracle64:
         oracle, seconds = _oracle64(config, args.device)
         row["oracle64_s"] = seconds
-    for impl_name, entry in row["impls"].items():
+    for entry in row["impls"].values():
         grad = entry.pop("grad", None)
         if grad is None:
             continue
@@ -192,8 +197,11 @@ def run_config(name: str, args) -> dict:
         entry = row["impls"][impl_name]
         entry["times_ms"] = [s * 1e3 for s in samples]
         entry["median_ms"] = statistics.median(samples) * 1e3
-    others = {n: row["impls"][n]["median_ms"] for n in impls.COMPETITORS
-              if "median_ms" in row["impls"].get(n, {})}
+    others = {
+        n: row["impls"][n]["median_ms"]
+        for n in impls.COMPETITORS
+        if "median_ms" in row["impls"].get(n, {})
+    }
     if others:
         fastest = min(others, key=others.get)
         row["fastest_other"] = fastest
@@ -205,6 +213,7 @@ def run_config(name: str, args) -> dict:
 
 
 # ---- peak memory -----------------------------------------------------------------------------
+
 
 def _memory_child(impl_name: str, config_name: str, device: str) -> None:
     """Child process: one warm-up and one meta-step; prints the peak memory increase as JSON."""
@@ -219,9 +228,11 @@ def _memory_child(impl_name: str, config_name: str, device: str) -> None:
         before = torch.cuda.memory_allocated()
         impl()
         torch.cuda.synchronize()
-        result = {"peak_bytes": torch.cuda.max_memory_allocated() - before,
-                  "method": "torch.cuda.max_memory_allocated() during the step minus "
-                            "memory_allocated() before it, after one warm-up step"}
+        result = {
+            "peak_bytes": torch.cuda.max_memory_allocated() - before,
+            "method": "torch.cuda.max_memory_allocated() during the step minus "
+            "memory_allocated() before it, after one warm-up step",
+        }
     else:
         # Peak RSS of this process's address space. ru_maxrss would be simplest, but Linux carries
         # it over from the parent across fork+exec (a child of a 7 GB parent reports >= 7 GB), so
@@ -234,11 +245,17 @@ def _memory_child(impl_name: str, config_name: str, device: str) -> None:
         impl()
         impl()
         peak = _proc_status_kib("VmHWM")
-        result = {"peak_bytes": (peak - base) * 1024, "baseline_rss_bytes": base_rss * 1024,
-                  "method": "fresh child process per implementation: peak RSS (VmHWM) over one "
-                            "warm-up + one step minus RSS after building the model and data"
-                            + ("" if reset else " (high-water mark could not be reset: minus "
-                               "the peak RSS up to then)")}
+        result = {
+            "peak_bytes": (peak - base) * 1024,
+            "baseline_rss_bytes": base_rss * 1024,
+            "method": "fresh child process per implementation: peak RSS (VmHWM) over one "
+            "warm-up + one step minus RSS after building the model and data"
+            + (
+                ""
+                if reset
+                else " (high-water mark could not be reset: minus the peak RSS up to then)"
+            ),
+        }
     print("MEMORY_JSON " + json.dumps(result))
 
 
@@ -262,20 +279,27 @@ def _reset_peak_rss() -> bool:
 def measure_memory(device: str) -> dict:
     results = {}
     for impl_name in MEMORY_IMPLS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", impl_name,
-                   "--device", device]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_memory-child",
+            impl_name,
+            "--device",
+            device,
+        ]
         proc = subprocess.run(command, capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("MEMORY_JSON ")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
             results[impl_name] = {"failed": f"child exited {proc.returncode}: {tail[:200]}"}
         else:
-            results[impl_name] = json.loads(lines[-1][len("MEMORY_JSON "):])
+            results[impl_name] = json.loads(lines[-1][len("MEMORY_JSON ") :])
         print(f"  memory: {impl_name} {results[impl_name]}", file=sys.stderr, flush=True)
     return results
 
 
 # ---- output -----------------------------------------------------------------------------------
+
 
 def _cell(entry: dict, oracle64: bool) -> str:
     if "failed" in entry:
@@ -297,17 +321,20 @@ def _cell(entry: dict, oracle64: bool) -> str:
 def render(rows: list[dict], memory: dict | None, info: dict, args, command: str) -> str:
     out = []
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
-    out.append(f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch threads "
-               f"{info['torch_threads']}, torch {info['torch']}, Python {info['python']}"
-               + (f", GPU {info['gpu']}" if "gpu" in info else "")
-               + f"; device {args.device}; load average at start {load}")
+    out.append(
+        f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch threads "
+        f"{info['torch_threads']}, torch {info['torch']}, Python {info['python']}"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        + f"; device {args.device}; load average at start {load}"
+    )
     out.append(f"Command: `{command}`  ({info['date']})")
     out.append("")
     names = args.impls
     err_label = "max err vs ref f32" + (" / vs ref f64" if args.oracle64 else "")
     header = ["config"] + [f"{n} ms ({err_label})" if i == 0 else n for i, n in enumerate(names)]
-    speedups = [("speedup", "fused")] + ([("speedup_graph", "fused_graph")]
-                                         if "fused_graph" in names else [])
+    speedups = [("speedup", "fused")] + (
+        [("speedup_graph", "fused_graph")] if "fused_graph" in names else []
+    )
     header += [f"fastest other / {n}" for _, n in speedups]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
@@ -317,15 +344,18 @@ def render(rows: list[dict], memory: dict | None, info: dict, args, command: str
             cells.append(f"{row[key]:.2f}× (vs {row['fastest_other']})" if key in row else "—")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    out.append(f"Cells: median ms per meta-step over {args.repeats} interleaved warm rounds (each "
-               f"as many calls as fill {MIN_ROUND_S * 1e3:.0f} ms) "
-               "(second order, float32); in brackets max_i |g_i − r_i| / max_i |r_i| of the "
-               "meta-gradient against the reference backend in float32"
-               + (" and in float64" if args.oracle64 else "") + ". fused = MetaOptimizer."
-               "meta_gradient (validation + autograd glue + op); fused_graph = the same with "
-               "cuda_graph=True (captured on the first call, replayed); fused_raw = the bare "
-               "torch.ops.maml_ext.meta_step. Speed-up: fastest of reference, vmap, vmap_compiled "
-               "divided by fused (and by fused_graph).")
+    out.append(
+        f"Cells: median ms per meta-step over {args.repeats} interleaved warm rounds (each "
+        f"as many calls as fill {MIN_ROUND_S * 1e3:.0f} ms) "
+        "(second order, float32); in brackets max_i |g_i − r_i| / max_i |r_i| of the "
+        "meta-gradient against the reference backend in float32"
+        + (" and in float64" if args.oracle64 else "")
+        + ". fused = MetaOptimizer."
+        "meta_gradient (validation + autograd glue + op); fused_graph = the same with "
+        "cuda_graph=True (captured on the first call, replayed); fused_raw = the bare "
+        "torch.ops.maml_ext.meta_step. Speed-up: fastest of reference, vmap, vmap_compiled "
+        "divided by fused (and by fused_graph)."
+    )
     for row in rows:
         for n in names:
             entry = row["impls"].get(n, {})
@@ -335,31 +365,55 @@ def render(rows: list[dict], memory: dict | None, info: dict, args, command: str
         method = next((m["method"] for m in memory.values() if "method" in m), "")
         parts = []
         for n, m in memory.items():
-            parts.append(f"{n} {m['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in m
-                         else f"{n}: {m['failed']}")
+            parts.append(
+                f"{n} {m['peak_bytes'] / 2**20:.0f} MiB"
+                if "peak_bytes" in m
+                else f"{n}: {m['failed']}"
+            )
         ratio = ""
-        if all("peak_bytes" in memory.get(n, {}) for n in ("fused", "reference")) \
-                and memory["fused"]["peak_bytes"] > 0:
-            ratio = (f" (reference / fused = "
-                     f"{memory['reference']['peak_bytes'] / memory['fused']['peak_bytes']:.2f})")
-        out.append(f"- Peak memory of one {MEMORY_CONFIG} second-order meta-step: "
-                   + ", ".join(parts) + ratio + f". Method: {method}.")
+        if (
+            all("peak_bytes" in memory.get(n, {}) for n in ("fused", "reference"))
+            and memory["fused"]["peak_bytes"] > 0
+        ):
+            ratio = (
+                f" (reference / fused = "
+                f"{memory['reference']['peak_bytes'] / memory['fused']['peak_bytes']:.2f})"
+            )
+        out.append(
+            f"- Peak memory of one {MEMORY_CONFIG} second-order meta-step: "
+            + ", ".join(parts)
+            + ratio
+            + f". Method: {method}."
+        )
     return "\n".join(out)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                        choices=sorted(configs.CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted(configs.CONFIGS)
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write all measurements here")
-    parser.add_argument("--impls", nargs="+", choices=impls.NAMES,
-                        help=f"default: {' '.join(DEFAULT_IMPLS)}, plus {' '.join(CUDA_IMPLS)} on cuda")
-    parser.add_argument("--compile-timeout", type=float, default=420.0,
-                        help="seconds allowed for vmap_compiled's first call (its compile)")
-    parser.add_argument("--no-oracle64", dest="oracle64", action="store_false",
-                        help="skip the float64 reference run per config")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=impls.NAMES,
+        help=f"default: {' '.join(DEFAULT_IMPLS)}, plus {' '.join(CUDA_IMPLS)} on cuda",
+    )
+    parser.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=420.0,
+        help="seconds allowed for vmap_compiled's first call (its compile)",
+    )
+    parser.add_argument(
+        "--no-oracle64",
+        dest="oracle64",
+        action="store_false",
+        help="skip the float64 reference run per config",
+    )
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -387,12 +441,25 @@ def main(argv=None) -> None:
     info["total_s"] = time.perf_counter() - start
     table = render(rows, memory, info, args, command)
     print(table)
-    print(f"- Total run time {info['total_s']:.0f} s; load average at end "
-          + ", ".join(f"{x:.2f}" for x in info["load_average_end"]))
+    print(
+        f"- Total run time {info['total_s']:.0f} s; load average at end "
+        + ", ".join(f"{x:.2f}" for x in info["load_average_end"])
+    )
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "command": command, "rows": rows,
-                                         "memory": memory, "repeats": args.repeats,
-                                         "device": args.device}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "command": command,
+                    "rows": rows,
+                    "memory": memory,
+                    "repeats": args.repeats,
+                    "device": args.device,
+                },
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

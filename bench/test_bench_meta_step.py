@@ -1,6 +1,7 @@
 """pytest-benchmark: one MAML meta-step (second order, float32, CPU), implementation × config.
 
-    .venv/bin/python -m pytest bench/test_bench_meta_step.py --benchmark-columns=median,min,max,rounds
+    .venv/bin/python -m pytest bench/test_bench_meta_step.py \
+        --benchmark-columns=median,min,max,rounds
     MAML_BENCH_SLOW=1 ...   # also the combinations skipped below as too slow for this CPU
 
 Each benchmark first checks its meta-gradient against the reference backend on the same inputs
@@ -18,6 +19,7 @@ few rounds in pedantic mode. Accuracy (float32):
   without vmap agrees with the reference to 1e-16), so it is not rounding. bench/NOTES.md has the
   measured errors. Timings are still comparable: the same ops run.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,7 +92,8 @@ def check_gradient(impl_name: str, grad: torch.Tensor, orc: _Oracle, info: dict)
     info["rel_err_vs_ref64"], info["reference_rel_err_vs_ref64"] = err64, ref_err64
     assert err64 <= max(FUSED_TOL, 2 * ref_err64), (
         f"{impl_name}: relative error {err32:.2e} vs float32 reference, {err64:.2e} vs float64 "
-        f"reference, whose float32 run is off by {ref_err64:.2e}")
+        f"reference, whose float32 run is off by {ref_err64:.2e}"
+    )
 
 
 def _params():

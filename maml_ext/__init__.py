@@ -6,6 +6,7 @@
 The paper's experiments and the loader of their checkpoints are in :mod:`maml_ext.experiments`
 (``from maml_ext.experiments import load_checkpoint``).
 """
+
 from ._extension import extension_info
 from .functional import hvp
 from .optimizer import MetaOptimizer, MetaStepResult

@@ -1,4 +1,5 @@
 """``python -m maml_ext``: see :mod:`maml_ext.cli`."""
+
 import sys
 
 from maml_ext.cli import main

@@ -1,4 +1,5 @@
 """Loads the compiled ops (maml_ext._C) and records whether they are there, and why not."""
+
 from __future__ import annotations
 
 import torch

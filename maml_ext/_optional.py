@@ -3,6 +3,7 @@
 The core (MetaOptimizer, its backends, the sinusoid tasks) needs only torch and numpy. What needs
 more imports it through :func:`require`, which names the extra to install when it is missing.
 """
+
 import importlib
 from types import ModuleType
 
@@ -29,5 +30,5 @@ def require(module: str, purpose: str) -> ModuleType:
     except ImportError as error:
         raise MissingExtraError(
             f"{purpose} needs {_PACKAGES[top_level]}, part of maml_ext's optional {EXTRA!r} extra; "
-            f"install it with: {INSTALL_COMMAND}  (from a checkout: pip install \".[{EXTRA}]\")"
+            f'install it with: {INSTALL_COMMAND}  (from a checkout: pip install ".[{EXTRA}]")'
         ) from error

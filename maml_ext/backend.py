@@ -36,10 +36,12 @@ backend, as ``first_order`` is an argument of every call; a distributed all-redu
 backend and reduces ``MetaGradient.grads`` before returning them (the fused backend's parameter
 gradients are views of one flat buffer in θ's layout).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,12 +61,12 @@ class MetaGradient(NamedTuple):
     """One meta-step's gradients and means (0-dim tensors, not synchronised with the host)."""
 
     tensors: Sequence[torch.Tensor]  # what was differentiated: the parameters, then learned rates
-    grads: Sequence[torch.Tensor]    # their meta-gradients, one per tensor, same shapes
-    names: Sequence[str]             # one per tensor, for messages ("inner_lr" for the rates)
-    query_loss: torch.Tensor         # mean query loss over tasks after adaptation, detached
+    grads: Sequence[torch.Tensor]  # their meta-gradients, one per tensor, same shapes
+    names: Sequence[str]  # one per tensor, for messages ("inner_lr" for the rates)
+    query_loss: torch.Tensor  # mean query loss over tasks after adaptation, detached
     query_accuracy: torch.Tensor | None  # mean query accuracy (classification), else None
-    support_loss: torch.Tensor       # mean support loss before adaptation
-    finite: torch.Tensor             # 0-dim bool: the query loss and every gradient are finite
+    support_loss: torch.Tensor  # mean support loss before adaptation
+    finite: torch.Tensor  # 0-dim bool: the query loss and every gradient are finite
 
 
 class Backend:
@@ -74,12 +76,23 @@ class Backend:
     reason: str | None = None
     defers_class_range: bool = False
 
-    def meta_gradient(self, params: Params, inner_lr: InnerLearningRates, support_x, support_y,
-                      query_x, query_y, *, steps: int, first_order: bool) -> MetaGradient:
+    def meta_gradient(
+        self,
+        params: Params,
+        inner_lr: InnerLearningRates,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps: int,
+        first_order: bool,
+    ) -> MetaGradient:
         raise NotImplementedError
 
-    def adapt(self, params: Params, inner_lr: InnerLearningRates, support_x, support_y, *,
-              steps: int) -> Params:
+    def adapt(
+        self, params: Params, inner_lr: InnerLearningRates, support_x, support_y, *, steps: int
+    ) -> Params:
         raise NotImplementedError
 
     def predict(self, adapted: Params, x: torch.Tensor) -> torch.Tensor:
@@ -97,25 +110,39 @@ class ReferenceBackend(Backend):
     def __init__(self, model: nn.Module, loss: TaskLoss, reason: str | None = None):
         self.model, self.loss, self.reason = model, loss, reason
 
-    def meta_gradient(self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
-                      first_order):
+    def meta_gradient(
+        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+    ):
         with torch.enable_grad():  # the inner steps and the meta-gradient are autograd's
-            result = reference.meta_loss(self.model, params, inner_lr, support_x, support_y,
-                                         query_x, query_y, steps=steps, first_order=first_order,
-                                         loss=self.loss)
+            result = reference.meta_loss(
+                self.model,
+                params,
+                inner_lr,
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                steps=steps,
+                first_order=first_order,
+                loss=self.loss,
+            )
             tensors = list(params.values()) + list(inner_lr.parameters())
             grads = torch.autograd.grad(result.loss, tensors, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
         loss = result.loss.detach()
-        finite = torch.stack([torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]).all()
+        finite = torch.stack(
+            [torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]
+        ).all()
         names = list(params) + ["inner_lr"] * (len(tensors) - len(params))
         accuracy = None if result.query_accuracy is None else result.query_accuracy.mean()
-        return MetaGradient(tensors, grads, names, loss, accuracy, result.support_loss.mean(),
-                            finite)
+        return MetaGradient(
+            tensors, grads, names, loss, accuracy, result.support_loss.mean(), finite
+        )
 
     def adapt(self, params, inner_lr, support_x, support_y, *, steps):
-        return reference.adapt(self.model, params, inner_lr, support_x, support_y, steps=steps,
-                               loss=self.loss)
+        return reference.adapt(
+            self.model, params, inner_lr, support_x, support_y, steps=steps, loss=self.loss
+        )
 
     def predict(self, adapted, x):
         return reference.predict(self.model, adapted, x)
@@ -129,8 +156,9 @@ class FusedBackend(Backend):
 
     name = "fused"
 
-    def __init__(self, program: LayerProgram, loss: TaskLoss, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self, program: LayerProgram, loss: TaskLoss, device: torch.device, dtype: torch.dtype
+    ):
         self.program, self.loss, self.device, self.dtype = program, loss, device, dtype
         self.loss_code = LOSS_CODES[loss.name]
         # On a GPU the loss kernel turns a class index out of range into a NaN loss and gradient,
@@ -140,8 +168,9 @@ class FusedBackend(Backend):
         self.defers_class_range = device.type != "cpu" and loss.is_classification
         self._fixed_rates: dict[tuple[int, float], torch.Tensor] = {}  # [K, P] per (K, rate)
 
-    def meta_gradient(self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
-                      first_order):
+    def meta_gradient(
+        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+    ):
         program = self.program
         names = program.slot_names
         tensors = [params[name] for name in names]
@@ -149,24 +178,46 @@ class FusedBackend(Backend):
             # Nothing needs autograd with fixed rates: one op does the whole step (this path is
             # the per-call overhead of small models such as the sinusoid MLP).
             grads, loss, accuracy, support_loss, finite = fused.meta_gradient(
-                program, tensors, self.fixed_rates(inner_lr, steps), support_x, support_y,
-                query_x, query_y, loss_code=self.loss_code, first_order=first_order)
+                program,
+                tensors,
+                self.fixed_rates(inner_lr, steps),
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                loss_code=self.loss_code,
+                first_order=first_order,
+            )
             return MetaGradient(tensors, grads, names, loss, accuracy, support_loss, finite)
         meta_grad, rate_grads, query_loss, accuracy, support_loss = self.differentiable_step(
-            params, inner_lr, support_x, support_y, query_x, query_y, steps=steps,
-            first_order=first_order)
+            params,
+            inner_lr,
+            support_x,
+            support_y,
+            query_x,
+            query_y,
+            steps=steps,
+            first_order=first_order,
+        )
         loss = query_loss.mean()
         rate_params = list(inner_lr.parameters())
         grads = [*program.unflatten(meta_grad).values(), *rate_grads]
-        finite = torch.isfinite(torch.cat([loss.reshape(1), meta_grad,
-                                           *(g.reshape(-1) for g in rate_grads)])).all()
-        return MetaGradient(tensors + rate_params, grads,
-                            names + ("inner_lr",) * len(rate_params), loss,
-                            accuracy.mean() if accuracy.numel() else None, support_loss.mean(),
-                            finite)
+        finite = torch.isfinite(
+            torch.cat([loss.reshape(1), meta_grad, *(g.reshape(-1) for g in rate_grads)])
+        ).all()
+        return MetaGradient(
+            tensors + rate_params,
+            grads,
+            names + ("inner_lr",) * len(rate_params),
+            loss,
+            accuracy.mean() if accuracy.numel() else None,
+            support_loss.mean(),
+            finite,
+        )
 
-    def differentiable_step(self, params, inner_lr, support_x, support_y, query_x, query_y, *,
-                            steps, first_order):
+    def differentiable_step(
+        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+    ):
         """The meta-step with learned rates as plain tensors: (meta-gradient [P] in θ's layout,
         the gradients of ``inner_lr.parameters()`` (empty with fixed rates), per-task query loss,
         per-task query accuracy or [0], per-task support loss). The op returns the gradient of the
@@ -181,13 +232,23 @@ class FusedBackend(Backend):
         with torch.set_grad_enabled(learned):
             rates = inner_lr.flat(program.slots, steps, theta)
         query_loss, accuracy, support_loss, meta_grad, rate_grad = fused.meta_step(
-            program, theta, rates.detach(), support_x, support_y, query_x, query_y,
-            loss_code=self.loss_code, first_order=first_order, inner_lr_grad=learned)
+            program,
+            theta,
+            rates.detach(),
+            support_x,
+            support_y,
+            query_x,
+            query_y,
+            loss_code=self.loss_code,
+            first_order=first_order,
+            inner_lr_grad=learned,
+        )
         rate_grads = ()
         if learned:
             rate_grads = torch.autograd.grad(rates, rate_params, rate_grad, allow_unused=True)
-            rate_grads = tuple(torch.zeros_like(p) if g is None else g
-                               for p, g in zip(rate_params, rate_grads))
+            rate_grads = tuple(
+                torch.zeros_like(p) if g is None else g for p, g in zip(rate_params, rate_grads)
+            )
         return meta_grad, rate_grads, query_loss, accuracy, support_loss
 
     def fixed_rates(self, inner_lr: InnerLearningRates, steps: int) -> torch.Tensor:
@@ -205,8 +266,9 @@ class FusedBackend(Backend):
         with torch.no_grad():
             theta = program.flatten(params)
             rates = inner_lr.flat(program.slots, steps, theta)
-            adapted = fused.adapt(program, theta, rates, support_x, support_y,
-                                  loss_code=self.loss_code)
+            adapted = fused.adapt(
+                program, theta, rates, support_x, support_y, loss_code=self.loss_code
+            )
         return program.unflatten(adapted)
 
     def predict(self, adapted, x):
@@ -215,13 +277,20 @@ class FusedBackend(Backend):
 
     def hvp(self, params, x, y, v):
         program = self.program
-        _, _, products = fused.loss_hvp(program, program.flatten(params, task_dims=1), x, y,
-                                        program.flatten(v, task_dims=1), loss_code=self.loss_code)
+        _, _, products = fused.loss_hvp(
+            program,
+            program.flatten(params, task_dims=1),
+            x,
+            y,
+            program.flatten(v, task_dims=1),
+            loss_code=self.loss_code,
+        )
         return program.unflatten(products)
 
 
-def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
-                   dtype: torch.dtype) -> tuple[LayerProgram | None, str | None]:
+def fused_obstacle(
+    model: nn.Module, loss: TaskLoss, device: torch.device, dtype: torch.dtype
+) -> tuple[LayerProgram | None, str | None]:
     """(program, None) when the fused backend can run, else (None, the reason it cannot).
     A model the fused backend cannot run raises UnsupportedModelError (naming the layer)."""
     if not compiled_ops_available():
@@ -237,8 +306,15 @@ def fused_obstacle(model: nn.Module, loss: TaskLoss, device: torch.device,
     return compile_program(model), None
 
 
-def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: torch.device,
-                   dtype: torch.dtype, *, warn: bool = True) -> Backend:
+def choose_backend(
+    requested: str,
+    model: nn.Module,
+    loss: TaskLoss,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    warn: bool = True,
+) -> Backend:
     """The backend for ``model`` on (device, dtype): 'fused' or 'reference' as asked (raising
     where 'fused' cannot run), or 'auto': fused where it can run, else reference with one warning
     saying why."""
@@ -257,5 +333,7 @@ def choose_backend(requested: str, model: nn.Module, loss: TaskLoss, device: tor
     if requested == "fused":
         raise ValueError(f"backend='fused' cannot run here: {reason}")
     if warn:
-        warnings.warn(f"maml_ext: backend='auto' uses the reference backend: {reason}", stacklevel=3)
+        warnings.warn(
+            f"maml_ext: backend='auto' uses the reference backend: {reason}", stacklevel=3
+        )
     return ReferenceBackend(model, loss, reason)

@@ -5,22 +5,24 @@ folder, are flushed and fsync'ed, and ``os.replace`` renames the file over the t
 few-shot checkpoint format built on it lives with the presets, in
 :mod:`maml_ext.experiments.fewshot.checkpoint`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO
 
 import torch
+
+from .types import PathLike
 
 __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "remove_stale_temporaries"]
 
 _TEMP_SUFFIX = ".tmp"
-
-PathLike = Union[str, os.PathLike]
 
 
 def _temp_prefix(path: Path) -> str:
@@ -39,8 +41,9 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX,
-                                             dir=folder)
+    descriptor, temp_name = tempfile.mkstemp(
+        prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=folder
+    )
     try:
         # mkstemp makes the file private (0600); give it the mode open() would have given it.
         os.chmod(temp_name, _new_file_mode())
@@ -57,7 +60,7 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _new_file_mode() -> int:
     # The umask can only be read by setting it; done once, then restored at once.
     umask = os.umask(0o022)

@@ -4,16 +4,17 @@
 Experiments are looked up in :data:`EXPERIMENTS`, a registry from preset name to the function that
 runs it; adding a preset (omniglot-5w1s, ...) is one entry there.
 """
+
 import argparse
 import functools
 import importlib
 import inspect
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 from maml_ext._optional import MissingExtraError
-from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS
-from maml_ext.experiments.presets import ConfigurationError
+from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS, ConfigurationError
 
 
 class Experiment(NamedTuple):
@@ -21,7 +22,7 @@ class Experiment(NamedTuple):
 
     target: str  # "module:function", imported only when the preset runs
     description: str
-    preset: Optional[str] = None  # passed as the function's first argument when given
+    preset: str | None = None  # passed as the function's first argument when given
 
     def load(self) -> Callable[..., dict]:
         module_name, function_name = self.target.split(":")
@@ -29,7 +30,7 @@ class Experiment(NamedTuple):
         return function if self.preset is None else functools.partial(function, self.preset)
 
 
-EXPERIMENTS: Dict[str, Experiment] = {
+EXPERIMENTS: dict[str, Experiment] = {
     "sinusoid": Experiment(
         "maml_ext.experiments.sinusoid:train_sinusoid",
         "sinusoid regression, MAML vs a pretrained baseline (paper sec. 5.1)",
@@ -38,8 +39,9 @@ EXPERIMENTS: Dict[str, Experiment] = {
 
 # The paper's few-shot classification presets (maml_ext/experiments/presets.py).
 for _name, _preset in _FEWSHOT_PRESETS.items():
-    EXPERIMENTS[_name] = Experiment("maml_ext.experiments.fewshot:train_fewshot",
-                                    _preset.description, preset=_name)
+    EXPERIMENTS[_name] = Experiment(
+        "maml_ext.experiments.fewshot:train_fewshot", _preset.description, preset=_name
+    )
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = "; ".join(f"{name}: {entry.description}" for name, entry in EXPERIMENTS.items())
     train = commands.add_parser(
-        "train", help="meta-train and evaluate a preset experiment",
+        "train",
+        help="meta-train and evaluate a preset experiment",
         description=f"Meta-train and evaluate a preset experiment. Presets: {presets}.",
     )
     train.add_argument("experiment", choices=sorted(EXPERIMENTS), help="the preset to run")
@@ -63,49 +66,89 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="DIR", help="output folder (default: runs/EXPERIMENT)")
     train.add_argument("--seed", type=int, help="random seed (preset default)")
     train.add_argument("--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)")
-    train.add_argument("--meta-batch", type=int, metavar="T", help="tasks per meta-batch (preset default)")
-    train.add_argument("--first-order", action="store_true", default=None,
-                       help="first-order MAML (no Hessian term)")
+    train.add_argument(
+        "--meta-batch", type=int, metavar="T", help="tasks per meta-batch (preset default)"
+    )
+    train.add_argument(
+        "--first-order",
+        action="store_true",
+        default=None,
+        help="first-order MAML (no Hessian term)",
+    )
     train.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     # Few-shot classification presets only:
-    train.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset (few-shot presets)")
-    train.add_argument("--checkpoint-every", type=int, metavar="N",
-                       help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end)")
-    train.add_argument("--validate-every", type=int, metavar="N",
-                       help="validate on held-out classes every N iterations (default 500)")
-    train.add_argument("--resume", action="store_true", default=None,
-                       help="continue the run in OUT from OUT/checkpoint.pt")
-    train.add_argument("--split-by", choices=("character", "alphabet"),
-                       help="Omniglot meta-train/val/test split (default: character)")
+    train.add_argument(
+        "--data-dir", metavar="DIR", help="folder holding the dataset (few-shot presets)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end)",
+    )
+    train.add_argument(
+        "--validate-every",
+        type=int,
+        metavar="N",
+        help="validate on held-out classes every N iterations (default 500)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the run in OUT from OUT/checkpoint.pt",
+    )
+    train.add_argument(
+        "--split-by",
+        choices=("character", "alphabet"),
+        help="Omniglot meta-train/val/test split (default: character)",
+    )
 
     evaluate = commands.add_parser(
-        "eval", help="test a few-shot checkpoint with the paper's protocol",
+        "eval",
+        help="test a few-shot checkpoint with the paper's protocol",
         description="Accuracy after 0..STEPS inner steps on TASKS test tasks (classes never seen "
-                    "in training) drawn with a fixed seed: mean and 95% confidence interval, "
-                    "printed and written as JSON.",
+        "in training) drawn with a fixed seed: mean and 95% confidence interval, "
+        "printed and written as JSON.",
     )
     evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train")
-    evaluate.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: the training run's)")
+    evaluate.add_argument(
+        "--data-dir", metavar="DIR", help="dataset folder (default: the training run's)"
+    )
     evaluate.add_argument("--tasks", type=int, help="test tasks (default 600)")
     evaluate.add_argument("--steps", type=int, help="most inner steps (default 10)")
     evaluate.add_argument("--seed", type=int, help="seed of the test tasks (default fixed)")
-    evaluate.add_argument("--out", metavar="FILE.json", help="JSON output (default: eval.json beside the checkpoint)")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), help="classes to test on (default test)")
-    evaluate.add_argument("--baseline", action="store_true", default=None,
-                          help="also pretrain the same network without meta-learning and fine-tune it the same way")
-    evaluate.add_argument("--baseline-iterations", type=int, metavar="N",
-                          help="pretraining iterations of the baseline (default 5000)")
-    evaluate.add_argument("--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)")
+    evaluate.add_argument(
+        "--out", metavar="FILE.json", help="JSON output (default: eval.json beside the checkpoint)"
+    )
+    evaluate.add_argument(
+        "--split", choices=("train", "val", "test"), help="classes to test on (default test)"
+    )
+    evaluate.add_argument(
+        "--baseline",
+        action="store_true",
+        default=None,
+        help="also pretrain the same network without meta-learning and fine-tune it the same way",
+    )
+    evaluate.add_argument(
+        "--baseline-iterations",
+        type=int,
+        metavar="N",
+        help="pretraining iterations of the baseline (default 5000)",
+    )
+    evaluate.add_argument(
+        "--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)"
+    )
     evaluate.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     return parser
 
 
-def _positive(parser: argparse.ArgumentParser, name: str, value: Optional[int]) -> None:
+def _positive(parser: argparse.ArgumentParser, name: str, value: int | None) -> None:
     if value is not None and value < 1:
         parser.error(f"{name} must be a positive integer, got {value}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,13 +178,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             from maml_ext.experiments.fewshot import evaluate_checkpoint
 
             options = {
-                "data_dir": args.data_dir, "tasks": args.tasks, "steps": args.steps,
-                "seed": args.seed, "out": args.out, "split": args.split, "baseline": args.baseline,
-                "baseline_iterations": args.baseline_iterations, "backend": args.backend,
+                "data_dir": args.data_dir,
+                "tasks": args.tasks,
+                "steps": args.steps,
+                "seed": args.seed,
+                "out": args.out,
+                "split": args.split,
+                "baseline": args.baseline,
+                "baseline_iterations": args.baseline_iterations,
+                "backend": args.backend,
                 "device": args.device,
             }
-            evaluate_checkpoint(args.checkpoint,
-                                **{name: value for name, value in options.items() if value is not None})
+            evaluate_checkpoint(
+                args.checkpoint,
+                **{name: value for name, value in options.items() if value is not None},
+            )
     except ConfigurationError as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     except MissingExtraError as error:
@@ -149,8 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _check_options(parser: argparse.ArgumentParser, experiment: str, run: Callable,
-                   options: dict) -> None:
+def _check_options(
+    parser: argparse.ArgumentParser, experiment: str, run: Callable, options: dict
+) -> None:
     """Rejects options the experiment's function does not take, naming the flag."""
     parameters = inspect.signature(run).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):

@@ -26,11 +26,12 @@ long as the graph is kept. At most ``max_graphs`` signatures are kept (least rec
 dropped, and its pool released), so varying shapes cost captures and memory: the option pays for
 fixed shapes, where launches dominate (small models, few tasks).
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,32 +43,40 @@ MAX_GRAPHS = 4
 WARMUP_CALLS = 3
 
 
-def check_option(cuda_graph, *, backend: str, chosen: Backend,
-                 device: torch.device) -> "MetaStepGraphs | None":
+def check_option(
+    cuda_graph, *, backend: str, chosen: Backend, device: torch.device
+) -> MetaStepGraphs | None:
     """The MetaOptimizer's ``cuda_graph`` argument, given the backend it asked for and the one
     chosen for the model's device: None when False; the graphs its graphed backends share
     (``MetaStepGraphs()`` for True, or the one given, e.g. with another ``max_graphs``); raises
     ValueError, naming the argument, where a CUDA graph cannot run the meta-step."""
     if not isinstance(cuda_graph, (bool, MetaStepGraphs)):
-        raise ValueError(f"cuda_graph: expected True or False (or a MetaStepGraphs), got "
-                         f"{cuda_graph!r}")
+        raise ValueError(
+            f"cuda_graph: expected True or False (or a MetaStepGraphs), got {cuda_graph!r}"
+        )
     if cuda_graph is False:
         return None
     graphs = MetaStepGraphs() if cuda_graph is True else cuda_graph
     if backend == "reference":
-        raise ValueError("cuda_graph: True captures the fused backend's meta-step; it cannot be "
-                         "combined with backend='reference'")
+        raise ValueError(
+            "cuda_graph: True captures the fused backend's meta-step; it cannot be "
+            "combined with backend='reference'"
+        )
     if device.type != graphs.capture.device_type:
-        raise ValueError(f"cuda_graph: True needs the model on a "
-                         f"{graphs.capture.device_type.upper()} device; its parameters are on "
-                         f"{device}")
+        raise ValueError(
+            f"cuda_graph: True needs the model on a "
+            f"{graphs.capture.device_type.upper()} device; its parameters are on "
+            f"{device}"
+        )
     if not isinstance(chosen, FusedBackend):
-        raise ValueError(f"cuda_graph: True needs the fused backend, but backend={backend!r} "
-                         f"uses the reference backend here: {chosen.reason}")
+        raise ValueError(
+            f"cuda_graph: True needs the fused backend, but backend={backend!r} "
+            f"uses the reference backend here: {chosen.reason}"
+        )
     return graphs
 
 
-def graphed(backend: Backend, graphs: "MetaStepGraphs | None") -> Backend:
+def graphed(backend: Backend, graphs: MetaStepGraphs | None) -> Backend:
     """``backend`` with its meta-step replayed from ``graphs`` where it is the fused backend;
     unchanged without graphs, or where the model's device and dtype fall back to reference."""
     if graphs is None or not isinstance(backend, FusedBackend):
@@ -103,20 +112,22 @@ class CudaGraphCapture:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     output = body()
             except RuntimeError as error:
-                raise RuntimeError(f"maml_ext: capturing the fused meta-step in a CUDA graph "
-                                   f"failed (an op synchronised with the host or is not "
-                                   f"capturable): {error}") from error
+                raise RuntimeError(
+                    f"maml_ext: capturing the fused meta-step in a CUDA graph "
+                    f"failed (an op synchronised with the host or is not "
+                    f"capturable): {error}"
+                ) from error
         return graph.replay, output
 
 
 @dataclasses.dataclass
 class _Graph:
-    bindings: tuple                   # what the capture read in place: see MetaStepGraphs.bind
+    bindings: tuple  # what the capture read in place: see MetaStepGraphs.bind
     inputs: tuple[torch.Tensor, ...]  # static support_x, support_y, query_x, query_y
     replay: Callable[[], None]
-    output: torch.Tensor              # packed: grads of every tensor, mean losses and accuracy
+    output: torch.Tensor  # packed: grads of every tensor, mean losses and accuracy
     grad_slices: tuple[tuple[int, int, torch.Size], ...]  # (offset, numel, shape) per tensor
-    grads_numel: int                  # the gradients fill output[:grads_numel]
+    grads_numel: int  # the gradients fill output[:grads_numel]
     with_accuracy: bool
 
 
@@ -136,12 +147,27 @@ class MetaStepGraphs:
         return len(self._graphs)
 
     @staticmethod
-    def signature(program: LayerProgram, inner_lr: InnerLearningRates, steps: int,
-                  batch: tuple[torch.Tensor, ...], *, loss_code: int, first_order: bool) -> tuple:
+    def signature(
+        program: LayerProgram,
+        inner_lr: InnerLearningRates,
+        steps: int,
+        batch: tuple[torch.Tensor, ...],
+        *,
+        loss_code: int,
+        first_order: bool,
+    ) -> tuple:
         """What a captured graph is valid for: its static buffers' shapes and the work it does
         (every Python-side decision taken while capturing: program, rates, loss, order)."""
-        return (program.ints, program.floats, steps, loss_code, bool(first_order), inner_lr.learn,
-                inner_lr.init, tuple((tuple(t.shape), t.dtype, t.device) for t in batch))
+        return (
+            program.ints,
+            program.floats,
+            steps,
+            loss_code,
+            bool(first_order),
+            inner_lr.learn,
+            inner_lr.init,
+            tuple((tuple(t.shape), t.dtype, t.device) for t in batch),
+        )
 
     @staticmethod
     def bind(tensors: list[torch.Tensor]) -> tuple:
@@ -182,34 +208,51 @@ class GraphedFusedBackend(FusedBackend):
         super().__init__(backend.program, backend.loss, backend.device, backend.dtype)
         self.graphs = graphs
 
-    def meta_gradient(self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
-                      first_order):
+    def meta_gradient(
+        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+    ):
         device_type = self.graphs.capture.device_type
         if self.device.type != device_type:  # the model moved after the MetaOptimizer was made
-            raise ValueError(f"cuda_graph: True needs the model on a {device_type.upper()} "
-                             f"device; its parameters are on {self.device}")
+            raise ValueError(
+                f"cuda_graph: True needs the model on a {device_type.upper()} "
+                f"device; its parameters are on {self.device}"
+            )
         batch = (support_x, support_y, query_x, query_y)
-        key = MetaStepGraphs.signature(self.program, inner_lr, steps, batch,
-                                       loss_code=self.loss_code, first_order=first_order)
+        key = MetaStepGraphs.signature(
+            self.program, inner_lr, steps, batch, loss_code=self.loss_code, first_order=first_order
+        )
         rate_params = list(inner_lr.parameters())
         tensors = [params[name] for name in self.program.slot_names] + rate_params
         bindings = MetaStepGraphs.bind(tensors)
         graph = self.graphs.find(key, bindings)
         if graph is None:
-            graph = self.graphs.keep(key, lambda: self._capture(
-                params, inner_lr, batch, bindings, steps=steps, first_order=first_order))
+            graph = self.graphs.keep(
+                key,
+                lambda: self._capture(
+                    params, inner_lr, batch, bindings, steps=steps, first_order=first_order
+                ),
+            )
         else:
             for static, value in zip(graph.inputs, batch):
                 static.copy_(value)
         graph.replay()
         values = graph.output.clone()
-        grads = [values[offset : offset + numel].view(shape)
-                 for offset, numel, shape in graph.grad_slices]
+        grads = [
+            values[offset : offset + numel].view(shape)
+            for offset, numel, shape in graph.grad_slices
+        ]
         end = graph.grads_numel
         finite = torch.isfinite(values[: end + 1]).all()
         names = self.program.slot_names + ("inner_lr",) * len(rate_params)
-        return MetaGradient(tensors, grads, names, values[end],
-                            values[end + 1] if graph.with_accuracy else None, values[-1], finite)
+        return MetaGradient(
+            tensors,
+            grads,
+            names,
+            values[end],
+            values[end + 1] if graph.with_accuracy else None,
+            values[-1],
+            finite,
+        )
 
     def _capture(self, params, inner_lr, batch, bindings, *, steps, first_order) -> _Graph:
         inputs = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in batch)
@@ -222,12 +265,16 @@ class GraphedFusedBackend(FusedBackend):
 
         def body() -> torch.Tensor:
             meta_grad, rate_grads, query_loss, accuracy, support_loss = self.differentiable_step(
-                params, inner_lr, *inputs, steps=steps, first_order=first_order)
-            means = [query_loss.mean(), *((accuracy.mean(),) if with_accuracy else ()),
-                     support_loss.mean()]
-            return torch.cat([meta_grad, *(g.reshape(-1) for g in rate_grads),
-                              *(m.reshape(1) for m in means)])
+                params, inner_lr, *inputs, steps=steps, first_order=first_order
+            )
+            means = [
+                query_loss.mean(),
+                *((accuracy.mean(),) if with_accuracy else ()),
+                support_loss.mean(),
+            ]
+            return torch.cat(
+                [meta_grad, *(g.reshape(-1) for g in rate_grads), *(m.reshape(1) for m in means)]
+            )
 
         replay, output = self.graphs.capture(body, inputs[0].device)
-        return _Graph(bindings, inputs, replay, output, tuple(grad_slices), position,
-                      with_accuracy)
+        return _Graph(bindings, inputs, replay, output, tuple(grad_slices), position, with_accuracy)

@@ -1,4 +1,5 @@
 """Inner-loop learning rates: fixed, or learned (a scalar, Meta-SGD tensors, MAML++ per step)."""
+
 from __future__ import annotations
 
 import math
@@ -24,18 +25,33 @@ class InnerLearningRates(nn.Module):
       Steps beyond K (``adapt(steps=...)`` with more steps than training used) reuse the last rate.
     """
 
-    def __init__(self, shapes: dict[str, torch.Size], steps: int, init: float, learn: str | None,
-                 *, device=None, dtype=None):
+    def __init__(
+        self,
+        shapes: dict[str, torch.Size],
+        steps: int,
+        init: float,
+        learn: str | None,
+        *,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if learn not in LEARN_KINDS:
             raise ValueError(f"learn_inner_lr: expected one of {LEARN_KINDS}, got {learn!r}")
-        if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init) or init <= 0:
+        if (
+            isinstance(init, bool)
+            or not isinstance(init, (int, float))
+            or not math.isfinite(init)
+            or init <= 0
+        ):
             raise ValueError(f"inner_lr: expected a positive finite number, got {init!r}")
         self.learn = learn
         self.init = float(init)
         self.steps = steps
         factory = {"device": device, "dtype": dtype}
-        self.scalar = nn.Parameter(torch.tensor(self.init, **factory)) if learn == "scalar" else None
+        self.scalar = (
+            nn.Parameter(torch.tensor(self.init, **factory)) if learn == "scalar" else None
+        )
         self.tensors = nn.ParameterDict()
         if learn == "per_parameter":
             for name, shape in shapes.items():
@@ -58,11 +74,17 @@ class InnerLearningRates(nn.Module):
     def flat(self, slots, steps: int, like: torch.Tensor) -> torch.Tensor:
         """The per-element rates [steps, P] in the layer program's layout (differentiable)."""
         if self.learn is None:
-            return torch.full((steps, like.shape[-1]), self.init, device=like.device, dtype=like.dtype)
+            return torch.full(
+                (steps, like.shape[-1]), self.init, device=like.device, dtype=like.dtype
+            )
         rows = []
         for step in range(steps):
-            rows.append(torch.cat([
-                torch.as_tensor(self.rate(step, slot.name)).expand(slot.shape).reshape(-1)
-                for slot in slots
-            ]))
+            rows.append(
+                torch.cat(
+                    [
+                        torch.as_tensor(self.rate(step, slot.name)).expand(slot.shape).reshape(-1)
+                        for slot in slots
+                    ]
+                )
+            )
         return torch.stack(rows)

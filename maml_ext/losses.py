@@ -1,8 +1,9 @@
 """Task losses: the built-in names and user callables, as one small description."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -2,6 +2,7 @@
 
 It validates inputs, picks a backend object per (device, dtype) and delegates the computation to
 it; the backends and what they provide are in maml_ext/backend.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +21,10 @@ from .validation import check_inputs, check_steps, check_targets, check_tensor
 class MetaStepResult:
     """Detached 0-dim tensors (no host synchronisation needed to return them)."""
 
-    query_loss: torch.Tensor               # mean query loss over tasks after adaptation
-    query_accuracy: torch.Tensor | None    # mean query accuracy (classification), else None
-    support_loss: torch.Tensor             # mean support loss before adaptation
-    backend: str                           # "fused" or "reference"
+    query_loss: torch.Tensor  # mean query loss over tasks after adaptation
+    query_accuracy: torch.Tensor | None  # mean query accuracy (classification), else None
+    support_loss: torch.Tensor  # mean support loss before adaptation
+    backend: str  # "fused" or "reference"
 
 
 class MetaOptimizer:
@@ -51,10 +52,19 @@ class MetaOptimizer:
     (``track_running_stats=False``): each task is normalised with its own statistics.
     """
 
-    def __init__(self, model: nn.Module, outer_optimizer: torch.optim.Optimizer | None, *,
-                 inner_lr: float, inner_steps: int = 1, first_order: bool = False,
-                 loss: str | LossFn = "cross_entropy", learn_inner_lr: str | None = None,
-                 backend: str = "auto", cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        outer_optimizer: torch.optim.Optimizer | None,
+        *,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        loss: str | LossFn = "cross_entropy",
+        learn_inner_lr: str | None = None,
+        backend: str = "auto",
+        cuda_graph: bool = False,
+    ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.inner_steps = check_steps("inner_steps", inner_steps)
@@ -73,9 +83,14 @@ class MetaOptimizer:
         first = next(iter(params.values()))
         self.model = model
         self.outer_optimizer = outer_optimizer
-        self.inner_lr = InnerLearningRates({n: p.shape for n, p in params.items()}, self.inner_steps,
-                                           inner_lr, learn_inner_lr, device=first.device,
-                                           dtype=first.dtype)
+        self.inner_lr = InnerLearningRates(
+            {n: p.shape for n, p in params.items()},
+            self.inner_steps,
+            inner_lr,
+            learn_inner_lr,
+            device=first.device,
+            dtype=first.dtype,
+        )
         if outer_optimizer is not None and learn_inner_lr is not None:
             outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
         self.requested_backend = backend
@@ -83,10 +98,12 @@ class MetaOptimizer:
         # One backend object per (device, dtype), picked on first use; the first one now, which
         # validates `backend` and warns once where 'auto' falls back.
         chosen = choose_backend(backend, model, self.loss, first.device, first.dtype, warn=True)
-        self._cuda_graphs = graphs.check_option(cuda_graph, backend=backend, chosen=chosen,
-                                                device=first.device)
+        self._cuda_graphs = graphs.check_option(
+            cuda_graph, backend=backend, chosen=chosen, device=first.device
+        )
         self._backends: dict[tuple, Backend] = {
-            (first.device, first.dtype): graphs.graphed(chosen, self._cuda_graphs)}
+            (first.device, first.dtype): graphs.graphed(chosen, self._cuda_graphs)
+        }
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -130,22 +147,28 @@ class MetaOptimizer:
         first = next(iter(params.values()))
         self._check_support(support_x, support_y, first)
         return self._backend_for(first.device, first.dtype).adapt(
-            params, self.inner_lr, support_x, support_y, steps=steps)
+            params, self.inner_lr, support_x, support_y, steps=steps
+        )
 
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Per-task outputs [T, N, ...] of the model at the adapted weights from ``adapt``."""
         params = self._params(self.model)
         if not isinstance(adapted, dict) or set(adapted) != set(params):
-            raise ValueError(f"adapted: expected the dict returned by adapt() with keys "
-                             f"{sorted(params)}, got {sorted(adapted) if isinstance(adapted, dict) else type(adapted).__name__}")
+            got = sorted(adapted) if isinstance(adapted, dict) else type(adapted).__name__
+            raise ValueError(
+                f"adapted: expected the dict returned by adapt() with keys {sorted(params)}, "
+                f"got {got}"
+            )
         first = next(iter(params.values()))
         tasks = next(iter(adapted.values())).shape[0]
         for name, value in adapted.items():
             check_tensor(f"adapted['{name}']", value, dtype=first.dtype, device=first.device)
             if tuple(value.shape) != (tasks, *params[name].shape):
-                raise ValueError(f"adapted['{name}']: expected shape "
-                                 f"[{tasks}, {', '.join(map(str, params[name].shape))}], got "
-                                 f"[{', '.join(map(str, value.shape))}]")
+                raise ValueError(
+                    f"adapted['{name}']: expected shape "
+                    f"[{tasks}, {', '.join(map(str, params[name].shape))}], got "
+                    f"[{', '.join(map(str, value.shape))}]"
+                )
         check_inputs("x", x, tasks=tasks, dtype=first.dtype, device=first.device)
         return self._backend_for(first.device, first.dtype).predict(adapted, x)
 
@@ -165,25 +188,35 @@ class MetaOptimizer:
         mine = self._config()
         for key in ("learn_inner_lr", "inner_steps"):
             if state["config"].get(key) != mine[key]:
-                raise ValueError(f"state: saved with {key}={state['config'].get(key)!r}, this "
-                                 f"MetaOptimizer has {key}={mine[key]!r}")
-        for label, module, saved in (("model", self.model, state["model"]),
-                                     ("inner_lr", self.inner_lr, state["inner_lr"])):
+                raise ValueError(
+                    f"state: saved with {key}={state['config'].get(key)!r}, this "
+                    f"MetaOptimizer has {key}={mine[key]!r}"
+                )
+        for label, module, saved in (
+            ("model", self.model, state["model"]),
+            ("inner_lr", self.inner_lr, state["inner_lr"]),
+        ):
             current = module.state_dict()
             if set(saved) != set(current):
-                raise ValueError(f"state['{label}']: keys differ: missing "
-                                 f"{sorted(set(current) - set(saved))}, unexpected "
-                                 f"{sorted(set(saved) - set(current))}")
+                raise ValueError(
+                    f"state['{label}']: keys differ: missing "
+                    f"{sorted(set(current) - set(saved))}, unexpected "
+                    f"{sorted(set(saved) - set(current))}"
+                )
             for key, value in saved.items():
                 if tuple(value.shape) != tuple(current[key].shape):
-                    raise ValueError(f"state['{label}']['{key}']: expected shape "
-                                     f"{tuple(current[key].shape)}, got {tuple(value.shape)}")
+                    raise ValueError(
+                        f"state['{label}']['{key}']: expected shape "
+                        f"{tuple(current[key].shape)}, got {tuple(value.shape)}"
+                    )
         if self.outer_optimizer is not None and state.get("outer_optimizer") is not None:
             saved_groups = state["outer_optimizer"]["param_groups"]
             groups = self.outer_optimizer.param_groups
             if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
-                raise ValueError("state['outer_optimizer']: its parameter groups do not match this "
-                                 "outer optimiser's")
+                raise ValueError(
+                    "state['outer_optimizer']: its parameter groups do not match this "
+                    "outer optimiser's"
+                )
         self.model.load_state_dict(state["model"])
         self.inner_lr.load_state_dict(state["inner_lr"])
         if self.outer_optimizer is not None and state.get("outer_optimizer") is not None:
@@ -206,19 +239,28 @@ class MetaOptimizer:
         return params
 
     def _config(self) -> dict:
-        return {"inner_steps": self.inner_steps, "first_order": self.first_order,
-                "learn_inner_lr": self.inner_lr.learn, "inner_lr": self.inner_lr.init,
-                "loss": self.loss.name}
+        return {
+            "inner_steps": self.inner_steps,
+            "first_order": self.first_order,
+            "learn_inner_lr": self.inner_lr.learn,
+            "inner_lr": self.inner_lr.init,
+            "loss": self.loss.name,
+        }
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
         backend = self._backends.get((device, dtype))
         if backend is None:
             backend = self._backends[(device, dtype)] = graphs.graphed(
-                choose_backend(self.requested_backend, self.model, self.loss, device, dtype,
-                               warn=True), self._cuda_graphs)
+                choose_backend(
+                    self.requested_backend, self.model, self.loss, device, dtype, warn=True
+                ),
+                self._cuda_graphs,
+            )
         return backend
 
-    def _output_shape(self, name: str, features: tuple[int, ...], like: torch.Tensor) -> tuple[int, ...]:
+    def _output_shape(
+        self, name: str, features: tuple[int, ...], like: torch.Tensor
+    ) -> tuple[int, ...]:
         """The model's per-sample output shape for inputs of per-sample shape ``features``."""
         if features not in self._output_shapes:
             probe = torch.zeros((2, *features), dtype=like.dtype, device=like.device)
@@ -227,8 +269,10 @@ class MetaOptimizer:
                     self._output_shapes[features] = tuple(self.model(probe).shape[1:])
             except RuntimeError as error:
                 shape = ", ".join(map(str, features))
-                raise ValueError(f"{name}: the model does not accept per-sample inputs of shape "
-                                 f"[{shape}] ({error})") from None
+                raise ValueError(
+                    f"{name}: the model does not accept per-sample inputs of shape "
+                    f"[{shape}] ({error})"
+                ) from None
         return self._output_shapes[features]
 
     def _check_support(self, support_x, support_y, first, *, class_range=True) -> None:
@@ -241,10 +285,16 @@ class MetaOptimizer:
         x_name = "support_x" if name == "support_y" else "query_x"
         output_shape = self._output_shape(x_name, tuple(x.shape[2:]), first)
         classification = self.loss.is_classification
-        check_targets(name, y, x, classification=classification,
-                      num_classes=output_shape[-1] if classification and class_range else None,
-                      output_shape=None if classification or not self.loss.builtin else output_shape,
-                      dtype=first.dtype, device=first.device)
+        check_targets(
+            name,
+            y,
+            x,
+            classification=classification,
+            num_classes=output_shape[-1] if classification and class_range else None,
+            output_shape=None if classification or not self.loss.builtin else output_shape,
+            dtype=first.dtype,
+            device=first.device,
+        )
 
     def _meta_gradient(self, support_x, support_y, query_x, query_y):
         params = self._params(self.model)
@@ -254,20 +304,40 @@ class MetaOptimizer:
         # step; the indices are read only then, to name the culprit.
         deferred = backend.defers_class_range
         self._check_support(support_x, support_y, first, class_range=not deferred)
-        check_inputs("query_x", query_x, tasks=support_x.shape[0], dtype=first.dtype,
-                     device=first.device, features=tuple(support_x.shape[2:]))
+        check_inputs(
+            "query_x",
+            query_x,
+            tasks=support_x.shape[0],
+            dtype=first.dtype,
+            device=first.device,
+            features=tuple(support_x.shape[2:]),
+        )
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
-        step = backend.meta_gradient(params, self.inner_lr, support_x, support_y, query_x, query_y,
-                                     steps=self.inner_steps, first_order=self.first_order)
+        step = backend.meta_gradient(
+            params,
+            self.inner_lr,
+            support_x,
+            support_y,
+            query_x,
+            query_y,
+            steps=self.inner_steps,
+            first_order=self.first_order,
+        )
         if not bool(step.finite):
             if deferred:  # an index out of range reads as NaN: name it if that is the cause
                 self._check_targets("support_y", support_y, support_x, first)
                 self._check_targets("query_y", query_y, query_x, first)
-            bad = [name for name, g in zip(step.names, step.grads)
-                   if not bool(torch.isfinite(g).all())]
+            bad = [
+                name for name, g in zip(step.names, step.grads) if not bool(torch.isfinite(g).all())
+            ]
             raise FloatingPointError(
                 f"maml_ext: non-finite meta-step (query loss {step.query_loss.item():.4g}; "
-                f"non-finite gradient of {bad or 'none'}); nothing was applied")
-        result = MetaStepResult(query_loss=step.query_loss, query_accuracy=step.query_accuracy,
-                                support_loss=step.support_loss, backend=backend.name)
+                f"non-finite gradient of {bad or 'none'}); nothing was applied"
+            )
+        result = MetaStepResult(
+            query_loss=step.query_loss,
+            query_accuracy=step.query_accuracy,
+            support_loss=step.support_loss,
+            backend=backend.name,
+        )
         return result, step.tensors, step.grads

@@ -4,6 +4,7 @@ Inner steps run through ``torch.func.functional_call`` with autograd: second ord
 of every inner gradient (``create_graph=True``), first order detaches them. This is what
 learn2learn and higher do, and it is the oracle the fused backend is tested against.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,14 +30,23 @@ def check_batch_norm(model: nn.Module) -> None:
 
 @dataclasses.dataclass
 class MetaLoss:
-    loss: torch.Tensor                 # mean query loss over tasks, differentiable
-    query_loss: torch.Tensor           # [T], detached
+    loss: torch.Tensor  # mean query loss over tasks, differentiable
+    query_loss: torch.Tensor  # [T], detached
     query_accuracy: torch.Tensor | None  # [T] for classification
-    support_loss: torch.Tensor         # [T] before adaptation, detached
+    support_loss: torch.Tensor  # [T] before adaptation, detached
 
 
-def _inner_step(model, params: Params, rates: InnerLearningRates, step: int, x, y, loss: TaskLoss,
-                create_graph: bool, detach_grads: bool):
+def _inner_step(
+    model,
+    params: Params,
+    rates: InnerLearningRates,
+    step: int,
+    x,
+    y,
+    loss: TaskLoss,
+    create_graph: bool,
+    detach_grads: bool,
+):
     support_loss = loss.fn(functional_call(model, params, (x,)), y)
     grads = torch.autograd.grad(support_loss, list(params.values()), create_graph=create_graph)
     if detach_grads:
@@ -45,15 +55,36 @@ def _inner_step(model, params: Params, rates: InnerLearningRates, step: int, x, 
     return updated, support_loss
 
 
-def meta_loss(model: nn.Module, params: Params, rates: InnerLearningRates, support_x, support_y,
-              query_x, query_y, *, steps: int, first_order: bool, loss: TaskLoss) -> MetaLoss:
-    """Mean over tasks of the query loss after ``steps`` inner SGD steps on each task's support set."""
+def meta_loss(
+    model: nn.Module,
+    params: Params,
+    rates: InnerLearningRates,
+    support_x,
+    support_y,
+    query_x,
+    query_y,
+    *,
+    steps: int,
+    first_order: bool,
+    loss: TaskLoss,
+) -> MetaLoss:
+    """Mean over tasks of the query loss after ``steps`` inner SGD steps on each task's support
+    set."""
     task_losses, accuracies, support_losses = [], [], []
     for t in range(support_x.shape[0]):
         adapted = params
         for step in range(steps):
-            adapted, support = _inner_step(model, adapted, rates, step, support_x[t], support_y[t],
-                                           loss, create_graph=not first_order, detach_grads=first_order)
+            adapted, support = _inner_step(
+                model,
+                adapted,
+                rates,
+                step,
+                support_x[t],
+                support_y[t],
+                loss,
+                create_graph=not first_order,
+                detach_grads=first_order,
+            )
             if step == 0:
                 support_losses.append(support.detach())
         outputs = functional_call(model, adapted, (query_x[t],))
@@ -69,16 +100,33 @@ def meta_loss(model: nn.Module, params: Params, rates: InnerLearningRates, suppo
     )
 
 
-def adapt(model: nn.Module, params: Params, rates: InnerLearningRates, support_x, support_y, *,
-          steps: int, loss: TaskLoss) -> Params:
+def adapt(
+    model: nn.Module,
+    params: Params,
+    rates: InnerLearningRates,
+    support_x,
+    support_y,
+    *,
+    steps: int,
+    loss: TaskLoss,
+) -> Params:
     """Per-task adapted weights {name: [T, *shape]}, no graph kept."""
     per_task: list[Params] = []
     for t in range(support_x.shape[0]):
         adapted = {name: p.detach().requires_grad_() for name, p in params.items()}
         for step in range(steps):
             with torch.enable_grad():
-                adapted, _ = _inner_step(model, adapted, rates, step, support_x[t], support_y[t],
-                                         loss, create_graph=False, detach_grads=True)
+                adapted, _ = _inner_step(
+                    model,
+                    adapted,
+                    rates,
+                    step,
+                    support_x[t],
+                    support_y[t],
+                    loss,
+                    create_graph=False,
+                    detach_grads=True,
+                )
             adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
         per_task.append({name: p.detach() for name, p in adapted.items()})
     return {name: torch.stack([task[name] for task in per_task]) for name in params}
@@ -87,10 +135,12 @@ def adapt(model: nn.Module, params: Params, rates: InnerLearningRates, support_x
 def predict(model: nn.Module, adapted: Params, x: torch.Tensor) -> torch.Tensor:
     """Per-task outputs [T, N, ...] of the model at per-task weights {name: [T, *shape]}."""
     with torch.no_grad():
-        return torch.stack([
-            functional_call(model, {name: p[t] for name, p in adapted.items()}, (x[t],))
-            for t in range(x.shape[0])
-        ])
+        return torch.stack(
+            [
+                functional_call(model, {name: p[t] for name, p in adapted.items()}, (x[t],))
+                for t in range(x.shape[0])
+            ]
+        )
 
 
 def hvp(model: nn.Module, params: Params, x, y, v: Params, *, loss: TaskLoss) -> Params:
@@ -103,8 +153,10 @@ def hvp(model: nn.Module, params: Params, x, y, v: Params, *, loss: TaskLoss) ->
             grads = torch.autograd.grad(task_loss, list(task_params.values()), create_graph=True)
             dot = sum((g * v[name][t]).sum() for name, g in zip(task_params, grads))
             products = torch.autograd.grad(dot, list(task_params.values()), allow_unused=True)
-        results.append({
-            name: (hp if hp is not None else torch.zeros_like(task_params[name])).detach()
-            for name, hp in zip(task_params, products)
-        })
+        results.append(
+            {
+                name: (hp if hp is not None else torch.zeros_like(task_params[name])).detach()
+                for name, hp in zip(task_params, products)
+            }
+        )
     return {name: torch.stack([r[name] for r in results]) for name in params}

@@ -1,5 +1,6 @@
 """The suite's shared fixtures: the device, dtype and seed every random test draws from; the
 ``cuda`` marker's skip; the real Omniglot data."""
+
 import os
 import random
 import secrets
@@ -8,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from maml_test_utils import DEVICES, DTYPES, SEED_VARIABLE, cuda_unavailable_reason
 
 
@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
-    """"cpu" and "cuda"; the "cuda" case carries the ``cuda`` marker, so where no GPU (or no CUDA
+    """ "cpu" and "cuda"; the "cuda" case carries the ``cuda`` marker, so where no GPU (or no CUDA
     build) is present it is skipped with the reason."""
     return request.param
 
@@ -70,8 +70,10 @@ def omniglot_root() -> Path:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
     root = Path(configured) if configured else default
     if not root.is_dir():
-        reason = (f"Omniglot data not found at {root} "
-                  f"(set MAML_EXT_OMNIGLOT_DIR to the folder holding the archives)")
+        reason = (
+            f"Omniglot data not found at {root} "
+            f"(set MAML_EXT_OMNIGLOT_DIR to the folder holding the archives)"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)

@@ -1,12 +1,13 @@
 """MetaOptimizer's contract: bad input raises a ValueError naming the argument and losing nothing;
 non-finite steps change nothing; state_dict round trips; extension_info reports the build."""
+
 import copy
 
 import pytest
 import torch
+from maml_test_utils import classification_batch, conv_net, regression_batch, sinusoid_mlp
 
 import maml_ext
-from maml_test_utils import classification_batch, conv_net, regression_batch, sinusoid_mlp
 
 BACKENDS = ["reference", "fused"]
 
@@ -18,9 +19,14 @@ def classifier(backend, **kwargs):
 
 
 def snapshot(opt):
-    return copy.deepcopy({"model": opt.model.state_dict(), "rates": opt.inner_lr.state_dict(),
-                          "outer": opt.outer_optimizer.state_dict(),
-                          "grads": [None if p.grad is None else p.grad.clone() for p in opt.model.parameters()]})
+    return copy.deepcopy(
+        {
+            "model": opt.model.state_dict(),
+            "rates": opt.inner_lr.state_dict(),
+            "outer": opt.outer_optimizer.state_dict(),
+            "grads": [None if p.grad is None else p.grad.clone() for p in opt.model.parameters()],
+        }
+    )
 
 
 def same(a, b):
@@ -51,12 +57,23 @@ def with_arg(batch, index, value):
 
 BAD_INPUTS = {
     # name: (make the bad batch, the argument named, a fragment of the message)
-    "support_x rank": (lambda b: with_arg(b, 0, b[0][:, :, 0, 0, 0]), "support_x", "at least 3 dimensions"),
-    "support_x features": (lambda b: with_arg(b, 0, b[0].expand(2, 3, 2, 8, 8)), "support_x",
-                           "the model does not accept per-sample inputs of shape [2, 8, 8]"),
+    "support_x rank": (
+        lambda b: with_arg(b, 0, b[0][:, :, 0, 0, 0]),
+        "support_x",
+        "at least 3 dimensions",
+    ),
+    "support_x features": (
+        lambda b: with_arg(b, 0, b[0].expand(2, 3, 2, 8, 8)),
+        "support_x",
+        "the model does not accept per-sample inputs of shape [2, 8, 8]",
+    ),
     "query_x task count": (lambda b: with_arg(b, 2, b[2][:1]), "query_x", "expected 2 tasks"),
     "query_x features": (lambda b: with_arg(b, 2, b[2][..., :7]), "query_x", "per-sample features"),
-    "support_y shape": (lambda b: with_arg(b, 1, b[1][:, :2]), "support_y", "expected shape [2, 3]"),
+    "support_y shape": (
+        lambda b: with_arg(b, 1, b[1][:, :2]),
+        "support_y",
+        "expected shape [2, 3]",
+    ),
     "query_y task count": (lambda b: with_arg(b, 3, b[3][:1]), "query_y", "expected shape [2, 6]"),
     "label out of range": (lambda b: with_arg(b, 1, b[1] + 3), "support_y", "must lie in [0, 2]"),
     "negative label": (lambda b: with_arg(b, 3, b[3] - 3), "query_y", "must lie in [0, 2]"),
@@ -91,7 +108,9 @@ def test_regression_target_shape_is_checked(backend):
 
 @pytest.mark.parametrize("steps", [0, -1, 1.5, True])
 def test_inner_steps_must_be_a_positive_integer(steps):
-    with pytest.raises(ValueError, match="inner_steps: expected an integer number of inner steps >= 1"):
+    with pytest.raises(
+        ValueError, match="inner_steps: expected an integer number of inner steps >= 1"
+    ):
         maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.01, inner_steps=steps)
     opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.01, loss="mse")
     sx, sy, _, _ = regression_batch(2, 5, 5)
@@ -99,13 +118,16 @@ def test_inner_steps_must_be_a_positive_integer(steps):
         opt.adapt(sx, sy, steps=steps)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"inner_lr": -0.1}, "inner_lr: expected a positive finite number"),
-    ({"inner_lr": float("nan")}, "inner_lr: expected a positive finite number"),
-    ({"inner_lr": 0.1, "learn_inner_lr": "per_layer"}, "learn_inner_lr: expected one of"),
-    ({"inner_lr": 0.1, "loss": "hinge"}, "loss: expected 'cross_entropy', 'mse' or a callable"),
-    ({"inner_lr": 0.1, "backend": "cuda"}, "backend: expected one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"inner_lr": -0.1}, "inner_lr: expected a positive finite number"),
+        ({"inner_lr": float("nan")}, "inner_lr: expected a positive finite number"),
+        ({"inner_lr": 0.1, "learn_inner_lr": "per_layer"}, "learn_inner_lr: expected one of"),
+        ({"inner_lr": 0.1, "loss": "hinge"}, "loss: expected 'cross_entropy', 'mse' or a callable"),
+        ({"inner_lr": 0.1, "backend": "cuda"}, "backend: expected one of"),
+    ],
+)
 def test_bad_settings_are_rejected(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         maml_ext.MetaOptimizer(sinusoid_mlp(), None, **kwargs)

@@ -2,19 +2,27 @@
 them: what meta_gradient returns, that the fused backend's two paths (the one-op fixed-rate path
 and the differentiable path of learned rates) agree with each other and with the reference, the
 finite flag, and the backend choice."""
+
 import warnings
 
 import pytest
 import torch
+from maml_test_utils import (
+    classification_batch,
+    conv_net,
+    regression_batch,
+    relative_error,
+    sinusoid_mlp,
+)
 
 import maml_ext
 from maml_ext.backend import FusedBackend, MetaGradient, ReferenceBackend, choose_backend
 from maml_ext.inner_lr import InnerLearningRates
 from maml_ext.losses import resolve_loss
-from maml_test_utils import classification_batch, conv_net, regression_batch, relative_error, sinusoid_mlp
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
 CPU = torch.device("cpu")
@@ -24,14 +32,18 @@ def case(kind: str, generator: torch.Generator):
     """(model, loss name, batch): the sinusoid MLP (mse) or a small conv net (cross-entropy)."""
     if kind == "mlp":
         return sinusoid_mlp(), "mse", regression_batch(3, 5, 4, generator=generator)
-    return (conv_net(ways=3, channels=4, blocks=2, image=8), "cross_entropy",
-            classification_batch(3, 4, 5, (1, 8, 8), 3, generator=generator))
+    return (
+        conv_net(ways=3, channels=4, blocks=2, image=8),
+        "cross_entropy",
+        classification_batch(3, 4, 5, (1, 8, 8), 3, generator=generator),
+    )
 
 
 def rates_for(model, steps: int, learn, generator) -> InnerLearningRates:
     """Inner rates as MetaOptimizer builds them, learned ones moved off their common value."""
-    rates = InnerLearningRates({n: p.shape for n, p in model.named_parameters()}, steps, 0.05,
-                               learn, dtype=torch.float64)
+    rates = InnerLearningRates(
+        {n: p.shape for n, p in model.named_parameters()}, steps, 0.05, learn, dtype=torch.float64
+    )
     with torch.no_grad():
         for p in rates.parameters():
             p.mul_(1 + 0.5 * torch.rand(p.shape, dtype=p.dtype, generator=generator))
@@ -59,7 +71,9 @@ def test_meta_gradient_contract_and_backends_agree(kind, learn, first_order, see
         assert isinstance(step, MetaGradient)
         # The gradients of every parameter, then of every learned rate, named for messages;
         # nothing is written to .grad (MetaOptimizer decides what to do with them).
-        assert [id(t) for t in step.tensors] == [id(t) for t in [*params.values(), *rates.parameters()]]
+        assert [id(t) for t in step.tensors] == [
+            id(t) for t in [*params.values(), *rates.parameters()]
+        ]
         assert list(step.names) == [*params, *["inner_lr"] * len(list(rates.parameters()))]
         assert [g.shape for g in step.grads] == [t.shape for t in step.tensors]
         assert all(t.grad is None for t in step.tensors)
@@ -90,7 +104,8 @@ def test_fused_fixed_rate_op_equals_the_differentiable_path(kind, first_order, s
     backend = choose_backend("fused", model, resolve_loss(loss_name), CPU, torch.float64)
     step = backend.meta_gradient(params, rates, *batch, steps=3, first_order=first_order)
     meta_grad, rate_grads, query_loss, accuracy, support_loss = backend.differentiable_step(
-        params, rates, *batch, steps=3, first_order=first_order)
+        params, rates, *batch, steps=3, first_order=first_order
+    )
     assert rate_grads == ()
     assert relative_error(flat(step.grads), meta_grad) <= 1e-12, seed
     assert relative_error(step.query_loss, query_loss.mean()) <= 1e-12, seed
@@ -107,8 +122,9 @@ def test_non_finite_step_is_flagged(name, learn, seed):
     rates = rates_for(model, 1, learn, generator)
     backend = choose_backend(name, model, resolve_loss(loss_name), CPU, torch.float64)
     qx[1, 2, 0] = float("nan")
-    step = backend.meta_gradient(dict(model.named_parameters()), rates, sx, sy, qx, qy, steps=1,
-                                 first_order=False)
+    step = backend.meta_gradient(
+        dict(model.named_parameters()), rates, sx, sy, qx, qy, steps=1, first_order=False
+    )
     assert not bool(step.finite)
     assert not all(bool(torch.isfinite(g).all()) for g in step.grads)
 
@@ -147,7 +163,9 @@ def test_choose_backend_objects_and_the_fallback_reason():
     assert isinstance(choose_backend("reference", model, mse, CPU, torch.float64), ReferenceBackend)
     assert isinstance(choose_backend("auto", model, mse, CPU, torch.float64), FusedBackend)
     custom = resolve_loss(lambda out, y: (out - y).abs().mean())
-    with pytest.warns(UserWarning, match="backend='auto' uses the reference backend: a custom loss"):
+    with pytest.warns(
+        UserWarning, match="backend='auto' uses the reference backend: a custom loss"
+    ):
         fallback = choose_backend("auto", model, custom, CPU, torch.float64)
     assert isinstance(fallback, ReferenceBackend) and "custom loss" in fallback.reason
     with pytest.raises(ValueError, match="backend='fused' cannot run here: a custom loss"):
@@ -161,9 +179,13 @@ def test_only_the_fused_backend_on_a_gpu_defers_the_class_range():
     model = conv_net(ways=3, channels=4)
     program = choose_backend("fused", model, resolve_loss("mse"), CPU, torch.float64).program
     cuda = torch.device("cuda", 0)
-    assert FusedBackend(program, resolve_loss("cross_entropy"), cuda, torch.float32).defers_class_range
+    assert FusedBackend(
+        program, resolve_loss("cross_entropy"), cuda, torch.float32
+    ).defers_class_range
     assert not FusedBackend(program, resolve_loss("mse"), cuda, torch.float32).defers_class_range
-    assert not FusedBackend(program, resolve_loss("cross_entropy"), CPU, torch.float32).defers_class_range
+    assert not FusedBackend(
+        program, resolve_loss("cross_entropy"), CPU, torch.float32
+    ).defers_class_range
     assert not ReferenceBackend(model, resolve_loss("cross_entropy")).defers_class_range
 
 
@@ -172,8 +194,9 @@ def test_a_backend_is_picked_once_per_device_and_dtype(seed):
     # its one fallback warning), and keeps the earlier pick for the earlier dtype.
     model = sinusoid_mlp()
     with pytest.warns(UserWarning, match="custom loss"):
-        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1,
-                                     loss=lambda out, y: ((out - y) ** 2).mean())
+        opt = maml_ext.MetaOptimizer(
+            model, None, inner_lr=0.1, loss=lambda out, y: ((out - y) ** 2).mean()
+        )
     batch = regression_batch(2, 3, 3, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

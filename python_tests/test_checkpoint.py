@@ -1,4 +1,5 @@
 """Atomic checkpoint writes and maml_ext.experiments.load_checkpoint (no data needed)."""
+
 import os
 import signal
 import subprocess
@@ -79,8 +80,14 @@ _KILLED_WRITER = textwrap.dedent("""
 def test_kill_9_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path):
     target = tmp_path / "checkpoint.pt"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(target)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = child.stdout.readline()
         assert line.strip() == "MID-WRITE", child.stderr.read()
@@ -93,7 +100,9 @@ def test_kill_9_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path)
     assert child.returncode == -signal.SIGKILL
     # The half-written temporary is still there; the checkpoint itself is version 1, complete.
     strays = _stray_files(tmp_path, "checkpoint.pt")
-    assert len(strays) == 1 and strays[0].startswith(".checkpoint.pt.") and strays[0].endswith(".tmp")
+    assert (
+        len(strays) == 1 and strays[0].startswith(".checkpoint.pt.") and strays[0].endswith(".tmp")
+    )
     loaded = torch.load(target, weights_only=True)
     assert loaded["version"] == 1 and torch.equal(loaded["x"], torch.full((250_000,), 1.0))
     assert [p.name for p in remove_stale_temporaries(target)] == strays
@@ -101,8 +110,14 @@ def test_kill_9_in_the_middle_of_a_write_keeps_the_previous_checkpoint(tmp_path)
 
 
 def _checkpoint(preset, meta_optimizer) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "kind": "maml", "preset": preset.to_dict(),
-            "meta_optimizer": meta_optimizer.state_dict(), "settings": {}, "iteration": 3}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": "maml",
+        "preset": preset.to_dict(),
+        "meta_optimizer": meta_optimizer.state_dict(),
+        "settings": {},
+        "iteration": 3,
+    }
 
 
 def test_load_checkpoint_gives_a_ready_meta_optimizer(tmp_path):
@@ -112,14 +127,18 @@ def test_load_checkpoint_gives_a_ready_meta_optimizer(tmp_path):
     # Take one real outer step so that weights and Adam state are not the initial ones.
     x = torch.rand(2, 5, 1, 28, 28)
     y = torch.arange(5).repeat(2, 1)
-    trained.step(x, y, torch.rand(2, 10, 1, 28, 28), torch.arange(5).repeat_interleave(2).repeat(2, 1))
+    trained.step(
+        x, y, torch.rand(2, 10, 1, 28, 28), torch.arange(5).repeat_interleave(2).repeat(2, 1)
+    )
     path = tmp_path / "checkpoint.pt"
     save_atomic(_checkpoint(preset, trained), path)
 
     meta = load_checkpoint(path, backend="reference")
     assert isinstance(meta, MetaOptimizer)
     assert meta.inner_steps == 1 and meta.inner_lr.init == 0.4 and meta.backend == "reference"
-    for (name, mine), (_, theirs) in zip(meta.model.state_dict().items(), trained.model.state_dict().items()):
+    for (name, mine), (_, theirs) in zip(
+        meta.model.state_dict().items(), trained.model.state_dict().items()
+    ):
         assert torch.equal(mine, theirs), name
     saved_adam = trained.outer_optimizer.state_dict()["state"]
     loaded_adam = meta.outer_optimizer.state_dict()["state"]

@@ -3,6 +3,7 @@
 Runs use the real Omniglot images (the ``omniglot_root`` fixture) with tiny settings: a narrow
 network, 2 tasks per meta-batch, 2 queries per class, a few iterations, one CPU thread.
 """
+
 import dataclasses
 import json
 import math
@@ -36,9 +37,19 @@ def fewshot_cache(tmp_path_factory):
 
 
 def _train(root, cache, out, **options):
-    settings = dict(iterations=4, backend="reference", checkpoint_every=2, validate_every=0,
-                    val_tasks=5, log_every=1, cache_dir=cache, device="cpu", progress=False,
-                    verbose=False, cpu_threads=1)
+    settings = dict(
+        iterations=4,
+        backend="reference",
+        checkpoint_every=2,
+        validate_every=0,
+        val_tasks=5,
+        log_every=1,
+        cache_dir=cache,
+        device="cpu",
+        progress=False,
+        verbose=False,
+        cpu_threads=1,
+    )
     settings.update(options)
     return fewshot.train_fewshot(TINY, root, out, **settings)
 
@@ -60,7 +71,9 @@ def _tensors(tree, prefix=""):
     if isinstance(tree, torch.Tensor):
         return [(prefix, tree)]
     if isinstance(tree, dict):
-        return [item for key in sorted(tree, key=str) for item in _tensors(tree[key], f"{prefix}/{key}")]
+        return [
+            item for key in sorted(tree, key=str) for item in _tensors(tree[key], f"{prefix}/{key}")
+        ]
     return []
 
 
@@ -80,19 +93,30 @@ def straight_run(omniglot_root, fewshot_cache, tmp_path_factory):
 # --- presets ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, ways, shots, meta_batch, steps, lr, filters, paper_eval", [
-    ("omniglot-5w1s", 5, 1, 32, 1, 0.4, 64, 3),
-    ("omniglot-5w5s", 5, 5, 32, 1, 0.4, 64, 3),
-    ("omniglot-20w1s", 20, 1, 16, 5, 0.1, 64, 5),
-    ("omniglot-20w5s", 20, 5, 16, 5, 0.1, 64, 5),
-    ("miniimagenet-5w1s", 5, 1, 4, 5, 0.01, 32, 10),
-    ("miniimagenet-5w5s", 5, 5, 2, 5, 0.01, 32, 10),
-])
-def test_presets_hold_the_papers_settings(name, ways, shots, meta_batch, steps, lr, filters, paper_eval):
+@pytest.mark.parametrize(
+    "name, ways, shots, meta_batch, steps, lr, filters, paper_eval",
+    [
+        ("omniglot-5w1s", 5, 1, 32, 1, 0.4, 64, 3),
+        ("omniglot-5w5s", 5, 5, 32, 1, 0.4, 64, 3),
+        ("omniglot-20w1s", 20, 1, 16, 5, 0.1, 64, 5),
+        ("omniglot-20w5s", 20, 5, 16, 5, 0.1, 64, 5),
+        ("miniimagenet-5w1s", 5, 1, 4, 5, 0.01, 32, 10),
+        ("miniimagenet-5w5s", 5, 5, 2, 5, 0.01, 32, 10),
+    ],
+)
+def test_presets_hold_the_papers_settings(
+    name, ways, shots, meta_batch, steps, lr, filters, paper_eval
+):
     preset = get_preset(name)
-    assert (preset.ways, preset.shots, preset.meta_batch, preset.inner_steps, preset.inner_lr,
-            preset.filters, preset.paper_eval_steps) == (ways, shots, meta_batch, steps, lr, filters,
-                                                         paper_eval)
+    assert (
+        preset.ways,
+        preset.shots,
+        preset.meta_batch,
+        preset.inner_steps,
+        preset.inner_lr,
+        preset.filters,
+        preset.paper_eval_steps,
+    ) == (ways, shots, meta_batch, steps, lr, filters, paper_eval)
     assert preset.queries == 15 and preset.outer_lr == 1e-3 and preset.iterations == 60000
     assert not preset.first_order
     notes = " ".join(preset.notes)
@@ -147,14 +171,16 @@ def test_resume_is_bit_for_bit(straight_run, omniglot_root, fewshot_cache, tmp_p
     straight, _ = straight_run
     _train(omniglot_root, fewshot_cache, tmp_path, stop_after=2)
     assert read_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 2
-    fewshot.train_fewshot(TINY, None, tmp_path, resume=True, progress=False, verbose=False,
-                          cpu_threads=1)
+    fewshot.train_fewshot(
+        TINY, None, tmp_path, resume=True, progress=False, verbose=False, cpu_threads=1
+    )
     _assert_same_weights(_weights(straight / "checkpoint.pt"), _weights(tmp_path / "checkpoint.pt"))
     assert _log_without_times(tmp_path / "log.jsonl") == _log_without_times(straight / "log.jsonl")
 
 
 def test_a_crash_while_checkpointing_loses_only_the_last_iterations(
-        straight_run, omniglot_root, fewshot_cache, tmp_path, monkeypatch):
+    straight_run, omniglot_root, fewshot_cache, tmp_path, monkeypatch
+):
     straight, _ = straight_run
     real_save = torch.save
 
@@ -175,9 +201,12 @@ def test_a_crash_while_checkpointing_loses_only_the_last_iterations(
     with pytest.raises(ConfigurationError, match="--resume"):
         _train(omniglot_root, fewshot_cache, tmp_path)  # would overwrite the run
     with pytest.raises(ConfigurationError, match="seed"):
-        fewshot.train_fewshot(TINY, None, tmp_path, resume=True, seed=1, progress=False, verbose=False)
-    fewshot.train_fewshot(TINY, None, tmp_path, resume=True, progress=False, verbose=False,
-                          cpu_threads=1)
+        fewshot.train_fewshot(
+            TINY, None, tmp_path, resume=True, seed=1, progress=False, verbose=False
+        )
+    fewshot.train_fewshot(
+        TINY, None, tmp_path, resume=True, progress=False, verbose=False, cpu_threads=1
+    )
     _assert_same_weights(_weights(straight / "checkpoint.pt"), _weights(tmp_path / "checkpoint.pt"))
     assert _log_without_times(tmp_path / "log.jsonl") == _log_without_times(straight / "log.jsonl")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -200,11 +229,21 @@ def test_resume_without_a_checkpoint_and_missing_data_error_clearly(omniglot_roo
 def test_eval_reports_every_step_with_confidence_intervals(straight_run, tmp_path):
     out, _ = straight_run
     json_path = tmp_path / "eval.json"
-    report = fewshot.evaluate_checkpoint(out / "checkpoint.pt", tasks=30, steps=3, seed=5,
-                                         out=json_path, backend="reference", device="cpu",
-                                         baseline=True, baseline_iterations=3,
-                                         baseline_path=tmp_path / "baseline.pt", progress=False,
-                                         verbose=False, cpu_threads=1)
+    report = fewshot.evaluate_checkpoint(
+        out / "checkpoint.pt",
+        tasks=30,
+        steps=3,
+        seed=5,
+        out=json_path,
+        backend="reference",
+        device="cpu",
+        baseline=True,
+        baseline_iterations=3,
+        baseline_path=tmp_path / "baseline.pt",
+        progress=False,
+        verbose=False,
+        cpu_threads=1,
+    )
     written = json.loads(json_path.read_text())
     assert written["results"] == report["results"]
     assert written["tasks"] == 30 and written["steps"] == 3 and written["split"] == "test"
@@ -218,26 +257,45 @@ def test_eval_reports_every_step_with_confidence_intervals(straight_run, tmp_pat
     assert written["results"]["baseline"]["0"]["accuracy"] == pytest.approx(1 / 5)
     assert written["results"]["maml"]["1"]["ci95"] > 0
     # The same seed gives the same tasks; the first tasks of a longer run are a shorter run's.
-    again = fewshot.evaluate_checkpoint(out / "checkpoint.pt", tasks=30, steps=1, seed=5, out="",
-                                        backend="reference", device="cpu", progress=False,
-                                        verbose=False, cpu_threads=1)
+    again = fewshot.evaluate_checkpoint(
+        out / "checkpoint.pt",
+        tasks=30,
+        steps=1,
+        seed=5,
+        out="",
+        backend="reference",
+        device="cpu",
+        progress=False,
+        verbose=False,
+        cpu_threads=1,
+    )
     assert again["results"]["maml"]["1"] == written["results"]["maml"]["1"]
     assert (tmp_path / "baseline.pt").is_file()
 
 
-def test_load_checkpoint_adapts_and_predicts_like_the_evaluation(straight_run, omniglot_root, fewshot_cache):
+def test_load_checkpoint_adapts_and_predicts_like_the_evaluation(
+    straight_run, omniglot_root, fewshot_cache
+):
     out, _ = straight_run
     meta = load_checkpoint(out / "checkpoint.pt", backend="reference")
     assert isinstance(meta, MetaOptimizer) and meta.inner_lr.init == TINY.inner_lr
     test = fewshot.load_split(TINY, omniglot_root, "test", cache_dir=fewshot_cache)
-    batch = TaskSampler(test, ways=TINY.ways, shots=TINY.shots, queries=TINY.queries, meta_batch=3,
-                        seed=0, device="cpu").sample()
+    batch = TaskSampler(
+        test,
+        ways=TINY.ways,
+        shots=TINY.shots,
+        queries=TINY.queries,
+        meta_batch=3,
+        seed=0,
+        device="cpu",
+    ).sample()
     adapted = meta.adapt(batch.support_x, batch.support_y, steps=2)
     logits = meta.predict(adapted, batch.query_x)
     assert logits.shape == (3, 5 * TINY.queries, 5)
     accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
-    expected = fewshot.per_step_accuracy(meta, batch.support_x, batch.support_y, batch.query_x,
-                                         batch.query_y, [2])[2]["accuracy"]
+    expected = fewshot.per_step_accuracy(
+        meta, batch.support_x, batch.support_y, batch.query_x, batch.query_y, [2]
+    )[2]["accuracy"]
     assert torch.equal(accuracy, expected)
 
 
@@ -260,12 +318,32 @@ def test_cli_errors_clearly_on_missing_or_wrong_data(capsys, tmp_path):
 
     for argv, message in [
         (["train", "omniglot-5w1s", "--out", str(tmp_path / "a")], "needs --data-dir"),
-        (["train", "omniglot-5w1s", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b")],
-         "does not exist"),
+        (
+            [
+                "train",
+                "omniglot-5w1s",
+                "--data-dir",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "b"),
+            ],
+            "does not exist",
+        ),
         (["train", "sinusoid", "--data-dir", str(tmp_path)], "sinusoid does not take --data-dir"),
         (["eval", str(tmp_path / "missing.pt")], "no checkpoint at"),
-        (["train", "omniglot-5w1s", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c"),
-          "--split-by", "drawer"], "invalid choice: 'drawer'"),
+        (
+            [
+                "train",
+                "omniglot-5w1s",
+                "--data-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "c"),
+                "--split-by",
+                "drawer",
+            ],
+            "invalid choice: 'drawer'",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
@@ -278,13 +356,54 @@ def test_cli_passes_the_fewshot_options(monkeypatch):
     from maml_ext.cli import main
 
     calls = []
-    monkeypatch.setattr(fewshot, "train_fewshot", lambda name, **options: calls.append((name, options)) or {})
-    assert main(["train", "omniglot-20w1s", "--data-dir", "data", "--out", "o", "--iterations", "9",
-                 "--first-order", "--meta-batch", "4", "--seed", "2", "--checkpoint-every", "3",
-                 "--validate-every", "5", "--split-by", "alphabet", "--backend", "fused"]) == 0
-    assert calls == [("omniglot-20w1s", dict(
-        data_dir="data", out_dir="o", iterations=9, first_order=True, meta_batch=4, seed=2,
-        checkpoint_every=3, validate_every=5, split_by="alphabet", backend="fused"))]
+    monkeypatch.setattr(
+        fewshot, "train_fewshot", lambda name, **options: calls.append((name, options)) or {}
+    )
+    assert (
+        main(
+            [
+                "train",
+                "omniglot-20w1s",
+                "--data-dir",
+                "data",
+                "--out",
+                "o",
+                "--iterations",
+                "9",
+                "--first-order",
+                "--meta-batch",
+                "4",
+                "--seed",
+                "2",
+                "--checkpoint-every",
+                "3",
+                "--validate-every",
+                "5",
+                "--split-by",
+                "alphabet",
+                "--backend",
+                "fused",
+            ]
+        )
+        == 0
+    )
+    assert calls == [
+        (
+            "omniglot-20w1s",
+            dict(
+                data_dir="data",
+                out_dir="o",
+                iterations=9,
+                first_order=True,
+                meta_batch=4,
+                seed=2,
+                checkpoint_every=3,
+                validate_every=5,
+                split_by="alphabet",
+                backend="fused",
+            ),
+        )
+    ]
     calls.clear()
     assert main(["train", "omniglot-5w1s", "--out", "o", "--resume"]) == 0
     assert calls == [("omniglot-5w1s", dict(out_dir="o", resume=True))]
@@ -295,8 +414,25 @@ def test_cli_eval_writes_json(straight_run, tmp_path, capsys):
 
     out, _ = straight_run
     json_path = tmp_path / "result.json"
-    assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "5", "--steps", "1", "--seed", "3",
-                 "--backend", "reference", "--out", str(json_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "checkpoint.pt"),
+                "--tasks",
+                "5",
+                "--steps",
+                "1",
+                "--seed",
+                "3",
+                "--backend",
+                "reference",
+                "--out",
+                str(json_path),
+            ]
+        )
+        == 0
+    )
     written = json.loads(json_path.read_text())
     assert written["tasks"] == 5 and sorted(written["results"]["maml"]) == ["0", "1"]
     printed = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """MiniImageNet on small datasets built here in the two usual layouts."""
+
 import csv
 import os
 import pickle
@@ -9,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maml_ext.tasks import MiniImageNet, TaskSampler
-from maml_ext.tasks import DatasetError
+from maml_ext.tasks import DatasetError, MiniImageNet, TaskSampler
 from maml_ext.tasks.miniimagenet import MINI_IMAGENET_MEAN, MINI_IMAGENET_STD
 
 CLASSES = {
@@ -48,11 +48,13 @@ def write_pickle_layout(root: Path, seed: int = 0) -> dict:
         count = len(CLASSES[split]) * IMAGES_PER_CLASS
         order = rng.permutation(count)
         class_dict = {
-            wnid: order[i * IMAGES_PER_CLASS:(i + 1) * IMAGES_PER_CLASS].tolist()
+            wnid: order[i * IMAGES_PER_CLASS : (i + 1) * IMAGES_PER_CLASS].tolist()
             for i, wnid in enumerate(CLASSES[split])
         }
-        data = {"image_data": rng.integers(0, 256, (count, 84, 84, 3), dtype=np.uint8),
-                "class_dict": class_dict}
+        data = {
+            "image_data": rng.integers(0, 256, (count, 84, 84, 3), dtype=np.uint8),
+            "class_dict": class_dict,
+        }
         with open(root / f"mini-imagenet-cache-{file_split}.pkl", "wb") as file:
             pickle.dump(data, file, protocol=4)
         contents[split] = data
@@ -153,8 +155,10 @@ def test_csv_is_preferred_and_layout_can_be_chosen(csv_root, tmp_path):
 
 
 def test_python2_pickles_are_read(tmp_path):
-    data = {"image_data": np.zeros((2, 84, 84, 3), dtype=np.uint8),
-            "class_dict": {"n\u00e9": [0, 1]}}
+    data = {
+        "image_data": np.zeros((2, 84, 84, 3), dtype=np.uint8),
+        "class_dict": {"n\u00e9": [0, 1]},
+    }
     payload = pickle.dumps(data, protocol=2)
     # Python 2 wrote its str keys as byte strings (SHORT_BINSTRING), which Python 3 cannot decode
     # as ASCII: swap the key's unicode opcode for one.
@@ -186,9 +190,12 @@ def test_sampler_draws_normalised_rgb_tasks(tmp_path):
     first = batch.support_x[0, 0]
     assert any(torch.allclose(first, candidate, atol=1e-6) for candidate in candidates)
 
-    with pytest.raises(ValueError, match=r"2-shot tasks with 4 queries need 6 images per class, "
-                                         r"but 3 of 3 classes have fewer; the smallest, "
-                                         r"'n01532829', has 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"2-shot tasks with 4 queries need 6 images per class, "
+        r"but 3 of 3 classes have fewer; the smallest, "
+        r"'n01532829', has 5",
+    ):
         TaskSampler(data, ways=3, shots=2, queries=4, meta_batch=1)
     with pytest.raises(ValueError, match="5-way tasks need 5 classes, but the dataset has 3$"):
         TaskSampler(data, ways=5, shots=1, queries=1, meta_batch=1)
@@ -201,9 +208,12 @@ def test_sampler_draws_normalised_rgb_tasks(tmp_path):
 def test_missing_root_and_missing_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="miniImageNet root .*absent is not a folder"):
         MiniImageNet(tmp_path / "absent", "train")
-    with pytest.raises(FileNotFoundError, match=r"no miniImageNet 'val' split in .*: expected "
-                                                r"val\.csv with an images/ folder, or "
-                                                r"mini-imagenet-cache-validation\.pkl"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no miniImageNet 'val' split in .*: expected "
+        r"val\.csv with an images/ folder, or "
+        r"mini-imagenet-cache-validation\.pkl",
+    ):
         MiniImageNet(tmp_path, "val")
     with pytest.raises(FileNotFoundError, match=r"mini-imagenet-cache-train\.pkl is missing"):
         MiniImageNet(tmp_path, "train", layout="pickle")
@@ -213,8 +223,11 @@ def test_missing_root_and_missing_layout(tmp_path):
 
 def test_csv_with_a_wrong_header(csv_root):
     (csv_root / "train.csv").write_text("image,class\na.jpg,n1\n")
-    with pytest.raises(DatasetError, match=r"train\.csv: expected the header 'filename,label', "
-                                           r"found \['image', 'class'\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"train\.csv: expected the header 'filename,label', "
+        r"found \['image', 'class'\]",
+    ):
         MiniImageNet(csv_root, "train", cache=False)
 
 
@@ -228,8 +241,11 @@ def test_csv_with_a_bad_row(csv_root):
 def test_csv_naming_a_missing_image(csv_root):
     missing = csv_root / "images" / f"{CLASSES['test'][1]}00000003.jpg"
     missing.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"1 images listed in .*test\.csv are missing, "
-                                                rf"e\.g\. {missing}"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"1 images listed in .*test\.csv are missing, "
+        rf"e\.g\. {missing}",
+    ):
         MiniImageNet(csv_root, "test", cache=False)
 
 
@@ -261,12 +277,18 @@ def test_corrupt_pickle_names_the_file(tmp_path):
     [
         ([1, 2, 3], r"expected a dict with 'image_data' .* found list"),
         ({"images": 1, "labels": 2}, r"expected a dict .*; found \['images', 'labels'\]"),
-        ({"image_data": np.zeros((2, 32, 32, 3), np.uint8), "class_dict": {"n1": [0, 1]}},
-         r"'image_data' is uint8 \(2, 32, 32, 3\); expected"),
-        ({"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"n1": [0, 5]}},
-         r"class_dict\['n1'\] holds indices outside 0\.\.1"),
-        ({"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"a": [0], "b": [0]}},
-         "class_dict lists some images under several classes"),
+        (
+            {"image_data": np.zeros((2, 32, 32, 3), np.uint8), "class_dict": {"n1": [0, 1]}},
+            r"'image_data' is uint8 \(2, 32, 32, 3\); expected",
+        ),
+        (
+            {"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"n1": [0, 5]}},
+            r"class_dict\['n1'\] holds indices outside 0\.\.1",
+        ),
+        (
+            {"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"a": [0], "b": [0]}},
+            "class_dict lists some images under several classes",
+        ),
     ],
 )
 def test_pickle_with_the_wrong_structure(tmp_path, content, message):

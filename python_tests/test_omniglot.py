@@ -1,4 +1,5 @@
 """The Omniglot loader, on the real minimal archives and on small archives made here."""
+
 import io
 import os
 import zipfile
@@ -10,13 +11,18 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from maml_ext.tasks import Omniglot, omniglot_image
-from maml_ext.tasks import DatasetError
+from maml_ext.tasks import DatasetError, Omniglot, omniglot_image
 from maml_ext.tasks.omniglot import _split_counts
 
 SMALL1, SMALL2 = "images_background_small1", "images_background_small2"
 ALL_ALPHABETS = [
-    "Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean", "Latin", "Sanskrit",
+    "Balinese",
+    "Early_Aramaic",
+    "Greek",
+    "Japanese_(katakana)",
+    "Korean",
+    "Latin",
+    "Sanskrit",
     "Tagalog",
 ]
 
@@ -62,8 +68,9 @@ def write_archive(path: Path, characters, drawings=3, seed=0, top=None, extra=No
                 member = f"{alphabet}/{character}/0000_{d + 1:02d}.png"
                 # Seeded by the names, so a character is drawn alike in every archive.
                 name_seed = zlib.crc32(f"{alphabet}/{character}".encode())
-                archive.writestr(f"{top}/{member}" if top else member,
-                                 drawing_png(name_seed + 1000 * seed + d))
+                archive.writestr(
+                    f"{top}/{member}" if top else member, drawing_png(name_seed + 1000 * seed + d)
+                )
         for member, data in (extra or {}).items():
             archive.writestr(member, data)
     return path
@@ -146,15 +153,21 @@ def test_unpacked_folder_reads_like_the_zip(omniglot_root, omniglot_cache, tmp_p
         greek = [name for name in archive.namelist() if "/Greek/" in name]
         archive.extractall(tmp_path / "data", members=greek)
     from_folder = Omniglot(tmp_path / "data", "all", cache_dir=tmp_path / "cache")
-    from_zip = load(omniglot_root, "train", alphabets={"train": ["Greek"]}, archives=[SMALL1],
-                    cache_dir=omniglot_cache)
+    from_zip = load(
+        omniglot_root,
+        "train",
+        alphabets={"train": ["Greek"]},
+        archives=[SMALL1],
+        cache_dir=omniglot_cache,
+    )
     assert from_folder.archives == [tmp_path / "data" / SMALL1]
     assert from_folder.num_characters == 24
     assert from_folder.characters == from_zip.characters
     assert torch.equal(from_folder.images, from_zip.images)
     assert torch.equal(from_folder.labels, from_zip.labels)
-    assert from_folder.drawings[0] == str(tmp_path / "data" / SMALL1 / "Greek" / "character01"
-                                          / "0394_01.png")
+    assert from_folder.drawings[0] == str(
+        tmp_path / "data" / SMALL1 / "Greek" / "character01" / "0394_01.png"
+    )
     # The unpacked folder itself may be the root, too.
     direct = Omniglot(tmp_path / "data" / SMALL1, "all", cache_dir=tmp_path / "cache")
     assert direct.from_cache and torch.equal(direct.images, from_zip.images)
@@ -231,8 +244,11 @@ def test_seeded_split_by_alphabet_keeps_alphabets_whole(everything, omniglot_roo
     again = load(omniglot_root, "train", split_by="alphabet", seed=3, cache_dir=omniglot_cache)
     assert again.alphabets == parts["train"].alphabets
     other_seeds = {
-        tuple(load(omniglot_root, "test", split_by="alphabet", seed=s,
-                   cache_dir=omniglot_cache).alphabets)
+        tuple(
+            load(
+                omniglot_root, "test", split_by="alphabet", seed=s, cache_dir=omniglot_cache
+            ).alphabets
+        )
         for s in range(4)
     }
     assert len(other_seeds) > 1
@@ -252,11 +268,16 @@ def test_explicit_alphabet_lists(omniglot_root, omniglot_cache):
     with pytest.raises(ValueError, match=r"'Klingon'.*available: Balinese, Early_Aramaic"):
         load(omniglot_root, "train", alphabets={"train": ["Klingon"]}, cache_dir=omniglot_cache)
     with pytest.raises(ValueError, match=r"'Greek' is listed for both 'train' and 'test'"):
-        load(omniglot_root, "train", alphabets={"train": ["Greek"], "test": ["Greek"]},
-             cache_dir=omniglot_cache)
+        load(
+            omniglot_root,
+            "train",
+            alphabets={"train": ["Greek"], "test": ["Greek"]},
+            cache_dir=omniglot_cache,
+        )
     with pytest.raises(ValueError, match="split by alphabet"):
-        load(omniglot_root, "train", alphabets=lists, split_by="character",
-             cache_dir=omniglot_cache)
+        load(
+            omniglot_root, "train", alphabets=lists, split_by="character", cache_dir=omniglot_cache
+        )
 
 
 @pytest.mark.parametrize(
@@ -318,8 +339,11 @@ def test_identical_copies_count_once_and_different_ones_are_an_error(tmp_path):
 
     # The same names with other drawings: the loader cannot tell which to believe.
     write_archive(tmp_path / "images_background_b.zip", TOY[1:], seed=5)
-    with pytest.raises(DatasetError, match=r"Alpha/character02 differs between .*_a\.zip and "
-                                           r".*_b\.zip"):
+    with pytest.raises(
+        DatasetError,
+        match=r"Alpha/character02 differs between .*_a\.zip and "
+        r".*_b\.zip",
+    ):
         Omniglot(tmp_path, "all", cache=False)
 
 
@@ -333,8 +357,11 @@ def test_zip_is_preferred_over_its_unpacked_folder(tmp_path):
 
 
 def test_non_image_files_are_ignored(tmp_path):
-    extra = {"images_background/README.txt": b"hello", "__MACOSX/images_background/x.png": b"",
-             "images_background/Alpha/.DS_Store": b"junk"}
+    extra = {
+        "images_background/README.txt": b"hello",
+        "__MACOSX/images_background/x.png": b"",
+        "images_background/Alpha/.DS_Store": b"junk",
+    }
     write_archive(tmp_path / "images_background.zip", TOY, extra=extra)
     assert Omniglot(tmp_path, "all", cache=False).images.shape[0] == 9
 
@@ -360,25 +387,37 @@ def test_corrupt_png_in_a_folder_names_the_file(tmp_path):
 
 
 def test_missing_root_and_missing_archives(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"Omniglot root {tmp_path / 'absent'} does not "
-                                                r"exist.*images_background\*\.zip"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"Omniglot root {tmp_path / 'absent'} does not "
+        r"exist.*images_background\*\.zip",
+    ):
         Omniglot(tmp_path / "absent", "all")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no Omniglot archives in .*empty.*"
-                                                r"images_evaluation\*\.zip"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no Omniglot archives in .*empty.*"
+        r"images_evaluation\*\.zip",
+    ):
         Omniglot(tmp_path / "empty", "all")
     write_archive(tmp_path / "images_background.zip", TOY)
-    with pytest.raises(FileNotFoundError, match=r"no Omniglot archive 'images_evaluation' in .*"
-                                                r"looked for .*images_evaluation\.zip"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no Omniglot archive 'images_evaluation' in .*"
+        r"looked for .*images_evaluation\.zip",
+    ):
         Omniglot(tmp_path, "all", archives=["images_evaluation"])
 
 
 def test_wrong_layout_says_what_was_expected(tmp_path):
     # The drawings sit directly under the alphabets: no top folder.
     write_archive(tmp_path / "images_background.zip", TOY, top="")
-    with pytest.raises(DatasetError, match=r"Alpha/character01/0000_01\.png: a drawing at the "
-                                           r"wrong depth; expected <archive>/<Alphabet>/"
-                                           r"<characterNN>/"):
+    with pytest.raises(
+        DatasetError,
+        match=r"Alpha/character01/0000_01\.png: a drawing at the "
+        r"wrong depth; expected <archive>/<Alphabet>/"
+        r"<characterNN>/",
+    ):
         Omniglot(tmp_path, "all", cache=False)
     with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as archive:
         archive.writestr("images_evaluation/notes.txt", "no drawings here")

@@ -1,6 +1,8 @@
 """The core needs only torch and numpy: tqdm, matplotlib and PIL (the ``experiments`` extra) are
-made unimportable in a fresh interpreter, which must still import maml_ext and meta-train; what needs the
+made unimportable in a fresh interpreter, which must still import maml_ext and meta-train;
+what needs the
 extra must say so, naming it and the pip command."""
+
 import json
 import os
 import subprocess
@@ -90,11 +92,17 @@ def test_the_core_runs_without_the_experiments_extra(tmp_path):
     drawings = _one_drawing_archive(tmp_path / "omniglot")
     out_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(out_dir), str(drawings)], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(out_dir), str(drawings)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == 0, child.stderr
     [line] = [line for line in child.stdout.splitlines() if line.startswith("REPORT ")]
-    report = json.loads(line[len("REPORT "):])
+    report = json.loads(line[len("REPORT ") :])
 
     for backend, (loss, moved) in report["losses"].items():
         assert loss == loss and loss > 0 and moved, backend  # finite, and Adam moved the weights

@@ -1,15 +1,23 @@
 """The reference backend against an independent per-task loop, finite differences, and its API."""
+
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from maml_test_utils import (
+    all_grads,
+    classification_batch,
+    conv_net,
+    perturb_rates,
+    regression_batch,
+    relative_error,
+    sinusoid_mlp,
+)
 from torch import nn
 from torch.func import functional_call
 
 import maml_ext
-from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
-                             regression_batch, relative_error, sinusoid_mlp)
 
 
 def independent_meta_gradient(model, inner_lr, steps, first_order, loss_fn, sx, sy, qx, qy):
@@ -50,8 +58,15 @@ def test_reference_matches_independent_loop(case, steps, first_order, seed):
     model = make_model()
     batch = make_batch(case, generator)
     expected = independent_meta_gradient(model, 0.1, steps, first_order, loss_fn, *batch)
-    opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, inner_steps=steps,
-                                 first_order=first_order, loss=loss_name, backend="reference")
+    opt = maml_ext.MetaOptimizer(
+        model,
+        None,
+        inner_lr=0.1,
+        inner_steps=steps,
+        first_order=first_order,
+        loss=loss_name,
+        backend="reference",
+    )
     opt.meta_gradient(*batch)
     assert relative_error(all_grads(opt), expected) < 1e-10
 
@@ -62,8 +77,15 @@ def test_first_order_differs_from_second_order():
     grads = []
     for first_order in (False, True):
         model.zero_grad()
-        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, inner_steps=2, loss="mse",
-                                     first_order=first_order, backend="reference")
+        opt = maml_ext.MetaOptimizer(
+            model,
+            None,
+            inner_lr=0.1,
+            inner_steps=2,
+            loss="mse",
+            first_order=first_order,
+            backend="reference",
+        )
         opt.meta_gradient(*batch)
         grads.append(all_grads(opt).clone())
     assert relative_error(grads[1], grads[0]) > 1e-6  # the Hessian term is really dropped
@@ -76,8 +98,15 @@ def test_rate_gradient_matches_central_differences(learn, case, seed):
     make_model, loss_name, _ = CASES[case]
     model = make_model()
     batch = make_batch(case, generator)
-    opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, inner_steps=2, loss=loss_name,
-                                 learn_inner_lr=learn, backend="reference")
+    opt = maml_ext.MetaOptimizer(
+        model,
+        None,
+        inner_lr=0.05,
+        inner_steps=2,
+        loss=loss_name,
+        learn_inner_lr=learn,
+        backend="reference",
+    )
     perturb_rates(opt, generator)
     opt.meta_gradient(*batch)
     rates = list(opt.inner_lr.parameters())
@@ -90,8 +119,9 @@ def test_rate_gradient_matches_central_differences(learn, case, seed):
                 r.add_(scale * d)
         try:
             params = dict(model.named_parameters())
-            return maml_ext.reference.meta_loss(model, params, opt.inner_lr, *batch, steps=2,
-                                                first_order=False, loss=opt.loss).loss.item()
+            return maml_ext.reference.meta_loss(
+                model, params, opt.inner_lr, *batch, steps=2, first_order=False, loss=opt.loss
+            ).loss.item()
         finally:
             with torch.no_grad():
                 for r, d in zip(rates, direction):
@@ -108,9 +138,13 @@ def test_step_applies_outer_optimizer_and_reports():
     model = conv_net(ways=4, channels=4)
     before = copy.deepcopy(model.state_dict())
     outer = torch.optim.SGD(model.parameters(), lr=0.1)
-    opt = maml_ext.MetaOptimizer(model, outer, inner_lr=0.2, loss="cross_entropy", backend="reference")
+    opt = maml_ext.MetaOptimizer(
+        model, outer, inner_lr=0.2, loss="cross_entropy", backend="reference"
+    )
     batch = classification_batch(2, 4, 6, (1, 8, 8), 4)
-    expected = independent_meta_gradient(copy.deepcopy(model), 0.2, 1, False, F.cross_entropy, *batch)
+    expected = independent_meta_gradient(
+        copy.deepcopy(model), 0.2, 1, False, F.cross_entropy, *batch
+    )
     result = opt.step(*batch)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     start = torch.cat([before[n].reshape(-1) for n, _ in model.named_parameters()])
@@ -121,8 +155,9 @@ def test_step_applies_outer_optimizer_and_reports():
 
 def test_adapt_then_predict_reproduces_query_loss():
     model = sinusoid_mlp()
-    opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, inner_steps=2, loss="mse",
-                                 backend="reference")
+    opt = maml_ext.MetaOptimizer(
+        model, None, inner_lr=0.05, inner_steps=2, loss="mse", backend="reference"
+    )
     batch = regression_batch(3, 8, 5, generator=torch.Generator().manual_seed(5))
     result = opt.meta_gradient(*batch)
     adapted = opt.adapt(batch[0], batch[1])
@@ -133,12 +168,16 @@ def test_adapt_then_predict_reproduces_query_loss():
     assert abs(query_loss.item() - result.query_loss.item()) < 1e-12
     # with the paper's small rate, more steps keep lowering the support loss
     small = maml_ext.MetaOptimizer(model, None, inner_lr=0.01, loss="mse", backend="reference")
-    support_loss = [((small.predict(small.adapt(batch[0], batch[1], steps=k), batch[0]) - batch[1]) ** 2).mean()
-                    for k in (1, 10)]
+    support_loss = [
+        ((small.predict(small.adapt(batch[0], batch[1], steps=k), batch[0]) - batch[1]) ** 2).mean()
+        for k in (1, 10)
+    ]
     assert support_loss[1].item() < support_loss[0].item() < result.support_loss.item()
 
 
 def test_running_stats_batch_norm_is_rejected():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2)
+    )
     with pytest.raises(ValueError, match=r"'1'.*track_running_stats=False"):
         maml_ext.MetaOptimizer(model, None, inner_lr=0.1)

@@ -1,4 +1,5 @@
 """maml_ext.experiments.reporting (run log, tables) and the atomic writes under it."""
+
 import csv
 import json
 import stat
@@ -54,12 +55,16 @@ def test_write_text_atomic_gives_the_mode_open_would(tmp_path):
     with open(tmp_path / "plain.txt", "w"):
         pass
     assert path.read_text() == "{}\n"
-    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(
+        (tmp_path / "plain.txt").stat().st_mode
+    )
 
 
 def test_accuracy_table_marks_the_papers_row_and_leaves_missing_cells_empty():
-    results = {"maml": {"0": {"accuracy": 0.2, "ci95": 0.01}, "1": {"accuracy": 0.9, "ci95": 0.02}},
-               "baseline": {"0": {"accuracy": 0.2, "ci95": 0.0}}}
+    results = {
+        "maml": {"0": {"accuracy": 0.2, "ci95": 0.01}, "1": {"accuracy": 0.9, "ci95": 0.02}},
+        "baseline": {"0": {"accuracy": 0.2, "ci95": 0.0}},
+    }
     lines = accuracy_table(results, mark_steps=1).splitlines()
     assert lines[0].split() == ["steps", "maml", "baseline"]
     assert set(lines[1]) <= {"-", " "}

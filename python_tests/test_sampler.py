@@ -1,4 +1,5 @@
 """TaskSampler: shapes, labels, reproducibility and errors, on real Omniglot and on toy datasets."""
+
 import io
 import itertools
 import types
@@ -21,8 +22,12 @@ def toy_dataset(class_sizes, rotations=1, side=4):
     """Images whose every pixel holds the image's index, so a batch says where it came from."""
     labels = torch.repeat_interleave(torch.arange(len(class_sizes)), torch.tensor(class_sizes))
     count = labels.numel()
-    images = torch.arange(count, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(
-        count, 1, side, side).contiguous()
+    images = (
+        torch.arange(count, dtype=torch.float32)
+        .reshape(-1, 1, 1, 1)
+        .expand(count, 1, side, side)
+        .contiguous()
+    )
     return types.SimpleNamespace(images=images, labels=labels, rotations=rotations)
 
 
@@ -44,8 +49,9 @@ def assert_batches_equal(first: TaskBatch, second: TaskBatch) -> None:
     "ways, shots, queries, tasks", [(5, 1, 15, 4), (20, 1, 5, 2), (5, 5, 15, 3)]
 )
 def test_batch_shapes_and_labels(omniglot_train, ways, shots, queries, tasks):
-    sampler = TaskSampler(omniglot_train, ways=ways, shots=shots, queries=queries,
-                          meta_batch=tasks, seed=0)
+    sampler = TaskSampler(
+        omniglot_train, ways=ways, shots=shots, queries=queries, meta_batch=tasks, seed=0
+    )
     batch = sampler.sample()
     assert isinstance(batch, TaskBatch)
     assert batch.support_x.shape == (tasks, ways * shots, 1, 28, 28)
@@ -71,8 +77,12 @@ def test_images_come_from_their_class_turned_by_its_rotation(omniglot_train):
         for label in range(5):
             class_id = int(batch.classes[task, label])
             candidates = torch.rot90(images[labels == class_id // 4], class_id % 4, dims=(-2, -1))
-            drawn = torch.cat([batch.support_x[task, batch.support_y[task] == label],
-                               batch.query_x[task, batch.query_y[task] == label]])
+            drawn = torch.cat(
+                [
+                    batch.support_x[task, batch.support_y[task] == label],
+                    batch.query_x[task, batch.query_y[task] == label],
+                ]
+            )
             # Each drawn image equals exactly one drawing of the class: distinct drawings.
             matches = (drawn[:, None] == candidates[None]).flatten(2).all(dim=2)
             assert torch.all(matches.sum(dim=1) == 1)
@@ -120,14 +130,20 @@ def test_state_dict_resumes_with_the_same_next_batch(omniglot_train):
 
 def test_too_many_ways_says_how_many_classes_there_are(omniglot_train):
     assert omniglot_train.num_classes == 164 * 4
-    with pytest.raises(ValueError, match=r"700-way tasks need 700 classes, but the dataset has "
-                                         r"656 \(164 × 4 rotations\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"700-way tasks need 700 classes, but the dataset has "
+        r"656 \(164 × 4 rotations\)",
+    ):
         TaskSampler(omniglot_train, ways=700, shots=1, queries=1, meta_batch=1)
 
 
 def test_too_many_shots_says_how_many_images_there_are(omniglot_train):
-    with pytest.raises(ValueError, match=r"5-shot tasks with 16 queries need 21 images per class, "
-                                         r"but 164 of 164 classes have fewer; .* has 20"):
+    with pytest.raises(
+        ValueError,
+        match=r"5-shot tasks with 16 queries need 21 images per class, "
+        r"but 164 of 164 classes have fewer; .* has 20",
+    ):
         TaskSampler(omniglot_train, ways=5, shots=5, queries=16, meta_batch=1)
 
 
@@ -143,8 +159,12 @@ def test_classes_of_different_sizes_use_every_image_and_never_padding():
         support, query = source_index(batch.support_x), source_index(batch.query_x)
         for task in range(16):
             for label in range(4):
-                drawn = torch.cat([support[task, batch.support_y[task] == label],
-                                   query[task, batch.query_y[task] == label]])
+                drawn = torch.cat(
+                    [
+                        support[task, batch.support_y[task] == label],
+                        query[task, batch.query_y[task] == label],
+                    ]
+                )
                 assert drawn.unique().numel() == 3
                 assert torch.all(data.labels[drawn] == batch.classes[task, label])
                 seen.update(drawn.tolist())
@@ -157,11 +177,13 @@ def test_rotated_classes_of_a_toy_dataset():
     batch = TaskSampler(data, ways=8, shots=2, queries=0, meta_batch=1, seed=0).sample()
     assert batch.query_x.shape == (1, 0, 1, 3, 3)
     for label, class_id in enumerate(batch.classes[0].tolist()):
-        originals = torch.rot90(data.images[2 * (class_id // 4): 2 * (class_id // 4) + 2],
-                                class_id % 4, dims=(-2, -1))
-        drawn = batch.support_x[0, 2 * label: 2 * label + 2]
+        originals = torch.rot90(
+            data.images[2 * (class_id // 4) : 2 * (class_id // 4) + 2], class_id % 4, dims=(-2, -1)
+        )
+        drawn = batch.support_x[0, 2 * label : 2 * label + 2]
         assert {tuple(x.flatten().tolist()) for x in drawn} == {
-            tuple(x.flatten().tolist()) for x in originals}
+            tuple(x.flatten().tolist()) for x in originals
+        }
 
 
 def test_prepare_batch_is_applied():
@@ -209,8 +231,9 @@ def test_dataset_shape_is_checked():
 
 
 def test_batch_to_converts_images_not_labels():
-    batch = TaskSampler(toy_dataset([3, 3]), ways=2, shots=1, queries=1, meta_batch=1,
-                        seed=0).sample()
+    batch = TaskSampler(
+        toy_dataset([3, 3]), ways=2, shots=1, queries=1, meta_batch=1, seed=0
+    ).sample()
     double = batch.to(dtype=torch.float64)
     assert double.support_x.dtype == double.query_x.dtype == torch.float64
     assert double.support_y.dtype == double.classes.dtype == torch.int64
@@ -220,8 +243,9 @@ def test_batch_to_converts_images_not_labels():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the warning where CUDA is absent")
 def test_pin_memory_without_cuda_warns_and_is_ignored():
     with pytest.warns(UserWarning, match="pin_memory=True ignored: CUDA is not available"):
-        sampler = TaskSampler(toy_dataset([3, 3]), ways=2, shots=1, queries=1, meta_batch=1,
-                              pin_memory=True)
+        sampler = TaskSampler(
+            toy_dataset([3, 3]), ways=2, shots=1, queries=1, meta_batch=1, pin_memory=True
+        )
     assert not sampler.sample().support_x.is_pinned()
 
 

@@ -1,4 +1,5 @@
 """The sinusoid task distribution, the evaluation helpers, the CLI and a short end-to-end run."""
+
 import json
 import math
 
@@ -6,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maml_ext.experiments import reporting
-from maml_ext.experiments import sinusoid as experiment
+from maml_ext.experiments import reporting, sinusoid as experiment
 from maml_ext.tasks import Sinusoid, SinusoidBatch
-
 
 # --- task distribution -----------------------------------------------------------------------
 
@@ -132,13 +131,17 @@ def test_sgd_adapt_takes_plain_per_task_sgd_steps():
     batch = Sinusoid(seed=9).sample(3, dtype=torch.float64)
     adapted = experiment.sgd_adapt(model, batch.support_x, batch.support_y, steps=2, inner_lr=0.05)
     for task in range(3):
-        weights = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()}
+        weights = {
+            name: p.detach().clone().requires_grad_() for name, p in model.named_parameters()
+        }
         for _ in range(2):
             prediction = torch.func.functional_call(model, weights, (batch.support_x[task],))
             loss = F.mse_loss(prediction, batch.support_y[task])
             grads = torch.autograd.grad(loss, list(weights.values()))
-            weights = {name: (w - 0.05 * g).detach().requires_grad_()
-                       for (name, w), g in zip(weights.items(), grads)}
+            weights = {
+                name: (w - 0.05 * g).detach().requires_grad_()
+                for (name, w), g in zip(weights.items(), grads)
+            }
         for name, w in weights.items():
             torch.testing.assert_close(adapted[name][task], w.detach())
     predictions = experiment.predict_per_task(model, adapted, batch.query_x)
@@ -174,8 +177,21 @@ def test_cli_passes_only_the_options_given(monkeypatch):
 
     calls = []
     monkeypatch.setattr(experiment, "train_sinusoid", lambda **options: calls.append(options) or {})
-    assert main(["train", "sinusoid", "--iterations", "7", "--backend", "reference",
-                 "--meta-batch", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sinusoid",
+                "--iterations",
+                "7",
+                "--backend",
+                "reference",
+                "--meta-batch",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert calls == [dict(iterations=7, backend="reference", meta_batch=3, out_dir="runs/sinusoid")]
 
 
@@ -183,13 +199,19 @@ def test_cli_passes_only_the_options_given(monkeypatch):
 
 
 def test_sgd_adapt_matches_meta_optimizer_adapt():
-    """Both methods are fine-tuned the same way: MetaOptimizer.adapt for MAML, sgd_adapt for the baseline."""
+    """Both methods are fine-tuned the same way: MetaOptimizer.adapt for MAML, sgd_adapt for the
+    baseline."""
     from maml_ext import MetaOptimizer
 
     torch.manual_seed(1)
     model = experiment.make_sinusoid_model()
-    meta_optimizer = MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3),
-                                   inner_lr=0.01, loss="mse", backend="reference")
+    meta_optimizer = MetaOptimizer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        inner_lr=0.01,
+        loss="mse",
+        backend="reference",
+    )
     batch = Sinusoid(seed=10).sample(4)
     ours = experiment.sgd_adapt(model, batch.support_x, batch.support_y, steps=3, inner_lr=0.01)
     theirs = meta_optimizer.adapt(batch.support_x, batch.support_y, steps=3)
@@ -198,14 +220,22 @@ def test_sgd_adapt_matches_meta_optimizer_adapt():
         torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
         meta_optimizer.predict(theirs, batch.query_x),
-        experiment.predict_per_task(model, ours, batch.query_x), rtol=1e-4, atol=1e-5,
+        experiment.predict_per_task(model, ours, batch.query_x),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
 def test_short_training_run_writes_its_results_and_adaptation_helps(tmp_path):
     report = experiment.train_sinusoid(
-        iterations=30, out_dir=str(tmp_path), seed=0, backend="reference", eval_tasks=50,
-        progress=False, verbose=False, log_every=10,
+        iterations=30,
+        out_dir=str(tmp_path),
+        seed=0,
+        backend="reference",
+        eval_tasks=50,
+        progress=False,
+        verbose=False,
+        log_every=10,
     )
     json_path = tmp_path / "sinusoid_eval.json"
     assert json_path.is_file() and (tmp_path / "sinusoid_adaptation.png").stat().st_size > 0
@@ -226,8 +256,15 @@ def test_short_training_run_writes_its_results_and_adaptation_helps(tmp_path):
 def test_training_is_deterministic_given_the_seed():
     def run():
         return experiment.train_sinusoid(
-            iterations=5, out_dir=None, seed=3, backend="reference", meta_batch=4, eval_tasks=10,
-            plot_tasks=0, progress=False, verbose=False,
+            iterations=5,
+            out_dir=None,
+            seed=3,
+            backend="reference",
+            meta_batch=4,
+            eval_tasks=10,
+            plot_tasks=0,
+            progress=False,
+            verbose=False,
         )
 
     threads = torch.get_num_threads()

@@ -11,6 +11,7 @@ progress bars, plots, image decoding) when they show progress, plot or decode im
 
 The core library (:mod:`maml_ext`) never imports this package.
 """
+
 from maml_ext.experiments.fewshot.checkpoint import load_checkpoint, read_checkpoint
 
 __all__ = ["load_checkpoint", "read_checkpoint"]

@@ -11,10 +11,10 @@ Override a setting with :meth:`FewShotPreset.with_overrides`, e.g.
 This module only imports torch inside :meth:`FewShotPreset.build_model`, so the command line can
 list presets cheaply.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
 
 __all__ = ["ConfigurationError", "FewShotPreset", "PRESETS", "get_preset"]
 
@@ -24,14 +24,16 @@ class ConfigurationError(ValueError):
     the command line prints its message without a traceback."""
 
 
-_COMMON_NOTES: Tuple[str, ...] = (
+_COMMON_NOTES: tuple[str, ...] = (
     "Follows the paper: Adam with learning rate 1e-3 on the mean query loss of the meta-batch; "
-    "60000 meta-iterations; second-order MAML unless --first-order (FOMAML, the paper's first-order "
+    "60000 meta-iterations; second-order MAML unless --first-order "
+    "(FOMAML, the paper's first-order "
     "approximation).",
     "Batch norm normalises each task with its own batch statistics (track_running_stats=False), in "
     "training and at test time, as the reference code does (TensorFlow batch_norm in training "
     "mode). Here batch norm's weight and bias are adapted in the inner loop like every other "
-    "parameter; in the reference code they live outside its weights dict and are only meta-learned.",
+    "parameter; in the reference code they live outside its weights dict "
+    "and are only meta-learned.",
     "Initialisation: PyTorch's defaults. The reference code uses Xavier for the convolutions and "
     "zero biases (and N(0, 1) for Omniglot's output layer, Xavier for miniImageNet's).",
     "Test protocol (python -m maml_ext eval): 600 tasks from the test classes with a fixed seed, "
@@ -39,10 +41,11 @@ _COMMON_NOTES: Tuple[str, ...] = (
     "reference code uses numpy's ddof=0, a 0.08% difference at n=600).",
 )
 
-_OMNIGLOT_NOTES: Tuple[str, ...] = (
+_OMNIGLOT_NOTES: tuple[str, ...] = (
     "Follows the paper: 4 x [conv3x3 64 (padding 1), batch norm, ReLU, 2x2 max-pool], flatten, "
     "linear; 28x28 images; the 90/180/270-degree rotations of each character are further classes; "
-    "the full set's characters are split 1100 / 100 / 423 (train / validation / test), the reference "
+    "the full set's characters are split 1100 / 100 / 423 (train / validation / test), "
+    "the reference "
     "code's split (1200 training characters of which 100 are held out for validation).",
     "Query set: 15 images per class, as the PyTorch community does (learn2learn, torchmeta "
     "examples). The paper does not state it; the reference code draws K query images per class "
@@ -54,7 +57,7 @@ _OMNIGLOT_NOTES: Tuple[str, ...] = (
     "for Omniglot.",
 )
 
-_MINIIMAGENET_NOTES: Tuple[str, ...] = (
+_MINIIMAGENET_NOTES: tuple[str, ...] = (
     "Follows the paper: 4 x [conv3x3 32 (padding 1), batch norm, ReLU, 2x2 max-pool], flatten, "
     "linear(32*5*5, 5) on 84x84 RGB images; 5 inner steps of alpha = 0.01 in training; 15 query "
     "images per class in training (following Ravi & Larochelle, as the paper says); Ravi & "
@@ -77,26 +80,35 @@ class FewShotPreset:
     """
 
     name: str
-    dataset: str               # "omniglot" or "miniimagenet"
-    ways: int                  # N
-    shots: int                 # K support images per class
-    queries: int               # query images per class
-    meta_batch: int            # tasks per meta-update
-    inner_steps: int           # inner SGD steps in meta-training
-    inner_lr: float            # alpha
-    outer_lr: float = 1e-3     # Adam's learning rate
+    dataset: str  # "omniglot" or "miniimagenet"
+    ways: int  # N
+    shots: int  # K support images per class
+    queries: int  # query images per class
+    meta_batch: int  # tasks per meta-update
+    inner_steps: int  # inner SGD steps in meta-training
+    inner_lr: float  # alpha
+    outer_lr: float = 1e-3  # Adam's learning rate
     iterations: int = 60000
     paper_eval_steps: int = 10
-    filters: int = 64          # channels of every conv layer
+    filters: int = 64  # channels of every conv layer
     first_order: bool = False
     description: str = ""
-    notes: Tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.dataset not in ("omniglot", "miniimagenet"):
-            raise ConfigurationError(f"dataset: expected 'omniglot' or 'miniimagenet', got {self.dataset!r}")
-        for field in ("ways", "shots", "meta_batch", "inner_steps", "iterations", "filters",
-                      "paper_eval_steps"):
+            raise ConfigurationError(
+                f"dataset: expected 'omniglot' or 'miniimagenet', got {self.dataset!r}"
+            )
+        for field in (
+            "ways",
+            "shots",
+            "meta_batch",
+            "inner_steps",
+            "iterations",
+            "filters",
+            "paper_eval_steps",
+        ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{field}: expected a positive integer, got {value!r}")
@@ -114,7 +126,7 @@ class FewShotPreset:
     # ---- the network ------------------------------------------------------------------------
 
     @property
-    def image_shape(self) -> Tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one input image."""
         return (1, 28, 28) if self.dataset == "omniglot" else (3, 84, 84)
 
@@ -145,7 +157,7 @@ class FewShotPreset:
 
     # ---- variants and (de)serialisation ------------------------------------------------------
 
-    def with_overrides(self, **changes) -> "FewShotPreset":
+    def with_overrides(self, **changes) -> FewShotPreset:
         """A copy with some settings changed (None values are ignored); validated again."""
         changes = {key: value for key, value in changes.items() if value is not None}
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -160,15 +172,23 @@ class FewShotPreset:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FewShotPreset":
+    def from_dict(cls, data: dict) -> FewShotPreset:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
 
 
 def _omniglot(name, ways, shots, meta_batch, inner_steps, inner_lr, paper_eval_steps, extra=()):
     return FewShotPreset(
-        name=name, dataset="omniglot", ways=ways, shots=shots, queries=15, meta_batch=meta_batch,
-        inner_steps=inner_steps, inner_lr=inner_lr, paper_eval_steps=paper_eval_steps, filters=64,
+        name=name,
+        dataset="omniglot",
+        ways=ways,
+        shots=shots,
+        queries=15,
+        meta_batch=meta_batch,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        paper_eval_steps=paper_eval_steps,
+        filters=64,
         description=f"Omniglot {ways}-way {shots}-shot (paper sec. 5.2, table 1)",
         notes=_OMNIGLOT_NOTES + tuple(extra) + _COMMON_NOTES,
     )
@@ -176,15 +196,24 @@ def _omniglot(name, ways, shots, meta_batch, inner_steps, inner_lr, paper_eval_s
 
 def _miniimagenet(name, shots, meta_batch, extra=()):
     return FewShotPreset(
-        name=name, dataset="miniimagenet", ways=5, shots=shots, queries=15, meta_batch=meta_batch,
-        inner_steps=5, inner_lr=0.01, paper_eval_steps=10, filters=32,
+        name=name,
+        dataset="miniimagenet",
+        ways=5,
+        shots=shots,
+        queries=15,
+        meta_batch=meta_batch,
+        inner_steps=5,
+        inner_lr=0.01,
+        paper_eval_steps=10,
+        filters=32,
         description=f"miniImageNet 5-way {shots}-shot (paper sec. 5.2, table 2)",
         notes=_MINIIMAGENET_NOTES + tuple(extra) + _COMMON_NOTES,
     )
 
 
 _OMNIGLOT_5WAY = (
-    "Paper: 5-way Omniglot trains with 1 inner step of alpha = 0.4, meta-batch 32, and is evaluated "
+    "Paper: 5-way Omniglot trains with 1 inner step of alpha = 0.4, meta-batch 32, "
+    "and is evaluated "
     "with 3 steps of alpha = 0.4 (the row for step 3 of `eval`); the reference code computes test "
     "accuracy after up to 10 steps (test_num_updates = 10).",
 )
@@ -194,18 +223,24 @@ _OMNIGLOT_20WAY = (
     "steps.",
 )
 
-PRESETS: Dict[str, FewShotPreset] = {
+PRESETS: dict[str, FewShotPreset] = {
     preset.name: preset
     for preset in (
         _omniglot("omniglot-5w1s", 5, 1, 32, 1, 0.4, 3, _OMNIGLOT_5WAY),
         _omniglot("omniglot-5w5s", 5, 5, 32, 1, 0.4, 3, _OMNIGLOT_5WAY),
         _omniglot("omniglot-20w1s", 20, 1, 16, 5, 0.1, 5, _OMNIGLOT_20WAY),
         _omniglot("omniglot-20w5s", 20, 5, 16, 5, 0.1, 5, _OMNIGLOT_20WAY),
-        _miniimagenet("miniimagenet-5w1s", 1, 4, (
-            "Paper: meta-batch 4 tasks for 1-shot.",)),
-        _miniimagenet("miniimagenet-5w5s", 5, 2, (
-            "Paper: meta-batch 2 tasks for 5-shot; the usage line of the reference code's main.py "
-            "for 5-shot says --meta_batch_size=4.",)),
+        _miniimagenet("miniimagenet-5w1s", 1, 4, ("Paper: meta-batch 4 tasks for 1-shot.",)),
+        _miniimagenet(
+            "miniimagenet-5w5s",
+            5,
+            2,
+            (
+                "Paper: meta-batch 2 tasks for 5-shot; "
+                "the usage line of the reference code's main.py "
+                "for 5-shot says --meta_batch_size=4.",
+            ),
+        ),
     )
 }
 
@@ -215,4 +250,6 @@ def get_preset(name: str) -> FewShotPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigurationError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise ConfigurationError(
+            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,20 +1,27 @@
 """What every experiment does the same way: CPU threads, the device, RNG states, checks of
 counts, and the per-task weights of zero adaptation steps."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
 from maml_ext.experiments.presets import ConfigurationError
 
-__all__ = ["intra_op_threads", "default_device", "rng_state", "set_rng_state", "check_count",
-           "weights_per_task"]
+__all__ = [
+    "intra_op_threads",
+    "default_device",
+    "rng_state",
+    "set_rng_state",
+    "check_count",
+    "weights_per_task",
+]
 
 
 @contextlib.contextmanager
-def intra_op_threads(threads: Optional[int]) -> Iterator[None]:
+def intra_op_threads(threads: int | None) -> Iterator[None]:
     """Sets torch's intra-op thread count for the block (None: unchanged), then restores it.
 
     The experiments' networks are too small to gain from intra-op parallelism; on a busy 2-core
@@ -58,8 +65,11 @@ def check_count(name: str, value, allow_zero: bool = False) -> int:
     return value
 
 
-def weights_per_task(model: torch.nn.Module, tasks: int) -> Dict[str, torch.Tensor]:
+def weights_per_task(model: torch.nn.Module, tasks: int) -> dict[str, torch.Tensor]:
     """The model's trainable parameters, detached and repeated ``[tasks, *shape]``: every task's
     weights after zero adaptation steps, in the layout ``MetaOptimizer.adapt`` returns."""
-    return {name: p.detach().unsqueeze(0).expand(tasks, *p.shape).contiguous()
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: p.detach().unsqueeze(0).expand(tasks, *p.shape).contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }

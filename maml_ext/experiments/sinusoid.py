@@ -1,4 +1,6 @@
-"""Sinusoid regression: MAML against a pretrained baseline (Finn et al. 2017, section 5.1, Figure 2).
+"""Sinusoid regression: MAML against a pretrained baseline.
+
+Finn et al. 2017, section 5.1, Figure 2.
 
 MAML meta-trains an MLP 1-40-40-1 (ReLU) with one inner SGD step (alpha = 0.01) on K = 10 support
 points per task, 25 tasks per meta-batch, Adam (1e-3) on the mean MSE of the adapted weights on 10
@@ -12,11 +14,12 @@ squared error against the true function on ``eval_query_points`` evenly spaced x
 after 0, 1, 5 and 10 steps. Reported: the mean over tasks and its 95% confidence interval,
 1.96 * std / sqrt(n) with the sample standard deviation (ddof = 1).
 """
+
 import copy
 import json
 import os
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +54,7 @@ __all__ = [
 DEFAULT_ITERATIONS = 1000
 EVAL_STEPS = (0, 1, 5, 10)
 
-Weights = Dict[str, torch.Tensor]
+Weights = dict[str, torch.Tensor]
 # adapt(support_x, support_y, steps) -> per-task weights; predict(weights, x) -> per-task outputs.
 AdaptFn = Callable[[torch.Tensor, torch.Tensor, int], Weights]
 PredictFn = Callable[[Weights, torch.Tensor], torch.Tensor]
@@ -102,7 +105,7 @@ def evaluate_adaptation(
     tasks: SinusoidBatch,
     steps: Iterable[int] = EVAL_STEPS,
     keep_predictions: int = 0,
-) -> Dict[int, dict]:
+) -> dict[int, dict]:
     """Query MSE per task after each number of adaptation steps.
 
     ``base_weights(T)`` gives the unadapted per-task weights, used for 0 steps. Returns
@@ -125,7 +128,7 @@ def evaluate_adaptation(
     return results
 
 
-def _summarise(evaluation: Dict[int, dict]) -> Dict[str, dict]:
+def _summarise(evaluation: dict[int, dict]) -> dict[str, dict]:
     summary = {}
     for step_count, result in evaluation.items():
         mean, half_width, _ = mean_ci95(result["per_task_mse"])
@@ -140,8 +143,8 @@ class _LossCurve:
 
     def __init__(self, iterations: int, log_every: int, bar, label: str):
         self.iterations, self.log_every, self.bar, self.label = iterations, log_every, bar, label
-        self.rows: List[List[float]] = []
-        self._window: List[torch.Tensor] = []
+        self.rows: list[list[float]] = []
+        self._window: list[torch.Tensor] = []
 
     def add(self, iteration: int, loss: torch.Tensor) -> None:
         self._window.append(loss.detach())
@@ -152,8 +155,15 @@ class _LossCurve:
             self._window = []
 
 
-def _train_maml(optimizer, task_source: Sinusoid, iterations: int, meta_batch: int, device,
-                log_every: int, progress: bool) -> List[List[float]]:
+def _train_maml(
+    optimizer,
+    task_source: Sinusoid,
+    iterations: int,
+    meta_batch: int,
+    device,
+    log_every: int,
+    progress: bool,
+) -> list[list[float]]:
     bar = progress_bar(progress, range(iterations), description="MAML")
     curve = _LossCurve(iterations, log_every, bar, "query_mse")
     for iteration in bar:
@@ -164,8 +174,16 @@ def _train_maml(optimizer, task_source: Sinusoid, iterations: int, meta_batch: i
     return curve.rows
 
 
-def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, meta_batch: int,
-                      lr: float, device, log_every: int, progress: bool) -> List[List[float]]:
+def _train_pretrained(
+    model: nn.Module,
+    task_source: Sinusoid,
+    iterations: int,
+    meta_batch: int,
+    lr: float,
+    device,
+    log_every: int,
+    progress: bool,
+) -> list[list[float]]:
     adam = torch.optim.Adam(model.parameters(), lr=lr)
     bar = progress_bar(progress, range(iterations), description="pretrained")
     curve = _LossCurve(iterations, log_every, bar, "mse")
@@ -185,7 +203,7 @@ def _train_pretrained(model: nn.Module, task_source: Sinusoid, iterations: int, 
 
 def train_sinusoid(
     iterations: int = DEFAULT_ITERATIONS,
-    out_dir: Optional[str] = "runs/sinusoid",
+    out_dir: str | None = "runs/sinusoid",
     seed: int = 0,
     backend: str = "auto",
     meta_batch: int = 25,
@@ -204,7 +222,7 @@ def train_sinusoid(
     progress: bool = True,
     log_every: int = 100,
     verbose: bool = True,
-    cpu_threads: Optional[int] = 1,
+    cpu_threads: int | None = 1,
 ) -> dict:
     """Meta-trains the sinusoid regressor with MAML, trains the pretrained baseline, evaluates both.
 
@@ -222,11 +240,24 @@ def train_sinusoid(
     eval_steps = tuple(sorted(set(int(s) for s in eval_steps) | {0}))
     device = torch.device(device) if device is not None else torch.device("cpu")
     config = dict(
-        iterations=iterations, seed=seed, backend=backend, meta_batch=meta_batch, inner_lr=inner_lr,
-        outer_lr=outer_lr, inner_steps=inner_steps, first_order=first_order, support=support,
-        query=query, model="MLP 1-40-40-1 ReLU", eval_tasks=eval_tasks, eval_steps=list(eval_steps),
-        eval_query_points=eval_query_points, eval_query="evenly spaced grid over x_range",
-        eval_seed=eval_seed, device=str(device), cpu_threads=cpu_threads,
+        iterations=iterations,
+        seed=seed,
+        backend=backend,
+        meta_batch=meta_batch,
+        inner_lr=inner_lr,
+        outer_lr=outer_lr,
+        inner_steps=inner_steps,
+        first_order=first_order,
+        support=support,
+        query=query,
+        model="MLP 1-40-40-1 ReLU",
+        eval_tasks=eval_tasks,
+        eval_steps=list(eval_steps),
+        eval_query_points=eval_query_points,
+        eval_query="evenly spaced grid over x_range",
+        eval_seed=eval_seed,
+        device=str(device),
+        cpu_threads=cpu_threads,
     )
     # Fail now, not after training, when the experiments extra is missing.
     if out_dir is not None and min(plot_tasks, eval_tasks) > 0:
@@ -234,11 +265,20 @@ def train_sinusoid(
     if progress:
         require_progress_bars()
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
-        return _train_and_evaluate(config, device, out_dir, plot_tasks, progress, log_every, verbose)
+        return _train_and_evaluate(
+            config, device, out_dir, plot_tasks, progress, log_every, verbose
+        )
 
 
-def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[str],
-                        plot_tasks: int, progress: bool, log_every: int, verbose: bool) -> dict:
+def _train_and_evaluate(
+    config: dict,
+    device: torch.device,
+    out_dir: str | None,
+    plot_tasks: int,
+    progress: bool,
+    log_every: int,
+    verbose: bool,
+) -> dict:
     from maml_ext import MetaOptimizer
 
     seed, iterations, meta_batch = config["seed"], config["iterations"], config["meta_batch"]
@@ -259,18 +299,32 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
 
     outer_optimizer = torch.optim.Adam(maml_model.parameters(), lr=config["outer_lr"])
     meta_optimizer = MetaOptimizer(
-        maml_model, outer_optimizer, inner_lr=inner_lr, inner_steps=config["inner_steps"],
-        first_order=config["first_order"], loss="mse", backend=config["backend"],
+        maml_model,
+        outer_optimizer,
+        inner_lr=inner_lr,
+        inner_steps=config["inner_steps"],
+        first_order=config["first_order"],
+        loss="mse",
+        backend=config["backend"],
     )
 
     start = time.perf_counter()
-    maml_curve = _train_maml(meta_optimizer, maml_tasks, iterations, meta_batch, device,
-                             log_every, progress)
+    maml_curve = _train_maml(
+        meta_optimizer, maml_tasks, iterations, meta_batch, device, log_every, progress
+    )
     maml_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    pretrained_curve = _train_pretrained(pretrained_model, pretrained_tasks, iterations, meta_batch,
-                                         config["outer_lr"], device, log_every, progress)
+    pretrained_curve = _train_pretrained(
+        pretrained_model,
+        pretrained_tasks,
+        iterations,
+        meta_batch,
+        config["outer_lr"],
+        device,
+        log_every,
+        progress,
+    )
     pretrained_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -284,13 +338,17 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
         adapt=lambda sx, sy, steps: meta_optimizer.adapt(sx, sy, steps=steps),
         predict=meta_optimizer.predict,
         base_weights=lambda tasks: weights_per_task(maml_model, tasks),
-        tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
+        tasks=test_tasks,
+        steps=eval_steps,
+        keep_predictions=keep,
     )
     pretrained_eval = evaluate_adaptation(
         adapt=lambda sx, sy, steps: sgd_adapt(pretrained_model, sx, sy, steps, inner_lr),
         predict=lambda weights, x: predict_per_task(pretrained_model, weights, x),
         base_weights=lambda tasks: weights_per_task(pretrained_model, tasks),
-        tasks=test_tasks, steps=eval_steps, keep_predictions=keep,
+        tasks=test_tasks,
+        steps=eval_steps,
+        keep_predictions=keep,
     )
     eval_seconds = time.perf_counter() - start
 
@@ -302,14 +360,19 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
         "config": config,
         "results": results,
         "train_curves": {"MAML": maml_curve, "pretrained": pretrained_curve},
-        "seconds": {"maml_training": maml_seconds, "pretrained_training": pretrained_seconds,
-                    "evaluation": eval_seconds},
+        "seconds": {
+            "maml_training": maml_seconds,
+            "pretrained_training": pretrained_seconds,
+            "evaluation": eval_seconds,
+        },
         "files": {},
     }
     table = mse_table(results, eval_steps)
     if verbose:
-        print(f"Query MSE on {eval_tasks} test tasks ({eval_query_points} grid points each) after "
-              f"k SGD steps (step size {inner_lr}) on K={support} support points; mean ± 95% CI")
+        print(
+            f"Query MSE on {eval_tasks} test tasks ({eval_query_points} grid points each) after "
+            f"k SGD steps (step size {inner_lr}) on K={support} support points; mean ± 95% CI"
+        )
         print(table)
 
     if out_dir is not None:
@@ -320,8 +383,14 @@ def _train_and_evaluate(config: dict, device: torch.device, out_dir: Optional[st
         if keep:
             plot_sinusoid_adaptation(plot_path, test_tasks, maml_eval, pretrained_eval, inner_lr)
             report["files"]["plot"] = plot_path
-        save_atomic({"config": config, "maml": maml_model.state_dict(),
-                     "pretrained": pretrained_model.state_dict()}, models_path)
+        save_atomic(
+            {
+                "config": config,
+                "maml": maml_model.state_dict(),
+                "pretrained": pretrained_model.state_dict(),
+            },
+            models_path,
+        )
         report["files"]["models"] = models_path
         report["files"]["json"] = json_path
         write_text_atomic(json_path, json.dumps(report, indent=2))

@@ -3,6 +3,7 @@
 Names are imported lazily so that ``import maml_ext.tasks`` stays cheap. Decoding images needs PIL
 (the optional ``experiments`` extra), imported only when an image is decoded.
 """
+
 import importlib
 
 _EXPORTS = {

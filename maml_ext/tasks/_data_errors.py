@@ -5,15 +5,17 @@ decoded arrays in one ``.npz`` file per input (an Omniglot archive, a miniImageN
 after a key made of the input files' names, sizes and modification times, so that any change to
 the inputs makes a fresh file.
 """
+
 import contextlib
 import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
+
+from ..types import PathLike
 
 __all__ = [
     "DatasetError",
@@ -23,7 +25,6 @@ __all__ = [
     "save_cached_arrays",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 # Bump when the cached arrays' meaning changes (preprocessing, field names): old files are ignored.
 CACHE_FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ class DatasetError(ValueError):
     """A dataset file is corrupt or not laid out as the loader expects; the message names it."""
 
 
-def file_signature(path: Path, relative_to: Optional[Path] = None) -> Tuple[str, int, int]:
+def file_signature(path: Path, relative_to: Path | None = None) -> tuple[str, int, int]:
     """``(name, size, mtime_ns)`` of a file: what the cache key is made of."""
     stat = path.stat()
     name = path.relative_to(relative_to).as_posix() if relative_to else path.name
@@ -62,15 +63,15 @@ def _default_cache_dir(root: Path) -> Path:
 
 
 def cache_file(
-    prefix: str, description: object, root: Path, cache_dir: Optional[PathLike]
-) -> Tuple[Path, str]:
+    prefix: str, description: object, root: Path, cache_dir: PathLike | None
+) -> tuple[Path, str]:
     """Where the arrays described by ``description`` (JSON-able) are cached, and their key."""
     key = _cache_key(description)
     directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir(root)
     return directory / f"{prefix}-{key[:20]}.npz", key
 
 
-def load_cached_arrays(path: Path, key: str) -> Optional[Dict[str, np.ndarray]]:
+def load_cached_arrays(path: Path, key: str) -> dict[str, np.ndarray] | None:
     """The arrays saved under ``key``, or None when the file is absent, stale or unreadable."""
     if not path.is_file():
         return None
@@ -85,7 +86,7 @@ def load_cached_arrays(path: Path, key: str) -> Optional[Dict[str, np.ndarray]]:
     return arrays
 
 
-def save_cached_arrays(path: Path, key: str, arrays: Dict[str, np.ndarray]) -> bool:
+def save_cached_arrays(path: Path, key: str, arrays: dict[str, np.ndarray]) -> bool:
     """Writes the arrays atomically; warns and returns False when the folder is not writable."""
     # Written under a temporary name and then renamed, so that a reader never sees half a file;
     # the name ends in .npz so that numpy does not append another suffix.

@@ -12,12 +12,13 @@ have them:
   (uint8 ``[N, 84, 84, 3]``) and ``class_dict`` (class name -> list of row indices). Unpickling runs
   code named in the file: only read files from a source you trust.
 """
+
 import csv
 import os
 import pickle
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def _pickle_path(root: Path, split: str) -> Path:
 # The CSV layout
 
 
-def _read_split_csv(csv_path: Path) -> Tuple[List[str], List[str]]:
+def _read_split_csv(csv_path: Path) -> tuple[list[str], list[str]]:
     """The ``(filenames, labels)`` rows of one of Ravi and Larochelle's split files."""
     try:
         with open(csv_path, newline="") as file:
@@ -73,8 +74,10 @@ def _read_split_csv(csv_path: Path) -> Tuple[List[str], List[str]]:
         if not row:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise DatasetError(f"{csv_path}, line {line_number}: expected 'filename,label', "
-                               f"found {','.join(row)!r}")
+            raise DatasetError(
+                f"{csv_path}, line {line_number}: expected 'filename,label', "
+                f"found {','.join(row)!r}"
+            )
         filenames.append(row[0].strip())
         labels.append(row[1].strip())
     if not filenames:
@@ -102,20 +105,24 @@ def _decode_jpeg(path: Path) -> np.ndarray:
 
 
 def _load_csv_split(
-    root: Path, split: str, cache_dir: Optional[PathLike], use_cache: bool
-) -> Tuple[np.ndarray, List[str], Optional[Path], bool]:
+    root: Path, split: str, cache_dir: PathLike | None, use_cache: bool
+) -> tuple[np.ndarray, list[str], Path | None, bool]:
     """``(images [N, 84, 84, 3], label of each image, cache path, from cache)``."""
     csv_path = _csv_path(root, split)
     filenames, labels = _read_split_csv(csv_path)
     image_dir = root / "images"
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"{image_dir} is missing: {csv_path.name} lists images expected "
-                                f"in an images/ folder beside it")
+        raise FileNotFoundError(
+            f"{image_dir} is missing: {csv_path.name} lists images expected "
+            f"in an images/ folder beside it"
+        )
     paths = [image_dir / name for name in filenames]
     missing = [path for path in paths if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images listed in {csv_path} are missing, e.g. "
-                                f"{', '.join(str(path) for path in missing[:3])}")
+        raise FileNotFoundError(
+            f"{len(missing)} images listed in {csv_path} are missing, e.g. "
+            f"{', '.join(str(path) for path in missing[:3])}"
+        )
 
     if not use_cache:
         return _decode_all(paths), labels, None, False
@@ -146,7 +153,7 @@ def _decode_all(paths: Sequence[Path]) -> np.ndarray:
 # The pickle layout
 
 
-def _load_pickle_split(pickle_path: Path) -> Tuple[np.ndarray, List[str], List[int]]:
+def _load_pickle_split(pickle_path: Path) -> tuple[np.ndarray, list[str], list[int]]:
     """``(images [N, 84, 84, 3], class names, class index of each image)``; rows in no class are
     dropped."""
     try:
@@ -159,17 +166,26 @@ def _load_pickle_split(pickle_path: Path) -> Tuple[np.ndarray, List[str], List[i
     except Exception as exc:  # unpickling damaged bytes raises many types
         raise DatasetError(f"{pickle_path} is not a readable pickle: {exc}") from exc
 
-    expected = ("expected a dict with 'image_data' (uint8 [N, 84, 84, 3]) and 'class_dict' "
-                "(class name -> list of indices)")
+    expected = (
+        "expected a dict with 'image_data' (uint8 [N, 84, 84, 3]) and 'class_dict' "
+        "(class name -> list of indices)"
+    )
     if not isinstance(content, dict) or not {"image_data", "class_dict"} <= set(content):
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise DatasetError(f"{pickle_path}: {expected}; found {found}")
     image_data, class_dict = content["image_data"], content["class_dict"]
     size = MINI_IMAGENET_IMAGE_SIZE
-    if (not isinstance(image_data, np.ndarray) or image_data.dtype != np.uint8
-            or image_data.ndim != 4 or image_data.shape[1:] != (size, size, 3)):
-        found = (f"{image_data.dtype} {image_data.shape}" if isinstance(image_data, np.ndarray)
-                 else type(image_data).__name__)
+    if (
+        not isinstance(image_data, np.ndarray)
+        or image_data.dtype != np.uint8
+        or image_data.ndim != 4
+        or image_data.shape[1:] != (size, size, 3)
+    ):
+        found = (
+            f"{image_data.dtype} {image_data.shape}"
+            if isinstance(image_data, np.ndarray)
+            else type(image_data).__name__
+        )
         raise DatasetError(f"{pickle_path}: 'image_data' is {found}; {expected}")
     if not isinstance(class_dict, dict) or not class_dict:
         raise DatasetError(f"{pickle_path}: 'class_dict' is empty or not a dict; {expected}")
@@ -178,10 +194,15 @@ def _load_pickle_split(pickle_path: Path) -> Tuple[np.ndarray, List[str], List[i
     rows, row_class = [], []
     for class_index, name in enumerate(class_names):
         indices = np.asarray(class_dict[name]).reshape(-1)
-        if indices.size and (not np.issubdtype(indices.dtype, np.integer)
-                             or indices.min() < 0 or indices.max() >= len(image_data)):
-            raise DatasetError(f"{pickle_path}: class_dict[{name!r}] holds indices outside "
-                               f"0..{len(image_data) - 1} (image_data has {len(image_data)} rows)")
+        if indices.size and (
+            not np.issubdtype(indices.dtype, np.integer)
+            or indices.min() < 0
+            or indices.max() >= len(image_data)
+        ):
+            raise DatasetError(
+                f"{pickle_path}: class_dict[{name!r}] holds indices outside "
+                f"0..{len(image_data) - 1} (image_data has {len(image_data)} rows)"
+            )
         rows.extend(indices.tolist())
         row_class.extend([class_index] * indices.size)
     if len(set(rows)) != len(rows):
@@ -229,11 +250,11 @@ class MiniImageNet:
         root: PathLike,
         split: str = "train",
         *,
-        layout: Optional[str] = None,
+        layout: str | None = None,
         normalize: bool = True,
         mean: Sequence[float] = MINI_IMAGENET_MEAN,
         std: Sequence[float] = MINI_IMAGENET_STD,
-        cache_dir: Optional[PathLike] = None,
+        cache_dir: PathLike | None = None,
         cache: bool = True,
     ):
         if split not in SPLITS:
@@ -259,7 +280,7 @@ class MiniImageNet:
                     f"with an images/ folder, or {pickle_path.name}"
                 )
         self.layout = layout
-        self.cache_path: Optional[Path] = None
+        self.cache_path: Path | None = None
         self.from_cache = False
 
         if layout == "csv":
@@ -268,7 +289,7 @@ class MiniImageNet:
             pixels, image_classes, self.cache_path, self.from_cache = _load_csv_split(
                 self.root, split, cache_dir, cache
             )
-            self.class_names: List[str] = sorted(set(image_classes))
+            self.class_names: list[str] = sorted(set(image_classes))
             index_of = {name: i for i, name in enumerate(self.class_names)}
             labels = [index_of[name] for name in image_classes]
         else:
@@ -302,10 +323,12 @@ class MiniImageNet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """``(float image [3, 84, 84], class index)``."""
         return self.prepare_batch(self.images[index]), int(self.labels[index])
 
     def __repr__(self) -> str:
-        return (f"MiniImageNet(split={self.split!r}, layout={self.layout!r}, "
-                f"classes={self.num_classes}, images={len(self)})")
+        return (
+            f"MiniImageNet(split={self.split!r}, layout={self.layout!r}, "
+            f"classes={self.num_classes}, images={len(self)})"
+        )

@@ -8,8 +8,9 @@ The official archives hold 105x105 one-bit PNGs laid out as
 et al. 2016, as the MAML paper does). The rotated images are not stored: :class:`TaskSampler`
 makes them with ``torch.rot90`` when a rotated class is drawn.
 """
+
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ ROTATION_DEGREES = (0, 90, 180, 270)
 # Splits
 
 
-def _split_counts(total: int, fractions: Sequence[float]) -> Tuple[int, int, int]:
+def _split_counts(total: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     """``total`` items cut in the ratio of ``fractions`` (largest remainders get the leftovers)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(
@@ -55,18 +56,18 @@ def _split_counts(total: int, fractions: Sequence[float]) -> Tuple[int, int, int
     return counts[0], counts[1], counts[2]
 
 
-def _seeded_order(count: int, seed: int) -> List[int]:
+def _seeded_order(count: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randperm(count, generator=generator).tolist()
 
 
 def _check_alphabet_lists(
     alphabets: Mapping[str, Sequence[str]], available: Sequence[str]
-) -> Dict[str, set]:
+) -> dict[str, set]:
     unknown_splits = set(alphabets) - set(SPLITS)
     if unknown_splits:
         raise ValueError(f"alphabets has keys {sorted(unknown_splits)}; allowed: {list(SPLITS)}")
-    owner: Dict[str, str] = {}
+    owner: dict[str, str] = {}
     for split_name, names in alphabets.items():
         if isinstance(names, str):
             raise ValueError(f"alphabets[{split_name!r}] must be a list of names, not a string")
@@ -77,8 +78,10 @@ def _check_alphabet_lists(
                     f"available: {', '.join(available)}"
                 )
             if owner.setdefault(name, split_name) != split_name:
-                raise ValueError(f"alphabet {name!r} is listed for both {owner[name]!r} and "
-                                 f"{split_name!r}; splits must not share alphabets")
+                raise ValueError(
+                    f"alphabet {name!r} is listed for both {owner[name]!r} and "
+                    f"{split_name!r}; splits must not share alphabets"
+                )
     return {split_name: set(names) for split_name, names in alphabets.items()}
 
 
@@ -88,8 +91,8 @@ def _select_characters(
     split_by: str,
     fractions: Sequence[float],
     seed: int,
-    alphabets: Optional[Mapping[str, Sequence[str]]],
-) -> List[int]:
+    alphabets: Mapping[str, Sequence[str]] | None,
+) -> list[int]:
     """Indices into ``keys`` (sorted) of the characters in ``split``."""
     if split == "all":
         return list(range(len(keys)))
@@ -169,13 +172,13 @@ class Omniglot:
         root: PathLike,
         split: str = "train",
         *,
-        split_by: Optional[str] = None,
+        split_by: str | None = None,
         fractions: Sequence[float] = PAPER_SPLIT_SIZES,
         seed: int = 0,
-        alphabets: Optional[Mapping[str, Sequence[str]]] = None,
+        alphabets: Mapping[str, Sequence[str]] | None = None,
         rotations: bool = True,
-        archives: Optional[Sequence[str]] = None,
-        cache_dir: Optional[PathLike] = None,
+        archives: Sequence[str] | None = None,
+        cache_dir: PathLike | None = None,
         cache: bool = True,
     ):
         if split not in SPLITS + ("all",):
@@ -197,7 +200,7 @@ class Omniglot:
 
         found = find_archives(self.root, archives)
         self.archives = [archive.path for archive in found]
-        self.cache_paths: List[Path] = []
+        self.cache_paths: list[Path] = []
         decoded, loaded_from_cache = [], []
         for archive in found:
             arrays, cache_path, hit = self._load_archive(archive, cache_dir, cache)
@@ -214,15 +217,15 @@ class Omniglot:
         labels = label_of_character[image_character]
         keep = labels >= 0
 
-        self.characters: List[CharacterKey] = [keys[i] for i in selected]
+        self.characters: list[CharacterKey] = [keys[i] for i in selected]
         self.images = ink_to_float(ink[keep])
         self.labels = torch.from_numpy(labels[keep])
-        self.drawings: List[str] = [d for d, kept in zip(drawings, keep.tolist()) if kept]
-        self.duplicate_characters: List[str] = duplicates
+        self.drawings: list[str] = [d for d, kept in zip(drawings, keep.tolist()) if kept]
+        self.duplicate_characters: list[str] = duplicates
 
     def _load_archive(
-        self, archive: Archive, cache_dir: Optional[PathLike], use_cache: bool
-    ) -> Tuple[Dict[str, np.ndarray], Optional[Path], bool]:
+        self, archive: Archive, cache_dir: PathLike | None, use_cache: bool
+    ) -> tuple[dict[str, np.ndarray], Path | None, bool]:
         """One archive's decoded arrays, from its cache file when that is current."""
         if not use_cache:
             return decode_archive(archive), None, False
@@ -240,7 +243,7 @@ class Omniglot:
         return arrays, path, False
 
     @property
-    def alphabets(self) -> List[str]:
+    def alphabets(self) -> list[str]:
         """The alphabets with characters in this split, sorted."""
         return sorted({alphabet for alphabet, _ in self.characters})
 
@@ -265,7 +268,7 @@ class Omniglot:
         """Images counting rotated copies: ``rotations * num_images``."""
         return self.rotations * self.images.shape[0]
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """``(image [1, 28, 28], class id)``; indices past ``num_images`` are rotated copies."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")

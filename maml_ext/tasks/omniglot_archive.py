@@ -2,11 +2,13 @@
 sees (:func:`omniglot_image`). PIL, from the optional ``experiments`` extra, decodes the PNGs; it is
 imported only when a drawing is decoded, so cached data loads without it.
 """
+
 import hashlib
 import io
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from maml_ext._optional import require
 
 from ._data_errors import DatasetError, PathLike, file_signature
 
+if TYPE_CHECKING:  # PIL is optional (the experiments extra)
+    import PIL.Image
+
 __all__ = ["omniglot_image", "OMNIGLOT_IMAGE_SIZE"]
 
 OMNIGLOT_IMAGE_SIZE = 28
@@ -22,12 +27,13 @@ OMNIGLOT_IMAGE_SIZE = 28
 _ARCHIVE_PREFIXES = ("images_background", "images_evaluation")
 _EXPECTED_LAYOUT = "<archive>/<Alphabet>/<characterNN>/<drawing>.png"
 
-CharacterKey = Tuple[str, str]  # (alphabet, character folder)
+CharacterKey = tuple[str, str]  # (alphabet, character folder)
 
 
 def _pil_image():
     """PIL's Image module (``experiments`` extra), imported when a drawing is decoded."""
     return require("PIL.Image", "decoding Omniglot drawings")
+
 
 # --------------------------------------------------------------------------------------------
 # Preprocessing
@@ -91,7 +97,7 @@ class Archive:
     def __init__(self, path: Path):
         self.path = path
         self.is_zip = path.is_file()
-        self._zip: Optional[zipfile.ZipFile] = None
+        self._zip: zipfile.ZipFile | None = None
 
     @property
     def name(self) -> str:
@@ -106,7 +112,7 @@ class Archive:
             listing.update(repr(file_signature(file, relative_to=self.path)).encode())
         return [self.name, listing.hexdigest()]
 
-    def _folder_files(self) -> List[Path]:
+    def _folder_files(self) -> list[Path]:
         return [p for p in self.path.rglob("*") if p.is_file()]
 
     def __enter__(self) -> "Archive":
@@ -126,13 +132,13 @@ class Archive:
         """A drawing's place, for messages: ``archive.zip:member`` or the file's path."""
         return f"{self.path}:{member}" if self.is_zip else str(self.path.parent / member)
 
-    def drawings(self) -> Dict[CharacterKey, List[str]]:
+    def drawings(self) -> dict[CharacterKey, list[str]]:
         """The archive's members (paths below its parent folder) per character, layout checked."""
         if self.is_zip:
             members = [info.filename for info in self._zip.infolist() if not info.is_dir()]
         else:
             members = [p.relative_to(self.path.parent).as_posix() for p in self._folder_files()]
-        by_character: Dict[CharacterKey, List[str]] = {}
+        by_character: dict[CharacterKey, list[str]] = {}
         for member in members:
             parts = PurePosixPath(member).parts
             # Skip what archivers and desktops add (__MACOSX/, .DS_Store) and non-image files.
@@ -160,7 +166,7 @@ class Archive:
             raise DatasetError(f"{self.location(member)}: cannot be read: {exc}") from exc
 
 
-def find_archives(root: Path, names: Optional[Sequence[str]]) -> List[Archive]:
+def find_archives(root: Path, names: Sequence[str] | None) -> list[Archive]:
     """The archives to read: ``root`` itself, the ones named, or every official one in ``root``."""
     expected = (
         "expected a folder holding images_background*.zip / images_evaluation*.zip "
@@ -187,7 +193,7 @@ def find_archives(root: Path, names: Optional[Sequence[str]]) -> List[Archive]:
                 )
         return archives
     # A zip and the folder it was unpacked to hold the same drawings: read the zip only.
-    by_stem: Dict[str, Path] = {}
+    by_stem: dict[str, Path] = {}
     for path in sorted(root.iterdir()):
         if not path.name.startswith(_ARCHIVE_PREFIXES):
             continue
@@ -209,7 +215,7 @@ def _decode_drawing(archive: Archive, member: str, data: bytes) -> np.ndarray:
         raise DatasetError(f"{archive.location(member)}: not a readable PNG image: {exc}") from exc
 
 
-def _content_digest(archive: Archive, members: Sequence[str]) -> Tuple[str, List[bytes]]:
+def _content_digest(archive: Archive, members: Sequence[str]) -> tuple[str, list[bytes]]:
     """A character's drawings (names and bytes) as one hash, to tell identical copies apart."""
     digest = hashlib.sha1()
     contents = []
@@ -220,7 +226,7 @@ def _content_digest(archive: Archive, members: Sequence[str]) -> Tuple[str, List
     return digest.hexdigest(), contents
 
 
-def decode_archive(archive: Archive) -> Dict[str, np.ndarray]:
+def decode_archive(archive: Archive) -> dict[str, np.ndarray]:
     """Every drawing of one archive, characters in sorted order: the arrays its cache holds."""
     with archive:
         by_character = archive.drawings()
@@ -244,12 +250,12 @@ def decode_archive(archive: Archive) -> Dict[str, np.ndarray]:
 
 
 def merge_archives(
-    archives: Sequence[Archive], decoded: Sequence[Dict[str, np.ndarray]]
-) -> Tuple[List[CharacterKey], np.ndarray, np.ndarray, List[str], List[str]]:
+    archives: Sequence[Archive], decoded: Sequence[dict[str, np.ndarray]]
+) -> tuple[list[CharacterKey], np.ndarray, np.ndarray, list[str], list[str]]:
     """All archives' characters, each once, sorted: ``(characters, ink, image_character,
     drawings, duplicate characters)``. Copies of a character must be identical."""
-    first_copy: Dict[CharacterKey, Tuple[Archive, str]] = {}
-    duplicates: List[str] = []
+    first_copy: dict[CharacterKey, tuple[Archive, str]] = {}
+    duplicates: list[str] = []
     ink_parts, character_parts, drawings = [], [], []
     for archive, arrays in zip(archives, decoded):
         keys = list(zip(arrays["alphabet_names"].tolist(), arrays["character_names"].tolist()))

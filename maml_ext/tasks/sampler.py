@@ -10,8 +10,10 @@ A dataset the sampler can draw from exposes (:class:`Omniglot` and :class:`MiniI
   float input (e.g. uint8 to normalised float); default: unchanged;
 - optionally ``class_name(class_id) -> str``, used in error messages.
 """
+
 import warnings
-from typing import Iterator, NamedTuple, Optional, Union
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -34,12 +36,13 @@ class TaskBatch(NamedTuple):
 
     def to(
         self,
-        device: Union[None, str, torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: None | str | torch.device = None,
+        dtype: torch.dtype | None = None,
         non_blocking: bool = False,
     ) -> "TaskBatch":
         """The same batch on ``device``, with the images (not the labels) converted to ``dtype``."""
-        def move(tensor: torch.Tensor, as_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+
+        def move(tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> torch.Tensor:
             return tensor.to(device=device, dtype=as_dtype, non_blocking=non_blocking)
 
         return TaskBatch(
@@ -91,13 +94,17 @@ class TaskSampler:
         shots: int,
         queries: int,
         meta_batch: int,
-        seed: Union[None, int, torch.Generator] = None,
-        num_batches: Optional[int] = None,
-        device: Union[None, str, torch.device] = None,
+        seed: None | int | torch.Generator = None,
+        num_batches: int | None = None,
+        device: None | str | torch.device = None,
         pin_memory: bool = False,
     ):
-        for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
-                                 ("meta_batch", meta_batch, 1)):
+        for name, value, low in (
+            ("ways", ways, 1),
+            ("shots", shots, 1),
+            ("queries", queries, 0),
+            ("meta_batch", meta_batch, 1),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int of at least {low}, got {value!r}")
         if num_batches is not None and num_batches < 0:
@@ -147,8 +154,7 @@ class TaskSampler:
     def _check_request(self) -> None:
         base_classes = self._counts.shape[0]
         if self.num_classes < self.ways:
-            detail = (f" ({base_classes} × {self.rotations} rotations)"
-                      if self.rotations > 1 else "")
+            detail = f" ({base_classes} × {self.rotations} rotations)" if self.rotations > 1 else ""
             raise ValueError(
                 f"{self.ways}-way tasks need {self.ways} classes, but the dataset has "
                 f"{self.num_classes}{detail}"
@@ -219,8 +225,13 @@ class TaskSampler:
         return self.num_batches
 
     def _config(self) -> dict:
-        return {"ways": self.ways, "shots": self.shots, "queries": self.queries,
-                "meta_batch": self.meta_batch, "num_classes": self.num_classes}
+        return {
+            "ways": self.ways,
+            "shots": self.shots,
+            "queries": self.queries,
+            "meta_batch": self.meta_batch,
+            "num_classes": self.num_classes,
+        }
 
     def state_dict(self) -> dict:
         """The generator state and what it was used for, so that a resumed run draws the same

@@ -4,8 +4,9 @@ A task is the function ``y = A * sin(x - phase)`` with amplitude ``A ~ U[0.1, 5.
 ``~ U[0, pi]``; its support and query points are ``x ~ U[-5, 5]``. The sign convention of the phase
 follows the paper's released code (``amp * np.sin(inputs - phase)`` in cbfinn/maml).
 """
+
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple
 
 import torch
 
@@ -15,8 +16,8 @@ __all__ = ["Sinusoid", "SinusoidBatch", "sinusoid"]
 def sinusoid(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """``amplitude * sin(x - phase)`` per task.
 
-    ``x`` is ``[T, N, 1]`` (or ``[T, N]``); ``amplitude`` and ``phase`` are ``[T]``. Returns a tensor
-    shaped like ``x``.
+    ``x`` is ``[T, N, 1]`` (or ``[T, N]``); ``amplitude`` and ``phase`` are ``[T]``.
+    Returns a tensor shaped like ``x``.
     """
     extra_dims = (1,) * (x.dim() - 1)
     amplitude = amplitude.to(x).reshape(-1, *extra_dims)
@@ -39,7 +40,7 @@ class SinusoidBatch(NamedTuple):
         return SinusoidBatch(*(tensor.to(*args, **kwargs) for tensor in self))
 
 
-def _as_range(name: str, value: Tuple[float, float]) -> Tuple[float, float]:
+def _as_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
     low, high = (float(v) for v in value)
     if not low <= high:
         raise ValueError(f"{name} must be (low, high) with low <= high, got {value!r}")
@@ -65,10 +66,10 @@ class Sinusoid:
         self,
         support: int = 10,
         query: int = 10,
-        amplitude: Tuple[float, float] = (0.1, 5.0),
-        phase: Tuple[float, float] = (0.0, math.pi),
-        x_range: Tuple[float, float] = (-5.0, 5.0),
-        seed: Union[None, int, torch.Generator] = None,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        seed: None | int | torch.Generator = None,
     ):
         if support < 1:
             raise ValueError(f"support must be at least 1, got {support}")
@@ -90,7 +91,7 @@ class Sinusoid:
             else:
                 self.generator.manual_seed(int(seed))
 
-    def _uniform(self, shape, bounds: Tuple[float, float]) -> torch.Tensor:
+    def _uniform(self, shape, bounds: tuple[float, float]) -> torch.Tensor:
         low, high = bounds
         unit = torch.rand(shape, generator=self.generator, dtype=torch.float64)
         return low + (high - low) * unit
@@ -98,7 +99,7 @@ class Sinusoid:
     def sample(
         self,
         meta_batch: int,
-        device: Union[None, str, torch.device] = None,
+        device: None | str | torch.device = None,
         dtype: torch.dtype = torch.float32,
     ) -> SinusoidBatch:
         """Draws ``meta_batch`` tasks with their support and query points."""
@@ -123,8 +124,8 @@ class Sinusoid:
         amplitude: torch.Tensor,
         phase: torch.Tensor,
         points: int = 100,
-        dtype: Optional[torch.dtype] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The true functions of the given tasks on ``points`` evenly spaced x over ``x_range``.
 
         Returns ``(x, y)``, both ``[T, points, 1]``, on the device of ``amplitude``: for plots, and
@@ -137,7 +138,8 @@ class Sinusoid:
         return x.to(amplitude.device, dtype), y.to(amplitude.device, dtype)
 
     def state_dict(self) -> dict:
-        """The generator state, so that a resumed run draws the same tasks as an uninterrupted one."""
+        """The generator state, so that a resumed run draws the same tasks as an uninterrupted
+        one."""
         return {"generator_state": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:

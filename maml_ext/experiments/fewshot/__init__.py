@@ -30,9 +30,11 @@ Evaluation (``python -m maml_ext eval CHECKPOINT``, :func:`evaluate_checkpoint`)
 Modules: :mod:`.data` (splits and task samplers), :mod:`.train`, :mod:`.evaluate`,
 :mod:`.baseline`, :mod:`.checkpoint` (the checkpoint format, :func:`load_checkpoint`); what they
 report (confidence intervals, tables, the run log, plots) is in
-:mod:`maml_ext.experiments.reporting`. The command line's registry (:data:`maml_ext.cli.EXPERIMENTS`)
+:mod:`maml_ext.experiments.reporting`. The command line's registry
+(:data:`maml_ext.cli.EXPERIMENTS`)
 runs :func:`train_fewshot` with the preset's name.
 """
+
 from maml_ext.experiments.fewshot.baseline import baseline_meta_optimizer, pretrain_baseline
 from maml_ext.experiments.fewshot.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -69,4 +71,3 @@ __all__ = [
     "summarise",
     "train_fewshot",
 ]
-

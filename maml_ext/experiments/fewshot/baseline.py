@@ -8,10 +8,10 @@ replaced by a fresh N-way linear layer initialised to zero (so the 0-step accura
 no random head favours a class), and the whole network is then fine-tuned exactly like MAML's:
 ``MetaOptimizer.adapt`` with the preset's inner learning rate.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,16 @@ from maml_ext.experiments.presets import FewShotPreset
 from maml_ext.experiments.reporting import progress_bar
 from maml_ext.optimizer import MetaOptimizer
 
-__all__ = ["DEFAULT_BASELINE_ITERATIONS", "BASELINE_BATCH", "BASELINE_LR", "BASELINE_FORMAT",
-           "pretrain_baseline", "baseline_meta_optimizer", "cached_baseline", "save_baseline"]
+__all__ = [
+    "DEFAULT_BASELINE_ITERATIONS",
+    "BASELINE_BATCH",
+    "BASELINE_LR",
+    "BASELINE_FORMAT",
+    "pretrain_baseline",
+    "baseline_meta_optimizer",
+    "cached_baseline",
+    "save_baseline",
+]
 
 DEFAULT_BASELINE_ITERATIONS = 5000
 BASELINE_BATCH = 64
@@ -47,9 +55,17 @@ def _classification_batch(dataset, generator: torch.Generator, size: int, device
     return x.to(device), y.to(device)
 
 
-def pretrain_baseline(preset: FewShotPreset, train_data, *, iterations: int, seed: int = 0,
-                      batch_size: int = BASELINE_BATCH, lr: float = BASELINE_LR, device="cpu",
-                      progress: bool = False):
+def pretrain_baseline(
+    preset: FewShotPreset,
+    train_data,
+    *,
+    iterations: int,
+    seed: int = 0,
+    batch_size: int = BASELINE_BATCH,
+    lr: float = BASELINE_LR,
+    device="cpu",
+    progress: bool = False,
+):
     """The preset's network trained as one classifier over all of ``train_data``'s classes
     (rotations included): Adam, cross-entropy, batches of ``batch_size`` images. Returns the
     model, whose last layer has one output per training class."""
@@ -77,14 +93,16 @@ def _head_prefix(model) -> str:
     return f"{len(model) - 1}."
 
 
-def baseline_meta_optimizer(preset: FewShotPreset, pretrained, *, device="cpu",
-                            backend="auto") -> MetaOptimizer:
+def baseline_meta_optimizer(
+    preset: FewShotPreset, pretrained, *, device="cpu", backend="auto"
+) -> MetaOptimizer:
     """A MetaOptimizer (no outer optimiser) for the pretrained body with a fresh zero-initialised
     ``preset.ways``-way head, fine-tuned with the preset's inner learning rate."""
     model = preset.build_model().to(device)
     head = _head_prefix(model)
-    body = {name: value for name, value in pretrained.state_dict().items()
-            if not name.startswith(head)}
+    body = {
+        name: value for name, value in pretrained.state_dict().items() if not name.startswith(head)
+    }
     missing = model.load_state_dict(body, strict=False)
     if any(not name.startswith(head) for name in missing.missing_keys) or missing.unexpected_keys:
         raise ValueError(f"pretrained network does not match {preset.name}: {missing}")
@@ -95,7 +113,7 @@ def baseline_meta_optimizer(preset: FewShotPreset, pretrained, *, device="cpu",
     return MetaOptimizer(model, None, inner_lr=preset.inner_lr, inner_steps=1, backend=backend)
 
 
-def cached_baseline(path: Path, settings: dict, preset: FewShotPreset) -> Optional[torch.nn.Module]:
+def cached_baseline(path: Path, settings: dict, preset: FewShotPreset) -> torch.nn.Module | None:
     """The pretrained baseline saved at ``path`` when it was made with ``settings``, else None."""
     if not path.is_file():
         return None
@@ -103,8 +121,11 @@ def cached_baseline(path: Path, settings: dict, preset: FewShotPreset) -> Option
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
-    if (not isinstance(saved, dict) or saved.get("format") != BASELINE_FORMAT
-            or saved.get("settings") != settings):
+    if (
+        not isinstance(saved, dict)
+        or saved.get("format") != BASELINE_FORMAT
+        or saved.get("settings") != settings
+    ):
         return None
     model = preset.with_overrides(ways=int(saved["num_classes"])).build_model()
     model.load_state_dict(saved["model"])
@@ -113,6 +134,12 @@ def cached_baseline(path: Path, settings: dict, preset: FewShotPreset) -> Option
 
 def save_baseline(model: torch.nn.Module, settings: dict, path: Path) -> None:
     """Saves a pretrained baseline so that :func:`cached_baseline` finds it for ``settings``."""
-    save_atomic({"format": BASELINE_FORMAT, "settings": settings,
-                 "num_classes": model[-1].out_features,
-                 "model": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+    save_atomic(
+        {
+            "format": BASELINE_FORMAT,
+            "settings": settings,
+            "num_classes": model[-1].out_features,
+            "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )

@@ -19,22 +19,21 @@ To use a trained network on your own few-shot problem::
     adapted = meta.adapt(support_x, support_y, steps=3)        # [T, N*K, 1, 28, 28], [T, N*K]
     predictions = meta.predict(adapted, query_x).argmax(-1)    # [T, M]
 """
+
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
 from maml_ext.experiments.presets import FewShotPreset
 from maml_ext.optimizer import MetaOptimizer
 
+from ...types import PathLike
+
 __all__ = ["CHECKPOINT_FORMAT", "read_checkpoint", "build_meta_optimizer", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "maml_ext.fewshot.checkpoint/1"
-
-PathLike = Union[str, os.PathLike]
 
 
 def read_checkpoint(path: PathLike, map_location="cpu") -> dict:
@@ -48,25 +47,39 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> dict:
         raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a maml_ext few-shot checkpoint (format {found!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"{path} is not a maml_ext few-shot checkpoint (format {found!r}, "
+            f"expected {CHECKPOINT_FORMAT!r})"
+        )
     return state
 
 
-def build_meta_optimizer(preset: FewShotPreset, *, device=None, backend: str = "auto",
-                         outer_optimizer: bool = True) -> MetaOptimizer:
+def build_meta_optimizer(
+    preset: FewShotPreset, *, device=None, backend: str = "auto", outer_optimizer: bool = True
+) -> MetaOptimizer:
     """A fresh MetaOptimizer for ``preset``'s network (current RNG for the initial weights) with
     Adam at the preset's outer learning rate (or no outer optimiser)."""
     model = preset.build_model()
     if device is not None:
         model = model.to(device)
     adam = torch.optim.Adam(model.parameters(), lr=preset.outer_lr) if outer_optimizer else None
-    return MetaOptimizer(model, adam, inner_lr=preset.inner_lr, inner_steps=preset.inner_steps,
-                         first_order=preset.first_order, backend=backend)
+    return MetaOptimizer(
+        model,
+        adam,
+        inner_lr=preset.inner_lr,
+        inner_steps=preset.inner_steps,
+        first_order=preset.first_order,
+        backend=backend,
+    )
 
 
-def load_checkpoint(path: PathLike, *, device: Optional[Union[str, torch.device]] = None,
-                    backend: str = "auto", outer_optimizer: bool = True) -> MetaOptimizer:
+def load_checkpoint(
+    path: PathLike,
+    *,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+    outer_optimizer: bool = True,
+) -> MetaOptimizer:
     """A ready :class:`maml_ext.MetaOptimizer` from a training checkpoint.
 
     The network is rebuilt from the preset stored in the checkpoint and gets the trained weights,
@@ -80,8 +93,9 @@ def load_checkpoint(path: PathLike, *, device: Optional[Union[str, torch.device]
     """
     state = read_checkpoint(path)
     preset = FewShotPreset.from_dict(state["preset"])
-    meta_optimizer = build_meta_optimizer(preset, device=device, backend=backend,
-                                          outer_optimizer=outer_optimizer)
+    meta_optimizer = build_meta_optimizer(
+        preset, device=device, backend=backend, outer_optimizer=outer_optimizer
+    )
     saved = dict(state["meta_optimizer"])
     if not outer_optimizer:
         saved["outer_optimizer"] = None

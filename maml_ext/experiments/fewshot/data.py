@@ -1,20 +1,25 @@
 """The data of a few-shot run: one split of the preset's dataset, and task samplers over it."""
+
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional, Union
 
 from maml_ext.experiments.presets import ConfigurationError, FewShotPreset
 
+from ...types import PathLike
+
 __all__ = ["load_split", "make_sampler"]
 
-PathLike = Union[str, os.PathLike]
 
-
-def load_split(preset: FewShotPreset, data_dir: PathLike, split: str, *,
-               split_by: str = "character", split_seed: int = 0,
-               cache_dir: Optional[PathLike] = None):
+def load_split(
+    preset: FewShotPreset,
+    data_dir: PathLike,
+    split: str,
+    *,
+    split_by: str = "character",
+    split_seed: int = 0,
+    cache_dir: PathLike | None = None,
+):
     """The ``split`` ("train", "val", "test") of the preset's dataset, read from ``data_dir``.
 
     Omniglot: ``split_by`` is "character" or "alphabet" and ``split_seed`` seeds the cut (see
@@ -31,14 +36,24 @@ def load_split(preset: FewShotPreset, data_dir: PathLike, split: str, *,
             from maml_ext.tasks import Omniglot
 
             if split_by not in ("character", "alphabet"):
-                raise ConfigurationError(f"split_by: expected 'character' or 'alphabet', got {split_by!r}")
-            return Omniglot(data_dir, split, split_by=split_by, seed=split_seed, rotations=True,
-                            cache_dir=cache_dir)
+                raise ConfigurationError(
+                    f"split_by: expected 'character' or 'alphabet', got {split_by!r}"
+                )
+            return Omniglot(
+                data_dir,
+                split,
+                split_by=split_by,
+                seed=split_seed,
+                rotations=True,
+                cache_dir=cache_dir,
+            )
         from maml_ext.tasks import MiniImageNet
 
         return MiniImageNet(data_dir, split, cache_dir=cache_dir)
     except (FileNotFoundError, DatasetError) as error:
-        raise ConfigurationError(f"cannot load {preset.dataset} {split!r} from {data_dir}: {error}") from error
+        raise ConfigurationError(
+            f"cannot load {preset.dataset} {split!r} from {data_dir}: {error}"
+        ) from error
 
 
 def make_sampler(dataset, preset: FewShotPreset, meta_batch: int, seed: int, device):
@@ -46,8 +61,17 @@ def make_sampler(dataset, preset: FewShotPreset, meta_batch: int, seed: int, dev
     from maml_ext.tasks import TaskSampler
 
     try:
-        return TaskSampler(dataset, ways=preset.ways, shots=preset.shots, queries=preset.queries,
-                           meta_batch=meta_batch, seed=seed, device=device)
+        return TaskSampler(
+            dataset,
+            ways=preset.ways,
+            shots=preset.shots,
+            queries=preset.queries,
+            meta_batch=meta_batch,
+            seed=seed,
+            device=device,
+        )
     except ValueError as error:
         split = getattr(dataset, "split", "?")
-        raise ConfigurationError(f"the {split!r} split cannot give {preset.name} tasks: {error}") from error
+        raise ConfigurationError(
+            f"the {split!r} split cannot give {preset.name} tasks: {error}"
+        ) from error

@@ -10,13 +10,13 @@ and device, and the first n tasks of a longer evaluation are the n tasks of a sh
 With ``baseline=True`` the network of :mod:`~maml_ext.experiments.fewshot.baseline` is scored on
 the same tasks.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,22 +48,25 @@ from maml_ext.experiments.runtime import (
     weights_per_task,
 )
 
+from ...types import PathLike
+
 __all__ = ["EVAL_CHUNK", "per_step_accuracy", "evaluate_tasks", "summarise", "evaluate_checkpoint"]
 
 # Tasks are drawn this many at a time: part of the definition of "the tasks of a seed".
 EVAL_CHUNK = 25
 
-PathLike = Union[str, os.PathLike]
-Evaluation = Dict[int, Dict[str, torch.Tensor]]
+Evaluation = dict[int, dict[str, torch.Tensor]]
 
 _BASELINE_DESCRIPTION = (
     "the same network trained as one softmax classifier over all meta-training classes (no "
     "meta-learning), then per test task a fresh zero-initialised N-way head and the whole network "
-    "fine-tuned with MetaOptimizer.adapt at the same inner learning rate and steps as MAML")
+    "fine-tuned with MetaOptimizer.adapt at the same inner learning rate and steps as MAML"
+)
 
 
-def per_step_accuracy(meta_optimizer, support_x, support_y, query_x, query_y,
-                      steps: Sequence[int]) -> Evaluation:
+def per_step_accuracy(
+    meta_optimizer, support_x, support_y, query_x, query_y, steps: Sequence[int]
+) -> Evaluation:
     """Per-task query accuracy and loss ``{k: {"accuracy": [T], "loss": [T]}}`` after k inner
     steps for each k in ``steps`` (0: the unadapted weights), via ``MetaOptimizer.adapt``."""
     results = {}
@@ -79,16 +82,26 @@ def per_step_accuracy(meta_optimizer, support_x, support_y, query_x, query_y,
     return results
 
 
-def evaluate_tasks(meta_optimizer, dataset, preset: FewShotPreset, *, tasks: int,
-                   steps: Sequence[int], seed: int, device=None,
-                   progress: Optional[str] = None) -> Evaluation:
+def evaluate_tasks(
+    meta_optimizer,
+    dataset,
+    preset: FewShotPreset,
+    *,
+    tasks: int,
+    steps: Sequence[int],
+    seed: int,
+    device=None,
+    progress: str | None = None,
+) -> Evaluation:
     """:func:`per_step_accuracy` over ``tasks`` tasks drawn from ``dataset`` with ``seed``,
     ``EVAL_CHUNK`` at a time: ``{k: {"accuracy": [tasks], "loss": [tasks]}}``. ``progress``: the
     label of a progress bar (None: no bar)."""
     if tasks < 1:
         raise ConfigurationError(f"tasks: expected a positive number, got {tasks}")
     sampler = make_sampler(dataset, preset, EVAL_CHUNK, seed, device)
-    parts: Dict[int, Dict[str, List[torch.Tensor]]] = {k: {"accuracy": [], "loss": []} for k in steps}
+    parts: dict[int, dict[str, list[torch.Tensor]]] = {
+        k: {"accuracy": [], "loss": []} for k in steps
+    }
     bar = progress_bar(bool(progress), description=progress, total=tasks, leave=False)
     done = 0
     dtype = next(meta_optimizer.model.parameters()).dtype
@@ -96,46 +109,53 @@ def evaluate_tasks(meta_optimizer, dataset, preset: FewShotPreset, *, tasks: int
         take = min(EVAL_CHUNK, tasks - done)
         batch = sampler.sample()
         batch = batch.to(dtype=dtype) if batch.support_x.dtype != dtype else batch
-        sx, sy, qx, qy = (t[:take] for t in (batch.support_x, batch.support_y, batch.query_x,
-                                             batch.query_y))
+        sx, sy, qx, qy = (
+            t[:take] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        )
         for k, values in per_step_accuracy(meta_optimizer, sx, sy, qx, qy, steps).items():
             parts[k]["accuracy"].append(values["accuracy"])
             parts[k]["loss"].append(values["loss"])
         done += take
         bar.update(take)
     bar.close()
-    return {k: {name: torch.cat(values) for name, values in by_name.items()}
-            for k, by_name in parts.items()}
+    return {
+        k: {name: torch.cat(values) for name, values in by_name.items()}
+        for k, by_name in parts.items()
+    }
 
 
-def summarise(evaluation: Evaluation) -> Dict[str, dict]:
+def summarise(evaluation: Evaluation) -> dict[str, dict]:
     """``{str(k): {"accuracy": mean, "ci95": half width, "std": std, "loss": mean loss}}``."""
     summary = {}
     for k in sorted(evaluation):
         mean, half, std = mean_ci95(evaluation[k]["accuracy"])
-        summary[str(k)] = {"accuracy": mean, "ci95": half, "std": std,
-                           "loss": evaluation[k]["loss"].double().mean().item()}
+        summary[str(k)] = {
+            "accuracy": mean,
+            "ci95": half,
+            "std": std,
+            "loss": evaluation[k]["loss"].double().mean().item(),
+        }
     return summary
 
 
 def evaluate_checkpoint(
     checkpoint: PathLike,
-    data_dir: Optional[PathLike] = None,
+    data_dir: PathLike | None = None,
     *,
     tasks: int = 600,
     steps: int = 10,
     seed: int = DEFAULT_EVAL_SEED,
-    out: Optional[PathLike] = None,
+    out: PathLike | None = None,
     split: str = "test",
     backend: str = "auto",
     device=None,
     baseline: bool = False,
     baseline_iterations: int = DEFAULT_BASELINE_ITERATIONS,
-    baseline_path: Optional[PathLike] = None,
-    cache_dir: Optional[PathLike] = None,
+    baseline_path: PathLike | None = None,
+    cache_dir: PathLike | None = None,
     progress: bool = True,
     verbose: bool = True,
-    cpu_threads: Optional[int] = None,
+    cpu_threads: int | None = None,
 ) -> dict:
     """The paper's test protocol on a training checkpoint (see the module docstring).
 
@@ -164,40 +184,74 @@ def evaluate_checkpoint(
     data_dir = data_dir if data_dir is not None else settings["data_dir"]
     cache_dir = cache_dir if cache_dir is not None else settings.get("cache_dir")
     device = torch.device(device if device is not None else default_device())
-    split_options = dict(split_by=settings["split_by"], split_seed=settings["split_seed"],
-                         cache_dir=cache_dir)
+    split_options = dict(
+        split_by=settings["split_by"], split_seed=settings["split_seed"], cache_dir=cache_dir
+    )
     step_list = list(range(steps + 1))
 
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         test_data = load_split(preset, data_dir, split, **split_options)
         meta = load_checkpoint(checkpoint, device=device, backend=backend, outer_optimizer=False)
         started = time.perf_counter()
-        results = {"maml": summarise(evaluate_tasks(
-            meta, test_data, preset, tasks=tasks, steps=step_list, seed=seed, device=device,
-            progress="MAML test tasks" if progress else None))}
+        results = {
+            "maml": summarise(
+                evaluate_tasks(
+                    meta,
+                    test_data,
+                    preset,
+                    tasks=tasks,
+                    steps=step_list,
+                    seed=seed,
+                    device=device,
+                    progress="MAML test tasks" if progress else None,
+                )
+            )
+        }
         seconds = {"maml": time.perf_counter() - started}
         baseline_info = None
         if baseline:
-            path = (Path(baseline_path) if baseline_path is not None
-                    else checkpoint.with_name("baseline.pt"))
+            path = (
+                Path(baseline_path)
+                if baseline_path is not None
+                else checkpoint.with_name("baseline.pt")
+            )
             baseline_settings = {
-                "preset": preset.name, "data_dir": str(data_dir), **split_options,
-                "cache_dir": None, "iterations": baseline_iterations, "batch_size": BASELINE_BATCH,
-                "lr": BASELINE_LR, "seed": settings["seed"],
+                "preset": preset.name,
+                "data_dir": str(data_dir),
+                **split_options,
+                "cache_dir": None,
+                "iterations": baseline_iterations,
+                "batch_size": BASELINE_BATCH,
+                "lr": BASELINE_LR,
+                "seed": settings["seed"],
             }
             started = time.perf_counter()
-            model = _pretrained_baseline(path, baseline_settings, preset, data_dir, split_options,
-                                         device, progress)
+            model = _pretrained_baseline(
+                path, baseline_settings, preset, data_dir, split_options, device, progress
+            )
             seconds["baseline_pretraining"] = time.perf_counter() - started
             started = time.perf_counter()
-            base_meta = baseline_meta_optimizer(preset, model.to(device), device=device,
-                                                backend=backend)
-            results["baseline"] = summarise(evaluate_tasks(
-                base_meta, test_data, preset, tasks=tasks, steps=step_list, seed=seed,
-                device=device, progress="baseline test tasks" if progress else None))
+            base_meta = baseline_meta_optimizer(
+                preset, model.to(device), device=device, backend=backend
+            )
+            results["baseline"] = summarise(
+                evaluate_tasks(
+                    base_meta,
+                    test_data,
+                    preset,
+                    tasks=tasks,
+                    steps=step_list,
+                    seed=seed,
+                    device=device,
+                    progress="baseline test tasks" if progress else None,
+                )
+            )
             seconds["baseline"] = time.perf_counter() - started
-            baseline_info = {"description": _BASELINE_DESCRIPTION, "file": str(path),
-                             **baseline_settings}
+            baseline_info = {
+                "description": _BASELINE_DESCRIPTION,
+                "file": str(path),
+                **baseline_settings,
+            }
 
     report = {
         "checkpoint": str(checkpoint),
@@ -226,9 +280,11 @@ def evaluate_checkpoint(
         "seconds": seconds,
     }
     if verbose:
-        print(f"{preset.name} ({state['iteration']} iterations): {split} accuracy on {tasks} tasks "
-              f"({preset.ways}-way {preset.shots}-shot, {preset.queries} queries/class, seed {seed}) "
-              f"after k inner steps of {preset.inner_lr}; mean ± 95% CI")
+        print(
+            f"{preset.name} ({state['iteration']} iterations): {split} accuracy on {tasks} tasks "
+            f"({preset.ways}-way {preset.shots}-shot, {preset.queries} queries/class, seed {seed}) "
+            f"after k inner steps of {preset.inner_lr}; mean ± 95% CI"
+        )
         print(accuracy_table(results, preset.paper_eval_steps))
     if out != "":
         out_path = Path(out) if out is not None else checkpoint.with_name("eval.json")
@@ -239,13 +295,26 @@ def evaluate_checkpoint(
     return report
 
 
-def _pretrained_baseline(path: Path, settings: dict, preset: FewShotPreset, data_dir,
-                         split_options: dict, device, progress: bool) -> torch.nn.Module:
+def _pretrained_baseline(
+    path: Path,
+    settings: dict,
+    preset: FewShotPreset,
+    data_dir,
+    split_options: dict,
+    device,
+    progress: bool,
+) -> torch.nn.Module:
     """The baseline cached at ``path`` for ``settings``, or one pretrained now and saved there."""
     model = cached_baseline(path, settings, preset)
     if model is None:
         train_data = load_split(preset, data_dir, "train", **split_options)
-        model = pretrain_baseline(preset, train_data, iterations=settings["iterations"],
-                                  seed=settings["seed"], device=device, progress=progress)
+        model = pretrain_baseline(
+            preset,
+            train_data,
+            iterations=settings["iterations"],
+            seed=settings["seed"],
+            device=device,
+            progress=progress,
+        )
         save_baseline(model, settings, path)
     return model

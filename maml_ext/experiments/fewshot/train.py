@@ -4,13 +4,12 @@
 ``OUT/checkpoint.pt``) and hands them to a :class:`FewShotTraining`, which owns the run's state
 (the MetaOptimizer, the task sampler, the log and the checkpoints) and steps it.
 """
+
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
-from typing import List, Optional, Union
 
 import torch
 
@@ -39,6 +38,8 @@ from maml_ext.experiments.runtime import (
     set_rng_state,
 )
 
+from ...types import PathLike
+
 __all__ = ["train_fewshot", "FewShotTraining", "DEFAULT_VAL_SEED"]
 
 # Validation tasks come from their own seed, independent of the training seed.
@@ -46,32 +47,30 @@ DEFAULT_VAL_SEED = 1234
 # How often (in iterations) the progress bar's running means are refreshed.
 _POSTFIX_EVERY = 10
 
-PathLike = Union[str, os.PathLike]
-
 
 def train_fewshot(
-    preset: Union[str, FewShotPreset],
-    data_dir: Optional[PathLike] = None,
-    out_dir: Optional[PathLike] = None,
+    preset: str | FewShotPreset,
+    data_dir: PathLike | None = None,
+    out_dir: PathLike | None = None,
     *,
-    iterations: Optional[int] = None,
-    backend: Optional[str] = None,
-    first_order: Optional[bool] = None,
-    meta_batch: Optional[int] = None,
-    seed: Optional[int] = None,
-    checkpoint_every: Optional[int] = None,
-    validate_every: Optional[int] = None,
-    val_tasks: Optional[int] = None,
-    log_every: Optional[int] = None,
+    iterations: int | None = None,
+    backend: str | None = None,
+    first_order: bool | None = None,
+    meta_batch: int | None = None,
+    seed: int | None = None,
+    checkpoint_every: int | None = None,
+    validate_every: int | None = None,
+    val_tasks: int | None = None,
+    log_every: int | None = None,
     resume: bool = False,
-    split_by: Optional[str] = None,
-    split_seed: Optional[int] = None,
-    cache_dir: Optional[PathLike] = None,
+    split_by: str | None = None,
+    split_seed: int | None = None,
+    cache_dir: PathLike | None = None,
     device=None,
     progress: bool = True,
     verbose: bool = True,
-    cpu_threads: Optional[int] = None,
-    stop_after: Optional[int] = None,
+    cpu_threads: int | None = None,
+    stop_after: int | None = None,
 ) -> dict:
     """Meta-trains ``preset`` (a name in :data:`~maml_ext.experiments.presets.PRESETS` or a
     :class:`FewShotPreset`); see :mod:`maml_ext.experiments.fewshot` for what it writes under
@@ -91,27 +90,53 @@ def train_fewshot(
     out = Path(out_dir if out_dir is not None else f"runs/{preset.name}")
     checkpoint_path = out / "checkpoint.pt"
     if resume:
-        changes = dict(iterations=iterations, data_dir=data_dir, cache_dir=cache_dir,
-                       backend=backend, device=device, checkpoint_every=checkpoint_every,
-                       validate_every=validate_every, log_every=log_every)
+        changes = dict(
+            iterations=iterations,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            backend=backend,
+            device=device,
+            checkpoint_every=checkpoint_every,
+            validate_every=validate_every,
+            log_every=log_every,
+        )
         # What the task streams and splits depend on: a resumed run must keep it.
-        fixed = dict(meta_batch=meta_batch, first_order=first_order, seed=seed, split_by=split_by,
-                     split_seed=split_seed, val_tasks=val_tasks)
+        fixed = dict(
+            meta_batch=meta_batch,
+            first_order=first_order,
+            seed=seed,
+            split_by=split_by,
+            split_seed=split_seed,
+            val_tasks=val_tasks,
+        )
         preset, settings, state = _resumed_run(preset, checkpoint_path, fixed, changes)
     else:
         if checkpoint_path.exists():
-            raise ConfigurationError(f"{checkpoint_path} exists: pass --resume to continue that run, "
-                                     f"or choose another --out")
+            raise ConfigurationError(
+                f"{checkpoint_path} exists: pass --resume to continue that run, "
+                f"or choose another --out"
+            )
         if data_dir is None:
-            raise ConfigurationError(f"{preset.name} needs --data-dir: the folder holding the "
-                                     f"{preset.dataset} data")
+            raise ConfigurationError(
+                f"{preset.name} needs --data-dir: the folder holding the {preset.dataset} data"
+            )
         preset = preset.with_overrides(meta_batch=meta_batch, first_order=first_order)
         state = None
         settings = _new_run_settings(
-            preset, iterations=iterations, seed=seed, split_by=split_by, split_seed=split_seed,
-            val_tasks=val_tasks, data_dir=data_dir, cache_dir=cache_dir, backend=backend,
-            device=device, checkpoint_every=checkpoint_every, validate_every=validate_every,
-            log_every=log_every)
+            preset,
+            iterations=iterations,
+            seed=seed,
+            split_by=split_by,
+            split_seed=split_seed,
+            val_tasks=val_tasks,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+            backend=backend,
+            device=device,
+            checkpoint_every=checkpoint_every,
+            validate_every=validate_every,
+            log_every=log_every,
+        )
     start_iteration = int(state["iteration"]) if state is not None else 0
     _check_settings(settings, start_iteration, checkpoint_path)
     # Fail now, not after the first hours of training, when the experiments extra is missing.
@@ -123,8 +148,10 @@ def train_fewshot(
     # The run seeds and restores torch's global RNG (saved in checkpoints); fork it so that the
     # caller's stream is left as it was.
     rng_devices = [device] if device.type == "cuda" else []
-    with intra_op_threads(cpu_threads if device.type == "cpu" else None), \
-            torch.random.fork_rng(devices=rng_devices):
+    with (
+        intra_op_threads(cpu_threads if device.type == "cpu" else None),
+        torch.random.fork_rng(devices=rng_devices),
+    ):
         training = FewShotTraining(preset, settings, out, device, state)
         end = settings["iterations"]
         if stop_after is not None:
@@ -135,9 +162,22 @@ def train_fewshot(
         return training.summary(verbose)
 
 
-def _new_run_settings(preset: FewShotPreset, *, iterations, seed, split_by, split_seed,
-                      val_tasks, data_dir, cache_dir, backend, device, checkpoint_every,
-                      validate_every, log_every) -> dict:
+def _new_run_settings(
+    preset: FewShotPreset,
+    *,
+    iterations,
+    seed,
+    split_by,
+    split_seed,
+    val_tasks,
+    data_dir,
+    cache_dir,
+    backend,
+    device,
+    checkpoint_every,
+    validate_every,
+    log_every,
+) -> dict:
     """A new run's settings: the options given, the defaults for the others."""
     return {
         "iterations": iterations if iterations is not None else preset.iterations,
@@ -168,13 +208,19 @@ def _resumed_run(preset: FewShotPreset, checkpoint_path: Path, fixed: dict, chan
         raise ConfigurationError(str(error)) from error
     saved_preset = FewShotPreset.from_dict(state["preset"])
     if saved_preset.name != preset.name:
-        raise ConfigurationError(f"{checkpoint_path} is a {saved_preset.name!r} run, not {preset.name!r}")
+        raise ConfigurationError(
+            f"{checkpoint_path} is a {saved_preset.name!r} run, not {preset.name!r}"
+        )
     settings = dict(state["settings"])
     for name, value in fixed.items():
-        saved = getattr(saved_preset, name) if name in ("meta_batch", "first_order") else settings[name]
+        saved = (
+            getattr(saved_preset, name) if name in ("meta_batch", "first_order") else settings[name]
+        )
         if value is not None and value != saved:
-            raise ConfigurationError(f"--resume: the run was started with {name}={saved!r}; "
-                                     f"it cannot change to {value!r}")
+            raise ConfigurationError(
+                f"--resume: the run was started with {name}={saved!r}; "
+                f"it cannot change to {value!r}"
+            )
     for name, value in changes.items():
         if value is not None:
             settings[name] = str(value) if name in ("data_dir", "cache_dir", "device") else value
@@ -188,10 +234,14 @@ def _check_settings(settings: dict, start_iteration: int, checkpoint_path: Path)
     check_count("log_every", settings["log_every"])
     check_count("val_tasks", settings["val_tasks"])
     if settings["backend"] not in ("auto", "reference", "fused"):
-        raise ConfigurationError(f"backend: expected auto, reference or fused, got {settings['backend']!r}")
+        raise ConfigurationError(
+            f"backend: expected auto, reference or fused, got {settings['backend']!r}"
+        )
     if settings["iterations"] < start_iteration:
-        raise ConfigurationError(f"iterations={settings['iterations']} but {checkpoint_path} is "
-                                 f"already at iteration {start_iteration}")
+        raise ConfigurationError(
+            f"iterations={settings['iterations']} but {checkpoint_path} is "
+            f"already at iteration {start_iteration}"
+        )
 
 
 def _due(iteration: int, every: int) -> bool:
@@ -208,27 +258,37 @@ class FewShotTraining:
     the last train row, which the checkpoint keeps so that a resumed run logs the same rows.
     """
 
-    def __init__(self, preset: FewShotPreset, settings: dict, out: Path, device: torch.device,
-                 state: Optional[dict] = None):
+    def __init__(
+        self,
+        preset: FewShotPreset,
+        settings: dict,
+        out: Path,
+        device: torch.device,
+        state: dict | None = None,
+    ):
         self.preset, self.settings, self.out, self.device = preset, settings, out, device
-        split = dict(split_by=settings["split_by"], split_seed=settings["split_seed"],
-                     cache_dir=settings["cache_dir"])
+        split = dict(
+            split_by=settings["split_by"],
+            split_seed=settings["split_seed"],
+            cache_dir=settings["cache_dir"],
+        )
         self.train_data = load_split(preset, settings["data_dir"], "train", **split)
         self.val_data = load_split(preset, settings["data_dir"], "val", **split)
         # Initial weights from the seed, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings["seed"])
             self.meta = build_meta_optimizer(preset, device=device, backend=settings["backend"])
-        self.sampler = make_sampler(self.train_data, preset, preset.meta_batch, settings["seed"],
-                                    device)
+        self.sampler = make_sampler(
+            self.train_data, preset, preset.meta_batch, settings["seed"], device
+        )
         out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = out / "checkpoint.pt"
 
         self.iteration = 0
-        self.best_val: Optional[dict] = None
-        self._window: List[List[float]] = []
-        self._pending: List[tuple] = []
-        self._last_val: Optional[float] = None
+        self.best_val: dict | None = None
+        self._window: list[list[float]] = []
+        self._pending: list[tuple] = []
+        self._last_val: float | None = None
         self._seconds_before = 0.0  # training time of earlier calls (a resumed run)
         self._started = time.perf_counter()
         if state is not None:
@@ -256,26 +316,33 @@ class FewShotTraining:
 
     def describe(self) -> None:
         preset = self.preset
-        print(f"{preset.name}: {len(self.train_data.labels)} training images, "
-              f"{self.sampler.num_classes} training classes, {preset.ways}-way {preset.shots}-shot, "
-              f"{preset.queries} queries/class, meta-batch {preset.meta_batch}, "
-              f"{preset.inner_steps} inner step(s) of {preset.inner_lr}, backend {self.meta.backend}, "
-              f"device {self.device}; iterations {self.iteration}..{self.settings['iterations']}")
+        print(
+            f"{preset.name}: {len(self.train_data.labels)} training images, "
+            f"{self.sampler.num_classes} training classes, {preset.ways}-way {preset.shots}-shot, "
+            f"{preset.queries} queries/class, meta-batch {preset.meta_batch}, "
+            f"{preset.inner_steps} inner step(s) of {preset.inner_lr}, "
+            f"backend {self.meta.backend}, "
+            f"device {self.device}; iterations {self.iteration}..{self.settings['iterations']}"
+        )
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self, end: int, progress: bool) -> None:
         """Meta-trains up to iteration ``end``, logging, validating and checkpointing on the way."""
         iterations = self.settings["iterations"]
-        bar = progress_bar(progress, description=self.preset.name, total=iterations,
-                           initial=self.iteration)
+        bar = progress_bar(
+            progress, description=self.preset.name, total=iterations, initial=self.iteration
+        )
         try:
             for iteration in range(self.iteration + 1, end + 1):
                 self._step()
                 self.iteration = iteration
                 bar.update(1)
-                if (_due(iteration, _POSTFIX_EVERY) or _due(iteration, self.settings["log_every"])
-                        or iteration == end):
+                if (
+                    _due(iteration, _POSTFIX_EVERY)
+                    or _due(iteration, self.settings["log_every"])
+                    or iteration == end
+                ):
                     bar.set_postfix(self._running_means())
                 seconds = self.seconds()
                 if _due(iteration, self.settings["log_every"]) or iteration == iterations:
@@ -303,8 +370,10 @@ class FewShotTraining:
         """The progress bar's postfix: loss and accuracy of the last 10 steps, last validation."""
         self._flush_pending()
         recent = self._window[-10:] or [[math.nan] * 3]
-        postfix = {"loss": f"{sum(v[0] for v in recent) / len(recent):.3f}",
-                   "acc": f"{sum(v[1] for v in recent) / len(recent):.3f}"}
+        postfix = {
+            "loss": f"{sum(v[0] for v in recent) / len(recent):.3f}",
+            "acc": f"{sum(v[1] for v in recent) / len(recent):.3f}",
+        }
         if self._last_val is not None:
             postfix["val"] = f"{self._last_val:.3f}"
         return postfix
@@ -313,30 +382,51 @@ class FewShotTraining:
         """A train row with the window's means (query loss, accuracy, support loss)."""
         self._flush_pending()
         if self._window:
-            loss, accuracy, support_loss = (sum(column) / len(self._window)
-                                            for column in zip(*self._window))
-            self.log.append({"iteration": self.iteration, "phase": "train", "loss": loss,
-                             "accuracy": accuracy, "support_loss": support_loss,
-                             "seconds": round(seconds, 3)})
+            loss, accuracy, support_loss = (
+                sum(column) / len(self._window) for column in zip(*self._window)
+            )
+            self.log.append(
+                {
+                    "iteration": self.iteration,
+                    "phase": "train",
+                    "loss": loss,
+                    "accuracy": accuracy,
+                    "support_loss": support_loss,
+                    "seconds": round(seconds, 3),
+                }
+            )
         self._window.clear()
 
     def _validate(self, seconds: float) -> None:
         """A val row: accuracy after the training number of inner steps on the fixed validation
         tasks; ``best.pt`` when it is the best so far."""
         steps = self.preset.inner_steps
-        evaluation = evaluate_tasks(self.meta, self.val_data, self.preset,
-                                    tasks=self.settings["val_tasks"], steps=[steps],
-                                    seed=self.settings["val_seed"], device=self.device)[steps]
+        evaluation = evaluate_tasks(
+            self.meta,
+            self.val_data,
+            self.preset,
+            tasks=self.settings["val_tasks"],
+            steps=[steps],
+            seed=self.settings["val_seed"],
+            device=self.device,
+        )[steps]
         accuracy, half, _ = mean_ci95(evaluation["accuracy"])
         self._last_val = accuracy
-        self.log.append({"iteration": self.iteration, "phase": "val",
-                         "loss": evaluation["loss"].double().mean().item(), "accuracy": accuracy,
-                         "accuracy_ci95": half, "seconds": round(seconds, 3)})
+        self.log.append(
+            {
+                "iteration": self.iteration,
+                "phase": "val",
+                "loss": evaluation["loss"].double().mean().item(),
+                "accuracy": accuracy,
+                "accuracy_ci95": half,
+                "seconds": round(seconds, 3),
+            }
+        )
         if self.best_val is None or accuracy > self.best_val["accuracy"]:
             self.best_val = {"iteration": self.iteration, "accuracy": accuracy, "ci95": half}
             self._save_checkpoint(self.out / "best.pt", plot=False)
 
-    def _save_checkpoint(self, path: Optional[Path] = None, plot: bool = True) -> None:
+    def _save_checkpoint(self, path: Path | None = None, plot: bool = True) -> None:
         """Everything :meth:`__init__` needs to continue exactly, written atomically to ``path``
         (default ``checkpoint.pt``); with ``plot``, the learning curve so far too."""
         self._flush_pending()
@@ -381,9 +471,13 @@ class FewShotTraining:
         if verbose:
             line = f"{self.preset.name}: iteration {self.iteration}/{iterations} in {seconds:.1f} s"
             if val_rows:
-                line += (f"; validation accuracy {100 * val_rows[-1]['accuracy']:.2f} ± "
-                         f"{100 * val_rows[-1]['accuracy_ci95']:.2f} %")
+                line += (
+                    f"; validation accuracy {100 * val_rows[-1]['accuracy']:.2f} ± "
+                    f"{100 * val_rows[-1]['accuracy_ci95']:.2f} %"
+                )
             print(line)
-            print(f"wrote {self.checkpoint_path}, {self.out / 'log.csv'}, "
-                  f"{self.out / 'learning_curve.png'}")
+            print(
+                f"wrote {self.checkpoint_path}, {self.out / 'log.csv'}, "
+                f"{self.out / 'learning_curve.png'}"
+            )
         return summary
