@@ -46,9 +46,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda, reason = _cuda_decision(torch)
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(
-        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-    )
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "layers", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources.append(os.path.join("csrc", "python", "module.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []

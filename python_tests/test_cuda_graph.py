@@ -10,6 +10,7 @@ import maml_ext
 from maml_ext import fused
 from maml_ext.backend import BackendChoice
 from maml_ext.cuda_graph import GraphedMetaStep, check_option
+from maml_ext.program import loss_code
 from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
                              regression_batch, relative_error, sinusoid_mlp)
 
@@ -137,7 +138,7 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     g = torch.Generator().manual_seed(0)
     batch = classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)
     key = lambda b, **kw: GraphedMetaStep.signature(  # noqa: E731
-        program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=1, first_order=kw.pop("first_order", False))
+        program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=loss_code("cross_entropy"), first_order=kw.pop("first_order", False))
     base = key(batch)
     # New values, same shapes: the same graph.
     assert key(classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)) == base
@@ -149,7 +150,7 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     assert key(batch, steps=2) != base
     assert key(batch, first_order=True) != base
     learned = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused", learn_inner_lr="scalar")
-    assert GraphedMetaStep.signature(program, learned.inner_lr, 1, batch, loss_code=1,
+    assert GraphedMetaStep.signature(program, learned.inner_lr, 1, batch, loss_code=loss_code("cross_entropy"),
                                      first_order=False) != base
 
 
@@ -220,9 +221,9 @@ def test_runner_returns_what_fused_meta_loss_returns():
     batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(torch.seed() % 2**31))
     theta = program.flatten(params)
     expected = fused.meta_loss(program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch,
-                               loss_code=2, first_order=False)
+                               loss_code=loss_code("mse"), first_order=False)
     actual = GraphedMetaStep(capture=EagerCapture())(program, params, opt.inner_lr, 2, *batch,
-                                                     loss_code=2, first_order=False)
+                                                     loss_code=loss_code("mse"), first_order=False)
     assert actual[2] is None and expected[2] is None
     for a, e in zip(actual, expected):
         if e is not None:
