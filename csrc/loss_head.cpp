@@ -1,10 +1,14 @@
 #include "loss_head.h"
 
 #include "checks.h"
+#include "kernels/loss_math.h"
 #include "softmax_cross_entropy.h"
 
 namespace maml_ext {
 namespace {
+
+// The definitions and gradient scales are kernels/loss_math.h's, which the CPU MLP path runs on raw
+// memory; here they are tensor ops over all tasks [T, N, ...].
 
 // L_t = (1/N) Σ_r ce(z_r, y_r); ∂L_t/∂z_r = (softmax(z_r) − onehot(y_r)) / N, likewise its tangent;
 // the per-row terms come from the softmax_cross_entropy op (CPU and CUDA kernels).
@@ -18,7 +22,7 @@ LossHead cross_entropy(const at::Tensor& z, const at::Tensor& rz, const at::Tens
   LossHead head;
   head.loss = loss_rows.view({tasks, rows}).mean(1);
   head.accuracy = correct.view({tasks, rows}).mean(1);
-  const double scale = 1.0 / static_cast<double>(rows);  // the loss is a mean over rows
+  const double scale = kernels::cross_entropy_gradient_scale<double>(rows);
   head.grad = grad.view(z.sizes()).mul_(scale);
   if (rz.defined()) head.grad_tangent = grad_tangent.view(z.sizes()).mul_(scale);
   return head;
@@ -29,7 +33,7 @@ LossHead mean_squared_error(const at::Tensor& z, const at::Tensor& rz, const at:
   MAML_CHECK_ARG(y.sizes() == z.sizes(), "y", "expected targets shaped like the outputs ",
                  z.sizes(), ", got ", y.sizes());
   const int64_t tasks = z.size(0);
-  const double scale = 2.0 / static_cast<double>(z.numel() / tasks);
+  const double scale = kernels::squared_error_gradient_scale<double>(z.numel() / tasks);
   auto diff = z - y;
   LossHead head;
   head.loss = diff.square().reshape({tasks, -1}).mean(1);
