@@ -7,24 +7,20 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "layers.h"
+#include "meta_step.h"
+#include "program_records.h"
 
 namespace maml_ext {
 namespace {
-
-using MetaStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 MetaStepResult dispatch_meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
                                   const at::Tensor& support_x, const at::Tensor& support_y,
                                   const at::Tensor& query_x, const at::Tensor& query_y,
                                   at::IntArrayRef program, at::ArrayRef<double> program_floats,
                                   int64_t loss, bool first_order) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("maml_ext::meta_step", "")
-          .typed<MetaStepResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                at::IntArrayRef, at::ArrayRef<double>, int64_t, bool, bool)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("maml_ext::meta_step", "")
+                             .typed<decltype(meta_step)>();
   return op.call(theta, inner_lr, support_x, support_y, query_x, query_y, program, program_floats,
                  loss, first_order, /*inner_lr_grad=*/false);
 }
@@ -68,13 +64,13 @@ struct StepSummary {
   at::Tensor query_loss, query_accuracy, support_loss, finite;
 };
 
-// The same summary by loops over raw memory, for CPU tensors: at the sinusoid's size ATen's
-// mean (a sum in double, a division, two dtype conversions) cost ~7 µs each, as much as a task.
-// Means summed in task order; the flag from Σ (g − g), which is 0 for finite values and NaN as
-// soon as one is NaN or infinite, so the loop has no branch and vectorises.
-StepSummary cpu_summary(const at::Tensor& meta_grad, const at::Tensor& query_loss,
+// The same summary by loops over raw memory, for CPU tensors: at the sinusoid's size ATen's mean
+// costs as much as a task (bench/NOTES.md). Means summed in task order; the flag from Σ (g − g),
+// which is 0 for finite values and NaN as soon as one is NaN or infinite, so the loop has no branch
+// and vectorises.
+StepSummary cpu_summary(const at::Tensor& meta_grad, const at::Tensor& mean_query_loss,
                         const at::Tensor& query_accuracy, const at::Tensor& support_loss) {
-  StepSummary out{at::empty({}, query_loss.options()),
+  StepSummary out{mean_query_loss,
                   query_accuracy.numel() > 0 ? at::empty({}, query_accuracy.options())
                                              : query_accuracy,
                   at::empty({}, support_loss.options()),
@@ -87,8 +83,7 @@ StepSummary cpu_summary(const at::Tensor& meta_grad, const at::Tensor& query_los
       for (int64_t i = 0; i < v.numel(); ++i) sum += p[i];
       return sum / static_cast<scalar_t>(v.numel());
     };
-    const scalar_t loss = mean(query_loss);
-    *out.query_loss.data_ptr<scalar_t>() = loss;
+    const scalar_t loss = *mean_query_loss.data_ptr<scalar_t>();
     if (query_accuracy.numel() > 0) *out.query_accuracy.data_ptr<scalar_t>() = mean(query_accuracy);
     *out.support_loss.data_ptr<scalar_t>() = mean(support_loss);
     const scalar_t* g = meta_grad.data_ptr<scalar_t>();
@@ -107,13 +102,12 @@ StepSummary cpu_summary(const at::Tensor& meta_grad, const at::Tensor& query_los
 }
 
 // Any device: ATen ops, nothing read back to the host.
-StepSummary device_summary(const at::Tensor& meta_grad, const at::Tensor& query_loss,
+StepSummary device_summary(const at::Tensor& meta_grad, const at::Tensor& mean_query_loss,
                            const at::Tensor& query_accuracy, const at::Tensor& support_loss) {
   // Separate means, not rows of one reduction: outputs that share storage would surprise a
   // caller who updates one in place.
-  const auto query_loss_mean = query_loss.mean();
-  return {query_loss_mean, query_accuracy.numel() > 0 ? query_accuracy.mean() : query_accuracy,
-          support_loss.mean(), all_finite(meta_grad, query_loss_mean)};
+  return {mean_query_loss, query_accuracy.numel() > 0 ? query_accuracy.mean() : query_accuracy,
+          support_loss.mean(), all_finite(meta_grad, mean_query_loss)};
 }
 
 }  // namespace
@@ -125,9 +119,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
   MAML_CHECK_ARG(!params.empty(), "params", "expected at least one parameter tensor");
   check_floating(params[0], "params");
   const at::OptionalDeviceGuard device_guard(at::device_of(params[0]));
-  const auto slices = parameter_slices(program);
+  const auto slices = parse_program(program, program_floats).parameters;
   const auto theta = flatten_params(params, slices);
-  const auto [query_loss, query_accuracy, support_loss, meta_grad, unused_rate_grad] =
+  const auto [query_loss, query_accuracy, support_loss, meta_grad, unused_rate_grad,
+              mean_query_loss] =
       dispatch_meta_step(theta, inner_lr, support_x, support_y, query_x, query_y, program,
                          program_floats, loss, first_order);
   // Each gradient a view of meta_grad in its parameter's shape (one op each: these µs count for
@@ -141,8 +136,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
                                          flat_grad.storage_offset() + slices[i].offset));
   }
   auto summary = flat_grad.is_cpu()
-                     ? cpu_summary(flat_grad, query_loss, query_accuracy, support_loss)
-                     : device_summary(flat_grad, query_loss, query_accuracy, support_loss);
+                     ? cpu_summary(flat_grad, mean_query_loss, query_accuracy, support_loss)
+                     : device_summary(flat_grad, mean_query_loss, query_accuracy, support_loss);
   return {std::move(grads), std::move(summary.query_loss), std::move(summary.query_accuracy),
           std::move(summary.support_loss), std::move(summary.finite)};
 }

@@ -9,7 +9,7 @@
 
 namespace maml_ext {
 
-// params: the parameter tensors in the program's slot order (parameter_slices, layers.h). Runs
+// params: the parameter tensors in the program's slot order (ProgramRecords::parameters). Runs
 // meta_step (through the dispatcher, so each backend's kernel and the CPU MLP path are taken) at
 // θ = their concatenation and returns (grads: the meta-gradient split into params' shapes, views
 // of one buffer; mean query loss; mean query accuracy, or [0] for MSE; mean support loss;

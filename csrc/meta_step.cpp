@@ -5,15 +5,17 @@
 #include <algorithm>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "checks.h"
-#include "layers.h"
+#include "program.h"
 
 namespace maml_ext {
 namespace {
 
 // Task-batched data: x [T, N, ...] floating like theta; y class indices [T, N] or targets.
 void check_data(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& y, int64_t tasks,
-                const char* x_name, const char* y_name, int64_t loss) {
+                const char* x_name, const char* y_name, LossKind loss) {
   check_same_device_dtype(x, theta, x_name);
   MAML_CHECK_ARG(x.dim() >= 3, x_name, "expected task-batched inputs [T, N, ...], got shape ",
                  x.sizes());
@@ -23,7 +25,7 @@ void check_data(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& 
   MAML_CHECK_ARG(y.dim() >= 2 && y.size(0) == tasks && y.size(1) == x.size(1), y_name,
                  "expected [", tasks, ", ", x.size(1), ", ...] to match ", x_name, ", got shape ",
                  y.sizes());
-  if (loss == static_cast<int64_t>(LossKind::kCrossEntropy)) {
+  if (has_class_targets(loss)) {
     MAML_CHECK_ARG(y.dim() == 2 && y.scalar_type() == at::kLong, y_name,
                    "expected int64 class indices [T, N], got ", y.scalar_type(), " of shape ",
                    y.sizes());
@@ -77,9 +79,10 @@ LossValue query_gradient(Program& program, const at::Tensor& theta, const at::Te
 
 }  // namespace
 
-int64_t check_meta_step_args(const at::Tensor& theta, const at::Tensor& inner_lr,
-                             const at::Tensor& support_x, const at::Tensor& support_y,
-                             const at::Tensor& query_x, const at::Tensor& query_y, int64_t loss) {
+int64_t check_meta_step_args(const ProgramRecords& program, LossKind loss, const at::Tensor& theta,
+                             const at::Tensor& inner_lr, const at::Tensor& support_x,
+                             const at::Tensor& support_y, const at::Tensor& query_x,
+                             const at::Tensor& query_y) {
   check_floating(theta, "theta");
   check_dim(theta, 1, "theta");
   check_inner_lr(inner_lr, theta);
@@ -87,20 +90,30 @@ int64_t check_meta_step_args(const at::Tensor& theta, const at::Tensor& inner_lr
   MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
   check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
   check_data(theta, query_x, query_y, tasks, "query_x", "query_y", loss);
+  check_parameters_tile(program, theta.size(0));
   return tasks;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step(
-    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
-    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-    at::IntArrayRef program_ints, at::ArrayRef<double> program_floats, int64_t loss,
-    bool first_order, bool inner_lr_grad) {
-  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
-  const int64_t tasks =
-      check_meta_step_args(theta, inner_lr, support_x, support_y, query_x, query_y, loss);
+MetaStepResult meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
+                         const at::Tensor& support_x, const at::Tensor& support_y,
+                         const at::Tensor& query_x, const at::Tensor& query_y,
+                         at::IntArrayRef program, at::ArrayRef<double> program_floats,
+                         int64_t loss, bool first_order, bool inner_lr_grad) {
+  return general_meta_step(parse_program(program, program_floats), loss_kind(loss), theta,
+                           inner_lr, support_x, support_y, query_x, query_y, first_order,
+                           inner_lr_grad);
+}
 
+MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
+                                 const at::Tensor& theta, const at::Tensor& inner_lr,
+                                 const at::Tensor& support_x, const at::Tensor& support_y,
+                                 const at::Tensor& query_x, const at::Tensor& query_y,
+                                 bool first_order, bool inner_lr_grad) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  const int64_t tasks = check_meta_step_args(records, loss, theta, inner_lr, support_x, support_y,
+                                             query_x, query_y);
   const int64_t num_params = theta.size(0), steps = inner_lr.size(0);
-  Program program(program_ints, program_floats, loss, num_params);
+  Program program(records, loss);
   const auto sx = support_x.contiguous(), sy = support_y.contiguous();
   const auto alpha = inner_lr.contiguous();
   const auto options = theta.options();
@@ -144,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_step
   }
   auto meta_grad = lambda.mean(0);
   auto accuracy = query.accuracy.defined() ? query.accuracy : at::empty({0}, options);
-  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad};
+  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad, query.loss.mean()};
 }
 
 at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
@@ -155,8 +168,11 @@ at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::
   MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
   auto weights = per_task(theta, tasks, "theta");
   check_inner_lr(inner_lr, theta);
-  check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
-  Program program(program_ints, program_floats, loss, weights.size(1));
+  const LossKind kind = loss_kind(loss);
+  check_data(theta, support_x, support_y, tasks, "support_x", "support_y", kind);
+  const auto records = parse_program(program_ints, program_floats);
+  check_parameters_tile(records, weights.size(1));
+  Program program(records, kind);
   const auto sx = support_x.contiguous(), sy = support_y.contiguous();
   auto grad = at::empty({tasks, weights.size(1)}, weights.options());
   for (int64_t k = 0; k < inner_lr.size(0); ++k) {
@@ -172,9 +188,9 @@ at::Tensor program_forward(const at::Tensor& theta, const at::Tensor& x, at::Int
   MAML_CHECK_ARG(x.dim() >= 3, "x", "expected task-batched inputs [T, N, ...], got shape ", x.sizes());
   check_same_device_dtype(x, theta, "x");
   const auto weights = per_task(theta, x.size(0), "theta");
-  // The loss kind does not matter for a forward pass.
-  Program program(program_ints, program_floats, static_cast<int64_t>(LossKind::kMeanSquaredError),
-                  weights.size(1));
+  const auto records = parse_program(program_ints, program_floats);
+  check_parameters_tile(records, weights.size(1));
+  Program program(records);
   return program.forward(weights, x.contiguous());
 }
 
@@ -185,11 +201,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
   const int64_t tasks = x.dim() > 0 ? x.size(0) : 0;
   MAML_CHECK_ARG(tasks >= 1, "x", "expected at least one task, got shape ", x.sizes());
   const auto weights = per_task(theta, tasks, "theta");
-  check_data(theta, x, y, tasks, "x", "y", loss);
+  const LossKind kind = loss_kind(loss);
+  check_data(theta, x, y, tasks, "x", "y", kind);
   check_same_device_dtype(v, theta, "v");
   MAML_CHECK_ARG(v.dim() == 2 && v.size(0) == tasks && v.size(1) == weights.size(1), "v",
                  "expected [", tasks, ", ", weights.size(1), "], got shape ", v.sizes());
-  Program program(program_ints, program_floats, loss, weights.size(1));
+  const auto records = parse_program(program_ints, program_floats);
+  check_parameters_tile(records, weights.size(1));
+  Program program(records, kind);
   auto grad = at::empty({tasks, weights.size(1)}, weights.options());
   auto hv = at::empty({tasks, weights.size(1)}, weights.options());
   const auto value =
@@ -198,3 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
 }
 
 }  // namespace maml_ext
+
+// One kernel for every device: the program's layers reach device kernels through the dispatcher.
+// The CPU overrides meta_step with its small-MLP path (cpu/register_cpu.cpp).
+TORCH_LIBRARY_IMPL(maml_ext, CompositeExplicitAutograd, m) {
+  m.impl("meta_step", &maml_ext::meta_step);
+  m.impl("adapt", &maml_ext::adapt);
+  m.impl("program_forward", &maml_ext::program_forward);
+  m.impl("loss_hvp", &maml_ext::loss_hvp);
+}

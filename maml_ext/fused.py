@@ -1,15 +1,16 @@
-"""The fused backend's Python side: autograd glue and fake (meta) kernels around maml_ext._C.
+"""The fused backend's Python side: thin calls of the maml_ext._C ops and their fake (meta) kernels.
 
-One call to ``torch.ops.maml_ext.meta_step`` runs the whole meta-step for all tasks in C++/CUDA;
-the autograd function below hands its meta-gradient to PyTorch, so learned inner rates (built
-from their parameters by differentiable ops) get their gradients through ordinary autograd.
+One call to ``torch.ops.maml_ext.meta_step`` runs the whole meta-step for all tasks in C++/CUDA.
+The op is differentiable (its Autograd kernel, csrc/meta_step_autograd.cpp, hands back the
+meta-gradient it computed), so learned inner rates (built from their parameters by differentiable
+ops) get their gradients through ordinary autograd.
 """
 from __future__ import annotations
 
 import torch
 
 from ._extension import compiled_ops_available
-from .program import LOSS_CODES, LayerProgram, output_shape
+from .program import LayerProgram, loss_code as code_of_loss, output_shape
 
 
 def _register_fake_kernels() -> None:
@@ -20,9 +21,10 @@ def _register_fake_kernels() -> None:
           first_order, inner_lr_grad):
         tasks = support_x.shape[0]
         per_task = theta.new_empty((tasks,))
-        accuracy = theta.new_empty((tasks,) if loss == LOSS_CODES["cross_entropy"] else (0,))
+        accuracy = theta.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
         alpha_grad = theta.new_empty(inner_lr.shape if inner_lr_grad else (0,))
-        return per_task, accuracy, theta.new_empty((tasks,)), theta.new_empty(theta.shape), alpha_grad
+        return (per_task, accuracy, theta.new_empty((tasks,)), theta.new_empty(theta.shape),
+                alpha_grad, theta.new_empty(()))
 
     @torch.library.register_fake("maml_ext::meta_gradient")
     def _(params, inner_lr, support_x, support_y, query_x, query_y, program, program_floats, loss,
@@ -31,7 +33,7 @@ def _register_fake_kernels() -> None:
         first, sizes = params[0], [p.numel() for p in params]
         flat = first.new_empty((sum(sizes),))
         grads = [piece.view(p.shape) for piece, p in zip(flat.split(sizes), params)]
-        accuracy = first.new_empty(() if loss == LOSS_CODES["cross_entropy"] else (0,))
+        accuracy = first.new_empty(() if loss == code_of_loss("cross_entropy") else (0,))
         return (grads, first.new_empty(()), accuracy, first.new_empty(()),
                 first.new_empty((), dtype=torch.bool))
 
@@ -61,11 +63,11 @@ if compiled_ops_available():
 
 def meta_step(program: LayerProgram, theta, inner_lr, support_x, support_y, query_x, query_y, *,
               loss_code: int, first_order: bool, inner_lr_grad: bool = False):
-    """The bare op: (per-task query loss, per-task query accuracy or [0], per-task support loss,
-    meta-gradient [P], inner-rate gradient [K, P] or [0]); no autograd."""
+    """The op's per-task results and gradients: (per-task query loss, per-task query accuracy or
+    [0], per-task support loss, meta-gradient [P], inner-rate gradient [K, P] or [0])."""
     return torch.ops.maml_ext.meta_step(theta, inner_lr, support_x, support_y, query_x, query_y,
                                         program.ints_list, program.floats_list, loss_code,
-                                        first_order, inner_lr_grad)
+                                        first_order, inner_lr_grad)[:5]
 
 
 def meta_gradient(program: LayerProgram, params: list[torch.Tensor], inner_lr, support_x, support_y,
@@ -80,34 +82,13 @@ def meta_gradient(program: LayerProgram, params: list[torch.Tensor], inner_lr, s
     return grads, loss, (accuracy if accuracy.numel() else None), support_loss, finite
 
 
-class _FusedMetaLoss(torch.autograd.Function):
-    """Mean query loss over tasks; backward returns the meta-gradient the op already computed."""
-
-    @staticmethod
-    def forward(ctx, theta, inner_lr, support_x, support_y, query_x, query_y, program: LayerProgram,
-                loss_code: int, first_order: bool):
-        need_rate_grad = inner_lr.requires_grad
-        query_loss, query_accuracy, support_loss, meta_grad, rate_grad = meta_step(
-            program, theta, inner_lr, support_x, support_y, query_x, query_y, loss_code=loss_code,
-            first_order=first_order, inner_lr_grad=need_rate_grad)
-        ctx.save_for_backward(meta_grad, rate_grad)
-        ctx.need_rate_grad = need_rate_grad
-        ctx.mark_non_differentiable(query_loss, query_accuracy, support_loss)
-        return query_loss.mean(), query_loss, query_accuracy, support_loss
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        meta_grad, rate_grad = ctx.saved_tensors
-        grad_rates = grad_loss * rate_grad if ctx.need_rate_grad else None
-        return grad_loss * meta_grad, grad_rates, None, None, None, None, None, None, None
-
-
 def meta_loss(program: LayerProgram, theta: torch.Tensor, inner_lr: torch.Tensor, support_x,
               support_y, query_x, query_y, *, loss_code: int, first_order: bool):
     """(mean query loss (differentiable in theta and inner_lr), per-task query loss, per-task
     query accuracy or None, per-task support loss before adaptation)."""
-    loss, query_loss, query_accuracy, support_loss = _FusedMetaLoss.apply(
-        theta, inner_lr, support_x, support_y, query_x, query_y, program, loss_code, first_order)
+    query_loss, query_accuracy, support_loss, _, _, loss = torch.ops.maml_ext.meta_step(
+        theta, inner_lr, support_x, support_y, query_x, query_y, program.ints_list,
+        program.floats_list, loss_code, first_order, False)
     return loss, query_loss, (query_accuracy if query_accuracy.numel() else None), support_loss
 
 

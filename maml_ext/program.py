@@ -1,26 +1,116 @@
 """Compiles an ``nn.Module`` into the layer program that the fused backend (maml_ext._C) runs.
 
-The program is an int list (one record per layer, codes in csrc/layers.h) plus a float list (batch
-norm eps), and the parameters laid out as one flat vector θ [P] in the model's own parameter order:
-per-task weights are then one [T, P] tensor and the whole inner update one fused multiply-add.
+The program is an int list (one record per layer: its kind's code, then its int fields) plus a
+float list (the records' float fields, e.g. batch norm eps), and the parameters laid out as one
+flat vector θ [P] in the model's own parameter order: per-task weights are then one [T, P] tensor
+and the whole inner update one fused multiply-add. The record format is defined in
+csrc/program_records.h; LAYER_RECORDS below mirrors it and is checked against the compiled
+extension's table at import.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 
 import torch
 from torch import nn
 
-# Layer codes: keep in step with LayerKind in csrc/layers.h.
-LINEAR, CONV2D, BATCH_NORM, RELU, MAX_POOL2D, FLATTEN = 1, 2, 3, 4, 5, 6
-# Loss codes: LossKind in csrc/layers.h.
+from ._extension import compiled_ops_available
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFormat:
+    """One layer kind's record: ``code``, then ``int_fields`` in order; ``float_fields`` go to the
+    float list; ``parameters`` are the layer's parameter tensors, slices of θ, in slot order."""
+
+    name: str
+    code: int
+    int_fields: tuple[str, ...] = ()
+    float_fields: tuple[str, ...] = ()
+    parameters: tuple[str, ...] = ()
+
+
+# Mirrors MAML_EXT_LAYER_RECORDS in csrc/program_records.h (checked at import).
+LAYER_RECORDS = (
+    RecordFormat("linear", 1,
+                 ("in_features", "out_features", "has_bias", "weight_offset", "bias_offset"),
+                 parameters=("weight", "bias")),
+    RecordFormat("conv2d", 2,
+                 ("in_channels", "out_channels", "kernel_h", "kernel_w", "stride_h", "stride_w",
+                  "padding_h", "padding_w", "has_bias", "weight_offset", "bias_offset"),
+                 parameters=("weight", "bias")),
+    RecordFormat("batch_norm", 3,
+                 ("channels", "spatial", "affine", "weight_offset", "bias_offset"), ("eps",),
+                 parameters=("weight", "bias")),
+    RecordFormat("relu", 4),
+    RecordFormat("max_pool2d", 5,
+                 ("kernel_h", "kernel_w", "stride_h", "stride_w", "padding_h", "padding_w",
+                  "ceil_mode")),
+    RecordFormat("flatten", 6),
+    RecordFormat("tanh", 7),
+)
+RECORDS_BY_NAME = {record.name: record for record in LAYER_RECORDS}
+RECORDS_BY_CODE = {record.code: record for record in LAYER_RECORDS}
+
+# Mirrors MAML_EXT_LOSS_KINDS in csrc/program_records.h (checked at import): the ops' `loss` codes.
 LOSS_CODES = {"cross_entropy": 1, "mse": 2}
+
+
+def loss_code(name: str) -> int:
+    """The ops' ``loss`` argument for the built-in loss ``name`` ("cross_entropy" or "mse")."""
+    try:
+        return LOSS_CODES[name]
+    except KeyError:
+        raise ValueError(f"loss: expected one of {sorted(LOSS_CODES)}, got {name!r}") from None
+
+
+def program_format() -> dict:
+    """The record format as maml_ext::program_format() returns it from C++ (a dict of JSON)."""
+    return {
+        "layers": [{"name": r.name, "code": r.code, "int_fields": list(r.int_fields),
+                    "float_fields": list(r.float_fields), "parameters": list(r.parameters)}
+                   for r in LAYER_RECORDS],
+        "losses": [{"name": name, "code": code} for name, code in LOSS_CODES.items()],
+    }
+
+
+def check_program_format(compiled: dict) -> None:
+    """Raises if this module's record table differs from the compiled extension's."""
+    ours = program_format()
+    if compiled == ours:
+        return
+    differences = []
+    for key in ("layers", "losses"):
+        theirs_by_name = {entry["name"]: entry for entry in compiled.get(key, [])}
+        ours_by_name = {entry["name"]: entry for entry in ours[key]}
+        for name in sorted(set(theirs_by_name) | set(ours_by_name)):
+            if theirs_by_name.get(name) != ours_by_name.get(name):
+                differences.append(f"{key} '{name}': C++ {theirs_by_name.get(name)}, "
+                                   f"Python {ours_by_name.get(name)}")
+        if [e["name"] for e in compiled.get(key, [])] != [e["name"] for e in ours[key]]:
+            differences.append(f"{key}: order differs")
+    raise ImportError(
+        "maml_ext: the program format of maml_ext/program.py does not match the compiled "
+        "extension's (csrc/program_records.h); rebuild the extension or update LAYER_RECORDS / "
+        "LOSS_CODES: " + "; ".join(differences))
+
+
+def _compiled_program_format() -> dict:
+    try:
+        return json.loads(torch.ops.maml_ext.program_format())
+    except (AttributeError, RuntimeError) as error:  # a build from before the op existed
+        raise ImportError("maml_ext: the compiled extension maml_ext._C has no program_format op; "
+                          "it is older than maml_ext/program.py: rebuild it") from error
+
+
+if compiled_ops_available():
+    check_program_format(_compiled_program_format())
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d (groups=1, dilation=1, zero padding), BatchNorm1d/2d (batch statistics), "
-    "ReLU, MaxPool2d (dilation=1), Flatten (start_dim=1), nested Sequential"
+    "ReLU, Tanh, MaxPool2d (dilation=1), Flatten (start_dim=1), nested Sequential"
 )
 
 
@@ -105,6 +195,13 @@ def compile_program(model: nn.Module) -> LayerProgram:
     slots: list[ParameterSlot] = []
     offset = 0
 
+    def add_record(kind: str, **fields) -> None:
+        record = RECORDS_BY_NAME[kind]
+        assert set(fields) == {*record.int_fields, *record.float_fields}, (kind, sorted(fields))
+        ints.append(record.code)
+        ints.extend(int(fields[name]) for name in record.int_fields)
+        floats.extend(float(fields[name]) for name in record.float_fields)
+
     def add_param(name: str, param: torch.Tensor | None) -> int:
         nonlocal offset
         if param is None:
@@ -124,7 +221,8 @@ def compile_program(model: nn.Module) -> LayerProgram:
         elif _same_forward(module, nn.Linear):
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            ints.extend([LINEAR, module.in_features, module.out_features, int(b >= 0), w, max(b, 0)])
+            add_record("linear", in_features=module.in_features, out_features=module.out_features,
+                       has_bias=b >= 0, weight_offset=w, bias_offset=max(b, 0))
         elif _same_forward(module, nn.Conv2d):
             if module.groups != 1:
                 raise UnsupportedModelError(label, f"groups={module.groups} (only 1)")
@@ -144,18 +242,21 @@ def compile_program(model: nn.Module) -> LayerProgram:
             sh, sw = _pair(module.stride)
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            ints.extend([CONV2D, module.in_channels, module.out_channels, kh, kw, sh, sw, ph, pw,
-                         int(b >= 0), w, max(b, 0)])
+            add_record("conv2d", in_channels=module.in_channels, out_channels=module.out_channels,
+                       kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, padding_h=ph,
+                       padding_w=pw, has_bias=b >= 0, weight_offset=w, bias_offset=max(b, 0))
         elif _same_forward(module, nn.BatchNorm1d) or _same_forward(module, nn.BatchNorm2d):
             if module.track_running_stats:
                 raise UnsupportedModelError(label, running_stats_message(label))
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            spatial = int(isinstance(module, nn.BatchNorm2d))
-            ints.extend([BATCH_NORM, module.num_features, spatial, int(module.affine), max(w, 0), max(b, 0)])
-            floats.append(float(module.eps))
+            add_record("batch_norm", channels=module.num_features,
+                       spatial=isinstance(module, nn.BatchNorm2d), affine=module.affine,
+                       weight_offset=max(w, 0), bias_offset=max(b, 0), eps=module.eps)
         elif _same_forward(module, nn.ReLU):
-            ints.append(RELU)
+            add_record("relu")
+        elif _same_forward(module, nn.Tanh):
+            add_record("tanh")
         elif _same_forward(module, nn.MaxPool2d):
             if _pair(module.dilation) != (1, 1):
                 raise UnsupportedModelError(label, f"dilation={module.dilation} (only 1)")
@@ -164,13 +265,14 @@ def compile_program(model: nn.Module) -> LayerProgram:
             kh, kw = _pair(module.kernel_size)
             sh, sw = _pair(module.stride if module.stride is not None else module.kernel_size)
             ph, pw = _pair(module.padding)
-            ints.extend([MAX_POOL2D, kh, kw, sh, sw, ph, pw, int(module.ceil_mode)])
+            add_record("max_pool2d", kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw,
+                       padding_h=ph, padding_w=pw, ceil_mode=module.ceil_mode)
         elif _same_forward(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
                 raise UnsupportedModelError(
                     label, f"start_dim={module.start_dim}, end_dim={module.end_dim} (only 1, -1)"
                 )
-            ints.append(FLATTEN)
+            add_record("flatten")
         else:
             raise UnsupportedModelError(label, f"{type(module).__name__} is not a supported layer")
 
@@ -183,28 +285,37 @@ def compile_program(model: nn.Module) -> LayerProgram:
     return LayerProgram(tuple(ints), tuple(floats), tuple(slots), offset)
 
 
-_RECORD_LENGTHS = {LINEAR: 5, CONV2D: 11, BATCH_NORM: 5, RELU: 0, MAX_POOL2D: 7, FLATTEN: 0}
+def read_records(ints) -> list[tuple[str, dict[str, int]]]:
+    """The layer records of a program's int list: (kind name, {int field: value}) in order."""
+    records, position = [], 0
+    while position < len(ints):
+        record = RECORDS_BY_CODE.get(ints[position])
+        if record is None:
+            raise ValueError(f"program: unknown layer kind {ints[position]} at position {position}")
+        end = position + 1 + len(record.int_fields)
+        if end > len(ints):
+            raise ValueError(f"program: the description ends inside a '{record.name}' record")
+        records.append((record.name, dict(zip(record.int_fields, ints[position + 1:end]))))
+        position = end
+    return records
 
 
 def output_shape(ints, sample_shape) -> tuple[int, ...]:
     """The per-sample output shape of a program for per-sample inputs of ``sample_shape``
     (the same arithmetic as the C++ layers; used by the fake kernels)."""
     shape = tuple(sample_shape)
-    position = 0
-    while position < len(ints):
-        kind = ints[position]
-        fields = ints[position + 1 : position + 1 + _RECORD_LENGTHS[kind]]
-        position += 1 + _RECORD_LENGTHS[kind]
-        if kind == LINEAR:
-            shape = (fields[1],)
-        elif kind == CONV2D:
-            out, kh, kw, sh, sw, ph, pw = fields[1:8]
-            shape = (out, (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1)
-        elif kind == MAX_POOL2D:
-            kh, kw, sh, sw, ph, pw, ceil_mode = fields
-            shape = (shape[0], *(_pooled(size, k, s, p, ceil_mode)
-                                 for size, k, s, p in ((shape[1], kh, sh, ph), (shape[2], kw, sw, pw))))
-        elif kind == FLATTEN:
+    for kind, f in read_records(ints):
+        if kind == "linear":
+            shape = (f["out_features"],)
+        elif kind == "conv2d":
+            shape = (f["out_channels"],
+                     (shape[1] + 2 * f["padding_h"] - f["kernel_h"]) // f["stride_h"] + 1,
+                     (shape[2] + 2 * f["padding_w"] - f["kernel_w"]) // f["stride_w"] + 1)
+        elif kind == "max_pool2d":
+            shape = (shape[0],
+                     _pooled(shape[1], f["kernel_h"], f["stride_h"], f["padding_h"], f["ceil_mode"]),
+                     _pooled(shape[2], f["kernel_w"], f["stride_w"], f["padding_w"], f["ceil_mode"]))
+        elif kind == "flatten":
             shape = (math.prod(shape),)
     return shape
 

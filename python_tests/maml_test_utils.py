@@ -109,11 +109,11 @@ def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
 def cpu_kernels(isa: str):
     """Runs the block with the CPU kernels compiled for what this CPU supports ("native") or with
     their baseline x86-64 versions ("baseline"; csrc/cpu/vector_isa.h)."""
-    previous = torch.ops.maml_ext._force_baseline_cpu_kernels(isa == "baseline")
+    previous = torch.ops.maml_ext_testing._force_baseline_cpu_kernels(isa == "baseline")
     try:
         yield
     finally:
-        torch.ops.maml_ext._force_baseline_cpu_kernels(previous)
+        torch.ops.maml_ext_testing._force_baseline_cpu_kernels(previous)
 
 
 # --- random cases of one task-batched convolution (maml_ext::task_conv2d and its statistics) ---

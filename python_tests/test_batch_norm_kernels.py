@@ -280,7 +280,7 @@ def test_bad_arguments_name_the_argument():
 @given(batch=st.integers(1, 65535), rows=st.integers(1, 10**7), channels=st.integers(1, 5000),
        multiprocessors=st.integers(1, 200))
 def test_cuda_reduction_plan_covers_every_value_once(batch, rows, channels, multiprocessors):
-    per_block, row_lanes, channel_blocks, splits, rows_per_split = ops.task_batch_norm_reduction_plan(
+    per_block, row_lanes, channel_blocks, splits, rows_per_split = torch.ops.maml_ext_testing.task_batch_norm_reduction_plan(
         batch, rows, channels, multiprocessors)
     # A warp's lanes split evenly over adjacent channels; 256 threads per block.
     assert per_block in (1, 2, 4, 8, 16, 32) and per_block >= min(channels, 32)
@@ -297,10 +297,10 @@ def test_cuda_reduction_plan_covers_every_value_once(batch, rows, channels, mult
 
 def test_cuda_reduction_plan_fills_the_device_on_omniglot_shapes():
     # Omniglot 5-way query batch: 75 images of 28×28, 5 tasks of 64 channels, an H200's 132 SMs.
-    _, _, channel_blocks, splits, _ = ops.task_batch_norm_reduction_plan(1, 75 * 28 * 28, 5 * 64, 132)
+    _, _, channel_blocks, splits, _ = torch.ops.maml_ext_testing.task_batch_norm_reduction_plan(1, 75 * 28 * 28, 5 * 64, 132)
     assert channel_blocks * splits >= 4 * 132
     with pytest.raises(ValueError, match="'rows'"):
-        ops.task_batch_norm_reduction_plan(1, 0, 5, 132)
+        torch.ops.maml_ext_testing.task_batch_norm_reduction_plan(1, 0, 5, 132)
 
 
 @pytest.mark.cuda

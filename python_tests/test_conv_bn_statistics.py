@@ -98,7 +98,7 @@ def tile_rows(case, multiprocessors):
     shape = [case["batch"], case["tasks"], case["in_channels"], case["height"], case["width"],
              case["out_channels"], *case["kernel"], *case["stride"], *case["padding"],
              multiprocessors]
-    config = ops._task_conv2d_launch_config([PASS["forward"]] + shape)
+    config = torch.ops.maml_ext_testing._task_conv2d_launch_config([PASS["forward"]] + shape)
     assert config[13] == 1  # the forward is never split: each block holds whole outputs
     return config[8]
 
@@ -109,7 +109,7 @@ def test_emulated_epilogue_partials_match_direct_statistics(case, multiprocessor
     """The CUDA kernel's epilogue, run thread by thread: per row tile and channel, the statistics
     of y (+ bias) and its tangent; y itself as task_conv2d's."""
     t = make_tensors(case)
-    y, ry, partials = ops._task_conv2d_with_statistics_emulated(*forward_args(case, t),
+    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*forward_args(case, t),
                                                                 multiprocessors)
     expected_y, expected_ry = ops.task_conv2d(*forward_args(case, t))
     assert relative_error(y, expected_y) <= 1e-10
@@ -127,7 +127,7 @@ def test_emulated_epilogue_partials_match_direct_statistics(case, multiprocessor
 ], ids=["omniglot", "omniglot-first", "odd"])
 def test_emulated_epilogue_on_standard_shapes(case, seed):
     t = make_tensors(dict(case, seed=seed))
-    y, ry, partials = ops._task_conv2d_with_statistics_emulated(*forward_args(case, t), 132)
+    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*forward_args(case, t), 132)
     check_partials(y, ry, partials, tile_rows(case, 132))
     check_merged(y, ry, partials)
 
@@ -303,7 +303,7 @@ def check_batch_norm_with_conv_partials(case, relu_pool, convolve, device):
 def test_batch_norm_with_emulated_conv_partials_matches_without(relu_pool, seed):
     """The CUDA data flow on the CPU: the kernel's epilogue (emulated), then the batch norm."""
     def convolve(*args):
-        return ops._task_conv2d_with_statistics_emulated(*args, 132)
+        return torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*args, 132)
     check_batch_norm_with_conv_partials(standard_case(2, 3, 64, 14, seed=seed), relu_pool,
                                         convolve, "cpu")
 

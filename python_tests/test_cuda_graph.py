@@ -11,6 +11,7 @@ from maml_ext import fused
 from maml_ext.backend import choose_backend
 from maml_ext.cuda_graph import GraphedFusedBackend, MetaStepGraphs
 from maml_ext.losses import resolve_loss
+from maml_ext.program import loss_code
 from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
                              regression_batch, relative_error, sinusoid_mlp)
 
@@ -144,7 +145,7 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     g = torch.Generator().manual_seed(0)
     batch = classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)
     key = lambda b, **kw: MetaStepGraphs.signature(  # noqa: E731
-        program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=1, first_order=kw.pop("first_order", False))
+        program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=loss_code("cross_entropy"), first_order=kw.pop("first_order", False))
     base = key(batch)
     # New values, same shapes: the same graph.
     assert key(classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)) == base
@@ -156,7 +157,7 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     assert key(batch, steps=2) != base
     assert key(batch, first_order=True) != base
     learned = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused", learn_inner_lr="scalar")
-    assert MetaStepGraphs.signature(program, learned.inner_lr, 1, batch, loss_code=1,
+    assert MetaStepGraphs.signature(program, learned.inner_lr, 1, batch, loss_code=loss_code("cross_entropy"),
                                      first_order=False) != base
 
 
@@ -230,7 +231,7 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
     batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
     theta = program.flatten(params)
     loss, _, accuracy, support_loss = fused.meta_loss(
-        program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch, loss_code=2,
+        program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch, loss_code=loss_code("mse"),
         first_order=False)
     want = torch.autograd.grad(loss, tensors)
     backend = GraphedFusedBackend(fused_backend, eager_graphs())

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import maml_ext
-from maml_ext.program import LOSS_CODES, UnsupportedModelError
+from maml_ext.program import LOSS_CODES, UnsupportedModelError, loss_code
 from maml_test_utils import (DEVICES, all_grads, classification_batch, conv_net, perturb_rates,
                              random_batch, regression_batch, relative_error, sinusoid_mlp)
 
@@ -262,18 +262,19 @@ def opcheck_cases():
     theta = program.flatten(dict(model.named_parameters())).detach()
     sx, sy, qx, qy = classification_batch(2, 3, 4, (1, 8, 8), 3)
     ints, floats = list(program.ints), list(program.floats)
+    ce = loss_code("cross_entropy")
     rates = torch.full((2, theta.numel()), 0.1, dtype=theta.dtype)
     per_task = theta.expand(2, -1).clone()
     return [
-        (torch.ops.maml_ext.meta_step.default, (theta, rates, sx, sy, qx, qy, ints, floats, 1, False, True)),
-        (torch.ops.maml_ext.adapt.default, (theta, rates, sx, sy, ints, floats, 1)),
+        (torch.ops.maml_ext.meta_step.default, (theta, rates, sx, sy, qx, qy, ints, floats, ce, False, True)),
+        (torch.ops.maml_ext.adapt.default, (theta, rates, sx, sy, ints, floats, ce)),
         (torch.ops.maml_ext.program_forward.default, (per_task, qx, ints, floats)),
-        (torch.ops.maml_ext.loss_hvp.default, (per_task, sx, sy, torch.randn_like(per_task), ints, floats, 1)),
+        (torch.ops.maml_ext.loss_hvp.default, (per_task, sx, sy, torch.randn_like(per_task), ints, floats, ce)),
         (torch.ops.maml_ext.softmax_cross_entropy.default,
          (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=torch.float64))),
         # MetaOptimizer passes parameters that require grad: float64 conv, float32 MLP
         (torch.ops.maml_ext.meta_gradient.default,
-         (list(model.parameters()), rates, sx, sy, qx, qy, ints, floats, 1, False)),
+         (list(model.parameters()), rates, sx, sy, qx, qy, ints, floats, ce, False)),
         (torch.ops.maml_ext.meta_gradient.default, meta_gradient_mlp_args(torch.float32)),
     ]
 
@@ -319,7 +320,7 @@ class Doubling(nn.Module):
 
 
 @pytest.mark.parametrize("layer, label", [
-    (nn.Dropout(0.1), "Dropout"), (nn.Tanh(), "Tanh"), (Doubling(), "Doubling"),
+    (nn.Dropout(0.1), "Dropout"), (nn.Sigmoid(), "Sigmoid"), (Doubling(), "Doubling"),
     (nn.Conv2d(3, 3, 3, groups=3), "groups=3"), (nn.MaxPool2d(2, dilation=2), "dilation"),
 ])
 def test_unsupported_layers_are_named(layer, label):

@@ -57,7 +57,7 @@ def test_equals_meta_step(make_case, first_order, device, seed):
     model, batch = model.to(device), [b.to(device) for b in batch]
     (grads, query_loss, accuracy, support_loss, finite), theirs = both_ops(
         model, batch, loss, first_order=first_order, generator=generator)
-    their_loss, their_accuracy, their_support, their_grad, _ = theirs
+    their_loss, their_accuracy, their_support, their_grad, _, _ = theirs
     params = list(model.parameters())
     assert [g.shape for g in grads] == [p.shape for p in params], seed
     assert not any(g.requires_grad for g in grads), seed  # params do: no graph is kept

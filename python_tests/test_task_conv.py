@@ -96,11 +96,11 @@ def test_emulated_cuda_implementation_matches_cpu_op(case, dtype, multiprocessor
     t = make_tensors(case, dtype)
     ops = torch.ops.maml_ext
     expected = ops.task_conv2d(*forward_args(case, t))
-    actual = ops._task_conv2d_emulated(*forward_args(case, t), multiprocessors)
+    actual = torch.ops.maml_ext_testing._task_conv2d_emulated(*forward_args(case, t), multiprocessors)
     assert_results_match(actual, [e if e.numel() else None for e in expected], FORWARD_NAMES,
                          TOLERANCE[dtype])
     expected = ops.task_conv2d_backward(*backward_args(case, t))
-    actual = ops._task_conv2d_backward_emulated(*backward_args(case, t), multiprocessors)
+    actual = torch.ops.maml_ext_testing._task_conv2d_backward_emulated(*backward_args(case, t), multiprocessors)
     assert_results_match(actual, [e if e.numel() else None for e in expected], BACKWARD_NAMES,
                          TOLERANCE[dtype])
     for name, a in list(zip(FORWARD_NAMES, actual)) + list(zip(BACKWARD_NAMES[:2], actual)):
@@ -121,13 +121,13 @@ def test_emulated_cuda_implementation_on_standard_shapes(case, seed):
     multiprocessors = 132  # an H100 / H200
     shape = [case["batch"], case["tasks"], case["in_channels"], case["height"], case["width"],
              case["out_channels"], 3, 3, 1, 1, 1, 1, multiprocessors]
-    splits = ops._task_conv2d_launch_config([PASS["weight_grad"]] + shape)[13]
+    splits = torch.ops.maml_ext_testing._task_conv2d_launch_config([PASS["weight_grad"]] + shape)[13]
     assert splits > 1  # the split reduction and its partial sums are exercised
     expected = ops.task_conv2d(*forward_args(case, t))
-    assert_results_match(ops._task_conv2d_emulated(*forward_args(case, t), multiprocessors),
+    assert_results_match(torch.ops.maml_ext_testing._task_conv2d_emulated(*forward_args(case, t), multiprocessors),
                          expected, FORWARD_NAMES, 1e-10)
     expected = ops.task_conv2d_backward(*backward_args(case, t))
-    assert_results_match(ops._task_conv2d_backward_emulated(*backward_args(case, t), multiprocessors),
+    assert_results_match(torch.ops.maml_ext_testing._task_conv2d_backward_emulated(*backward_args(case, t), multiprocessors),
                          expected, BACKWARD_NAMES, 1e-10)
 
 
@@ -142,7 +142,7 @@ def gemm_extents(pass_name, N, T, C, H, W, O, kh, kw, sh, sw, ph, pw):
 def check_launch_plan(pass_name, shape, multiprocessors):
     args = [PASS[pass_name]] + list(shape) + [multiprocessors]
     (rows, cols, reduction, tasks, thread_m, thread_n, threads_m, threads_n, block_m, block_n,
-     block_k, grid_m, grid_n, splits, split_length) = torch.ops.maml_ext._task_conv2d_launch_config(args)
+     block_k, grid_m, grid_n, splits, split_length) = torch.ops.maml_ext_testing._task_conv2d_launch_config(args)
     assert (rows, cols, reduction) == gemm_extents(pass_name, *shape)
     assert tasks == shape[1]
     assert block_m == thread_m * threads_m and block_n == thread_n * threads_n
@@ -151,7 +151,7 @@ def check_launch_plan(pass_name, shape, multiprocessors):
     assert split_length % block_k == 0
     if pass_name != "weight_grad":
         assert splits == 1
-    writes, reads = torch.ops.maml_ext._task_conv2d_tile_coverage(args)
+    writes, reads = torch.ops.maml_ext_testing._task_conv2d_tile_coverage(args)
     assert writes.shape == (tasks, splits, rows, cols)
     assert bool((writes == 1).all()), "some output elements are written never or twice"
     assert reads.shape == (reduction,)
@@ -204,7 +204,7 @@ def test_bad_arguments_are_named():
         ops.task_conv2d_backward(torch.randn(2, 3, 6, 4, 4, dtype=torch.float64), None, x, None, w,
                                  None, [1, 1], [1, 1], True, False)
     with pytest.raises(ValueError, match="'shape_args'"):
-        ops._task_conv2d_launch_config([0, 1, 2])
+        torch.ops.maml_ext_testing._task_conv2d_launch_config([0, 1, 2])
 
 
 def poison_cuda_allocator():

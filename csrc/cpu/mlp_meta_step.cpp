@@ -14,11 +14,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <variant>
 #include <vector>
 
 #include "../checks.h"
 #include "../kernels/loss_math.h"
-#include "../layers.h"
+#include "../program_records.h"
 #include "../meta_step.h"
 #include "vector_isa.h"
 
@@ -45,23 +46,19 @@ struct Mlp {
 };
 
 // The program as an MLP, or false if it holds another layer or widths that do not chain.
-bool parse_mlp(at::IntArrayRef ints, int64_t input_width, Mlp& mlp) {
+bool parse_mlp(const ProgramRecords& program, int64_t input_width, Mlp& mlp) {
   int64_t width = input_width;
   mlp.max_width = width;
-  size_t i = 0;
   bool any_linear = false;
-  while (i < ints.size()) {
-    const auto kind = static_cast<LayerKind>(ints[i]);
-    if (kind == LayerKind::kReLU) {
+  for (const auto& record : program.layers) {
+    if (std::holds_alternative<ReLURecord>(record)) {
       mlp.layers.push_back({false, width, width, false, 0, 0});
-      i += 1;
-    } else if (kind == LayerKind::kLinear) {
-      if (i + 6 > ints.size() || ints[i + 1] != width) return false;
-      const int64_t out = ints[i + 2];
-      mlp.layers.push_back({true, width, out, ints[i + 3] != 0, ints[i + 4], ints[i + 5]});
-      width = out;
+    } else if (const auto* linear = std::get_if<LinearRecord>(&record)) {
+      if (linear->in_features != width) return false;
+      mlp.layers.push_back({true, width, linear->out_features, linear->has_bias,
+                            linear->weight_offset, linear->bias_offset});
+      width = linear->out_features;
       any_linear = true;
-      i += 6;
     } else {
       return false;
     }
@@ -208,37 +205,22 @@ void check_labels(const at::Tensor& y, int64_t classes, const char* name) {
 
 namespace {
 
-// The program as an MLP the path takes (see mlp_meta_step_applies), or false.
+// The program as an MLP the path takes (see try_mlp_meta_step), or false.
 bool parse_applicable(const at::Tensor& theta, const at::Tensor& support_x,
-                      const at::Tensor& query_x, at::IntArrayRef program, Mlp& mlp) {
+                      const at::Tensor& query_x, const ProgramRecords& program, Mlp& mlp) {
   if (!theta.device().is_cpu() || support_x.dim() != 3 || query_x.dim() != 3) return false;
   if (support_x.size(2) != query_x.size(2)) return false;
   if (!parse_mlp(program, support_x.size(2), mlp)) return false;
   return mlp.max_width <= kMaxWidth && mlp.layers.size() <= 64;
 }
 
-}  // namespace
-
-bool mlp_meta_step_applies(const at::Tensor& theta, const at::Tensor& support_x,
-                           const at::Tensor& query_x, at::IntArrayRef program) {
-  Mlp mlp;
-  return parse_applicable(theta, support_x, query_x, program, mlp);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step(
-    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
-    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
-    at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss, bool first_order,
-    bool inner_lr_grad) {
-  const int64_t tasks =
-      check_meta_step_args(theta, inner_lr, support_x, support_y, query_x, query_y, loss);
-  Mlp mlp;
-  MAML_CHECK_ARG(parse_applicable(theta, support_x, query_x, program, mlp), "program",
-                 "the MLP path takes CPU tensors, inputs [T, N, features] and Linear/ReLU layers "
-                 "at most ", kMaxWidth, " wide");
-  // Validates the slices (they tile [0, P)) and the loss code, as the general path does.
-  const Program validated(program, program_floats, loss, theta.size(0));
-  const auto kind = validated.loss();
+MetaStepResult run_mlp_meta_step(const Mlp& mlp, const ProgramRecords& program, LossKind kind,
+                                 const at::Tensor& theta, const at::Tensor& inner_lr,
+                                 const at::Tensor& support_x, const at::Tensor& support_y,
+                                 const at::Tensor& query_x, const at::Tensor& query_y,
+                                 bool first_order, bool inner_lr_grad) {
+  const int64_t tasks = check_meta_step_args(program, kind, theta, inner_lr, support_x, support_y,
+                                             query_x, query_y);
   if (kind == LossKind::kCrossEntropy) {
     check_labels(support_y, mlp.output_width, "support_y");
     check_labels(query_y, mlp.output_width, "query_y");
@@ -256,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
   auto accuracy = at::empty({kind == LossKind::kCrossEntropy ? tasks : 0}, options);
   auto support_loss = at::empty({tasks}, options);
   auto meta_grad = at::empty({P}, options);
+  auto mean_query_loss = at::empty({}, options);
   auto rate_products = inner_lr_grad ? at::empty({tasks, K, P}, options) : at::Tensor();
   const auto th = theta.contiguous(), alpha = inner_lr.contiguous();
   const auto sx = support_x.contiguous(), qx = query_x.contiguous();
@@ -321,11 +304,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     }
     const T scale = T(1) / static_cast<T>(tasks);
     for (int64_t j = 0; j < P; ++j) mean[j] *= scale;
+    T loss_sum = 0;
+    for (int64_t t = 0; t < tasks; ++t) loss_sum += pb.query_loss[t];
+    *mean_query_loss.data_ptr<T>() = loss_sum / static_cast<T>(tasks);
   });
 
   auto rate_grad = inner_lr_grad ? rate_products.sum(0).mul_(-1.0 / static_cast<double>(tasks))
                                  : at::empty({0}, options);
-  return {query_loss, accuracy, support_loss, meta_grad, rate_grad};
+  return {query_loss, accuracy, support_loss, meta_grad, rate_grad, mean_query_loss};
+}
+
+}  // namespace
+
+std::optional<MetaStepResult> try_mlp_meta_step(
+    const ProgramRecords& program, LossKind loss, const at::Tensor& theta,
+    const at::Tensor& inner_lr, const at::Tensor& support_x, const at::Tensor& support_y,
+    const at::Tensor& query_x, const at::Tensor& query_y, bool first_order, bool inner_lr_grad) {
+  Mlp mlp;
+  if (!parse_applicable(theta, support_x, query_x, program, mlp)) return std::nullopt;
+  return run_mlp_meta_step(mlp, program, loss, theta, inner_lr, support_x, support_y, query_x,
+                           query_y, first_order, inner_lr_grad);
+}
+
+MetaStepResult mlp_meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
+                             const at::Tensor& support_x, const at::Tensor& support_y,
+                             const at::Tensor& query_x, const at::Tensor& query_y,
+                             at::IntArrayRef program, at::ArrayRef<double> program_floats,
+                             int64_t loss, bool first_order, bool inner_lr_grad) {
+  const auto records = parse_program(program, program_floats);
+  const LossKind kind = loss_kind(loss);
+  check_meta_step_args(records, kind, theta, inner_lr, support_x, support_y, query_x, query_y);
+  auto result = try_mlp_meta_step(records, kind, theta, inner_lr, support_x, support_y, query_x,
+                                  query_y, first_order, inner_lr_grad);
+  MAML_CHECK_ARG(result.has_value(), "program",
+                 "the MLP path takes CPU tensors, inputs [T, N, features] and Linear/ReLU layers "
+                 "at most ", kMaxWidth, " wide");
+  return *std::move(result);
 }
 
 }  // namespace cpu

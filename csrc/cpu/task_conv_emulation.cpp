@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> task_conv2d_tile_coverage(at::IntArrayRef sha
   return {writes, reads};
 }
 
-TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
+TORCH_LIBRARY_IMPL(maml_ext_testing, CPU, m) {
   m.impl("_task_conv2d_emulated", &task_conv2d_emulated);
   m.impl("_task_conv2d_with_statistics_emulated", &task_conv2d_with_statistics_emulated);
   m.impl("_task_conv2d_backward_emulated", &task_conv2d_backward_emulated);

@@ -1,0 +1,64 @@
+#include "program.h"
+
+#include <variant>
+
+#include "checks.h"
+#include "loss_head.h"
+
+namespace maml_ext {
+namespace {
+
+// Images travel sample-major inside the program ([N, T, C, H, W] stored as N, H, W, T, C; see
+// layers/layer.h); the program's inputs and outputs are task-major ([T, N, ...]).
+at::Tensor to_sample_major(const at::Tensor& x) {
+  if (x.dim() != 5) return x;
+  return x.permute({1, 3, 4, 0, 2}).contiguous().permute({0, 3, 4, 1, 2});
+}
+
+at::Tensor to_task_major(const at::Tensor& x) {
+  return x.dim() == 5 ? x.transpose(0, 1).contiguous() : x;
+}
+
+}  // namespace
+
+// The peephole pass: each record is first offered to the layer before it (Layer::absorb), which
+// may run it in its own epilogue (a batch norm takes the ReLU after it, and a 2×2 max-pool after
+// that); a record not absorbed gets its own layer, which is linked to the one before
+// (Layer::link: a convolution hands the statistics of its output to a batch norm after it).
+Program::Program(const ProgramRecords& records, std::optional<LossKind> loss) : loss_(loss) {
+  MAML_CHECK_ARG(!records.layers.empty(), "program", "expected at least one layer");
+  for (const auto& record : records.layers) {
+    if (!layers_.empty() && layers_.back()->absorb(record)) continue;
+    auto layer = std::visit([](const auto& r) { return make_layer(r); }, record);
+    if (!layers_.empty()) layers_.back()->link(*layer);
+    layers_.push_back(std::move(layer));
+  }
+}
+
+at::Tensor Program::forward(const at::Tensor& theta, const at::Tensor& x) {
+  PassParams p{theta, at::Tensor(), at::Tensor(), at::Tensor()};
+  at::Tensor h = to_sample_major(x), rh;
+  for (auto& layer : layers_) layer->forward(p, h, rh);
+  return to_task_major(h);
+}
+
+LossValue Program::gradient(const PassParams& p, const at::Tensor& x, const at::Tensor& y) {
+  TORCH_INTERNAL_ASSERT(loss_.has_value(), "maml_ext: Program::gradient needs a loss kind");
+  at::Tensor z = to_sample_major(x), rz;
+  for (auto& layer : layers_) layer->forward(p, z, rz);
+  const bool image_output = z.dim() == 5;
+  z = to_task_major(z);
+  if (rz.defined()) rz = to_task_major(rz);
+  if (p.carries_tangent() && !rz.defined()) rz = at::zeros_like(z);
+
+  auto head = loss_head(*loss_, z, rz, y);
+  at::Tensor gz = std::move(head.grad), rgz = std::move(head.grad_tangent);
+  if (image_output) {
+    gz = to_sample_major(gz);
+    if (rgz.defined()) rgz = to_sample_major(rgz);
+  }
+  for (size_t i = layers_.size(); i-- > 0;) layers_[i]->backward(p, gz, rgz, i > 0);
+  return {head.loss, head.accuracy};
+}
+
+}  // namespace maml_ext
