@@ -1,7 +1,7 @@
-"""The standard MAML benchmark configurations of /work/shared/DESIGN.md ("How to measure"), as data.
+"""The standard MAML benchmark configurations (docs/benchmarks.md), as data.
 
 The paper's appendix A.1 settings, with the PyTorch community's 15 query images per class where
-DESIGN.md says so. ``build_model`` and ``make_batch`` give the model and a random task batch for a
+the paper leaves the query set open. ``build_model`` and ``make_batch`` give the model and a random task batch for a
 configuration, both from fixed seeds, so every implementation sees the same weights and inputs.
 """
 

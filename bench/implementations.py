@@ -40,7 +40,7 @@ except ImportError:  # run from a checkout: the package (and its built _C) sits 
 from maml_ext.program import LOSS_CODES, compile_program
 
 NAMES = ("reference", "fused", "fused_graph", "fused_raw", "vmap", "vmap_compiled")
-# The implementations a speed-up of fused is measured against (DESIGN.md "How to measure").
+# The implementations a speed-up of fused is measured against (docs/benchmarks.md).
 COMPETITORS = ("reference", "vmap", "vmap_compiled")
 
 

@@ -4,7 +4,7 @@
         [--device cpu|cuda] [--repeats N] [--json OUT] [--impls ...] [--compile-timeout S]
         [--no-oracle64] [--no-memory]
 
-How it measures (DESIGN.md "How to measure"):
+How it measures (the rules: docs/benchmarks.md):
 - every implementation gets the same model (fixed seed) and the same task batch, in this process;
 - the first call of each is the warm-up (and, for vmap_compiled, the compile) and gives the
   gradient that is checked against the reference backend before anything is timed;

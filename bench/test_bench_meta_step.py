@@ -10,7 +10,7 @@ few rounds in pedantic mode. Accuracy (float32):
 
 - fused, fused_raw: relative error (‖g − r‖/‖r‖) < 1e-4 against the float32 reference. Where the
   float32 reference itself is further than that from the float64 reference (the 5-step
-  configurations: 4e-2 measured on miniimagenet-5w1s), the check is the one DESIGN.md borrows from
+  configurations: 4e-2 measured on miniimagenet-5w1s), the check docs/benchmarks.md borrows from
   flash-attention: the error against the float64 reference may be at most twice the float32
   reference's own.
 - vmap, vmap_compiled: < 5e-2 on the batch-norm configurations, < 1e-4 on sinusoid. torch.func's

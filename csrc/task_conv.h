@@ -1,5 +1,5 @@
 // maml_ext::task_conv2d and task_conv2d_backward: T per-task 2-d convolutions (zero padding, no
-// dilation) computed together, each with its tangent (TANGENTS.md, Conv2d).
+// dilation) computed together, each with its tangent (docs/tangent_rules.md, Conv2d).
 //
 // Contract (every implementation: ATen on CPU, the implicit-product kernels on CUDA):
 //   x, x_tangent        [N, T, C, H, W]; any strides. Results come back in the layer layout: the
