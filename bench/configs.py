@@ -1,8 +1,9 @@
 """The standard MAML benchmark configurations (docs/benchmarks.md), as data.
 
 The paper's appendix A.1 settings, with the PyTorch community's 15 query images per class where
-the paper leaves the query set open. ``build_model`` and ``make_batch`` give the model and a random task batch for a
-configuration, both from fixed seeds, so every implementation sees the same weights and inputs.
+the paper leaves the query set open. ``build_model`` and ``make_batch`` give the model and a
+random task batch for a configuration, both from fixed seeds, so every implementation sees the
+same weights and inputs.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ inline void check_task_batch_norm_backward_args(
   check_per_channel(invstd, x, "invstd");
   check_per_channel(x_tangent_mean, x, "x_tangent_mean");
   check_per_channel(sigma_tangent, x, "sigma_tangent");
-  MAML_CHECK_ARG(!given(x_tangent) || (given(x_tangent_mean) && given(sigma_tangent)),
-                 "x_tangent", "needs the forward's x_tangent_mean and sigma_tangent as well");
+  MAML_CHECK_ARG(!given(x_tangent) || (given(x_tangent_mean) && given(sigma_tangent)), "x_tangent",
+                 "needs the forward's x_tangent_mean and sigma_tangent as well");
 }
 
 // Normalise + ReLU + 2×2 max-pool (stride 2, no padding), fused: x is images [N, H, W, C]
@@ -84,10 +84,10 @@ inline void check_task_batch_norm_relu_max_pool_args(
     const OptionalTensor& bias_tangent, double eps, bool ceil_mode) {
   check_dim(x, 4, "x");
   check_floating(x, "x");
-  MAML_CHECK_ARG(x.size(0) > 0 && x.size(1) >= (ceil_mode ? 1 : 2) &&
-                     x.size(2) >= (ceil_mode ? 1 : 2),
-                 "x", "expected images [N, H, W, C] with N ≥ 1 and H, W ≥ ", ceil_mode ? 1 : 2,
-                 ", got shape ", x.sizes());
+  MAML_CHECK_ARG(
+      x.size(0) > 0 && x.size(1) >= (ceil_mode ? 1 : 2) && x.size(2) >= (ceil_mode ? 1 : 2), "x",
+      "expected images [N, H, W, C] with N ≥ 1 and H, W ≥ ", ceil_mode ? 1 : 2, ", got shape ",
+      x.sizes());
   check_like(x_tangent, x, "x_tangent");
   check_channels(weight, x, 1, "weight");
   check_channels(bias, x, 1, "bias");
@@ -126,8 +126,8 @@ inline void check_task_batch_norm_relu_max_pool_backward_args(
   check_channels(invstd, x, 1, "invstd");
   check_channels(x_tangent_mean, x, 1, "x_tangent_mean");
   check_channels(sigma_tangent, x, 1, "sigma_tangent");
-  MAML_CHECK_ARG(!given(x_tangent) || (given(x_tangent_mean) && given(sigma_tangent)),
-                 "x_tangent", "needs the forward's x_tangent_mean and sigma_tangent as well");
+  MAML_CHECK_ARG(!given(x_tangent) || (given(x_tangent_mean) && given(sigma_tangent)), "x_tangent",
+                 "needs the forward's x_tangent_mean and sigma_tangent as well");
 }
 
 // Shared by the CPU and CUDA implementations.
@@ -164,12 +164,11 @@ inline void check_partial_statistics(const OptionalTensor& partials, const at::T
                                      int64_t batch) {
   if (!given(partials)) return;
   check_same_device_dtype(*partials, x, "partial_statistics");
-  MAML_CHECK_ARG(partials->dim() == 4 && partials->size(0) >= 1 && partials->size(1) == batch &&
-                     partials->size(2) == x.size(-1) &&
-                     partials->size(3) == kernels::kPartialFields,
-                 "partial_statistics", "expected [P, ", batch, ", ", x.size(-1), ", ",
-                 kernels::kPartialFields, "] with P >= 1 (chunks, batch, channels, fields), got ",
-                 partials->sizes());
+  MAML_CHECK_ARG(
+      partials->dim() == 4 && partials->size(0) >= 1 && partials->size(1) == batch &&
+          partials->size(2) == x.size(-1) && partials->size(3) == kernels::kPartialFields,
+      "partial_statistics", "expected [P, ", batch, ", ", x.size(-1), ", ", kernels::kPartialFields,
+      "] with P >= 1 (chunks, batch, channels, fields), got ", partials->sizes());
 }
 
 // Forward: (y, y_tangent, mean, invstd, x_tangent_mean, sigma_tangent). y_tangent is computed
@@ -177,11 +176,10 @@ inline void check_partial_statistics(const OptionalTensor& partials, const at::T
 // (mean R{x}) and sigma_tangent (R{σ} = mean(x̂ R{x})) when x_tangent is given. relu: y is
 // ReLU(batch norm), and y_tangent masked alike.
 // Calls the op through the dispatcher, so the CPU or CUDA kernel runs by the tensors' device.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
-                const at::Tensor& bias, const at::Tensor& weight_tangent,
-                const at::Tensor& bias_tangent, double eps, bool relu,
-                const at::Tensor& partial_statistics = at::Tensor());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> task_batch_norm(
+    const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
+    double eps, bool relu, const at::Tensor& partial_statistics = at::Tensor());
 
 // Backward: (grad_x, grad_x_tangent, grad_weight, grad_bias, grad_weight_tangent,
 // grad_bias_tangent). The tangents are computed when grad_y_tangent is given; relu_output (the
@@ -189,11 +187,11 @@ task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tens
 // input_grad. Parameter gradients are returned whether or not the layer has weights.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
-                         const at::Tensor& x, const at::Tensor& x_tangent,
-                         const at::Tensor& weight, const at::Tensor& weight_tangent,
-                         const at::Tensor& mean, const at::Tensor& invstd,
-                         const at::Tensor& x_tangent_mean, const at::Tensor& sigma_tangent,
-                         const at::Tensor& relu_output, bool input_grad);
+                         const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+                         const at::Tensor& weight_tangent, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
+                         const at::Tensor& sigma_tangent, const at::Tensor& relu_output,
+                         bool input_grad);
 
 // Normalise + ReLU + 2×2 max-pool: (y, y_tangent, argmax, mean, invstd, x_tangent_mean,
 // sigma_tangent), y [N, OH, OW, C] with OH = ⌊H/2⌋ (⌈H/2⌉ in ceil mode), argmax uint8 (2·dy + dx
@@ -207,11 +205,12 @@ task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
 
 // Its backward, as task_batch_norm_backward's, from the forward's output y and argmax.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-task_batch_norm_relu_max_pool_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_y_tangent, const at::Tensor& x,
-    const at::Tensor& x_tangent, const at::Tensor& weight, const at::Tensor& weight_tangent,
-    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
-    const at::Tensor& sigma_tangent, const at::Tensor& output, const at::Tensor& argmax,
-    bool input_grad);
+task_batch_norm_relu_max_pool_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
+                                       const at::Tensor& x, const at::Tensor& x_tangent,
+                                       const at::Tensor& weight, const at::Tensor& weight_tangent,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       const at::Tensor& x_tangent_mean,
+                                       const at::Tensor& sigma_tangent, const at::Tensor& output,
+                                       const at::Tensor& argmax, bool input_grad);
 
 }  // namespace maml_ext

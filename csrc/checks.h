@@ -18,8 +18,8 @@ inline void check_floating(const at::Tensor& t, const char* arg) {
 inline void check_same_device_dtype(const at::Tensor& t, const at::Tensor& like, const char* arg) {
   MAML_CHECK_ARG(t.device() == like.device(), arg, "expected a tensor on ", like.device(),
                  ", got one on ", t.device());
-  MAML_CHECK_ARG(t.scalar_type() == like.scalar_type(), arg, "expected dtype ",
-                 like.scalar_type(), ", got ", t.scalar_type());
+  MAML_CHECK_ARG(t.scalar_type() == like.scalar_type(), arg, "expected dtype ", like.scalar_type(),
+                 ", got ", t.scalar_type());
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* arg) {
@@ -30,7 +30,8 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* arg) {
 inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // An optional argument, where given, must match `like` in device, dtype and shape.
-inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
+inline void check_like(const std::optional<at::Tensor>& t, const at::Tensor& like,
+                       const char* arg) {
   if (!given(t)) return;
   check_same_device_dtype(*t, like, arg);
   MAML_CHECK_ARG(t->sizes() == like.sizes(), arg, "expected shape ", like.sizes(), ", got ",

@@ -16,9 +16,9 @@ LossHead cross_entropy(const at::Tensor& z, const at::Tensor& rz, const at::Tens
   MAML_CHECK_ARG(z.dim() == 3, "model", "cross-entropy needs outputs [T, N, classes], got ",
                  z.sizes());
   const int64_t tasks = z.size(0), rows = z.size(1), classes = z.size(2);
-  auto [loss_rows, correct, grad, grad_tangent] = softmax_cross_entropy(
-      z.reshape({tasks * rows, classes}), y.reshape({tasks * rows}),
-      rz.defined() ? rz.reshape({tasks * rows, classes}) : at::Tensor());
+  auto [loss_rows, correct, grad, grad_tangent] =
+      softmax_cross_entropy(z.reshape({tasks * rows, classes}), y.reshape({tasks * rows}),
+                            rz.defined() ? rz.reshape({tasks * rows, classes}) : at::Tensor());
   LossHead head;
   head.loss = loss_rows.view({tasks, rows}).mean(1);
   head.accuracy = correct.view({tasks, rows}).mean(1);
@@ -28,7 +28,8 @@ LossHead cross_entropy(const at::Tensor& z, const at::Tensor& rz, const at::Tens
   return head;
 }
 
-// L_t = (1/m) Σ_e (z_e − y_e)² over the task's m outputs; ∂L_t/∂z = (2/m)(z − y), R{·} = (2/m) R{z}.
+// L_t = (1/m) Σ_e (z_e − y_e)² over the task's m outputs; ∂L_t/∂z = (2/m)(z − y), R{·} = (2/m)
+// R{z}.
 LossHead mean_squared_error(const at::Tensor& z, const at::Tensor& rz, const at::Tensor& y) {
   MAML_CHECK_ARG(y.sizes() == z.sizes(), "y", "expected targets shaped like the outputs ",
                  z.sizes(), ", got ", y.sizes());

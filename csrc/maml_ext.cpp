@@ -41,10 +41,12 @@ TaskConvStatisticsResult task_conv2d_with_statistics(
     const Tensor& x, const OptionalTensor& x_tangent, const Tensor& weight,
     const OptionalTensor& weight_tangent, const OptionalTensor& bias,
     const OptionalTensor& bias_tangent, at::IntArrayRef stride, at::IntArrayRef padding);
-TaskConvBackwardResult task_conv2d_backward(
-    const Tensor& grad_y, const OptionalTensor& grad_y_tangent, const Tensor& x,
-    const OptionalTensor& x_tangent, const Tensor& weight, const OptionalTensor& weight_tangent,
-    at::IntArrayRef stride, at::IntArrayRef padding, bool need_input_grad, bool has_bias);
+TaskConvBackwardResult task_conv2d_backward(const Tensor& grad_y,
+                                            const OptionalTensor& grad_y_tangent, const Tensor& x,
+                                            const OptionalTensor& x_tangent, const Tensor& weight,
+                                            const OptionalTensor& weight_tangent,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            bool need_input_grad, bool has_bias);
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> task_batch_norm(
     const Tensor& x, const OptionalTensor& x_tangent, const OptionalTensor& weight,
     const OptionalTensor& bias, const OptionalTensor& weight_tangent,
@@ -65,8 +67,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> task_batch_norm_relu_
     const Tensor& grad_y, const OptionalTensor& grad_y_tangent, const Tensor& x,
     const OptionalTensor& x_tangent, const OptionalTensor& weight,
     const OptionalTensor& weight_tangent, const Tensor& mean, const Tensor& invstd,
-    const OptionalTensor& x_tangent_mean, const OptionalTensor& sigma_tangent,
-    const Tensor& output, const Tensor& argmax, bool input_grad);
+    const OptionalTensor& x_tangent_mean, const OptionalTensor& sigma_tangent, const Tensor& output,
+    const Tensor& argmax, bool input_grad);
 }  // namespace schema
 
 namespace {
@@ -135,11 +137,10 @@ TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
                  optional_arg(weight_tangent), stride, padding, need_input_grad, has_bias);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
-                const at::Tensor& bias, const at::Tensor& weight_tangent,
-                const at::Tensor& bias_tangent, double eps, bool relu,
-                const at::Tensor& partial_statistics) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> task_batch_norm(
+    const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& weight_tangent, const at::Tensor& bias_tangent,
+    double eps, bool relu, const at::Tensor& partial_statistics) {
   static const auto op = find_op<decltype(schema::task_batch_norm)>("maml_ext::task_batch_norm");
   return op.call(x, optional_arg(x_tangent), optional_arg(weight), optional_arg(bias),
                  optional_arg(weight_tangent), optional_arg(bias_tangent), eps, relu,
@@ -148,11 +149,11 @@ task_batch_norm(const at::Tensor& x, const at::Tensor& x_tangent, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 task_batch_norm_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
-                         const at::Tensor& x, const at::Tensor& x_tangent,
-                         const at::Tensor& weight, const at::Tensor& weight_tangent,
-                         const at::Tensor& mean, const at::Tensor& invstd,
-                         const at::Tensor& x_tangent_mean, const at::Tensor& sigma_tangent,
-                         const at::Tensor& relu_output, bool input_grad) {
+                         const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+                         const at::Tensor& weight_tangent, const at::Tensor& mean,
+                         const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
+                         const at::Tensor& sigma_tangent, const at::Tensor& relu_output,
+                         bool input_grad) {
   static const auto op =
       find_op<decltype(schema::task_batch_norm_backward)>("maml_ext::task_batch_norm_backward");
   return op.call(grad_y, optional_arg(grad_y_tangent), x, optional_arg(x_tangent),
@@ -174,12 +175,13 @@ task_batch_norm_relu_max_pool(const at::Tensor& x, const at::Tensor& x_tangent,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-task_batch_norm_relu_max_pool_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_y_tangent, const at::Tensor& x,
-    const at::Tensor& x_tangent, const at::Tensor& weight, const at::Tensor& weight_tangent,
-    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& x_tangent_mean,
-    const at::Tensor& sigma_tangent, const at::Tensor& output, const at::Tensor& argmax,
-    bool input_grad) {
+task_batch_norm_relu_max_pool_backward(const at::Tensor& grad_y, const at::Tensor& grad_y_tangent,
+                                       const at::Tensor& x, const at::Tensor& x_tangent,
+                                       const at::Tensor& weight, const at::Tensor& weight_tangent,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       const at::Tensor& x_tangent_mean,
+                                       const at::Tensor& sigma_tangent, const at::Tensor& output,
+                                       const at::Tensor& argmax, bool input_grad) {
   static const auto op = find_op<decltype(schema::task_batch_norm_relu_max_pool_backward)>(
       "maml_ext::task_batch_norm_relu_max_pool_backward");
   return op.call(grad_y, optional_arg(grad_y_tangent), x, optional_arg(x_tangent),

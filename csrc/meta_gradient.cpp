@@ -28,8 +28,8 @@ MetaStepResult dispatch_meta_step(const at::Tensor& theta, const at::Tensor& inn
 // θ [P]: the parameters flattened and concatenated in slot order, after checking them against the
 // program's slots.
 at::Tensor flatten_params(at::TensorList params, const std::vector<ParameterSlice>& slices) {
-  MAML_CHECK_ARG(params.size() == slices.size(), "params", "expected the program's ",
-                 slices.size(), " parameter tensors, got ", params.size());
+  MAML_CHECK_ARG(params.size() == slices.size(), "params", "expected the program's ", slices.size(),
+                 " parameter tensors, got ", params.size());
   std::vector<at::Tensor> flat;
   flat.reserve(params.size());
   int64_t offset = 0;
@@ -40,8 +40,8 @@ at::Tensor flatten_params(at::TensorList params, const std::vector<ParameterSlic
     MAML_CHECK_ARG(p.numel() == slices[i].numel, "params", "expected tensor ", i, " to hold ",
                    slices[i].numel, " elements (its slot in the program), got shape ", p.sizes());
     // Concatenation lays θ out in slot order, which must be the program's offsets.
-    MAML_CHECK_ARG(slices[i].offset == offset, "program", "expected parameter ", i,
-                   " at offset ", offset, ", got ", slices[i].offset);
+    MAML_CHECK_ARG(slices[i].offset == offset, "program", "expected parameter ", i, " at offset ",
+                   offset, ", got ", slices[i].offset);
     offset += slices[i].numel;
     flat.push_back(p.reshape({-1}));
   }
@@ -70,11 +70,10 @@ struct StepSummary {
 // and vectorises.
 StepSummary cpu_summary(const at::Tensor& meta_grad, const at::Tensor& mean_query_loss,
                         const at::Tensor& query_accuracy, const at::Tensor& support_loss) {
-  StepSummary out{mean_query_loss,
-                  query_accuracy.numel() > 0 ? at::empty({}, query_accuracy.options())
-                                             : query_accuracy,
-                  at::empty({}, support_loss.options()),
-                  at::empty({}, meta_grad.options().dtype(at::kBool))};
+  StepSummary out{
+      mean_query_loss,
+      query_accuracy.numel() > 0 ? at::empty({}, query_accuracy.options()) : query_accuracy,
+      at::empty({}, support_loss.options()), at::empty({}, meta_grad.options().dtype(at::kBool))};
   AT_DISPATCH_FLOATING_TYPES(meta_grad.scalar_type(), "meta_gradient_summary", [&] {
     auto mean = [](const at::Tensor& values) {
       const auto v = values.contiguous();
@@ -155,13 +154,12 @@ meta_gradient_autograd(at::TensorList params, const at::Tensor& inner_lr,
                        const at::Tensor& query_x, const at::Tensor& query_y,
                        at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss,
                        bool first_order) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("maml_ext::meta_gradient", "")
-          .typed<decltype(meta_gradient)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("maml_ext::meta_gradient", "")
+                             .typed<decltype(meta_gradient)>();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(params, inner_lr, support_x, support_y, query_x, query_y, program,
-                 program_floats, loss, first_order);
+  return op.call(params, inner_lr, support_x, support_y, query_x, query_y, program, program_floats,
+                 loss, first_order);
 }
 
 }  // namespace

@@ -22,9 +22,8 @@ void check_data(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& 
   MAML_CHECK_ARG(x.size(0) == tasks, x_name, "expected ", tasks, " tasks, got shape ", x.sizes());
   MAML_CHECK_ARG(y.device() == theta.device(), y_name, "expected a tensor on ", theta.device(),
                  ", got one on ", y.device());
-  MAML_CHECK_ARG(y.dim() >= 2 && y.size(0) == tasks && y.size(1) == x.size(1), y_name,
-                 "expected [", tasks, ", ", x.size(1), ", ...] to match ", x_name, ", got shape ",
-                 y.sizes());
+  MAML_CHECK_ARG(y.dim() >= 2 && y.size(0) == tasks && y.size(1) == x.size(1), y_name, "expected [",
+                 tasks, ", ", x.size(1), ", ...] to match ", x_name, ", got shape ", y.sizes());
   if (has_class_targets(loss)) {
     MAML_CHECK_ARG(y.dim() == 2 && y.scalar_type() == at::kLong, y_name,
                    "expected int64 class indices [T, N], got ", y.scalar_type(), " of shape ",
@@ -51,10 +50,10 @@ void check_inner_lr(const at::Tensor& inner_lr, const at::Tensor& theta) {
 }
 
 // Tasks per chunk of the query pass. Its tape (the activations of N query samples per task) is the
-// meta-step's largest allocation: on the CPU, image programs run it one task at a time, which bounds
-// the tape to one task's activations (miniImageNet 5-way: ~300 MB instead of T times that) and
-// costs no speed there, where a grouped convolution over T tasks is no faster than T separate ones
-// (bench/NOTES.md). On CUDA all tasks go in one launch sequence: that batching is the point.
+// meta-step's largest allocation: on the CPU, image programs run it one task at a time, which
+// bounds the tape to one task's activations (miniImageNet 5-way: ~300 MB instead of T times that)
+// and costs no speed there, where a grouped convolution over T tasks is no faster than T separate
+// ones (bench/NOTES.md). On CUDA all tasks go in one launch sequence: that batching is the point.
 int64_t query_chunk_tasks(const at::Tensor& query_x, int64_t tasks) {
   const bool images = query_x.dim() == 5;
   return query_x.is_cuda() || !images ? tasks : 1;
@@ -87,7 +86,8 @@ int64_t check_meta_step_args(const ProgramRecords& program, LossKind loss, const
   check_dim(theta, 1, "theta");
   check_inner_lr(inner_lr, theta);
   const int64_t tasks = support_x.dim() > 0 ? support_x.size(0) : 0;
-  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
+  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ",
+                 support_x.sizes());
   check_data(theta, support_x, support_y, tasks, "support_x", "support_y", loss);
   check_data(theta, query_x, query_y, tasks, "query_x", "query_y", loss);
   check_parameters_tile(program, theta.size(0));
@@ -97,11 +97,10 @@ int64_t check_meta_step_args(const ProgramRecords& program, LossKind loss, const
 MetaStepResult meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
                          const at::Tensor& support_x, const at::Tensor& support_y,
                          const at::Tensor& query_x, const at::Tensor& query_y,
-                         at::IntArrayRef program, at::ArrayRef<double> program_floats,
-                         int64_t loss, bool first_order, bool inner_lr_grad) {
-  return general_meta_step(parse_program(program, program_floats), loss_kind(loss), theta,
-                           inner_lr, support_x, support_y, query_x, query_y, first_order,
-                           inner_lr_grad);
+                         at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss,
+                         bool first_order, bool inner_lr_grad) {
+  return general_meta_step(parse_program(program, program_floats), loss_kind(loss), theta, inner_lr,
+                           support_x, support_y, query_x, query_y, first_order, inner_lr_grad);
 }
 
 MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
@@ -110,8 +109,8 @@ MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
                                  const at::Tensor& query_x, const at::Tensor& query_y,
                                  bool first_order, bool inner_lr_grad) {
   const at::OptionalDeviceGuard device_guard(at::device_of(theta));
-  const int64_t tasks = check_meta_step_args(records, loss, theta, inner_lr, support_x, support_y,
-                                             query_x, query_y);
+  const int64_t tasks =
+      check_meta_step_args(records, loss, theta, inner_lr, support_x, support_y, query_x, query_y);
   const int64_t num_params = theta.size(0), steps = inner_lr.size(0);
   Program program(records, loss);
   const auto sx = support_x.contiguous(), sy = support_y.contiguous();
@@ -138,7 +137,8 @@ MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
   const auto query = query_gradient(program, adapted[steps - 1], lambda, query_x.contiguous(),
                                     query_y.contiguous());
 
-  auto alpha_grad = inner_lr_grad ? at::empty({steps, num_params}, options) : at::empty({0}, options);
+  auto alpha_grad =
+      inner_lr_grad ? at::empty({steps, num_params}, options) : at::empty({0}, options);
   auto scratch_grad = at::empty({tasks, num_params}, options);
   auto hessian_vector = at::empty({tasks, num_params}, options);
   const double inv_tasks = 1.0 / static_cast<double>(tasks);
@@ -165,7 +165,8 @@ at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::
                  at::ArrayRef<double> program_floats, int64_t loss) {
   const at::OptionalDeviceGuard device_guard(at::device_of(theta));
   const int64_t tasks = support_x.dim() > 0 ? support_x.size(0) : 0;
-  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ", support_x.sizes());
+  MAML_CHECK_ARG(tasks >= 1, "support_x", "expected at least one task, got shape ",
+                 support_x.sizes());
   auto weights = per_task(theta, tasks, "theta");
   check_inner_lr(inner_lr, theta);
   const LossKind kind = loss_kind(loss);
@@ -182,10 +183,11 @@ at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::
   return weights.stride(0) == 0 ? weights.contiguous() : weights;
 }
 
-at::Tensor program_forward(const at::Tensor& theta, const at::Tensor& x, at::IntArrayRef program_ints,
-                           at::ArrayRef<double> program_floats) {
+at::Tensor program_forward(const at::Tensor& theta, const at::Tensor& x,
+                           at::IntArrayRef program_ints, at::ArrayRef<double> program_floats) {
   const at::OptionalDeviceGuard device_guard(at::device_of(theta));
-  MAML_CHECK_ARG(x.dim() >= 3, "x", "expected task-batched inputs [T, N, ...], got shape ", x.sizes());
+  MAML_CHECK_ARG(x.dim() >= 3, "x", "expected task-batched inputs [T, N, ...], got shape ",
+                 x.sizes());
   check_same_device_dtype(x, theta, "x");
   const auto weights = per_task(theta, x.size(0), "theta");
   const auto records = parse_program(program_ints, program_floats);

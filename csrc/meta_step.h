@@ -13,8 +13,8 @@ namespace maml_ext {
 
 // (query_loss [T], query_accuracy [T] or [0], support_loss [T] at θ, meta_grad [P],
 // inner_lr_grad [K, P] or [0], mean_query_loss: 0-d).
-using MetaStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor>;
+using MetaStepResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // K inner steps per task from the shared θ, the query loss, and its gradient with respect to θ
 // (and to the per-element inner rates) by the explicit reverse sweep of docs/reverse_sweep.md.
@@ -22,8 +22,8 @@ using MetaStepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 MetaStepResult meta_step(const at::Tensor& theta, const at::Tensor& inner_lr,
                          const at::Tensor& support_x, const at::Tensor& support_y,
                          const at::Tensor& query_x, const at::Tensor& query_y,
-                         at::IntArrayRef program, at::ArrayRef<double> program_floats,
-                         int64_t loss, bool first_order, bool inner_lr_grad);
+                         at::IntArrayRef program, at::ArrayRef<double> program_floats, int64_t loss,
+                         bool first_order, bool inner_lr_grad);
 
 // meta_step at a parsed program, by the general path (the layers of csrc/layers/).
 MetaStepResult general_meta_step(const ProgramRecords& program, LossKind loss,

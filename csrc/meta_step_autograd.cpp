@@ -44,13 +44,15 @@ class MetaStepFunction : public torch::autograd::Function<MetaStepFunction> {
     const auto returned_rate_grad = inner_lr_grad ? rate_grad : at::empty({0}, theta.options());
     ctx->mark_non_differentiable(
         {query_loss, query_accuracy, support_loss, meta_grad, returned_rate_grad});
-    return {query_loss, query_accuracy, support_loss, meta_grad, returned_rate_grad,
-            mean_query_loss};
+    return {query_loss, query_accuracy,     support_loss,
+            meta_grad,  returned_rate_grad, mean_query_loss};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    for (const auto& [input, name] : {std::pair{kSupportX, "support_x"}, {kSupportY, "support_y"},
-                                     {kQueryX, "query_x"}, {kQueryY, "query_y"}}) {
+    for (const auto& [input, name] : {std::pair{kSupportX, "support_x"},
+                                      {kSupportY, "support_y"},
+                                      {kQueryX, "query_x"},
+                                      {kQueryY, "query_y"}}) {
       MAML_CHECK_ARG(!ctx->needs_input_grad(input), name,
                      "maml_ext::meta_step is differentiable in theta and inner_lr only; detach ",
                      name);
@@ -71,10 +73,10 @@ MetaStepResult meta_step_autograd(const at::Tensor& theta, const at::Tensor& inn
                                   const at::Tensor& query_x, const at::Tensor& query_y,
                                   at::IntArrayRef program, at::ArrayRef<double> program_floats,
                                   int64_t loss, bool first_order, bool inner_lr_grad) {
-  const bool differentiable = at::GradMode::is_enabled() &&
-                              (theta.requires_grad() || inner_lr.requires_grad() ||
-                               support_x.requires_grad() || support_y.requires_grad() ||
-                               query_x.requires_grad() || query_y.requires_grad());
+  const bool differentiable =
+      at::GradMode::is_enabled() &&
+      (theta.requires_grad() || inner_lr.requires_grad() || support_x.requires_grad() ||
+       support_y.requires_grad() || query_x.requires_grad() || query_y.requires_grad());
   if (!differentiable) {
     // Nothing to record: the kernel below, without the autograd Function's bookkeeping.
     at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -32,8 +32,8 @@ class RecordReader {
   T read(const char* field) {
     const int64_t value = next_int(field);
     if constexpr (std::is_same_v<T, bool>) {
-      MAML_CHECK_ARG(value == 0 || value == 1, "program", "field '", field, "' of record ",
-                     record_, " (", kind_, ") is a flag: expected 0 or 1, got ", value);
+      MAML_CHECK_ARG(value == 0 || value == 1, "program", "field '", field, "' of record ", record_,
+                     " (", kind_, ") is a flag: expected 0 or 1, got ", value);
       return value != 0;
     } else {
       return value;
@@ -69,13 +69,13 @@ class RecordReader {
 #define MAML_EXT_APPEND_SLICE(name, offset_field, numel, present) \
   if (present) slices.push_back({r.offset_field, numel});
 
-#define MAML_EXT_READ_RECORD(Name, kind_code, kind_name, FIELDS)              \
-  case kind_code: {                                                           \
-    reader.start_record(kind_name);                                           \
-    Name##Record r;                                                           \
-    FIELDS(MAML_EXT_READ_INT, MAML_EXT_READ_FLOAT, MAML_EXT_NOTHING)          \
-    FIELDS(MAML_EXT_NOTHING, MAML_EXT_NOTHING, MAML_EXT_APPEND_SLICE)         \
-    return r;                                                                 \
+#define MAML_EXT_READ_RECORD(Name, kind_code, kind_name, FIELDS)      \
+  case kind_code: {                                                   \
+    reader.start_record(kind_name);                                   \
+    Name##Record r;                                                   \
+    FIELDS(MAML_EXT_READ_INT, MAML_EXT_READ_FLOAT, MAML_EXT_NOTHING)  \
+    FIELDS(MAML_EXT_NOTHING, MAML_EXT_NOTHING, MAML_EXT_APPEND_SLICE) \
+    return r;                                                         \
   }
 
 // "1 (linear), 2 (conv2d), ...": the layer kinds, for error messages.
@@ -97,8 +97,8 @@ LayerRecord read_record(int64_t code, RecordReader& reader, std::vector<Paramete
     default:
       break;
   }
-  MAML_CHECK_ARG(false, "program", "record ", reader.record() + 1, " has unknown layer kind ",
-                 code, "; the kinds are ", known_layer_kinds());
+  MAML_CHECK_ARG(false, "program", "record ", reader.record() + 1, " has unknown layer kind ", code,
+                 "; the kinds are ", known_layer_kinds());
   return {};
 }
 
@@ -124,9 +124,10 @@ void check_parameters_tile(const ProgramRecords& program, int64_t num_params) {
   MAML_CHECK_ARG(!program.layers.empty(), "program", "expected at least one layer");
   auto slices = program.parameters;
   for (const auto& slice : slices) {
-    MAML_CHECK_ARG(slice.offset >= 0 && slice.numel >= 0 && slice.offset + slice.numel <= num_params,
-                   "program", "parameter slice [", slice.offset, ", ", slice.offset + slice.numel,
-                   ") lies outside the ", num_params, " parameters");
+    MAML_CHECK_ARG(
+        slice.offset >= 0 && slice.numel >= 0 && slice.offset + slice.numel <= num_params,
+        "program", "parameter slice [", slice.offset, ", ", slice.offset + slice.numel,
+        ") lies outside the ", num_params, " parameters");
   }
   std::sort(slices.begin(), slices.end(), [](const auto& a, const auto& b) {
     return std::tie(a.offset, a.numel) < std::tie(b.offset, b.numel);
@@ -216,7 +217,7 @@ std::string program_format() {
 #undef MAML_EXT_JSON_PARAM
   json << "], \"losses\": [";
   record_separator = "";
-#define MAML_EXT_JSON_LOSS(Name, loss_code, python_name, ...)                                     \
+#define MAML_EXT_JSON_LOSS(Name, loss_code, python_name, ...)                                 \
   json << record_separator << "{\"name\": \"" << python_name << "\", \"code\": " << loss_code \
        << "}";                                                                                \
   record_separator = ", ";

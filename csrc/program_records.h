@@ -26,28 +26,28 @@
 //                      which exists when `present`; numel and present are expressions in the
 //                      record `r`. The slices of all records must tile θ.
 
-#define MAML_EXT_LINEAR_FIELDS(INT, FLOAT, PARAM)                        \
-  INT(int64_t, in_features)                                              \
-  INT(int64_t, out_features)                                             \
-  INT(bool, has_bias)                                                    \
-  INT(int64_t, weight_offset)                                            \
-  INT(int64_t, bias_offset)                                              \
-  PARAM(weight, weight_offset, r.in_features * r.out_features, true)    \
+#define MAML_EXT_LINEAR_FIELDS(INT, FLOAT, PARAM)                   \
+  INT(int64_t, in_features)                                         \
+  INT(int64_t, out_features)                                        \
+  INT(bool, has_bias)                                               \
+  INT(int64_t, weight_offset)                                       \
+  INT(int64_t, bias_offset)                                         \
+  PARAM(weight, weight_offset, r.in_features* r.out_features, true) \
   PARAM(bias, bias_offset, r.out_features, r.has_bias)
 
-#define MAML_EXT_CONV2D_FIELDS(INT, FLOAT, PARAM)                                              \
-  INT(int64_t, in_channels)                                                                    \
-  INT(int64_t, out_channels)                                                                   \
-  INT(int64_t, kernel_h)                                                                       \
-  INT(int64_t, kernel_w)                                                                       \
-  INT(int64_t, stride_h)                                                                       \
-  INT(int64_t, stride_w)                                                                       \
-  INT(int64_t, padding_h)                                                                      \
-  INT(int64_t, padding_w)                                                                      \
-  INT(bool, has_bias)                                                                          \
-  INT(int64_t, weight_offset)                                                                  \
-  INT(int64_t, bias_offset)                                                                    \
-  PARAM(weight, weight_offset, r.out_channels * r.in_channels * r.kernel_h * r.kernel_w, true) \
+#define MAML_EXT_CONV2D_FIELDS(INT, FLOAT, PARAM)                                           \
+  INT(int64_t, in_channels)                                                                 \
+  INT(int64_t, out_channels)                                                                \
+  INT(int64_t, kernel_h)                                                                    \
+  INT(int64_t, kernel_w)                                                                    \
+  INT(int64_t, stride_h)                                                                    \
+  INT(int64_t, stride_w)                                                                    \
+  INT(int64_t, padding_h)                                                                   \
+  INT(int64_t, padding_w)                                                                   \
+  INT(bool, has_bias)                                                                       \
+  INT(int64_t, weight_offset)                                                               \
+  INT(int64_t, bias_offset)                                                                 \
+  PARAM(weight, weight_offset, r.out_channels* r.in_channels* r.kernel_h* r.kernel_w, true) \
   PARAM(bias, bias_offset, r.out_channels, r.has_bias)
 
 // spatial: BatchNorm2d (images) rather than BatchNorm1d (features).
@@ -74,13 +74,13 @@
 
 // ---- the layer kinds: X(Name, code, "python name", field list) ---------------------------------
 // Codes are the program's; never reuse one.
-#define MAML_EXT_LAYER_RECORDS(X)                              \
-  X(Linear, 1, "linear", MAML_EXT_LINEAR_FIELDS)               \
-  X(Conv2d, 2, "conv2d", MAML_EXT_CONV2D_FIELDS)               \
-  X(BatchNorm, 3, "batch_norm", MAML_EXT_BATCH_NORM_FIELDS)    \
-  X(ReLU, 4, "relu", MAML_EXT_NO_FIELDS)                       \
-  X(MaxPool2d, 5, "max_pool2d", MAML_EXT_MAX_POOL2D_FIELDS)    \
-  X(Flatten, 6, "flatten", MAML_EXT_NO_FIELDS)                 \
+#define MAML_EXT_LAYER_RECORDS(X)                           \
+  X(Linear, 1, "linear", MAML_EXT_LINEAR_FIELDS)            \
+  X(Conv2d, 2, "conv2d", MAML_EXT_CONV2D_FIELDS)            \
+  X(BatchNorm, 3, "batch_norm", MAML_EXT_BATCH_NORM_FIELDS) \
+  X(ReLU, 4, "relu", MAML_EXT_NO_FIELDS)                    \
+  X(MaxPool2d, 5, "max_pool2d", MAML_EXT_MAX_POOL2D_FIELDS) \
+  X(Flatten, 6, "flatten", MAML_EXT_NO_FIELDS)              \
   X(Tanh, 7, "tanh", MAML_EXT_NO_FIELDS)
 
 // ---- the loss kinds: X(Name, code, "python name", targets are class indices) -------------------
@@ -96,10 +96,10 @@ namespace maml_ext {
 #define MAML_EXT_RECORD_INT_MEMBER(type, name) type name{};
 #define MAML_EXT_RECORD_FLOAT_MEMBER(name) double name{};
 #define MAML_EXT_RECORD_NO_MEMBER(...)
-#define MAML_EXT_DEFINE_RECORD(Name, kind_code, kind_name, FIELDS)                             \
-  struct Name##Record {                                                                        \
-    static constexpr int64_t code = kind_code;                                                 \
-    static constexpr const char* name = kind_name;                                             \
+#define MAML_EXT_DEFINE_RECORD(Name, kind_code, kind_name, FIELDS)                              \
+  struct Name##Record {                                                                         \
+    static constexpr int64_t code = kind_code;                                                  \
+    static constexpr const char* name = kind_name;                                              \
     FIELDS(MAML_EXT_RECORD_INT_MEMBER, MAML_EXT_RECORD_FLOAT_MEMBER, MAML_EXT_RECORD_NO_MEMBER) \
   };
 MAML_EXT_LAYER_RECORDS(MAML_EXT_DEFINE_RECORD)

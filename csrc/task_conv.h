@@ -62,8 +62,8 @@ inline kernels::ConvGeometry check_task_conv2d_geometry(
   check_dim(weight, 5, "weight");
   check_same_device_dtype(weight, x, "weight");
   MAML_CHECK_ARG(weight.size(0) == x.size(1) && weight.size(2) == x.size(2) && weight.numel() > 0,
-                 "weight", "expected [T, O, C, kh, kw] with T = ", x.size(1), " and C = ", x.size(2),
-                 " (from x), got shape ", weight.sizes());
+                 "weight", "expected [T, O, C, kh, kw] with T = ", x.size(1),
+                 " and C = ", x.size(2), " (from x), got shape ", weight.sizes());
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
   kernels::ConvGeometry g{};
@@ -101,8 +101,7 @@ inline kernels::ConvGeometry check_task_conv2d_args(
                    "bias", "expected [T, O] = [", g.tasks, ", ", g.out_channels, "], got shape ",
                    bias->sizes());
   }
-  MAML_CHECK_ARG(!given(bias_tangent) || given(bias), "bias_tangent",
-                 "given without a bias");
+  MAML_CHECK_ARG(!given(bias_tangent) || given(bias), "bias_tangent", "given without a bias");
   if (given(bias)) check_like(bias_tangent, *bias, "bias_tangent");
   return g;
 }
@@ -132,7 +131,8 @@ inline at::Tensor grouped_channels_last(const at::Tensor& x) {
 // A new activation [N, T, C, H, W] in the layer layout.
 inline at::Tensor empty_task_activation(int64_t n, int64_t tasks, int64_t channels, int64_t h,
                                         int64_t w, const at::TensorOptions& options) {
-  return at::empty({n, tasks * channels, h, w}, options.memory_format(at::MemoryFormat::ChannelsLast))
+  return at::empty({n, tasks * channels, h, w},
+                   options.memory_format(at::MemoryFormat::ChannelsLast))
       .view({n, tasks, channels, h, w});
 }
 
@@ -143,13 +143,10 @@ TaskConvForwardResult task_conv2d(const at::Tensor& x, const at::Tensor& x_tange
                                   const at::Tensor& bias, const at::Tensor& bias_tangent,
                                   at::IntArrayRef stride, at::IntArrayRef padding);
 
-TaskConvStatisticsResult task_conv2d_with_statistics(const at::Tensor& x, const at::Tensor& x_tangent,
-                                                     const at::Tensor& weight,
-                                                     const at::Tensor& weight_tangent,
-                                                     const at::Tensor& bias,
-                                                     const at::Tensor& bias_tangent,
-                                                     at::IntArrayRef stride,
-                                                     at::IntArrayRef padding);
+TaskConvStatisticsResult task_conv2d_with_statistics(
+    const at::Tensor& x, const at::Tensor& x_tangent, const at::Tensor& weight,
+    const at::Tensor& weight_tangent, const at::Tensor& bias, const at::Tensor& bias_tangent,
+    at::IntArrayRef stride, at::IntArrayRef padding);
 
 TaskConvBackwardResult task_conv2d_backward(const at::Tensor& grad_y,
                                             const at::Tensor& grad_y_tangent, const at::Tensor& x,

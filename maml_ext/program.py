@@ -7,6 +7,7 @@ and the whole inner update one fused multiply-add. The record format is defined 
 csrc/program_records.h; LAYER_RECORDS below mirrors it and is checked against the compiled
 extension's table at import.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,20 +35,43 @@ class RecordFormat:
 
 # Mirrors MAML_EXT_LAYER_RECORDS in csrc/program_records.h (checked at import).
 LAYER_RECORDS = (
-    RecordFormat("linear", 1,
-                 ("in_features", "out_features", "has_bias", "weight_offset", "bias_offset"),
-                 parameters=("weight", "bias")),
-    RecordFormat("conv2d", 2,
-                 ("in_channels", "out_channels", "kernel_h", "kernel_w", "stride_h", "stride_w",
-                  "padding_h", "padding_w", "has_bias", "weight_offset", "bias_offset"),
-                 parameters=("weight", "bias")),
-    RecordFormat("batch_norm", 3,
-                 ("channels", "spatial", "affine", "weight_offset", "bias_offset"), ("eps",),
-                 parameters=("weight", "bias")),
+    RecordFormat(
+        "linear",
+        1,
+        ("in_features", "out_features", "has_bias", "weight_offset", "bias_offset"),
+        parameters=("weight", "bias"),
+    ),
+    RecordFormat(
+        "conv2d",
+        2,
+        (
+            "in_channels",
+            "out_channels",
+            "kernel_h",
+            "kernel_w",
+            "stride_h",
+            "stride_w",
+            "padding_h",
+            "padding_w",
+            "has_bias",
+            "weight_offset",
+            "bias_offset",
+        ),
+        parameters=("weight", "bias"),
+    ),
+    RecordFormat(
+        "batch_norm",
+        3,
+        ("channels", "spatial", "affine", "weight_offset", "bias_offset"),
+        ("eps",),
+        parameters=("weight", "bias"),
+    ),
     RecordFormat("relu", 4),
-    RecordFormat("max_pool2d", 5,
-                 ("kernel_h", "kernel_w", "stride_h", "stride_w", "padding_h", "padding_w",
-                  "ceil_mode")),
+    RecordFormat(
+        "max_pool2d",
+        5,
+        ("kernel_h", "kernel_w", "stride_h", "stride_w", "padding_h", "padding_w", "ceil_mode"),
+    ),
     RecordFormat("flatten", 6),
     RecordFormat("tanh", 7),
 )
@@ -69,9 +93,16 @@ def loss_code(name: str) -> int:
 def program_format() -> dict:
     """The record format as maml_ext::program_format() returns it from C++ (a dict of JSON)."""
     return {
-        "layers": [{"name": r.name, "code": r.code, "int_fields": list(r.int_fields),
-                    "float_fields": list(r.float_fields), "parameters": list(r.parameters)}
-                   for r in LAYER_RECORDS],
+        "layers": [
+            {
+                "name": r.name,
+                "code": r.code,
+                "int_fields": list(r.int_fields),
+                "float_fields": list(r.float_fields),
+                "parameters": list(r.parameters),
+            }
+            for r in LAYER_RECORDS
+        ],
         "losses": [{"name": name, "code": code} for name, code in LOSS_CODES.items()],
     }
 
@@ -87,22 +118,27 @@ def check_program_format(compiled: dict) -> None:
         ours_by_name = {entry["name"]: entry for entry in ours[key]}
         for name in sorted(set(theirs_by_name) | set(ours_by_name)):
             if theirs_by_name.get(name) != ours_by_name.get(name):
-                differences.append(f"{key} '{name}': C++ {theirs_by_name.get(name)}, "
-                                   f"Python {ours_by_name.get(name)}")
+                differences.append(
+                    f"{key} '{name}': C++ {theirs_by_name.get(name)}, "
+                    f"Python {ours_by_name.get(name)}"
+                )
         if [e["name"] for e in compiled.get(key, [])] != [e["name"] for e in ours[key]]:
             differences.append(f"{key}: order differs")
     raise ImportError(
         "maml_ext: the program format of maml_ext/program.py does not match the compiled "
         "extension's (csrc/program_records.h); rebuild the extension or update LAYER_RECORDS / "
-        "LOSS_CODES: " + "; ".join(differences))
+        "LOSS_CODES: " + "; ".join(differences)
+    )
 
 
 def _compiled_program_format() -> dict:
     try:
         return json.loads(torch.ops.maml_ext.program_format())
     except (AttributeError, RuntimeError) as error:  # a build from before the op existed
-        raise ImportError("maml_ext: the compiled extension maml_ext._C has no program_format op; "
-                          "it is older than maml_ext/program.py: rebuild it") from error
+        raise ImportError(
+            "maml_ext: the compiled extension maml_ext._C has no program_format op; "
+            "it is older than maml_ext/program.py: rebuild it"
+        ) from error
 
 
 if compiled_ops_available():
@@ -121,7 +157,8 @@ class UnsupportedModelError(ValueError):
         self.layer = layer
         self.reason = reason
         super().__init__(
-            f"the fused backend cannot run layer '{layer}': {reason} (supported: {SUPPORTED_LAYERS})"
+            f"the fused backend cannot run layer '{layer}': {reason} "
+            f"(supported: {SUPPORTED_LAYERS})"
         )
 
 
@@ -174,8 +211,9 @@ class LayerProgram:
         """Splits [..., P] back into named tensors [..., *shape] (views where the layout allows)."""
         lead = flat.shape[:-1]
         pieces = flat.split(self._split_sizes, dim=-1)
-        return {slot.name: piece.reshape(*lead, *slot.shape)
-                for slot, piece in zip(self.slots, pieces)}
+        return {
+            slot.name: piece.reshape(*lead, *slot.shape) for slot, piece in zip(self.slots, pieces)
+        }
 
 
 def _pair(value) -> tuple[int, int]:
@@ -207,7 +245,9 @@ def compile_program(model: nn.Module) -> LayerProgram:
         if param is None:
             return -1
         if not param.requires_grad:
-            raise UnsupportedModelError(name, "frozen parameters (requires_grad=False) are not supported")
+            raise UnsupportedModelError(
+                name, "frozen parameters (requires_grad=False) are not supported"
+            )
         slots.append(ParameterSlot(name, offset, param.shape))
         start, offset = offset, offset + param.numel()
         return start
@@ -221,8 +261,14 @@ def compile_program(model: nn.Module) -> LayerProgram:
         elif _same_forward(module, nn.Linear):
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            add_record("linear", in_features=module.in_features, out_features=module.out_features,
-                       has_bias=b >= 0, weight_offset=w, bias_offset=max(b, 0))
+            add_record(
+                "linear",
+                in_features=module.in_features,
+                out_features=module.out_features,
+                has_bias=b >= 0,
+                weight_offset=w,
+                bias_offset=max(b, 0),
+            )
         elif _same_forward(module, nn.Conv2d):
             if module.groups != 1:
                 raise UnsupportedModelError(label, f"groups={module.groups} (only 1)")
@@ -242,17 +288,34 @@ def compile_program(model: nn.Module) -> LayerProgram:
             sh, sw = _pair(module.stride)
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            add_record("conv2d", in_channels=module.in_channels, out_channels=module.out_channels,
-                       kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, padding_h=ph,
-                       padding_w=pw, has_bias=b >= 0, weight_offset=w, bias_offset=max(b, 0))
+            add_record(
+                "conv2d",
+                in_channels=module.in_channels,
+                out_channels=module.out_channels,
+                kernel_h=kh,
+                kernel_w=kw,
+                stride_h=sh,
+                stride_w=sw,
+                padding_h=ph,
+                padding_w=pw,
+                has_bias=b >= 0,
+                weight_offset=w,
+                bias_offset=max(b, 0),
+            )
         elif _same_forward(module, nn.BatchNorm1d) or _same_forward(module, nn.BatchNorm2d):
             if module.track_running_stats:
                 raise UnsupportedModelError(label, running_stats_message(label))
             w = add_param(prefix + "weight", module.weight)
             b = add_param(prefix + "bias", module.bias)
-            add_record("batch_norm", channels=module.num_features,
-                       spatial=isinstance(module, nn.BatchNorm2d), affine=module.affine,
-                       weight_offset=max(w, 0), bias_offset=max(b, 0), eps=module.eps)
+            add_record(
+                "batch_norm",
+                channels=module.num_features,
+                spatial=isinstance(module, nn.BatchNorm2d),
+                affine=module.affine,
+                weight_offset=max(w, 0),
+                bias_offset=max(b, 0),
+                eps=module.eps,
+            )
         elif _same_forward(module, nn.ReLU):
             add_record("relu")
         elif _same_forward(module, nn.Tanh):
@@ -265,8 +328,16 @@ def compile_program(model: nn.Module) -> LayerProgram:
             kh, kw = _pair(module.kernel_size)
             sh, sw = _pair(module.stride if module.stride is not None else module.kernel_size)
             ph, pw = _pair(module.padding)
-            add_record("max_pool2d", kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw,
-                       padding_h=ph, padding_w=pw, ceil_mode=module.ceil_mode)
+            add_record(
+                "max_pool2d",
+                kernel_h=kh,
+                kernel_w=kw,
+                stride_h=sh,
+                stride_w=sw,
+                padding_h=ph,
+                padding_w=pw,
+                ceil_mode=module.ceil_mode,
+            )
         elif _same_forward(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
                 raise UnsupportedModelError(
@@ -278,7 +349,9 @@ def compile_program(model: nn.Module) -> LayerProgram:
 
     visit(model, "")
     if not slots:
-        raise UnsupportedModelError(type(model).__name__, "the model has no parameters to meta-learn")
+        raise UnsupportedModelError(
+            type(model).__name__, "the model has no parameters to meta-learn"
+        )
     names = [name for name, _ in model.named_parameters()]
     if sorted(names) != sorted(slot.name for slot in slots):
         raise UnsupportedModelError(type(model).__name__, "parameters shared between layers")
@@ -295,7 +368,7 @@ def read_records(ints) -> list[tuple[str, dict[str, int]]]:
         end = position + 1 + len(record.int_fields)
         if end > len(ints):
             raise ValueError(f"program: the description ends inside a '{record.name}' record")
-        records.append((record.name, dict(zip(record.int_fields, ints[position + 1:end]))))
+        records.append((record.name, dict(zip(record.int_fields, ints[position + 1 : end]))))
         position = end
     return records
 
@@ -308,13 +381,17 @@ def output_shape(ints, sample_shape) -> tuple[int, ...]:
         if kind == "linear":
             shape = (f["out_features"],)
         elif kind == "conv2d":
-            shape = (f["out_channels"],
-                     (shape[1] + 2 * f["padding_h"] - f["kernel_h"]) // f["stride_h"] + 1,
-                     (shape[2] + 2 * f["padding_w"] - f["kernel_w"]) // f["stride_w"] + 1)
+            shape = (
+                f["out_channels"],
+                (shape[1] + 2 * f["padding_h"] - f["kernel_h"]) // f["stride_h"] + 1,
+                (shape[2] + 2 * f["padding_w"] - f["kernel_w"]) // f["stride_w"] + 1,
+            )
         elif kind == "max_pool2d":
-            shape = (shape[0],
-                     _pooled(shape[1], f["kernel_h"], f["stride_h"], f["padding_h"], f["ceil_mode"]),
-                     _pooled(shape[2], f["kernel_w"], f["stride_w"], f["padding_w"], f["ceil_mode"]))
+            shape = (
+                shape[0],
+                _pooled(shape[1], f["kernel_h"], f["stride_h"], f["padding_h"], f["ceil_mode"]),
+                _pooled(shape[2], f["kernel_w"], f["stride_w"], f["padding_w"], f["ceil_mode"]),
+            )
         elif kind == "flatten":
             shape = (math.prod(shape),)
     return shape

@@ -1,13 +1,13 @@
 """What the tests share: the devices and dtypes they run on, models, random task batches, and
 the random convolution cases of the task-batched convolution's tests."""
+
 from __future__ import annotations
 
 import contextlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, strategies as st
 from torch import nn
 
 import maml_ext
@@ -34,20 +34,31 @@ def cuda_unavailable_reason() -> str | None:
 
 
 def sinusoid_mlp(dtype=torch.float64) -> nn.Module:
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                         nn.Linear(40, 1)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    ).to(dtype)
 
 
 def conv_block(in_channels: int, out_channels: int, *, pool: bool = True) -> list[nn.Module]:
-    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=1 if pool else 2),
-              nn.BatchNorm2d(out_channels, track_running_stats=False), nn.ReLU()]
+    layers = [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, stride=1 if pool else 2),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(),
+    ]
     if pool:
         layers.append(nn.MaxPool2d(2))
     return layers
 
 
-def conv_net(ways: int = 5, channels: int = 8, in_channels: int = 1, blocks: int = 2,
-             image: int = 8, pool: bool = True, dtype=torch.float64) -> nn.Module:
+def conv_net(
+    ways: int = 5,
+    channels: int = 8,
+    in_channels: int = 1,
+    blocks: int = 2,
+    image: int = 8,
+    pool: bool = True,
+    dtype=torch.float64,
+) -> nn.Module:
     """The paper's conv net shape (conv3x3, BN, ReLU, max-pool or stride 2), scaled down."""
     layers: list[nn.Module] = []
     size = image
@@ -58,8 +69,16 @@ def conv_net(ways: int = 5, channels: int = 8, in_channels: int = 1, blocks: int
     return nn.Sequential(*layers).to(dtype)
 
 
-def classification_batch(tasks: int, support: int, query: int, features: tuple[int, ...],
-                         ways: int, *, dtype=torch.float64, generator=None):
+def classification_batch(
+    tasks: int,
+    support: int,
+    query: int,
+    features: tuple[int, ...],
+    ways: int,
+    *,
+    dtype=torch.float64,
+    generator=None,
+):
     g = generator
     sx = torch.randn(tasks, support, *features, dtype=dtype, generator=g)
     qx = torch.randn(tasks, query, *features, dtype=dtype, generator=g)
@@ -129,15 +148,25 @@ def conv_cases(draw, max_side=8):
     side = [draw(st.integers(max(1, k - 2 * p), max_side)) for k, p in zip(kernel, padding)]
     bias = draw(st.booleans())
     return dict(
-        tasks=draw(st.integers(1, 4)), batch=draw(st.integers(1, 3)),
-        in_channels=draw(st.integers(1, 6)), out_channels=draw(st.integers(1, 6)),
-        height=side[0], width=side[1], kernel=kernel, padding=padding,
-        stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))), bias=bias,
-        x_tangent=draw(st.booleans()), weight_tangent=draw(st.booleans()),
-        bias_tangent=bias and draw(st.booleans()), grad_y_tangent=draw(st.booleans()),
+        tasks=draw(st.integers(1, 4)),
+        batch=draw(st.integers(1, 3)),
+        in_channels=draw(st.integers(1, 6)),
+        out_channels=draw(st.integers(1, 6)),
+        height=side[0],
+        width=side[1],
+        kernel=kernel,
+        padding=padding,
+        stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        bias=bias,
+        x_tangent=draw(st.booleans()),
+        weight_tangent=draw(st.booleans()),
+        bias_tangent=bias and draw(st.booleans()),
+        grad_y_tangent=draw(st.booleans()),
         need_input_grad=draw(st.booleans()),
-        layer_layout=draw(st.booleans()), weights=draw(st.sampled_from(["own", "shared", "slice"])),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        layer_layout=draw(st.booleans()),
+        weights=draw(st.sampled_from(["own", "shared", "slice"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def output_size(size, kernel, stride, padding):
@@ -167,12 +196,15 @@ def make_tensors(case, dtype=torch.float64, device="cpu"):
             return randn(1, *shape[1:]).expand(*shape)
         if case["weights"] == "slice":  # a slice of a flat [T, P] vector, as the layer passes it
             numel = torch.Size(shape[1:]).numel()
-            return randn(shape[0], numel + 3)[:, 2:2 + numel].view(shape)
+            return randn(shape[0], numel + 3)[:, 2 : 2 + numel].view(shape)
         return randn(*shape)
 
-    t = dict(x=activation(N, T, C, H, W), weight=weights(T, O, C, kh, kw),
-             bias=weights(T, O) if case["bias"] else None,
-             grad_y=activation(N, T, O, Ho, Wo))
+    t = dict(
+        x=activation(N, T, C, H, W),
+        weight=weights(T, O, C, kh, kw),
+        bias=weights(T, O) if case["bias"] else None,
+        grad_y=activation(N, T, O, Ho, Wo),
+    )
     t["x_tangent"] = activation(N, T, C, H, W) if case["x_tangent"] else None
     t["weight_tangent"] = randn(T, O, C, kh, kw) if case["weight_tangent"] else None
     t["bias_tangent"] = randn(T, O) if case["bias_tangent"] else None
@@ -181,22 +213,54 @@ def make_tensors(case, dtype=torch.float64, device="cpu"):
 
 
 def forward_args(case, t):
-    return (t["x"], t["x_tangent"], t["weight"], t["weight_tangent"], t["bias"], t["bias_tangent"],
-            case["stride"], case["padding"])
+    return (
+        t["x"],
+        t["x_tangent"],
+        t["weight"],
+        t["weight_tangent"],
+        t["bias"],
+        t["bias_tangent"],
+        case["stride"],
+        case["padding"],
+    )
 
 
 def backward_args(case, t):
-    return (t["grad_y"], t["grad_y_tangent"], t["x"], t["x_tangent"], t["weight"],
-            t["weight_tangent"], case["stride"], case["padding"], case["need_input_grad"],
-            case["bias"])
+    return (
+        t["grad_y"],
+        t["grad_y_tangent"],
+        t["x"],
+        t["x_tangent"],
+        t["weight"],
+        t["weight_tangent"],
+        case["stride"],
+        case["padding"],
+        case["need_input_grad"],
+        case["bias"],
+    )
 
 
 def standard_case(batch, tasks, channels, side, in_channels=None, seed=None):
     """A 3x3, stride 1, pad 1 convolution of the standard configurations, all tangents given. A
     case built at collection (a parametrize list) gets its test's seed later:
     ``dict(case, seed=seed)``."""
-    return dict(tasks=tasks, batch=batch, in_channels=in_channels or channels,
-                out_channels=channels, height=side, width=side, kernel=(3, 3), padding=(1, 1),
-                stride=(1, 1), bias=True, x_tangent=True, weight_tangent=True, bias_tangent=True,
-                grad_y_tangent=True, need_input_grad=True, layer_layout=True, weights="slice",
-                seed=seed)
+    return dict(
+        tasks=tasks,
+        batch=batch,
+        in_channels=in_channels or channels,
+        out_channels=channels,
+        height=side,
+        width=side,
+        kernel=(3, 3),
+        padding=(1, 1),
+        stride=(1, 1),
+        bias=True,
+        x_tangent=True,
+        weight_tangent=True,
+        bias_tangent=True,
+        grad_y_tangent=True,
+        need_input_grad=True,
+        layer_layout=True,
+        weights="slice",
+        seed=seed,
+    )

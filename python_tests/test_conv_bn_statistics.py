@@ -4,18 +4,29 @@ task_conv2d_with_statistics returns, against the same statistics computed direct
 task_batch_norm(_relu_max_pool) given partial statistics against the same op without them. The
 CUDA kernel's epilogue runs on the CPU through the emulation hook; the CUDA op where a GPU is
 visible."""
+
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
+from maml_test_utils import (
+    COMMON,
+    PASS,
+    all_grads,
+    classification_batch,
+    conv_cases,
+    conv_net,
+    forward_args,
+    make_tensors,
+    perturb_rates,
+    relative_error,
+    standard_case,
+)
 
 import maml_ext
-from maml_test_utils import (COMMON, PASS, all_grads, classification_batch, conv_cases, conv_net,
-                             forward_args, make_tensors, perturb_rates, relative_error,
-                             standard_case)
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 ops = torch.ops.maml_ext
 FIELDS = ("count", "mean", "m2", "sum_r", "co_moment")
@@ -42,8 +53,9 @@ def statistics_scales(y, r):
     of large terms, so its error is measured against these (still to 1e-10)."""
     y, r = y.double(), r.double()
     count = torch.full_like(y[0], y.shape[0])
-    return torch.stack([count, y.abs().mean(0), y.square().sum(0), r.abs().sum(0),
-                        (y * r).abs().sum(0)], -1)
+    return torch.stack(
+        [count, y.abs().mean(0), y.square().sum(0), r.abs().sum(0), (y * r).abs().sum(0)], -1
+    )
 
 
 def scaled_error(actual, expected, scale):
@@ -76,8 +88,9 @@ def check_partials(y, ry, partials, chunk_rows):
 def check_merged(y, ry, partials, eps=1e-5):
     """task_batch_norm's statistics from the partials equal the direct float64 statistics."""
     x, rx = as_rows(y).unsqueeze(0), as_rows(ry).unsqueeze(0) if ry.numel() else None
-    stats = ops.task_batch_norm(x, rx, None, None, None, None, eps, False,
-                                partials.reshape(partials.shape[0], 1, -1, 5))
+    stats = ops.task_batch_norm(
+        x, rx, None, None, None, None, eps, False, partials.reshape(partials.shape[0], 1, -1, 5)
+    )
     _, _, mean, invstd, rx_mean, r_sigma = stats
     rows = x.shape[1]
     r = rx[0] if rx is not None else torch.zeros_like(x[0])
@@ -87,17 +100,32 @@ def check_merged(y, ry, partials, eps=1e-5):
     assert relative_error(invstd[0], expected_invstd) <= 1e-10
     if rx is not None:
         assert scaled_error(rx_mean[0], direct[:, 3] / rows, scales[:, 3] / rows) <= 1e-10
-        assert scaled_error(r_sigma[0], direct[:, 4] / rows * expected_invstd,
-                            scales[:, 4] / rows * expected_invstd) <= 1e-10
+        assert (
+            scaled_error(
+                r_sigma[0],
+                direct[:, 4] / rows * expected_invstd,
+                scales[:, 4] / rows * expected_invstd,
+            )
+            <= 1e-10
+        )
     else:
         assert rx_mean.numel() == 0 and r_sigma.numel() == 0
 
 
 def tile_rows(case, multiprocessors):
     """The CUDA forward's row tile (block_m): its partial statistics' chunk."""
-    shape = [case["batch"], case["tasks"], case["in_channels"], case["height"], case["width"],
-             case["out_channels"], *case["kernel"], *case["stride"], *case["padding"],
-             multiprocessors]
+    shape = [
+        case["batch"],
+        case["tasks"],
+        case["in_channels"],
+        case["height"],
+        case["width"],
+        case["out_channels"],
+        *case["kernel"],
+        *case["stride"],
+        *case["padding"],
+        multiprocessors,
+    ]
     config = torch.ops.maml_ext_testing._task_conv2d_launch_config([PASS["forward"]] + shape)
     assert config[13] == 1  # the forward is never split: each block holds whole outputs
     return config[8]
@@ -109,8 +137,9 @@ def test_emulated_epilogue_partials_match_direct_statistics(case, multiprocessor
     """The CUDA kernel's epilogue, run thread by thread: per row tile and channel, the statistics
     of y (+ bias) and its tangent; y itself as task_conv2d's."""
     t = make_tensors(case)
-    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*forward_args(case, t),
-                                                                multiprocessors)
+    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(
+        *forward_args(case, t), multiprocessors
+    )
     expected_y, expected_ry = ops.task_conv2d(*forward_args(case, t))
     assert relative_error(y, expected_y) <= 1e-10
     assert ry.numel() == expected_ry.numel()
@@ -120,14 +149,20 @@ def test_emulated_epilogue_partials_match_direct_statistics(case, multiprocessor
     check_merged(y, ry, partials)
 
 
-@pytest.mark.parametrize("case", [
-    standard_case(2, 2, 64, 28),                  # Omniglot hidden layer: 4 columns per thread
-    standard_case(2, 3, 64, 28, in_channels=1),   # its first layer
-    standard_case(1, 2, 32, 21),                  # 2 columns per thread, a partial last tile
-], ids=["omniglot", "omniglot-first", "odd"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        standard_case(2, 2, 64, 28),  # Omniglot hidden layer: 4 columns per thread
+        standard_case(2, 3, 64, 28, in_channels=1),  # its first layer
+        standard_case(1, 2, 32, 21),  # 2 columns per thread, a partial last tile
+    ],
+    ids=["omniglot", "omniglot-first", "odd"],
+)
 def test_emulated_epilogue_on_standard_shapes(case, seed):
     t = make_tensors(dict(case, seed=seed))
-    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*forward_args(case, t), 132)
+    y, ry, partials = torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(
+        *forward_args(case, t), 132
+    )
     check_partials(y, ry, partials, tile_rows(case, 132))
     check_merged(y, ry, partials)
 
@@ -152,8 +187,11 @@ def python_partials(x, rx, bounds):
         if begin == end:
             chunks.append(torch.zeros(x.shape[0], x.shape[2], 5, dtype=x.dtype))
         else:
-            chunks.append(torch.stack([direct_statistics(x[b, begin:end], r[b, begin:end])
-                                       for b in range(x.shape[0])]))
+            chunks.append(
+                torch.stack(
+                    [direct_statistics(x[b, begin:end], r[b, begin:end]) for b in range(x.shape[0])]
+                )
+            )
     return torch.stack(chunks).to(x.dtype)
 
 
@@ -168,6 +206,7 @@ def row_chunks(draw, rows):
 def batch_norm_inputs(g, shape, batch, channels, affine, x_tangent, param_tangent):
     def randn(*s):
         return torch.randn(*s, dtype=torch.float64, generator=g)
+
     x = randn(*shape) * (0.5 + randn(channels).abs()) + randn(channels)
     params = [randn(batch, channels) if affine else None for _ in range(2)]
     params += [randn(batch, channels) if affine and param_tangent else None for _ in range(2)]
@@ -186,38 +225,65 @@ def assert_outputs_equal(actual, expected, names):
 
 
 @settings(max_examples=60, **COMMON)
-@given(batch=st.integers(1, 3), rows=st.integers(4, 40), channels=st.integers(1, 7),
-       affine=st.booleans(), relu=st.booleans(), x_tangent=st.booleans(),
-       param_tangent=st.booleans(), data=st.data(), seed=st.integers(0, 2**31 - 1))
-def test_batch_norm_with_partials_matches_without(batch, rows, channels, affine, relu, x_tangent,
-                                                  param_tangent, data, seed):
+@given(
+    batch=st.integers(1, 3),
+    rows=st.integers(4, 40),
+    channels=st.integers(1, 7),
+    affine=st.booleans(),
+    relu=st.booleans(),
+    x_tangent=st.booleans(),
+    param_tangent=st.booleans(),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_batch_norm_with_partials_matches_without(
+    batch, rows, channels, affine, relu, x_tangent, param_tangent, data, seed
+):
     g = torch.Generator().manual_seed(seed)
-    x, rx, params = batch_norm_inputs(g, (batch, rows, channels), batch, channels, affine,
-                                      x_tangent, param_tangent)
+    x, rx, params = batch_norm_inputs(
+        g, (batch, rows, channels), batch, channels, affine, x_tangent, param_tangent
+    )
     partials = python_partials(x, rx, data.draw(row_chunks(rows)))
     expected = ops.task_batch_norm(x, rx, *params, 1e-5, relu)
     actual = ops.task_batch_norm(x, rx, *params, 1e-5, relu, partials)
-    assert_outputs_equal(actual, expected,
-                         ("y", "y_tangent", "mean", "invstd", "x_tangent_mean", "sigma_tangent"))
+    assert_outputs_equal(
+        actual, expected, ("y", "y_tangent", "mean", "invstd", "x_tangent_mean", "sigma_tangent")
+    )
 
 
 @settings(max_examples=40, **COMMON)
-@given(n=st.integers(1, 3), h=st.integers(2, 7), w=st.integers(2, 7), channels=st.integers(1, 6),
-       affine=st.booleans(), x_tangent=st.booleans(), param_tangent=st.booleans(),
-       ceil_mode=st.booleans(), data=st.data(), seed=st.integers(0, 2**31 - 1))
-def test_relu_max_pool_with_partials_matches_without(n, h, w, channels, affine, x_tangent,
-                                                     param_tangent, ceil_mode, data, seed):
+@given(
+    n=st.integers(1, 3),
+    h=st.integers(2, 7),
+    w=st.integers(2, 7),
+    channels=st.integers(1, 6),
+    affine=st.booleans(),
+    x_tangent=st.booleans(),
+    param_tangent=st.booleans(),
+    ceil_mode=st.booleans(),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_relu_max_pool_with_partials_matches_without(
+    n, h, w, channels, affine, x_tangent, param_tangent, ceil_mode, data, seed
+):
     g = torch.Generator().manual_seed(seed)
-    x, rx, params = batch_norm_inputs(g, (n, h, w, channels), 1, channels, affine, x_tangent,
-                                      param_tangent)
+    x, rx, params = batch_norm_inputs(
+        g, (n, h, w, channels), 1, channels, affine, x_tangent, param_tangent
+    )
     rows = n * h * w
-    partials = python_partials(x.reshape(1, rows, channels),
-                               rx.reshape(1, rows, channels) if rx is not None else None,
-                               data.draw(row_chunks(rows)))
+    partials = python_partials(
+        x.reshape(1, rows, channels),
+        rx.reshape(1, rows, channels) if rx is not None else None,
+        data.draw(row_chunks(rows)),
+    )
     expected = ops.task_batch_norm_relu_max_pool(x, rx, *params, 1e-5, ceil_mode)
     actual = ops.task_batch_norm_relu_max_pool(x, rx, *params, 1e-5, ceil_mode, partials)
-    assert_outputs_equal(actual, expected, ("y", "y_tangent", "argmax", "mean", "invstd",
-                                            "x_tangent_mean", "sigma_tangent"))
+    assert_outputs_equal(
+        actual,
+        expected,
+        ("y", "y_tangent", "argmax", "mean", "invstd", "x_tangent_mean", "sigma_tangent"),
+    )
 
 
 def test_partial_statistics_replace_the_passes_over_x():
@@ -226,13 +292,15 @@ def test_partial_statistics_replace_the_passes_over_x():
     rx = torch.randn(2, 10, 3, dtype=torch.float64)
     partials = python_partials(x, rx, [(0, 4), (4, 10)])
     partials[..., 1] += 1.0
-    _, _, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm(x, rx, None, None, None, None,
-                                                               1e-5, False, partials)
+    _, _, mean, invstd, rx_mean, r_sigma = ops.task_batch_norm(
+        x, rx, None, None, None, None, 1e-5, False, partials
+    )
     assert relative_error(mean, x.mean(1) + 1.0) <= 1e-10
     assert relative_error(invstd, (x.var(1, correction=0) + 1e-5).rsqrt()) <= 1e-10
     images = x[:1].reshape(1, 2, 5, 3)
-    pooled = ops.task_batch_norm_relu_max_pool(images, None, None, None, None, None, 1e-5, False,
-                                               partials[:, :1])
+    pooled = ops.task_batch_norm_relu_max_pool(
+        images, None, None, None, None, None, 1e-5, False, partials[:, :1]
+    )
     assert relative_error(pooled[3], x[:1].mean(1) + 1.0) <= 1e-10
 
 
@@ -247,8 +315,17 @@ def test_bad_partial_statistics_are_named():
         ops.task_batch_norm(x, None, None, None, None, None, 1e-5, False, good.float())
     images = torch.randn(2, 4, 4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="'partial_statistics'.*expected \\[P, 1, 3, 5\\]"):
-        ops.task_batch_norm_relu_max_pool(images, None, None, None, None, None, 1e-5, False,
-                                          torch.zeros(1, 1, 4, 5, dtype=torch.float64))
+        ops.task_batch_norm_relu_max_pool(
+            images,
+            None,
+            None,
+            None,
+            None,
+            None,
+            1e-5,
+            False,
+            torch.zeros(1, 1, 4, 5, dtype=torch.float64),
+        )
 
 
 @pytest.mark.cuda
@@ -266,8 +343,17 @@ def test_cuda_epilogue_partials_match_direct_statistics(case, dtype):
     else:  # float32 epilogue arithmetic: against float64 statistics of its own output
         rows_y = as_rows(y)
         rows_r = as_rows(ry) if ry.numel() else torch.zeros_like(rows_y)
-        merged = ops.task_batch_norm(rows_y.unsqueeze(0), None, None, None, None, None, 1e-5,
-                                     False, partials.reshape(partials.shape[0], 1, -1, 5))
+        merged = ops.task_batch_norm(
+            rows_y.unsqueeze(0),
+            None,
+            None,
+            None,
+            None,
+            None,
+            1e-5,
+            False,
+            partials.reshape(partials.shape[0], 1, -1, 5),
+        )
         direct = direct_statistics(rows_y, rows_r)
         assert relative_error(merged[2][0], direct[:, 1]) <= 1e-4
         assert relative_error(merged[3][0], (direct[:, 2] / rows_y.shape[0] + 1e-5).rsqrt()) <= 1e-4
@@ -288,8 +374,9 @@ def check_batch_norm_with_conv_partials(case, relu_pool, convolve, device):
     cpu_params = [q.cpu() for q in params]
     if relu_pool:
         actual = ops.task_batch_norm_relu_max_pool(images, r_images, *params, 1e-5, False, p)
-        expected = ops.task_batch_norm_relu_max_pool(images.cpu(), r_images.cpu(), *cpu_params,
-                                                     1e-5, False)
+        expected = ops.task_batch_norm_relu_max_pool(
+            images.cpu(), r_images.cpu(), *cpu_params, 1e-5, False
+        )
         names = ("y", "y_tangent", "argmax", "mean", "invstd", "x_tangent_mean", "sigma_tangent")
     else:
         x, rx = images.reshape(1, -1, tasks * out), r_images.reshape(1, -1, tasks * out)
@@ -302,17 +389,21 @@ def check_batch_norm_with_conv_partials(case, relu_pool, convolve, device):
 @pytest.mark.parametrize("relu_pool", [False, True])
 def test_batch_norm_with_emulated_conv_partials_matches_without(relu_pool, seed):
     """The CUDA data flow on the CPU: the kernel's epilogue (emulated), then the batch norm."""
+
     def convolve(*args):
         return torch.ops.maml_ext_testing._task_conv2d_with_statistics_emulated(*args, 132)
-    check_batch_norm_with_conv_partials(standard_case(2, 3, 64, 14, seed=seed), relu_pool,
-                                        convolve, "cpu")
+
+    check_batch_norm_with_conv_partials(
+        standard_case(2, 3, 64, 14, seed=seed), relu_pool, convolve, "cpu"
+    )
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("relu_pool", [False, True])
 def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool, seed):
-    check_batch_norm_with_conv_partials(standard_case(5, 4, 64, 28, seed=seed), relu_pool,
-                                        ops.task_conv2d_with_statistics, "cuda")
+    check_batch_norm_with_conv_partials(
+        standard_case(5, 4, 64, 28, seed=seed), relu_pool, ops.task_conv2d_with_statistics, "cuda"
+    )
 
 
 def test_fused_omniglot_like_net_matches_reference(device, dtype, seed):

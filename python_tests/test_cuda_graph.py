@@ -1,10 +1,20 @@
 """MetaOptimizer(cuda_graph=True): the option's checks, the signature keying and recapture
 decisions (on the CPU, with an eager stand-in for the CUDA capture), and real capture and replay
 against the eager fused backend where a GPU is visible."""
+
 import copy
 
 import pytest
 import torch
+from maml_test_utils import (
+    all_grads,
+    classification_batch,
+    conv_net,
+    perturb_rates,
+    regression_batch,
+    relative_error,
+    sinusoid_mlp,
+)
 
 import maml_ext
 from maml_ext import fused
@@ -12,11 +22,10 @@ from maml_ext.backend import choose_backend
 from maml_ext.cuda_graph import GraphedFusedBackend, MetaStepGraphs
 from maml_ext.losses import resolve_loss
 from maml_ext.program import loss_code
-from maml_test_utils import (all_grads, classification_batch, conv_net, perturb_rates,
-                             regression_batch, relative_error, sinusoid_mlp)
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
 
@@ -48,8 +57,13 @@ def twin_optimizers(model, *, graphed, lr=1e-2, **kwargs):
     optimizers = []
     for cuda_graph in (False, graphed):
         copy_of = copy.deepcopy(model)
-        opt = maml_ext.MetaOptimizer(copy_of, torch.optim.Adam(copy_of.parameters(), lr=lr),
-                                     backend="fused", cuda_graph=cuda_graph, **kwargs)
+        opt = maml_ext.MetaOptimizer(
+            copy_of,
+            torch.optim.Adam(copy_of.parameters(), lr=lr),
+            backend="fused",
+            cuda_graph=cuda_graph,
+            **kwargs,
+        )
         optimizers.append(opt)
     assert optimizers[1].cuda_graphs is graphed
     perturb = torch.Generator().manual_seed(3)
@@ -65,18 +79,23 @@ def step_both(eager, graphed_opt, batch):
     assert relative_error(all_grads(graphed_opt), all_grads(eager)) <= 1e-12
     for name in ("query_loss", "support_loss"):
         want = getattr(results[0], name)
-        assert abs(float(getattr(results[1], name)) - float(want)) <= 1e-12 * max(1, abs(float(want)))
+        assert abs(float(getattr(results[1], name)) - float(want)) <= 1e-12 * max(
+            1, abs(float(want))
+        )
     if results[0].query_accuracy is None:
         assert results[1].query_accuracy is None
     else:
         assert float(results[1].query_accuracy) == float(results[0].query_accuracy)
-    params = [torch.cat([p.detach().reshape(-1) for p in opt.model.parameters()])
-              for opt in (eager, graphed_opt)]
+    params = [
+        torch.cat([p.detach().reshape(-1) for p in opt.model.parameters()])
+        for opt in (eager, graphed_opt)
+    ]
     assert relative_error(params[1], params[0]) <= 1e-12
     return results
 
 
 # ---- the option's checks ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 def test_cuda_graph_must_be_a_bool(value):
@@ -86,25 +105,39 @@ def test_cuda_graph_must_be_a_bool(value):
 
 def test_cuda_graph_with_reference_backend_raises():
     with pytest.raises(ValueError, match="cuda_graph: .*backend='reference'"):
-        maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend="reference",
-                               cuda_graph=True)
+        maml_ext.MetaOptimizer(
+            sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend="reference", cuda_graph=True
+        )
 
 
 @pytest.mark.parametrize("backend", ["auto", "fused"])
 def test_cuda_graph_with_cpu_model_raises(backend):
-    with pytest.raises(ValueError, match="cuda_graph: True needs the model on a CUDA device; its "
-                                         "parameters are on cpu"):
-        maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend=backend,
-                               cuda_graph=True)
+    with pytest.raises(
+        ValueError,
+        match="cuda_graph: True needs the model on a CUDA device; its parameters are on cpu",
+    ):
+        maml_ext.MetaOptimizer(
+            sinusoid_mlp(), None, inner_lr=0.1, loss="mse", backend=backend, cuda_graph=True
+        )
 
 
 def test_cuda_graph_where_auto_falls_back_to_reference_raises():
     # (The stand-in capture runs on the CPU, so the device check passes and the backend's fails.)
-    with pytest.warns(UserWarning, match="custom loss"), \
-            pytest.raises(ValueError, match=r"cuda_graph: True needs the fused backend, but "
-                                            r"backend='auto' uses the reference backend here: a custom loss"):
-        maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1,
-                               loss=lambda out, y: (out - y).abs().mean(), cuda_graph=eager_graphs())
+    with (
+        pytest.warns(UserWarning, match="custom loss"),
+        pytest.raises(
+            ValueError,
+            match=r"cuda_graph: True needs the fused backend, but "
+            r"backend='auto' uses the reference backend here: a custom loss",
+        ),
+    ):
+        maml_ext.MetaOptimizer(
+            sinusoid_mlp(),
+            None,
+            inner_lr=0.1,
+            loss=lambda out, y: (out - y).abs().mean(),
+            cuda_graph=eager_graphs(),
+        )
 
 
 def test_cuda_graph_off_and_on():
@@ -119,15 +152,22 @@ def test_cuda_graph_off_and_on():
 
 
 def test_graphed_backend_rejects_cpu_parameters():
-    # The model was moved off the GPU after construction: the real capture refuses, naming the option.
+    # The model was moved off the GPU after construction: the real capture refuses, naming the
+    # option.
     model = sinusoid_mlp()
-    fused_backend = choose_backend("fused", model, resolve_loss("mse"), torch.device("cpu"),
-                                   torch.float64)
+    fused_backend = choose_backend(
+        "fused", model, resolve_loss("mse"), torch.device("cpu"), torch.float64
+    )
     backend = GraphedFusedBackend(fused_backend, MetaStepGraphs())
     opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, loss="mse")
     with pytest.raises(ValueError, match="cuda_graph: True needs the model on a CUDA device"):
-        backend.meta_gradient(dict(model.named_parameters()), opt.inner_lr,
-                              *regression_batch(2, 5, 5), steps=1, first_order=False)
+        backend.meta_gradient(
+            dict(model.named_parameters()),
+            opt.inner_lr,
+            *regression_batch(2, 5, 5),
+            steps=1,
+            first_order=False,
+        )
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.0, True])
@@ -138,6 +178,7 @@ def test_max_graphs_must_be_a_positive_int(value):
 
 # ---- keys and recapture decisions ---------------------------------------------------------------
 
+
 def test_signature_keys_on_shapes_dtypes_and_settings():
     model = conv_net(channels=4, blocks=1, image=6)
     opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused")
@@ -145,26 +186,44 @@ def test_signature_keys_on_shapes_dtypes_and_settings():
     g = torch.Generator().manual_seed(0)
     batch = classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)
     key = lambda b, **kw: MetaStepGraphs.signature(  # noqa: E731
-        program, opt.inner_lr, kw.pop("steps", 1), b, loss_code=loss_code("cross_entropy"), first_order=kw.pop("first_order", False))
+        program,
+        opt.inner_lr,
+        kw.pop("steps", 1),
+        b,
+        loss_code=loss_code("cross_entropy"),
+        first_order=kw.pop("first_order", False),
+    )
     base = key(batch)
     # New values, same shapes: the same graph.
     assert key(classification_batch(3, 5, 7, (1, 6, 6), 5, generator=g)) == base
     # Non-contiguous inputs are copied into the static buffers: layout is not part of the key.
     assert key((batch[0].transpose(3, 4), *batch[1:])) == base
-    assert key(classification_batch(3, 5, 8, (1, 6, 6), 5, generator=g)) != base    # query size
-    assert key(classification_batch(4, 5, 7, (1, 6, 6), 5, generator=g)) != base    # tasks
-    assert key((batch[0].float(), *batch[1:])) != base                               # dtype
+    assert key(classification_batch(3, 5, 8, (1, 6, 6), 5, generator=g)) != base  # query size
+    assert key(classification_batch(4, 5, 7, (1, 6, 6), 5, generator=g)) != base  # tasks
+    assert key((batch[0].float(), *batch[1:])) != base  # dtype
     assert key(batch, steps=2) != base
     assert key(batch, first_order=True) != base
-    learned = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused", learn_inner_lr="scalar")
-    assert MetaStepGraphs.signature(program, learned.inner_lr, 1, batch, loss_code=loss_code("cross_entropy"),
-                                     first_order=False) != base
+    learned = maml_ext.MetaOptimizer(
+        model, None, inner_lr=0.1, backend="fused", learn_inner_lr="scalar"
+    )
+    assert (
+        MetaStepGraphs.signature(
+            program,
+            learned.inner_lr,
+            1,
+            batch,
+            loss_code=loss_code("cross_entropy"),
+            first_order=False,
+        )
+        != base
+    )
 
 
 def test_replays_equal_eager_over_steps_new_batches_and_shape_changes(seed):
     graphed = eager_graphs()
-    eager, with_graph = twin_optimizers(conv_net(channels=4, blocks=2, image=8), graphed=graphed,
-                                        inner_lr=0.1, inner_steps=2)
+    eager, with_graph = twin_optimizers(
+        conv_net(channels=4, blocks=2, image=8), graphed=graphed, inner_lr=0.1, inner_steps=2
+    )
     g = torch.Generator().manual_seed(seed)
     for _ in range(3):  # a fresh batch every step, one shape: one capture
         step_both(eager, with_graph, classification_batch(3, 5, 6, (1, 8, 8), 5, generator=g))
@@ -179,9 +238,15 @@ def test_replays_equal_eager_over_steps_new_batches_and_shape_changes(seed):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_learned_rates_are_supported(learn, first_order, seed):
     graphed = eager_graphs()
-    eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05,
-                                        inner_steps=3, loss="mse", learn_inner_lr=learn,
-                                        first_order=first_order)
+    eager, with_graph = twin_optimizers(
+        sinusoid_mlp(),
+        graphed=graphed,
+        inner_lr=0.05,
+        inner_steps=3,
+        loss="mse",
+        learn_inner_lr=learn,
+        first_order=first_order,
+    )
     g = torch.Generator().manual_seed(seed)
     for _ in range(3):
         results = step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
@@ -200,7 +265,9 @@ def test_replaced_parameter_storage_recaptures(seed):
     step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     for opt in (eager, with_graph):
         layer = opt.model[0]
-        layer.weight.data = layer.weight.data.clone()  # new storage: the old graph would read freed memory
+        layer.weight.data = (
+            layer.weight.data.clone()
+        )  # new storage: the old graph would read freed memory
     step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
     assert graphed.captures == 2 and len(graphed) == 1  # the stale graph was replaced, not kept
     step_both(eager, with_graph, regression_batch(4, 5, 6, generator=g))
@@ -221,8 +288,9 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
     # The backend called directly, against the eager op's autograd function (an independent path:
     # autograd through the flattening and the rates' construction).
     model = sinusoid_mlp()
-    opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.05, inner_steps=2, loss="mse",
-                                 backend="fused", learn_inner_lr=learn)
+    opt = maml_ext.MetaOptimizer(
+        model, None, inner_lr=0.05, inner_steps=2, loss="mse", backend="fused", learn_inner_lr=learn
+    )
     perturb_rates(opt, torch.Generator().manual_seed(5))
     fused_backend = choose_backend("fused", model, opt.loss, torch.device("cpu"), torch.float64)
     program = fused_backend.program
@@ -231,8 +299,13 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
     batch = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(seed))
     theta = program.flatten(params)
     loss, _, accuracy, support_loss = fused.meta_loss(
-        program, theta, opt.inner_lr.flat(program.slots, 2, theta), *batch, loss_code=loss_code("mse"),
-        first_order=False)
+        program,
+        theta,
+        opt.inner_lr.flat(program.slots, 2, theta),
+        *batch,
+        loss_code=loss_code("mse"),
+        first_order=False,
+    )
     want = torch.autograd.grad(loss, tensors)
     backend = GraphedFusedBackend(fused_backend, eager_graphs())
     for _ in range(2):  # the capture, then a replay
@@ -249,12 +322,15 @@ def test_graphed_backend_returns_what_fused_meta_loss_gives(learn, seed):
 @pytest.mark.parametrize("learn", [None, "scalar"])
 def test_non_finite_replay_raises_and_changes_nothing(learn):
     graphed = eager_graphs()
-    _, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
-                                    learn_inner_lr=learn)
+    _, with_graph = twin_optimizers(
+        sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse", learn_inner_lr=learn
+    )
     sx, sy, qx, qy = regression_batch(3, 5, 4, generator=torch.Generator().manual_seed(2))
     with_graph.step(sx, sy, qx, qy)
-    before = [t.detach().clone() for t in (*with_graph.model.parameters(),
-                                           *with_graph.inner_lr.parameters())]
+    before = [
+        t.detach().clone()
+        for t in (*with_graph.model.parameters(), *with_graph.inner_lr.parameters())
+    ]
     qx = qx.clone()
     qx[1, 2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="nothing was applied") as error:
@@ -268,8 +344,9 @@ def test_non_finite_replay_raises_and_changes_nothing(learn):
 
 def test_meta_gradient_accumulates_like_eager(seed):
     graphed = eager_graphs()
-    eager, with_graph = twin_optimizers(sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse",
-                                        learn_inner_lr="per_parameter")
+    eager, with_graph = twin_optimizers(
+        sinusoid_mlp(), graphed=graphed, inner_lr=0.05, loss="mse", learn_inner_lr="per_parameter"
+    )
     g = torch.Generator().manual_seed(seed)
     batches = [regression_batch(3, 5, 4, generator=g) for _ in range(2)]
     for opt in (eager, with_graph):
@@ -282,8 +359,12 @@ def test_meta_gradient_accumulates_like_eager(seed):
 
 
 def cuda_batch(tasks, support, query, generator, dtype=torch.float64):
-    return [b.cuda() for b in classification_batch(tasks, support, query, (1, 8, 8), 5, dtype=dtype,
-                                                    generator=generator)]
+    return [
+        b.cuda()
+        for b in classification_batch(
+            tasks, support, query, (1, 8, 8), 5, dtype=dtype, generator=generator
+        )
+    ]
 
 
 def cuda_twins(learn, **kwargs):
@@ -291,9 +372,16 @@ def cuda_twins(learn, **kwargs):
     optimizers = []
     for cuda_graph in (False, True):
         copy_of = copy.deepcopy(model)
-        opt = maml_ext.MetaOptimizer(copy_of, torch.optim.Adam(copy_of.parameters(), lr=1e-2),
-                                     inner_lr=0.1, inner_steps=3, backend="fused",
-                                     learn_inner_lr=learn, cuda_graph=cuda_graph, **kwargs)
+        opt = maml_ext.MetaOptimizer(
+            copy_of,
+            torch.optim.Adam(copy_of.parameters(), lr=1e-2),
+            inner_lr=0.1,
+            inner_steps=3,
+            backend="fused",
+            learn_inner_lr=learn,
+            cuda_graph=cuda_graph,
+            **kwargs,
+        )
         optimizers.append(opt)
     with torch.no_grad():
         for a, b in zip(optimizers[0].inner_lr.parameters(), optimizers[1].inner_lr.parameters()):

@@ -1,22 +1,32 @@
 """The fused backend against the reference: random layer stacks, all rate kinds, first and second
 order, float64 and float32; Hessian-vector products against torch.func; the ops' registration."""
+
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from maml_test_utils import (
+    DEVICES,
+    all_grads,
+    classification_batch,
+    conv_net,
+    perturb_rates,
+    random_batch,
+    regression_batch,
+    relative_error,
+    sinusoid_mlp,
+)
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, UnsupportedModelError, loss_code
-from maml_test_utils import (DEVICES, all_grads, classification_batch, conv_net, perturb_rates,
-                             random_batch, regression_batch, relative_error, sinusoid_mlp)
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
 
@@ -31,7 +41,9 @@ def layer_stacks(draw):
             out = draw(st.integers(2, 10))
             layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
             if draw(st.booleans()):
-                layers.append(nn.BatchNorm1d(out, affine=draw(st.booleans()), track_running_stats=False))
+                layers.append(
+                    nn.BatchNorm1d(out, affine=draw(st.booleans()), track_running_stats=False)
+                )
             if draw(st.booleans()):
                 layers.append(nn.ReLU())
             width = out
@@ -43,12 +55,17 @@ def layer_stacks(draw):
             stride, padding = draw(st.integers(1, 2)), draw(st.integers(0, 1))
             if size + 2 * padding < kernel:
                 break
-            layers.append(nn.Conv2d(channels, out, kernel, stride=stride, padding=padding,
-                                    bias=draw(st.booleans())))
+            layers.append(
+                nn.Conv2d(
+                    channels, out, kernel, stride=stride, padding=padding, bias=draw(st.booleans())
+                )
+            )
             size = (size + 2 * padding - kernel) // stride + 1
             channels = out
             if draw(st.booleans()):
-                layers.append(nn.BatchNorm2d(out, affine=draw(st.booleans()), track_running_stats=False))
+                layers.append(
+                    nn.BatchNorm2d(out, affine=draw(st.booleans()), track_running_stats=False)
+                )
             if draw(st.booleans()):
                 layers.append(nn.ReLU())
             if size >= 2 and draw(st.booleans()):
@@ -60,7 +77,11 @@ def layer_stacks(draw):
     outputs = draw(st.integers(2, 5)) if loss == "cross_entropy" else draw(st.integers(1, 3))
     head = [nn.Linear(width, outputs)]
     # nested Sequential, as users write them
-    model = nn.Sequential(nn.Sequential(*layers), *head) if draw(st.booleans()) else nn.Sequential(*layers, *head)
+    model = (
+        nn.Sequential(nn.Sequential(*layers), *head)
+        if draw(st.booleans())
+        else nn.Sequential(*layers, *head)
+    )
     return model, shape, loss, outputs
 
 
@@ -72,29 +93,34 @@ def meta_gradients(model, batch, backend, seed, **kwargs):
     return result, all_grads(opt)
 
 
-def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype, tolerance,
-                            device):
+def check_against_reference(
+    stack, tasks, steps, first_order, learn, seed, dtype, tolerance, device
+):
     """The fused backend on `device` against the reference on the CPU."""
     model, shape, loss, outputs = stack
     model = model.to(dtype)
     generator = torch.Generator().manual_seed(seed)
     batch = random_batch(generator, tasks, 4, 3, shape, loss, outputs, dtype)
-    kwargs = dict(inner_lr=0.05, inner_steps=steps, first_order=first_order, loss=loss,
-                  learn_inner_lr=learn)
+    kwargs = dict(
+        inner_lr=0.05, inner_steps=steps, first_order=first_order, loss=loss, learn_inner_lr=learn
+    )
     if dtype == torch.float32:
         # float64 truth first. Random stacks with five steps sometimes diverge (losses of 1e7 and
         # more, or overflow): there float32 arithmetic says nothing, so such draws are discarded.
         batch64 = [b.double() if b.is_floating_point() else b for b in batch]
         try:
-            exact_result, exact = meta_gradients(model.double(), batch64, "reference", seed, **kwargs)
+            exact_result, exact = meta_gradients(
+                model.double(), batch64, "reference", seed, **kwargs
+            )
         except FloatingPointError:
             exact_result = None
         model.float()
         assume(exact_result is not None and abs(exact_result.query_loss.item()) < 1e4)
     ref_result, expected = meta_gradients(model, batch, "reference", seed, **kwargs)
     model.to(device)
-    fused_result, actual = meta_gradients(model, [b.to(device) for b in batch], "fused", seed,
-                                          **kwargs)
+    fused_result, actual = meta_gradients(
+        model, [b.to(device) for b in batch], "fused", seed, **kwargs
+    )
     actual = actual.cpu()
     assert fused_result.backend == "fused"
 
@@ -109,19 +135,24 @@ def check_against_reference(stack, tasks, steps, first_order, learn, seed, dtype
             return True
         if dtype != torch.float32:
             return False
-        return (relative_error(fused_value.double(), exact_value)
-                <= 2 * relative_error(reference_value.double(), exact_value))
+        return relative_error(fused_value.double(), exact_value) <= 2 * relative_error(
+            reference_value.double(), exact_value
+        )
 
     exact_losses = {}
     if dtype == torch.float32:
-        exact_losses = {n: getattr(exact_result, n).reshape(1) for n in ("query_loss", "support_loss")}
+        exact_losses = {
+            n: getattr(exact_result, n).reshape(1) for n in ("query_loss", "support_loss")
+        }
     assert within(actual, expected, exact if dtype == torch.float32 else None)
     for name in ("query_loss", "support_loss"):
         fused_value = getattr(fused_result, name).reshape(1).cpu()
         want = getattr(ref_result, name).reshape(1)
         assert within(fused_value, want, exact_losses.get(name)), (name, fused_value, want)
     if loss == "cross_entropy":
-        assert fused_result.query_accuracy.item() == pytest.approx(ref_result.query_accuracy.item(), abs=1e-6)
+        assert fused_result.query_accuracy.item() == pytest.approx(
+            ref_result.query_accuracy.item(), abs=1e-6
+        )
 
 
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -129,20 +160,34 @@ COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, **COMMON)
-@given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
-       first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
+@given(
+    stack=layer_stacks(),
+    tasks=st.integers(1, 8),
+    steps=st.integers(1, 5),
+    first_order=st.booleans(),
+    learn=st.sampled_from(LEARN_KINDS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_fused_equals_reference_float64(device, stack, tasks, steps, first_order, learn, seed):
-    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float64, 1e-10,
-                            device)
+    check_against_reference(
+        stack, tasks, steps, first_order, learn, seed, torch.float64, 1e-10, device
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=12, **COMMON)
-@given(stack=layer_stacks(), tasks=st.integers(1, 8), steps=st.integers(1, 5),
-       first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
+@given(
+    stack=layer_stacks(),
+    tasks=st.integers(1, 8),
+    steps=st.integers(1, 5),
+    first_order=st.booleans(),
+    learn=st.sampled_from(LEARN_KINDS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_fused_equals_reference_float32(device, stack, tasks, steps, first_order, learn, seed):
-    check_against_reference(stack, tasks, steps, first_order, learn, seed, torch.float32, 1e-4,
-                            device)
+    check_against_reference(
+        stack, tasks, steps, first_order, learn, seed, torch.float32, 1e-4, device
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,23 +199,33 @@ def test_hvp_equals_torch_func_jvp_of_grad(device, stack, tasks, seed):
     generator = torch.Generator().manual_seed(seed)
     x, y, _, _ = random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
     names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() + 0.1 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
-              for n, p in model.named_parameters()}
+    params = {
+        n: p.detach() + 0.1 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
+        for n, p in model.named_parameters()
+    }
     v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
     # The squared error written out: torch.func's forward-over-reverse of F.mse_loss trips over an
     # immutable ZeroTensor for purely linear models (torch 2.14).
-    loss_fn = F.cross_entropy if loss == "cross_entropy" else (lambda out, target: ((out - target) ** 2).mean())
+    loss_fn = (
+        F.cross_entropy
+        if loss == "cross_entropy"
+        else (lambda out, target: ((out - target) ** 2).mean())
+    )
 
     def moved(tensors):
         return {n: a.to(device) for n, a in tensors.items()}
 
-    fused = maml_ext.hvp(model, moved(params), x.to(device), y.to(device), moved(v), loss=loss,
-                         backend="fused")
+    fused = maml_ext.hvp(
+        model, moved(params), x.to(device), y.to(device), moved(v), loss=loss, backend="fused"
+    )
     for t in range(tasks):
-        def task_loss(p):
+
+        def task_loss(p, t=t):
             return loss_fn(functional_call(model, p, (x[t],)), y[t])
-        _, expected = jvp(grad(task_loss), ({n: params[n][t] for n in names},),
-                          ({n: v[n][t] for n in names},))
+
+        _, expected = jvp(
+            grad(task_loss), ({n: params[n][t] for n in names},), ({n: v[n][t] for n in names},)
+        )
         got = torch.cat([fused[n][t].reshape(-1) for n in names]).cpu()
         want = torch.cat([expected[n].reshape(-1) for n in names])
         assert relative_error(got, want) <= 1e-10
@@ -183,13 +238,22 @@ def test_hvp_backends_agree(device, seed):
     x, y, _, _ = classification_batch(3, 5, 1, (1, 8, 8), 3, generator=generator)
     params = {n: p.detach().expand(3, *p.shape).clone() for n, p in model.named_parameters()}
     v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
-    fused = maml_ext.hvp(model, {n: p.to(device) for n, p in params.items()}, x.to(device),
-                         y.to(device), {n: a.to(device) for n, a in v.items()}, backend="fused")
+    fused = maml_ext.hvp(
+        model,
+        {n: p.to(device) for n, p in params.items()},
+        x.to(device),
+        y.to(device),
+        {n: a.to(device) for n, a in v.items()},
+        backend="fused",
+    )
     fused = {n: a.cpu() for n, a in fused.items()}
     reference = maml_ext.hvp(model, params, x, y, v, backend="reference")
     # Compared as one vector: a conv bias followed by batch norm has an exactly zero Hessian, whose
     # rounding noise has no meaningful relative error of its own.
-    flat = [torch.cat([products[name].reshape(-1) for name in params]) for products in (fused, reference)]
+    flat = [
+        torch.cat([products[name].reshape(-1) for name in params])
+        for products in (fused, reference)
+    ]
     assert relative_error(*flat) <= 1e-10
 
 
@@ -202,8 +266,9 @@ def test_adapt_and_predict_match_reference(learn, device, seed):
     outputs = {}
     for backend, where in (("reference", "cpu"), ("fused", device)):
         model.to(where)
-        opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, inner_steps=2, learn_inner_lr=learn,
-                                     backend=backend)
+        opt = maml_ext.MetaOptimizer(
+            model, None, inner_lr=0.1, inner_steps=2, learn_inner_lr=learn, backend=backend
+        )
         perturb_rates(opt, torch.Generator().manual_seed(7))
         adapted = opt.adapt(sx.to(where), sy.to(where), steps=3)
         predicted = opt.predict(adapted, qx.to(where))
@@ -221,8 +286,9 @@ def test_softmax_cross_entropy_kernel_matches_torch(device, seed, rows, classes,
     logits = torch.randn(rows, classes, dtype=torch.float64, generator=generator) * scale
     target = torch.randint(0, classes, (rows,), generator=generator)
     tangent = torch.randn(rows, classes, dtype=torch.float64, generator=generator)
-    on_device = torch.ops.maml_ext.softmax_cross_entropy(logits.to(device), target.to(device),
-                                                         tangent.to(device))
+    on_device = torch.ops.maml_ext.softmax_cross_entropy(
+        logits.to(device), target.to(device), tangent.to(device)
+    )
     loss, correct, g, rg = (a.cpu() for a in on_device)
 
     def gradient(z):
@@ -247,8 +313,9 @@ def test_softmax_cross_entropy_kernel_out_of_range_target_is_nan(bad, device, se
     logits = torch.randn(6, 7, dtype=torch.float64, generator=generator)
     target = torch.randint(0, 7, (6,), generator=generator)
     target[2] = bad
-    on_device = torch.ops.maml_ext.softmax_cross_entropy(logits.to(device), target.to(device),
-                                                         torch.ones_like(logits).to(device))
+    on_device = torch.ops.maml_ext.softmax_cross_entropy(
+        logits.to(device), target.to(device), torch.ones_like(logits).to(device)
+    )
     loss, correct, g, rg = (a.cpu() for a in on_device)
     assert torch.isnan(loss[2]) and torch.isnan(g[2]).all() and torch.isnan(rg[2]).all()
     assert correct[2] == 0
@@ -266,15 +333,29 @@ def opcheck_cases():
     rates = torch.full((2, theta.numel()), 0.1, dtype=theta.dtype)
     per_task = theta.expand(2, -1).clone()
     return [
-        (torch.ops.maml_ext.meta_step.default, (theta, rates, sx, sy, qx, qy, ints, floats, ce, False, True)),
+        (
+            torch.ops.maml_ext.meta_step.default,
+            (theta, rates, sx, sy, qx, qy, ints, floats, ce, False, True),
+        ),
         (torch.ops.maml_ext.adapt.default, (theta, rates, sx, sy, ints, floats, ce)),
         (torch.ops.maml_ext.program_forward.default, (per_task, qx, ints, floats)),
-        (torch.ops.maml_ext.loss_hvp.default, (per_task, sx, sy, torch.randn_like(per_task), ints, floats, ce)),
-        (torch.ops.maml_ext.softmax_cross_entropy.default,
-         (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=torch.float64))),
+        (
+            torch.ops.maml_ext.loss_hvp.default,
+            (per_task, sx, sy, torch.randn_like(per_task), ints, floats, ce),
+        ),
+        (
+            torch.ops.maml_ext.softmax_cross_entropy.default,
+            (
+                torch.randn(6, 4, dtype=torch.float64),
+                torch.randint(0, 4, (6,)),
+                torch.randn(6, 4, dtype=torch.float64),
+            ),
+        ),
         # MetaOptimizer passes parameters that require grad: float64 conv, float32 MLP
-        (torch.ops.maml_ext.meta_gradient.default,
-         (list(model.parameters()), rates, sx, sy, qx, qy, ints, floats, ce, False)),
+        (
+            torch.ops.maml_ext.meta_gradient.default,
+            (list(model.parameters()), rates, sx, sy, qx, qy, ints, floats, ce, False),
+        ),
         (torch.ops.maml_ext.meta_gradient.default, meta_gradient_mlp_args(torch.float32)),
     ]
 
@@ -284,25 +365,48 @@ def meta_gradient_mlp_args(dtype):
     program = maml_ext.program.compile_program(model)
     sx, sy, qx, qy = regression_batch(3, 4, 5, dtype=dtype)
     rates = torch.full((1, program.num_params), 0.01, dtype=dtype)
-    return (list(model.parameters()), rates, sx, sy, qx, qy, list(program.ints),
-            list(program.floats), LOSS_CODES["mse"], True)
+    return (
+        list(model.parameters()),
+        rates,
+        sx,
+        sy,
+        qx,
+        qy,
+        list(program.ints),
+        list(program.floats),
+        LOSS_CODES["mse"],
+        True,
+    )
 
 
 @pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = opcheck_cases()[index]
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
 
 
 PAPER_MODELS = {
     "sinusoid mlp": lambda: sinusoid_mlp(torch.float32),
-    "omniglot conv (max-pool)": lambda: conv_net(ways=5, channels=64, blocks=4, image=28, dtype=torch.float32),
-    "omniglot conv (strided)": lambda: conv_net(ways=5, channels=64, blocks=4, image=28, pool=False, dtype=torch.float32),
-    "miniimagenet conv": lambda: conv_net(ways=5, channels=32, in_channels=3, blocks=4, image=84, dtype=torch.float32),
+    "omniglot conv (max-pool)": lambda: conv_net(
+        ways=5, channels=64, blocks=4, image=28, dtype=torch.float32
+    ),
+    "omniglot conv (strided)": lambda: conv_net(
+        ways=5, channels=64, blocks=4, image=28, pool=False, dtype=torch.float32
+    ),
+    "miniimagenet conv": lambda: conv_net(
+        ways=5, channels=32, in_channels=3, blocks=4, image=84, dtype=torch.float32
+    ),
     "omniglot mlp": lambda: nn.Sequential(
-        nn.Flatten(), *[m for a, b in [(784, 256), (256, 128), (128, 64), (64, 64)]
-                        for m in (nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU())],
-        nn.Linear(64, 5)),
+        nn.Flatten(),
+        *[
+            m
+            for a, b in [(784, 256), (256, 128), (128, 64), (64, 64)]
+            for m in (nn.Linear(a, b), nn.BatchNorm1d(b, track_running_stats=False), nn.ReLU())
+        ],
+        nn.Linear(64, 5),
+    ),
 }
 
 
@@ -319,24 +423,31 @@ class Doubling(nn.Module):
         return 2 * x
 
 
-@pytest.mark.parametrize("layer, label", [
-    (nn.Dropout(0.1), "Dropout"), (nn.Sigmoid(), "Sigmoid"), (Doubling(), "Doubling"),
-    (nn.Conv2d(3, 3, 3, groups=3), "groups=3"), (nn.MaxPool2d(2, dilation=2), "dilation"),
-])
+@pytest.mark.parametrize(
+    "layer, label",
+    [
+        (nn.Dropout(0.1), "Dropout"),
+        (nn.Sigmoid(), "Sigmoid"),
+        (Doubling(), "Doubling"),
+        (nn.Conv2d(3, 3, 3, groups=3), "groups=3"),
+        (nn.MaxPool2d(2, dilation=2), "dilation"),
+    ],
+)
 def test_unsupported_layers_are_named(layer, label):
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), layer, nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match=rf"layer '2': .*{label}") as error:
         maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="fused")
     assert error.value.layer == "2"
-    with pytest.warns(UserWarning, match=rf"uses the reference backend: .*layer '2'"):
+    with pytest.warns(UserWarning, match=r"uses the reference backend: .*layer '2'"):
         opt = maml_ext.MetaOptimizer(model, None, inner_lr=0.1, backend="auto")
     assert opt.backend == "reference"
 
 
 def test_custom_loss_falls_back_to_reference_with_reason():
     with pytest.warns(UserWarning, match="custom loss"):
-        opt = maml_ext.MetaOptimizer(sinusoid_mlp(), None, inner_lr=0.1,
-                                     loss=lambda out, y: (out - y).abs().mean())
+        opt = maml_ext.MetaOptimizer(
+            sinusoid_mlp(), None, inner_lr=0.1, loss=lambda out, y: (out - y).abs().mean()
+        )
     assert opt.backend == "reference"
 
 
@@ -361,8 +472,9 @@ def test_out_of_range_class_is_named_and_changes_nothing(device):
     synchronisation); on every device the error must name the argument and leave the model as
     it was."""
     model = conv_net(ways=5, channels=8, blocks=2).to(device)
-    opt = maml_ext.MetaOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1,
-                                 backend="fused")
+    opt = maml_ext.MetaOptimizer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), inner_lr=0.1, backend="fused"
+    )
     sx, sy, qx, qy = [b.to(device) for b in classification_batch(3, 5, 6, (1, 8, 8), 5)]
     qy[1, 2] = 5
     before = [p.detach().clone() for p in model.parameters()]

@@ -1,19 +1,26 @@
 """torch.ops.maml_ext.meta_gradient (MetaOptimizer's fixed-rate step in one op) against meta_step:
 the same meta-gradient split into the parameters' shapes, the means over tasks, the finiteness
 flag; bad parameter lists are named."""
+
 import warnings
 
 import pytest
 import torch
+from maml_test_utils import (
+    classification_batch,
+    conv_net,
+    regression_batch,
+    relative_error,
+    sinusoid_mlp,
+)
 from torch import nn
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, compile_program
-from maml_test_utils import (classification_batch, conv_net, regression_batch, relative_error,
-                             sinusoid_mlp)
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 
 def randomize(model, generator):
@@ -44,8 +51,9 @@ def both_ops(model, batch, loss, *, steps=2, first_order=False, generator=None):
     rates = rates.to(theta.device)
     ints, floats, code = program.ints_list, program.floats_list, LOSS_CODES[loss]
     ours = torch.ops.maml_ext.meta_gradient(params, rates, *batch, ints, floats, code, first_order)
-    theirs = torch.ops.maml_ext.meta_step(theta, rates, *batch, ints, floats, code, first_order,
-                                          False)
+    theirs = torch.ops.maml_ext.meta_step(
+        theta, rates, *batch, ints, floats, code, first_order, False
+    )
     return ours, theirs
 
 
@@ -56,7 +64,8 @@ def test_equals_meta_step(make_case, first_order, device, seed):
     model, batch, loss = make_case(generator)
     model, batch = model.to(device), [b.to(device) for b in batch]
     (grads, query_loss, accuracy, support_loss, finite), theirs = both_ops(
-        model, batch, loss, first_order=first_order, generator=generator)
+        model, batch, loss, first_order=first_order, generator=generator
+    )
     their_loss, their_accuracy, their_support, their_grad, _, _ = theirs
     params = list(model.parameters())
     assert [g.shape for g in grads] == [p.shape for p in params], seed
@@ -65,7 +74,9 @@ def test_equals_meta_step(make_case, first_order, device, seed):
     for mean, per_task in [(query_loss, their_loss), (support_loss, their_support)]:
         assert mean.dim() == 0 and relative_error(mean, per_task.mean()) <= 1e-12, seed
     if loss == "cross_entropy":
-        assert accuracy.dim() == 0 and relative_error(accuracy, their_accuracy.mean()) <= 1e-12, seed
+        assert accuracy.dim() == 0 and relative_error(accuracy, their_accuracy.mean()) <= 1e-12, (
+            seed
+        )
     else:
         assert accuracy.shape == (0,), seed
     assert finite.dtype == torch.bool and finite.dim() == 0 and bool(finite), seed
@@ -116,8 +127,17 @@ def test_finite_flag_is_exact_where_the_gradient_sum_overflows():
     y = torch.ones(1, 1, 16)
     program = compile_program(nn.Sequential(model))
     grads, query_loss, _, _, finite = torch.ops.maml_ext.meta_gradient(
-        [model.weight], torch.zeros(1, 16), x, y, x, y, program.ints_list, program.floats_list,
-        LOSS_CODES["mse"], True)
+        [model.weight],
+        torch.zeros(1, 16),
+        x,
+        y,
+        x,
+        y,
+        program.ints_list,
+        program.floats_list,
+        LOSS_CODES["mse"],
+        True,
+    )
     grad = grads[0]
     assert bool(grad.isfinite().all()) and bool(query_loss.isfinite())
     assert not bool(grad.sum().isfinite())  # the premise
@@ -132,14 +152,18 @@ def test_bad_parameter_lists_are_named(seed):
     rates = torch.full((1, program.num_params), 0.01, dtype=torch.float64)
 
     def call(ps):
-        return torch.ops.maml_ext.meta_gradient(ps, rates, *batch, program.ints_list,
-                                                program.floats_list, LOSS_CODES[loss], False)
+        return torch.ops.maml_ext.meta_gradient(
+            ps, rates, *batch, program.ints_list, program.floats_list, LOSS_CODES[loss], False
+        )
 
     cases = [
         (params[:-1], "expected the program's 6 parameter tensors, got 5"),
         (params + [params[-1]], "expected the program's 6 parameter tensors, got 7"),
         ([], "expected at least one parameter tensor"),
-        ([params[0], params[1], params[2][:20], *params[3:]], "expected tensor 2 to hold 1600 elements"),
+        (
+            [params[0], params[1], params[2][:20], *params[3:]],
+            "expected tensor 2 to hold 1600 elements",
+        ),
         ([params[0], params[1].float(), *params[2:]], "expected dtype Double, got Float"),
         ([p.long() for p in params], "expected float32 or float64"),
     ]
@@ -148,8 +172,15 @@ def test_bad_parameter_lists_are_named(seed):
             call(bad)
     # and the argument checks of meta_step still name the others
     with pytest.raises(ValueError, match="argument 'inner_lr'"):
-        torch.ops.maml_ext.meta_gradient(params, rates[:, 1:], *batch, program.ints_list,
-                                         program.floats_list, LOSS_CODES[loss], False)
+        torch.ops.maml_ext.meta_gradient(
+            params,
+            rates[:, 1:],
+            *batch,
+            program.ints_list,
+            program.floats_list,
+            LOSS_CODES[loss],
+            False,
+        )
 
 
 def synchronisations(fn) -> int:
@@ -180,13 +211,16 @@ def test_on_cuda_equals_meta_step_without_host_synchronisation(make_case, seed):
     args = (program.ints_list, program.floats_list, LOSS_CODES[loss], False)
     theirs = torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, False)
     grads, query_loss, accuracy, support_loss, finite = torch.ops.maml_ext.meta_gradient(
-        params, rates, *batch, *args)
+        params, rates, *batch, *args
+    )
     assert finite.device.type == "cuda" and finite.dtype == torch.bool and bool(finite), seed
     assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), theirs[3]), seed
     assert relative_error(query_loss, theirs[0].mean()) <= 1e-12, seed
     assert relative_error(support_loss, theirs[2].mean()) <= 1e-12, seed
     # The op adds no host synchronisation to meta_step's own (if it has any).
-    bare = synchronisations(lambda: torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, False))
+    bare = synchronisations(
+        lambda: torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, False)
+    )
     ours = synchronisations(lambda: torch.ops.maml_ext.meta_gradient(params, rates, *batch, *args))
     assert ours == bare, (ours, bare)
     with torch.no_grad():

@@ -2,20 +2,21 @@
 random Linear/ReLU stacks, per-element rates and their gradients, first and second order, in both
 compiled versions of its task kernels (AVX2 + FMA and baseline x86-64); which programs it takes;
 its errors."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+from maml_test_utils import cpu_kernels, random_batch, relative_error, sinusoid_mlp
 from torch import nn
 from torch.func import functional_call
 
 import maml_ext
 from maml_ext.program import LOSS_CODES, compile_program
-from maml_test_utils import cpu_kernels, random_batch, relative_error, sinusoid_mlp
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -73,30 +74,50 @@ def oracle(model, program, theta, rates, data, loss, first_order):
 
 def run_mlp_path(program, theta, rates, data, loss, first_order, op="_mlp_meta_step"):
     namespace = torch.ops.maml_ext_testing if op.startswith("_") else torch.ops.maml_ext
-    return getattr(namespace, op)(theta, rates, *data, program.ints_list,
-                                  program.floats_list, LOSS_CODES[loss], first_order, True)[:5]
+    return getattr(namespace, op)(
+        theta,
+        rates,
+        *data,
+        program.ints_list,
+        program.floats_list,
+        LOSS_CODES[loss],
+        first_order,
+        True,
+    )[:5]
 
 
 @pytest.mark.parametrize("isa", ["native", "baseline"])
 @settings(max_examples=30, **COMMON)
-@given(stack=mlps(), tasks=st.integers(1, 8), steps=st.integers(1, 5), first_order=st.booleans(),
-       support=st.integers(1, 6), query=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
-def test_mlp_path_equals_autograd_float64(isa, stack, tasks, steps, first_order, support, query,
-                                          seed):
+@given(
+    stack=mlps(),
+    tasks=st.integers(1, 8),
+    steps=st.integers(1, 5),
+    first_order=st.booleans(),
+    support=st.integers(1, 6),
+    query=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mlp_path_equals_autograd_float64(
+    isa, stack, tasks, steps, first_order, support, query, seed
+):
     model, features, loss, outputs = stack
     generator = torch.Generator().manual_seed(seed)
     model = model.double()
     program = compile_program(model)
     theta = program.flatten({n: p.detach() for n, p in model.named_parameters()})
     # Different, positive rates per element and step, so every entry of the rate gradient matters.
-    rates = 0.05 + 0.1 * torch.rand(steps, program.num_params, dtype=torch.float64, generator=generator)
+    rates = 0.05 + 0.1 * torch.rand(
+        steps, program.num_params, dtype=torch.float64, generator=generator
+    )
     data = batch(generator, tasks, support, query, features, loss, outputs, torch.float64)
 
     with cpu_kernels(isa):
         query_loss, accuracy, support_loss, meta_grad, rate_grad = run_mlp_path(
-            program, theta, rates, data, loss, first_order)
+            program, theta, rates, data, loss, first_order
+        )
     expected_query, expected_support, expected_meta, expected_rates, expected_accuracy = oracle(
-        model, program, theta, rates, data, loss, first_order)
+        model, program, theta, rates, data, loss, first_order
+    )
     assert relative_error(query_loss, expected_query) < 1e-12
     assert relative_error(support_loss, expected_support) < 1e-12
     assert relative_error(meta_grad, expected_meta) < 1e-10
@@ -109,7 +130,9 @@ def test_mlp_path_equals_autograd_float64(isa, stack, tasks, steps, first_order,
 
 @pytest.mark.parametrize("isa", ["native", "baseline"])
 @settings(max_examples=10, **COMMON)
-@given(stack=mlps(), tasks=st.integers(1, 8), steps=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+@given(
+    stack=mlps(), tasks=st.integers(1, 8), steps=st.integers(1, 3), seed=st.integers(0, 2**31 - 1)
+)
 def test_mlp_path_float32_close_to_float64(isa, stack, tasks, steps, seed):
     model, features, loss, outputs = stack
     generator = torch.Generator().manual_seed(seed)
@@ -138,16 +161,29 @@ def test_meta_step_takes_the_mlp_path_for_the_sinusoid_net():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("model, features", [
-    (nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2)), 3),
-    (nn.Sequential(nn.Linear(3, 129), nn.ReLU(), nn.Linear(129, 2)), 3),  # wider than the path takes
-])
+@pytest.mark.parametrize(
+    "model, features",
+    [
+        (
+            nn.Sequential(
+                nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 2)
+            ),
+            3,
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 129), nn.ReLU(), nn.Linear(129, 2)),
+            3,
+        ),  # wider than the path takes
+    ],
+)
 def test_other_programs_take_the_general_path(model, features):
     model = model.double()
     program = compile_program(model)
     theta = program.flatten({n: p.detach() for n, p in model.named_parameters()})
     rates = torch.full((1, program.num_params), 0.1, dtype=torch.float64)
-    data = batch(torch.Generator().manual_seed(3), 2, 4, 4, features, "cross_entropy", 2, torch.float64)
+    data = batch(
+        torch.Generator().manual_seed(3), 2, 4, 4, features, "cross_entropy", 2, torch.float64
+    )
     with pytest.raises(ValueError, match="argument 'program'.*MLP path"):
         run_mlp_path(program, theta, rates, data, "cross_entropy", False)
     general = run_mlp_path(program, theta, rates, data, "cross_entropy", False, op="meta_step")
@@ -161,8 +197,9 @@ def test_out_of_range_class_is_named(name):
     program = compile_program(model)
     theta = program.flatten({n: p.detach() for n, p in model.named_parameters()})
     rates = torch.full((1, program.num_params), 0.1, dtype=torch.float64)
-    sx, sy, qx, qy = batch(torch.Generator().manual_seed(5), 2, 4, 4, 2, "cross_entropy", 3,
-                           torch.float64)
+    sx, sy, qx, qy = batch(
+        torch.Generator().manual_seed(5), 2, 4, 4, 2, "cross_entropy", 3, torch.float64
+    )
     if name == "support_y":
         sy[1, 2] = 3
     else:

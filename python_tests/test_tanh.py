@@ -2,27 +2,31 @@
 meta-gradients of random stacks with Tanh (second and first order, several inner steps, every kind
 of learned rate) to 1e-10 in float64, Hessian-vector products against forward-over-reverse
 autodiff, and the CPU MLP path declining Tanh programs to the general path."""
+
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+from maml_test_utils import all_grads, perturb_rates, random_batch, relative_error
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import maml_ext
 from maml_ext import fused
 from maml_ext.program import compile_program, loss_code
-from maml_test_utils import all_grads, perturb_rates, random_batch, relative_error
 
-pytestmark = pytest.mark.skipif(not maml_ext.extension_info()["compiled_ops_loaded"],
-                                reason="maml_ext._C is not built")
+pytestmark = pytest.mark.skipif(
+    not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
+)
 
 LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
-DEVICES = ["cpu"] + (["cuda"] if maml_ext.extension_info()["cuda_kernels_compiled"]
-                     and torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + (
+    ["cuda"]
+    if maml_ext.extension_info()["cuda_kernels_compiled"] and torch.cuda.is_available()
+    else []
+)
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -72,17 +76,27 @@ def meta_gradient(model, batch, backend, seed, **kwargs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, **COMMON)
-@given(stack=tanh_stacks(), tasks=st.integers(1, 6), steps=st.integers(1, 4),
-       first_order=st.booleans(), learn=st.sampled_from(LEARN_KINDS), seed=st.integers(0, 2**31 - 1))
-def test_fused_meta_gradient_equals_reference_float64(device, stack, tasks, steps, first_order,
-                                                      learn, seed):
+@given(
+    stack=tanh_stacks(),
+    tasks=st.integers(1, 6),
+    steps=st.integers(1, 4),
+    first_order=st.booleans(),
+    learn=st.sampled_from(LEARN_KINDS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_meta_gradient_equals_reference_float64(
+    device, stack, tasks, steps, first_order, learn, seed
+):
     model, shape, loss, outputs = stack
     model = model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    batch = [b.to(device) for b in random_batch(generator, tasks, 4, 3, shape, loss, outputs,
-                                                 torch.float64)]
-    kwargs = dict(inner_lr=0.1, inner_steps=steps, first_order=first_order, loss=loss,
-                  learn_inner_lr=learn)
+    batch = [
+        b.to(device)
+        for b in random_batch(generator, tasks, 4, 3, shape, loss, outputs, torch.float64)
+    ]
+    kwargs = dict(
+        inner_lr=0.1, inner_steps=steps, first_order=first_order, loss=loss, learn_inner_lr=learn
+    )
     expected_result, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
     result, actual = meta_gradient(model, batch, "fused", seed, **kwargs)
     assert result.backend == "fused"
@@ -98,29 +112,47 @@ def test_loss_hvp_equals_jvp_of_vjp(device, stack, tasks, seed):
     model, shape, loss, outputs = stack
     model = model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    x, y, _, _ = [b.to(device) for b in random_batch(generator, tasks, 5, 1, shape, loss, outputs,
-                                                     torch.float64)]
+    x, y, _, _ = [
+        b.to(device)
+        for b in random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
+    ]
     program = compile_program(model)
     names = program.slot_names
-    params = {n: (p.detach().cpu() + 0.3 * torch.randn((tasks, *p.shape), dtype=p.dtype,
-                                                       generator=generator)).to(device)
-              for n, p in model.named_parameters()}
-    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator).to(device)
-         for n, p in params.items()}
-    losses, grads, products = fused.loss_hvp(program, program.flatten(params, task_dims=1), x, y,
-                                             program.flatten(v, task_dims=1),
-                                             loss_code=loss_code(loss))
+    params = {
+        n: (
+            p.detach().cpu()
+            + 0.3 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
+        ).to(device)
+        for n, p in model.named_parameters()
+    }
+    v = {
+        n: torch.randn(p.shape, dtype=p.dtype, generator=generator).to(device)
+        for n, p in params.items()
+    }
+    losses, grads, products = fused.loss_hvp(
+        program,
+        program.flatten(params, task_dims=1),
+        x,
+        y,
+        program.flatten(v, task_dims=1),
+        loss_code=loss_code(loss),
+    )
     # The squared error written out (torch.func's forward-over-reverse of F.mse_loss trips over an
     # immutable ZeroTensor for some models).
-    loss_fn = F.cross_entropy if loss == "cross_entropy" else (
-        lambda out, target: ((out - target) ** 2).mean())
+    loss_fn = (
+        F.cross_entropy
+        if loss == "cross_entropy"
+        else (lambda out, target: ((out - target) ** 2).mean())
+    )
     for t in range(tasks):
-        def task_loss(p):
+
+        def task_loss(p, t=t):
             return loss_fn(functional_call(model, p, (x[t],)), y[t])
 
         at_task = {n: params[n][t] for n in names}
-        (expected_grad, expected_product) = jvp(grad(task_loss), (at_task,),
-                                                ({n: v[n][t] for n in names},))
+        (expected_grad, expected_product) = jvp(
+            grad(task_loss), (at_task,), ({n: v[n][t] for n in names},)
+        )
         flat = lambda d: torch.cat([d[n].reshape(-1) for n in names])  # noqa: E731
         assert relative_error(losses[t], task_loss(at_task)) <= 1e-12, seed
         assert relative_error(grads[t], flat(expected_grad)) <= 1e-10, seed
@@ -133,19 +165,22 @@ def test_tanh_policy_net_takes_the_general_path_and_matches_the_reference():
     seed = random.SystemRandom().randrange(2**31)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
-                              nn.Linear(32, 2)).double()
+        model = nn.Sequential(
+            nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2)
+        ).double()
     program = compile_program(model)
     theta = program.flatten({n: p.detach() for n, p in model.named_parameters()})
     generator = torch.Generator().manual_seed(seed)
     batch = random_batch(generator, 4, 6, 5, (3,), "mse", 2, torch.float64)
-    rates = 0.05 + 0.05 * torch.rand(3, program.num_params, dtype=torch.float64,
-                                     generator=generator)
+    rates = 0.05 + 0.05 * torch.rand(
+        3, program.num_params, dtype=torch.float64, generator=generator
+    )
     args = (program.ints_list, program.floats_list, loss_code("mse"), False, True)
     with pytest.raises(ValueError, match="argument 'program'.*MLP path"):
         torch.ops.maml_ext_testing._mlp_meta_step(theta, rates, *batch, *args)
     query_loss, _, _, meta_grad, rate_grad, mean_loss = torch.ops.maml_ext.meta_step(
-        theta, rates, *batch, *args)
+        theta, rates, *batch, *args
+    )
 
     # The reference: the inner loop through autograd, per task.
     theta_ref = theta.clone().requires_grad_()
@@ -158,11 +193,13 @@ def test_tanh_policy_net_takes_the_general_path_and_matches_the_reference():
             outputs = functional_call(model, program.unflatten(weights), (sx[t],))
             (g,) = torch.autograd.grad(F.mse_loss(outputs, sy[t]), weights, create_graph=True)
             weights = weights - rates_ref[k] * g
-        losses.append(F.mse_loss(functional_call(model, program.unflatten(weights), (qx[t],)),
-                                 qy[t]))
+        losses.append(
+            F.mse_loss(functional_call(model, program.unflatten(weights), (qx[t],)), qy[t])
+        )
     expected_loss = torch.stack(losses)
-    expected_grad, expected_rate_grad = torch.autograd.grad(expected_loss.mean(),
-                                                            (theta_ref, rates_ref))
+    expected_grad, expected_rate_grad = torch.autograd.grad(
+        expected_loss.mean(), (theta_ref, rates_ref)
+    )
     assert relative_error(query_loss, expected_loss.detach()) <= 1e-12, seed
     assert relative_error(mean_loss, expected_loss.mean().detach()) <= 1e-12, seed
     assert relative_error(meta_grad, expected_grad) <= 1e-10, seed
@@ -173,5 +210,8 @@ def test_tanh_compiles_to_its_record():
     program = compile_program(nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)))
     tanh = maml_ext.program.RECORDS_BY_NAME["tanh"]
     assert [kind for kind, _ in maml_ext.program.read_records(program.ints)] == [
-        "linear", "tanh", "linear"]
+        "linear",
+        "tanh",
+        "linear",
+    ]
     assert tanh.code in program.ints and tanh.int_fields == ()

@@ -23,8 +23,7 @@ namespace maml_ext {
 TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
   m.impl("task_batch_norm", MAML_EXT_ISA_DISPATCH(task_batch_norm_cpu));
   m.impl("task_batch_norm_backward", MAML_EXT_ISA_DISPATCH(task_batch_norm_backward_cpu));
-  m.impl("task_batch_norm_relu_max_pool",
-         MAML_EXT_ISA_DISPATCH(task_batch_norm_relu_max_pool_cpu));
+  m.impl("task_batch_norm_relu_max_pool", MAML_EXT_ISA_DISPATCH(task_batch_norm_relu_max_pool_cpu));
   m.impl("task_batch_norm_relu_max_pool_backward",
          MAML_EXT_ISA_DISPATCH(task_batch_norm_relu_max_pool_backward_cpu));
 }

@@ -139,8 +139,9 @@ void forward_statistics(int64_t batch, int64_t rows, int64_t channels, const sca
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const int64_t total = batch * channels;
   const auto sum_x = channel_sums<scalar_t, acc_t>(
-      batch, rows, channels,
-      [&](int64_t, int64_t i, int64_t, auto& s, auto&, auto&, auto&) { kernels::mean_terms(x_p[i], s); });
+      batch, rows, channels, [&](int64_t, int64_t i, int64_t, auto& s, auto&, auto&, auto&) {
+        kernels::mean_terms(x_p[i], s);
+      });
   for (int64_t k = 0; k < total; ++k) {
     mean_p[k] = kernels::mean_channel<scalar_t>(sum_x[k], rows);
   }
@@ -149,8 +150,8 @@ void forward_statistics(int64_t batch, int64_t rows, int64_t channels, const sca
     const auto sums = channel_sums<scalar_t, acc_t>(
         batch, rows, channels,
         [&](int64_t, int64_t i, int64_t k, auto& s0, auto& s1, auto& s2, auto&) {
-          kernels::centred_terms<kTangent>(x_p[i], kTangent ? rx_p[i] : scalar_t(0), mean_p[k],
-                                           s0, s1, s2);
+          kernels::centred_terms<kTangent>(x_p[i], kTangent ? rx_p[i] : scalar_t(0), mean_p[k], s0,
+                                           s1, s2);
         });
     for (int64_t k = 0; k < total; ++k) {
       const auto s = kernels::forward_channel<kTangent, scalar_t>(
@@ -169,9 +170,9 @@ void forward_statistics(int64_t batch, int64_t rows, int64_t channels, const sca
 // A stand-in of the CUDA path (only CUDA convolutions produce partials): it exists so that CPU
 // tests cover that path's merge arithmetic and the op's contract on CPU tensors.
 template <typename scalar_t>
-void statistics_from_partials(int64_t total, int64_t rows, const at::Tensor& partials,
-                              bool tangent, double eps, scalar_t* mean_p, scalar_t* invstd_p,
-                              scalar_t* rx_mean_p, scalar_t* r_sigma_p) {
+void statistics_from_partials(int64_t total, int64_t rows, const at::Tensor& partials, bool tangent,
+                              double eps, scalar_t* mean_p, scalar_t* invstd_p, scalar_t* rx_mean_p,
+                              scalar_t* r_sigma_p) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
   const auto p = partials.contiguous();
   const scalar_t* p_p = p.data_ptr<scalar_t>();
@@ -214,10 +215,9 @@ struct ForwardSetup {
   template <typename scalar_t>
   void statistics(int64_t rows, double eps, const OptionalTensor& partials) {
     if (given(partials)) {
-      statistics_from_partials<scalar_t>(mean.numel(), rows, *partials, rx.defined(), eps,
-                                         mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
-                                         rx_mean.data_ptr<scalar_t>(),
-                                         r_sigma.data_ptr<scalar_t>());
+      statistics_from_partials<scalar_t>(
+          mean.numel(), rows, *partials, rx.defined(), eps, mean.data_ptr<scalar_t>(),
+          invstd.data_ptr<scalar_t>(), rx_mean.data_ptr<scalar_t>(), r_sigma.data_ptr<scalar_t>());
       return;
     }
     forward_statistics<scalar_t>(mean.size(0), rows, x.size(-1), x.data_ptr<scalar_t>(),
@@ -265,8 +265,8 @@ task_batch_norm_cpu(const at::Tensor& x_in, const OptionalTensor& x_tangent,
                                                     r_sigma_p[k]};
             const kernels::Affine<scalar_t> a{w_p[k], b_p[k], vw_p[k], vb_p[k]};
             scalar_t out, r_out;
-            kernels::forward_element<kRelu, kTangent>(
-                x_p[i], kInputTangent ? rx_p[i] : scalar_t(0), s, a, &out, &r_out);
+            kernels::forward_element<kRelu, kTangent>(x_p[i], kInputTangent ? rx_p[i] : scalar_t(0),
+                                                      s, a, &out, &r_out);
             y_p[i] = out;
             if (kTangent) ry_p[i] = r_out;
           });
@@ -433,11 +433,11 @@ task_batch_norm_backward_cpu(const at::Tensor& grad_y, const OptionalTensor& gra
                              const OptionalTensor& weight, const OptionalTensor& weight_tangent,
                              const at::Tensor& mean, const at::Tensor& invstd,
                              const OptionalTensor& x_tangent_mean,
-                             const OptionalTensor& sigma_tangent,
-                             const OptionalTensor& relu_output, bool input_grad) {
+                             const OptionalTensor& sigma_tangent, const OptionalTensor& relu_output,
+                             bool input_grad) {
   check_task_batch_norm_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
-                                      weight_tangent, mean, invstd, x_tangent_mean,
-                                      sigma_tangent, relu_output);
+                                      weight_tangent, mean, invstd, x_tangent_mean, sigma_tangent,
+                                      relu_output);
   const bool tangent = given(grad_y_tangent);
   const auto x = x_in.contiguous();
   const auto gy = grad_y.contiguous();
@@ -463,8 +463,7 @@ task_batch_norm_backward_cpu(const at::Tensor& grad_y, const OptionalTensor& gra
               [&](int64_t, int64_t i, scalar_t& g, scalar_t& rg) {
                 kernels::masked_gradient<kRelu, kTangent>(gy_p, rgy_p, y_p, i, g, rg);
               },
-              input_grad, gx, rgx, grad_weight, grad_bias, grad_weight_tangent,
-              grad_bias_tangent);
+              input_grad, gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent);
         });
       });
     });
@@ -480,9 +479,9 @@ task_batch_norm_relu_max_pool_backward_cpu(
     const OptionalTensor& weight_tangent, const at::Tensor& mean, const at::Tensor& invstd,
     const OptionalTensor& x_tangent_mean, const OptionalTensor& sigma_tangent,
     const at::Tensor& output, const at::Tensor& argmax, bool input_grad) {
-  check_task_batch_norm_relu_max_pool_backward_args(grad_y, grad_y_tangent, x_in, x_tangent,
-                                                    weight, weight_tangent, mean, invstd,
-                                                    x_tangent_mean, sigma_tangent, output, argmax);
+  check_task_batch_norm_relu_max_pool_backward_args(grad_y, grad_y_tangent, x_in, x_tangent, weight,
+                                                    weight_tangent, mean, invstd, x_tangent_mean,
+                                                    sigma_tangent, output, argmax);
   const bool tangent = given(grad_y_tangent);
   const auto x = x_in.contiguous();
   const auto gy = grad_y.contiguous();
@@ -503,14 +502,13 @@ task_batch_norm_relu_max_pool_backward_cpu(
       with_flag(rx.defined(), [&](auto input_tangent_flag) {
         constexpr bool kTangent = decltype(tangent_flag)::value;
         backward_passes<scalar_t, kTangent, decltype(input_tangent_flag)::value>(
-            1, x.numel() / channels, channels, x, rx, mean, invstd, x_tangent_mean,
-            sigma_tangent, weight, weight_tangent,
+            1, x.numel() / channels, channels, x, rx, mean, invstd, x_tangent_mean, sigma_tangent,
+            weight, weight_tangent,
             // One batch (B = 1): the row is the pixel, the channel i − row·C.
             [&](int64_t pixel, int64_t i, scalar_t& g, scalar_t& rg) {
               kernels::pooled_gradient<kTangent>(gy_p, rgy_p, y_p, argmax_p, pixel / (h * w),
-                                                 (pixel / w) % h, pixel % w,
-                                                 i - pixel * channels, out_h, out_w, channels, g,
-                                                 rg);
+                                                 (pixel / w) % h, pixel % w, i - pixel * channels,
+                                                 out_h, out_w, channels, g, rg);
             },
             input_grad, gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent);
       });
@@ -518,4 +516,3 @@ task_batch_norm_relu_max_pool_backward_cpu(
   });
   return out;
 }
-

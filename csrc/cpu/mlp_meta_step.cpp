@@ -93,24 +93,24 @@ struct Problem {
   LossKind loss;
   int64_t params, steps, input_width, support_n, query_n;
   bool first_order;
-  const T* theta;         // [P] shared θ
-  const T* theta_transposed;  // [P]: θ with its weights transposed (transpose_weights)
-  const T* alpha;         // [K, P]
-  const T* support_x;     // [T, Ns, F]
-  const T* query_x;       // [T, Nq, F]
+  const T* theta;                 // [P] shared θ
+  const T* theta_transposed;      // [P]: θ with its weights transposed (transpose_weights)
+  const T* alpha;                 // [K, P]
+  const T* support_x;             // [T, Ns, F]
+  const T* query_x;               // [T, Nq, F]
   const int64_t* support_labels;  // [T, Ns] (cross-entropy) or null
   const int64_t* query_labels;
-  const T* support_targets;       // [T, Ns, D] (mean-squared error) or null
+  const T* support_targets;  // [T, Ns, D] (mean-squared error) or null
   const T* query_targets;
-  T* query_loss;          // [T]
-  T* query_accuracy;      // [T] or null
-  T* support_loss;        // [T]
-  T* lambda;              // [T, param_stride]: each task's meta-gradient, averaged by the caller
+  T* query_loss;      // [T]
+  T* query_accuracy;  // [T] or null
+  T* support_loss;    // [T]
+  T* lambda;          // [T, param_stride]: each task's meta-gradient, averaged by the caller
   // P rounded up to whole 64-byte lines: every per-task vector of P (θ_k, g_k, λ) starts on a
   // line: unpadded, most of the weights' 32-byte loads straddle two lines, which slows the
   // products down markedly (bench/NOTES.md).
   int64_t param_stride;
-  T* rate_products;       // [T, K, P]: λ_{k+1} ⊙ g_k, for the rate gradient; or null
+  T* rate_products;  // [T, K, P]: λ_{k+1} ⊙ g_k, for the rate gradient; or null
 };
 
 // Per-thread scratch, reused across tasks and calls (grown, never shrunk).
@@ -219,8 +219,8 @@ MetaStepResult run_mlp_meta_step(const Mlp& mlp, const ProgramRecords& program, 
                                  const at::Tensor& support_x, const at::Tensor& support_y,
                                  const at::Tensor& query_x, const at::Tensor& query_y,
                                  bool first_order, bool inner_lr_grad) {
-  const int64_t tasks = check_meta_step_args(program, kind, theta, inner_lr, support_x, support_y,
-                                             query_x, query_y);
+  const int64_t tasks =
+      check_meta_step_args(program, kind, theta, inner_lr, support_x, support_y, query_x, query_y);
   if (kind == LossKind::kCrossEntropy) {
     check_labels(support_y, mlp.output_width, "support_y");
     check_labels(query_y, mlp.output_width, "query_y");
@@ -274,7 +274,8 @@ MetaStepResult run_mlp_meta_step(const Mlp& mlp, const ProgramRecords& program, 
     // several tasks: allocation and first-touch page faults).
     pb.param_stride = whole_lines<T>(P);
     auto& scratch = caller_scratch<T>();
-    const auto scratch_size = static_cast<size_t>((tasks + 1) * pb.param_stride + kLine / sizeof(T));
+    const auto scratch_size =
+        static_cast<size_t>((tasks + 1) * pb.param_stride + kLine / sizeof(T));
     if (scratch.size() < scratch_size) scratch.resize(scratch_size);
     pb.lambda = line_aligned(scratch.data());
     T* theta_transposed = pb.lambda + tasks * pb.param_stride;
@@ -338,7 +339,8 @@ MetaStepResult mlp_meta_step(const at::Tensor& theta, const at::Tensor& inner_lr
                                   query_y, first_order, inner_lr_grad);
   MAML_CHECK_ARG(result.has_value(), "program",
                  "the MLP path takes CPU tensors, inputs [T, N, features] and Linear/ReLU layers "
-                 "at most ", kMaxWidth, " wide");
+                 "at most ",
+                 kMaxWidth, " wide");
   return *std::move(result);
 }
 

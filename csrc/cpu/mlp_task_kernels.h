@@ -123,8 +123,7 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const PassArgs<T>& a) {
       pb.loss == LossKind::kCrossEntropy
           ? kernels::mean_cross_entropy<T>(h, rh, a.samples.labels, n, D, gy, rh ? rgy : nullptr,
                                            a.accuracy)
-          : kernels::mean_squared_error<T>(h, rh, a.samples.targets, n * D, gy,
-                                           rh ? rgy : nullptr);
+          : kernels::mean_squared_error<T>(h, rh, a.samples.targets, n * D, gy, rh ? rgy : nullptr);
 
   int which = 0;
   for (size_t l = depth; l-- > 0;) {
@@ -144,8 +143,8 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const PassArgs<T>& a) {
         // R{gW} = R{gy}ᵀ x + gyᵀ R{x};  R{gb} = Σ R{gy}
         Operands<T> terms{rgy, xin};
         if (rxin) terms.a2 = gy, terms.b2 = rxin;
-        weight_gradient(terms, hv + L.weight_offset, L.bias ? hv + L.bias_offset : nullptr, n,
-                        L.in, L.out, true);
+        weight_gradient(terms, hv + L.weight_offset, L.bias ? hv + L.bias_offset : nullptr, n, L.in,
+                        L.out, true);
       }
       if (need_input_grad) {
         if (!replay) times_weight<T>({gy, w}, gx, n, L.in, L.out);
@@ -187,13 +186,12 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
     T* g = ws.grads + k * S;
     const TapeUse<T> record{ws.tape_outputs + k * ws.tape_stride,
                             ws.tape_grads + k * ws.tape_stride, false};
-    const T loss = pass</*kTangent=*/false>(
-        pb, ws,
-        {.theta = theta_at(k),
-         .theta_t = transposed_at(k),
-         .samples = support,
-         .grad = g,
-         .tape = pb.first_order ? TapeUse<T>{} : record});
+    const T loss = pass</*kTangent=*/false>(pb, ws,
+                                            {.theta = theta_at(k),
+                                             .theta_t = transposed_at(k),
+                                             .samples = support,
+                                             .grad = g,
+                                             .tape = pb.first_order ? TapeUse<T>{} : record});
     if (k == 0) pb.support_loss[t] = loss;
     // θ_{k+1} = θ_k − α_k ⊙ g_k
     const T* theta = theta_at(k);
@@ -203,13 +201,13 @@ void run_task(const Problem<T>& pb, Workspace<T>& ws, int64_t t) {
   }
 
   T* lambda = pb.lambda + t * S;
-  pb.query_loss[t] = pass</*kTangent=*/false>(
-      pb, ws,
-      {.theta = theta_at(K),
-       .theta_t = transposed_at(K),
-       .samples = query,
-       .grad = lambda,
-       .accuracy = pb.query_accuracy ? pb.query_accuracy + t : nullptr});
+  pb.query_loss[t] =
+      pass</*kTangent=*/false>(pb, ws,
+                               {.theta = theta_at(K),
+                                .theta_t = transposed_at(K),
+                                .samples = query,
+                                .grad = lambda,
+                                .accuracy = pb.query_accuracy ? pb.query_accuracy + t : nullptr});
 
   for (int64_t k = K - 1; k >= 0; --k) {
     const T* g = ws.grads + k * S;
@@ -240,4 +238,3 @@ template <typename T>
 MAML_NOINLINE void run_tasks(const Problem<T>& pb, Workspace<T>& ws, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) run_task(pb, ws, t);
 }
-

@@ -16,8 +16,8 @@ MetaStepResult meta_step_cpu(const at::Tensor& theta, const at::Tensor& inner_lr
                              int64_t loss, bool first_order, bool inner_lr_grad) {
   const auto records = parse_program(program, program_floats);
   const LossKind kind = loss_kind(loss);
-  if (auto result = try_mlp_meta_step(records, kind, theta, inner_lr, support_x, support_y,
-                                      query_x, query_y, first_order, inner_lr_grad)) {
+  if (auto result = try_mlp_meta_step(records, kind, theta, inner_lr, support_x, support_y, query_x,
+                                      query_y, first_order, inner_lr_grad)) {
     return *std::move(result);
   }
   return general_meta_step(records, kind, theta, inner_lr, support_x, support_y, query_x, query_y,
@@ -28,9 +28,7 @@ MetaStepResult meta_step_cpu(const at::Tensor& theta, const at::Tensor& inner_lr
 }  // namespace cpu
 }  // namespace maml_ext
 
-TORCH_LIBRARY_IMPL(maml_ext, CPU, m) {
-  m.impl("meta_step", &maml_ext::cpu::meta_step_cpu);
-}
+TORCH_LIBRARY_IMPL(maml_ext, CPU, m) { m.impl("meta_step", &maml_ext::cpu::meta_step_cpu); }
 
 TORCH_LIBRARY_IMPL(maml_ext_testing, CPU, m) {
   m.impl("_mlp_meta_step", &maml_ext::cpu::mlp_meta_step);

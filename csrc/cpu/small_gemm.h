@@ -125,11 +125,20 @@ MAML_INLINE void gemm_rows(const Product<T>& p, int64_t row) {
   for (; col + 5 * L <= p.cols; col += 5 * L) gemm_block<R, 5>(p, row, col);
   const int64_t vectors = (p.cols - col) / L;
   switch (vectors) {
-    case 4: gemm_block<R, 4>(p, row, col); break;
-    case 3: gemm_block<R, 3>(p, row, col); break;
-    case 2: gemm_block<R, 2>(p, row, col); break;
-    case 1: gemm_block<R, 1>(p, row, col); break;
-    default: break;
+    case 4:
+      gemm_block<R, 4>(p, row, col);
+      break;
+    case 3:
+      gemm_block<R, 3>(p, row, col);
+      break;
+    case 2:
+      gemm_block<R, 2>(p, row, col);
+      break;
+    case 1:
+      gemm_block<R, 1>(p, row, col);
+      break;
+    default:
+      break;
   }
   for (col += vectors * L; col < p.cols; ++col) gemm_column<R>(p, row, col);
 }
@@ -206,8 +215,8 @@ template <typename T>
 Product<T> product(const Operands<T>& o, int64_t lda, int64_t a_step, int64_t ldb, T* c,
                    int64_t ldc, int64_t rows, int64_t cols, int64_t depth, bool accumulate,
                    const T* start_row) {
-  return {{o.a, o.a2}, {o.b, o.b2}, o.a2 ? 2 : 1, lda, a_step, ldb, c, ldc, rows, cols, depth,
-          accumulate, start_row};
+  return {{o.a, o.a2}, {o.b, o.b2}, o.a2 ? 2 : 1, lda,   a_step,     ldb,      c,
+          ldc,         rows,        cols,         depth, accumulate, start_row};
 }
 
 // y[n, out] = x[n, in] · Wᵀ (+ x₂ · W₂ᵀ) + bias, with each Wᵀ given as wt[in, out]:

@@ -51,8 +51,8 @@ struct GroupedConv {
 
   // x: [N, T, C, H, W]; weight stacked [T·O, C, kh, kw]; bias stacked [T·O] or undefined.
   at::Tensor convolve(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
-    return ungrouped(at::convolution(onednn_input(x), weight, bias, stride, padding,
-                                     {1, 1}, false, {0, 0}, tasks));
+    return ungrouped(at::convolution(onednn_input(x), weight, bias, stride, padding, {1, 1}, false,
+                                     {0, 0}, tasks));
   }
 
   // gy, x: grouped channels-last; weight stacked.
@@ -60,10 +60,11 @@ struct GroupedConv {
                                                           const at::Tensor& weight,
                                                           std::array<bool, 3> mask) const {
     const int64_t bias_size = weight.size(0);
-    return at::convolution_backward(
-        gy, x, weight,
-        mask[2] ? at::OptionalIntArrayRef(at::IntArrayRef(&bias_size, 1)) : at::OptionalIntArrayRef(),
-        stride, padding, {1, 1}, false, {0, 0}, tasks, mask);
+    return at::convolution_backward(gy, x, weight,
+                                    mask[2]
+                                        ? at::OptionalIntArrayRef(at::IntArrayRef(&bias_size, 1))
+                                        : at::OptionalIntArrayRef(),
+                                    stride, padding, {1, 1}, false, {0, 0}, tasks, mask);
   }
 };
 
@@ -127,8 +128,8 @@ TaskConvStatisticsResult task_conv2d_with_statistics_cpu(
     const std::optional<at::Tensor>& weight_tangent, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bias_tangent, at::IntArrayRef stride,
     at::IntArrayRef padding) {
-  auto [y, ry] = task_conv2d_cpu(x, x_tangent, weight, weight_tangent, bias, bias_tangent, stride,
-                                 padding);
+  auto [y, ry] =
+      task_conv2d_cpu(x, x_tangent, weight, weight_tangent, bias, bias_tangent, stride, padding);
   const int64_t tasks = y.size(1), out = y.size(2);
   const int64_t rows = y.size(0) * y.size(3) * y.size(4);
   const auto values = grouped_channels_last(y);
@@ -175,10 +176,10 @@ TaskConvBackwardResult task_conv2d_backward_cpu(
   const bool weight_term = given(x_tangent);
   if (input_term || weight_term) {
     // The weight gradient reads only the weight's shape: W stands in for an absent V.
-    auto [rgx_v, rgw_rx, unused] = conv.backward(
-        gy, weight_term ? GroupedConv::onednn_input(*x_tangent) : xg,
-        given(weight_tangent) ? GroupedConv::stacked(*weight_tangent) : w,
-        {input_term, weight_term, false});
+    auto [rgx_v, rgw_rx, unused] =
+        conv.backward(gy, weight_term ? GroupedConv::onednn_input(*x_tangent) : xg,
+                      given(weight_tangent) ? GroupedConv::stacked(*weight_tangent) : w,
+                      {input_term, weight_term, false});
     if (input_term) rgx = rgx.defined() ? rgx.add_(rgx_v) : rgx_v;
     if (weight_term) rgw = rgw.defined() ? rgw.add_(rgw_rx) : rgw_rx;
   }

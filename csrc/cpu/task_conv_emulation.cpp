@@ -1,5 +1,6 @@
 // CPU test hooks for the CUDA convolution kernels (which cannot run without a GPU):
-//   _task_conv2d_emulated / _task_conv2d_with_statistics_emulated / _task_conv2d_backward_emulated run the CUDA implementation's host side
+//   _task_conv2d_emulated / _task_conv2d_with_statistics_emulated / _task_conv2d_backward_emulated
+//   run the CUDA implementation's host side
 //     (../task_conv_gemm.h) with an executor that runs the kernel's body (kernels/task_gemm_tile.h)
 //     for every block and thread of its grid serially, so they check the kernel's tiling,
 //     shared-memory staging and index math, everything but the GPU's concurrency;
@@ -65,9 +66,8 @@ struct EmulationExecutor {
               }
             }
             for (int tid = 0; tid < kThreads * kThreads; ++tid) {
-              kernels::store_outputs<scalar_t, Problem, kTangent>(problem, ops, t, block,
-                                                                  tid / kThreads, tid % kThreads,
-                                                                  acc[tid]);
+              kernels::store_outputs<scalar_t, Problem, kTangent>(
+                  problem, ops, t, block, tid / kThreads, tid % kThreads, acc[tid]);
             }
             if constexpr (kernels::kHasStatistics<Problem>) {
               if (ops.statistics != nullptr) {
@@ -89,14 +89,11 @@ struct EmulationExecutor {
   }
 };
 
-TaskConvForwardResult task_conv2d_emulated(const at::Tensor& x,
-                                           const std::optional<at::Tensor>& x_tangent,
-                                           const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& weight_tangent,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& bias_tangent,
-                                           at::IntArrayRef stride, at::IntArrayRef padding,
-                                           int64_t multiprocessors) {
+TaskConvForwardResult task_conv2d_emulated(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_tangent, const at::Tensor& weight,
+    const std::optional<at::Tensor>& weight_tangent, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_tangent, at::IntArrayRef stride, at::IntArrayRef padding,
+    int64_t multiprocessors) {
   MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected >= 1, got ", multiprocessors);
   return task_conv_gemm::forward(EmulationExecutor{multiprocessors}, x, x_tangent, weight,
                                  weight_tangent, bias, bias_tangent, stride, padding);
@@ -109,8 +106,8 @@ TaskConvStatisticsResult task_conv2d_with_statistics_emulated(
     int64_t multiprocessors) {
   MAML_CHECK_ARG(multiprocessors >= 1, "multiprocessors", "expected >= 1, got ", multiprocessors);
   return task_conv_gemm::forward_with_statistics(EmulationExecutor{multiprocessors}, x, x_tangent,
-                                                 weight, weight_tangent, bias, bias_tangent,
-                                                 stride, padding);
+                                                 weight, weight_tangent, bias, bias_tangent, stride,
+                                                 padding);
 }
 
 TaskConvBackwardResult task_conv2d_backward_emulated(
@@ -129,7 +126,8 @@ TaskConvBackwardResult task_conv2d_backward_emulated(
 GemmTiling plan_from_args(at::IntArrayRef args) {
   MAML_CHECK_ARG(args.size() == 14, "shape_args",
                  "expected [pass, N, T, C, H, W, O, kh, kw, stride_h, stride_w, pad_h, pad_w, "
-                 "multiprocessors], got ", args.size(), " values");
+                 "multiprocessors], got ",
+                 args.size(), " values");
   MAML_CHECK_ARG(args[0] >= 0 && args[0] <= 2, "shape_args", "pass must be 0, 1 or 2, got ",
                  args[0]);
   for (size_t k = 1; k < args.size(); ++k) {
@@ -160,9 +158,9 @@ GemmTiling plan_from_args(at::IntArrayRef args) {
 
 std::vector<int64_t> task_conv2d_launch_config(at::IntArrayRef shape_args) {
   const GemmTiling t = plan_from_args(shape_args);
-  return {t.rows,      t.cols,      t.reduction, t.tasks,   t.thread_m,
-          t.thread_n,  t.threads_m, t.threads_n, t.block_m, t.block_n,
-          t.block_k,   t.grid_m,    t.grid_n,    t.splits,  t.split_length};
+  return {t.rows,     t.cols,      t.reduction, t.tasks,   t.thread_m,
+          t.thread_n, t.threads_m, t.threads_n, t.block_m, t.block_n,
+          t.block_k,  t.grid_m,    t.grid_n,    t.splits,  t.split_length};
 }
 
 // writes[t, s, row, col]: how many (block, thread, element) of the grid store output element

@@ -23,9 +23,7 @@ bool use_avx2_kernels() {
   return cpu_has_avx2_fma() && !baseline_forced.load(std::memory_order_relaxed);
 }
 
-bool force_baseline_kernels(bool force) {
-  return baseline_forced.exchange(force);
-}
+bool force_baseline_kernels(bool force) { return baseline_forced.exchange(force); }
 
 }  // namespace cpu
 }  // namespace maml_ext

@@ -102,12 +102,12 @@ void reduce_channels(const ChannelReductionPlan& plan, int64_t batch, int64_t ro
   const auto partial = at::empty({plan.splits * K * total}, options);
   const dim3 grid(static_cast<unsigned>(plan.channel_blocks), static_cast<unsigned>(batch),
                   static_cast<unsigned>(plan.splits));
-  channel_partial_sums_kernel<scalar_t, K><<<grid, kThreads, 0, stream>>>(
-      rows, channels, plan, terms, partial.data_ptr<scalar_t>());
+  channel_partial_sums_kernel<scalar_t, K>
+      <<<grid, kThreads, 0, stream>>>(rows, channels, plan, terms, partial.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
-  finish_channels_kernel<scalar_t, K><<<blocks, kThreads, 0, stream>>>(
-      total, plan.splits, partial.data_ptr<scalar_t>(), finish);
+  finish_channels_kernel<scalar_t, K>
+      <<<blocks, kThreads, 0, stream>>>(total, plan.splits, partial.data_ptr<scalar_t>(), finish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -222,10 +222,10 @@ __device__ __forceinline__ scalar_t value_or(const scalar_t* p, int64_t k, scala
 
 template <typename scalar_t>
 __device__ __forceinline__ kernels::ForwardStats<scalar_t> stats_of(const scalar_t* mean,
-                                                                   const scalar_t* invstd,
-                                                                   const scalar_t* rx_mean,
-                                                                   const scalar_t* r_sigma,
-                                                                   int64_t k) {
+                                                                    const scalar_t* invstd,
+                                                                    const scalar_t* rx_mean,
+                                                                    const scalar_t* r_sigma,
+                                                                    int64_t k) {
   return {mean[k], invstd[k], value_or(rx_mean, k, scalar_t(0)), value_or(r_sigma, k, scalar_t(0))};
 }
 
@@ -238,13 +238,12 @@ __global__ void forward_element_kernel(index_t n, index_t rows, index_t channels
        i += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t k = channel_of(i, rows, channels);
     const auto s = stats_of(p.mean, p.invstd, p.rx_mean, p.r_sigma, k);
-    const kernels::Affine<scalar_t> a{value_or(p.weight, k, scalar_t(1)),
-                                      value_or(p.bias, k, scalar_t(0)),
-                                      value_or(p.weight_tangent, k, scalar_t(0)),
-                                      value_or(p.bias_tangent, k, scalar_t(0))};
+    const kernels::Affine<scalar_t> a{
+        value_or(p.weight, k, scalar_t(1)), value_or(p.bias, k, scalar_t(0)),
+        value_or(p.weight_tangent, k, scalar_t(0)), value_or(p.bias_tangent, k, scalar_t(0))};
     scalar_t out, r_out;
-    kernels::forward_element<kRelu, kTangent>(x[i], rx != nullptr ? rx[i] : scalar_t(0), s, a,
-                                              &out, &r_out);
+    kernels::forward_element<kRelu, kTangent>(x[i], rx != nullptr ? rx[i] : scalar_t(0), s, a, &out,
+                                              &r_out);
     y[i] = out;
     if (kTangent) ry[i] = r_out;
   }
@@ -313,9 +312,10 @@ struct PooledGradient {
 };
 
 template <typename scalar_t, bool kTangent, typename Gradient>
-__device__ __forceinline__ void backward_load(const Normalised<scalar_t>& n, const Gradient& gradient,
-                                              int64_t i, int64_t k, scalar_t& x_hat,
-                                              scalar_t& rx_hat, scalar_t& g, scalar_t& rg) {
+__device__ __forceinline__ void backward_load(const Normalised<scalar_t>& n,
+                                              const Gradient& gradient, int64_t i, int64_t k,
+                                              scalar_t& x_hat, scalar_t& rx_hat, scalar_t& g,
+                                              scalar_t& rg) {
   n.load(i, k, x_hat, rx_hat);
   gradient.template get<kTangent>(i, g, rg);
 }
@@ -385,9 +385,12 @@ __global__ void backward_element_kernel(index_t n, index_t rows, index_t channel
     const index_t k = channel_of(i, rows, channels);
     scalar_t x_hat, rx_hat, g, rg;
     backward_load<scalar_t, kTangent>(normalised, gradient, i, k, x_hat, rx_hat, g, rg);
-    const kernels::BackwardCoefficients<scalar_t> c{
-        coefficients[k],             coefficients[total + k],     coefficients[2 * total + k],
-        coefficients[3 * total + k], coefficients[4 * total + k], coefficients[5 * total + k]};
+    const kernels::BackwardCoefficients<scalar_t> c{coefficients[k],
+                                                    coefficients[total + k],
+                                                    coefficients[2 * total + k],
+                                                    coefficients[3 * total + k],
+                                                    coefficients[4 * total + k],
+                                                    coefficients[5 * total + k]};
     scalar_t out, r_out;
     kernels::backward_element<kTangent>(x_hat, rx_hat, g, rg, c, &out, &r_out);
     gx[i] = out;
@@ -397,9 +400,8 @@ __global__ void backward_element_kernel(index_t n, index_t rows, index_t channel
 
 // Pooled forward: one thread per output value j of y [N, OH, OW, C], over its window's ≤ 4 inputs.
 template <typename scalar_t, bool kTangent, typename index_t>
-__global__ void pooled_forward_kernel(index_t n, index_t h, index_t w, index_t out_h,
-                                      index_t out_w, index_t channels,
-                                      const scalar_t* __restrict__ x,
+__global__ void pooled_forward_kernel(index_t n, index_t h, index_t w, index_t out_h, index_t out_w,
+                                      index_t channels, const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ rx, ForwardChannels<scalar_t> p,
                                       scalar_t* __restrict__ y, scalar_t* __restrict__ ry,
                                       uint8_t* __restrict__ argmax) {
@@ -408,10 +410,9 @@ __global__ void pooled_forward_kernel(index_t n, index_t h, index_t w, index_t o
     const index_t c = j % channels, pixel = j / channels;
     const index_t ow = pixel % out_w, oh = (pixel / out_w) % out_h, image = pixel / (out_w * out_h);
     const auto s = stats_of(p.mean, p.invstd, p.rx_mean, p.r_sigma, c);
-    const kernels::Affine<scalar_t> a{value_or(p.weight, c, scalar_t(1)),
-                                      value_or(p.bias, c, scalar_t(0)),
-                                      value_or(p.weight_tangent, c, scalar_t(0)),
-                                      value_or(p.bias_tangent, c, scalar_t(0))};
+    const kernels::Affine<scalar_t> a{
+        value_or(p.weight, c, scalar_t(1)), value_or(p.bias, c, scalar_t(0)),
+        value_or(p.weight_tangent, c, scalar_t(0)), value_or(p.bias_tangent, c, scalar_t(0))};
     scalar_t best = 0, r_best = 0;
     uint8_t position = 0;
     for (index_t dy = 0; dy < 2; ++dy) {
@@ -495,8 +496,8 @@ struct ForwardSetup {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const auto plan = kernels::plan_channel_reduction(batch, rows, channels,
-                                                      multiprocessors(x.device().index()));
+    const auto plan =
+        kernels::plan_channel_reduction(batch, rows, channels, multiprocessors(x.device().index()));
     const auto options = x.options();
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     scalar_t* mean_p = mean.data_ptr<scalar_t>();
@@ -520,10 +521,14 @@ struct ForwardSetup {
 
   template <typename scalar_t>
   ForwardChannels<scalar_t> channels() {
-    return {mean.data_ptr<scalar_t>(),         invstd.data_ptr<scalar_t>(),
-            mutable_data_or_null<scalar_t>(rx_mean), mutable_data_or_null<scalar_t>(r_sigma),
-            data_or_null<scalar_t>(w),         data_or_null<scalar_t>(b),
-            data_or_null<scalar_t>(vw),        data_or_null<scalar_t>(vb)};
+    return {mean.data_ptr<scalar_t>(),
+            invstd.data_ptr<scalar_t>(),
+            mutable_data_or_null<scalar_t>(rx_mean),
+            mutable_data_or_null<scalar_t>(r_sigma),
+            data_or_null<scalar_t>(w),
+            data_or_null<scalar_t>(b),
+            data_or_null<scalar_t>(vw),
+            data_or_null<scalar_t>(vb)};
   }
 };
 
@@ -551,13 +556,17 @@ task_batch_norm_cuda(const at::Tensor& x_in, const OptionalTensor& x_tangent,
       scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
       const int64_t n = f.x.numel();
       if (relu && f.tangent_out) {
-        launch_forward_elements<scalar_t, true, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+        launch_forward_elements<scalar_t, true, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p,
+                                                      stream);
       } else if (relu) {
-        launch_forward_elements<scalar_t, true, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+        launch_forward_elements<scalar_t, true, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p,
+                                                       stream);
       } else if (f.tangent_out) {
-        launch_forward_elements<scalar_t, false, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+        launch_forward_elements<scalar_t, false, true>(n, rows, channels, x_p, rx_p, p, y_p, ry_p,
+                                                       stream);
       } else {
-        launch_forward_elements<scalar_t, false, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p, stream);
+        launch_forward_elements<scalar_t, false, false>(n, rows, channels, x_p, rx_p, p, y_p, ry_p,
+                                                        stream);
       }
     });
   }
@@ -579,8 +588,8 @@ void launch_pooled_forward(int64_t n, int64_t h, int64_t w, int64_t out_h, int64
             static_cast<uint32_t>(channels), x, rx, p, y, ry, argmax);
   } else {
     pooled_forward_kernel<scalar_t, kTangent, int64_t>
-        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, h, w, out_h, out_w, channels, x,
-                                                             rx, p, y, ry, argmax);
+        <<<element_blocks(n), kElementThreads, 0, stream>>>(n, h, w, out_h, out_w, channels, x, rx,
+                                                            p, y, ry, argmax);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -612,8 +621,8 @@ task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor&
       const scalar_t* rx_p = data_or_null<scalar_t>(f.rx);
       scalar_t* ry_p = mutable_data_or_null<scalar_t>(ry);
       if (f.tangent_out) {
-        launch_pooled_forward<scalar_t, true>(y.numel(), h, w, out_h, out_w, channels, x_p, rx_p,
-                                              p, y.data_ptr<scalar_t>(), ry_p,
+        launch_pooled_forward<scalar_t, true>(y.numel(), h, w, out_h, out_w, channels, x_p, rx_p, p,
+                                              y.data_ptr<scalar_t>(), ry_p,
                                               argmax.data_ptr<uint8_t>(), stream);
       } else {
         launch_pooled_forward<scalar_t, false>(y.numel(), h, w, out_h, out_w, channels, x_p, rx_p,
@@ -627,17 +636,15 @@ task_batch_norm_relu_max_pool_cuda(const at::Tensor& x_in, const OptionalTensor&
 
 // The backward's reduction and element launches over x [B, M, C], shared by both backward ops.
 template <typename scalar_t, bool kTangent, typename Gradient>
-void launch_backward(int64_t batch, int64_t rows, int64_t channels,
-                     const Normalised<scalar_t>& normalised, const Gradient& gradient,
-                     const scalar_t* weight, const scalar_t* weight_tangent, bool input_grad,
-                     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor>& out,
-                     const at::TensorOptions& options, c10::DeviceIndex device,
-                     cudaStream_t stream) {
+void launch_backward(
+    int64_t batch, int64_t rows, int64_t channels, const Normalised<scalar_t>& normalised,
+    const Gradient& gradient, const scalar_t* weight, const scalar_t* weight_tangent,
+    bool input_grad,
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& out,
+    const at::TensorOptions& options, c10::DeviceIndex device, cudaStream_t stream) {
   auto& [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] = out;
   const int64_t total = batch * channels;
-  const auto plan =
-      kernels::plan_channel_reduction(batch, rows, channels, multiprocessors(device));
+  const auto plan = kernels::plan_channel_reduction(batch, rows, channels, multiprocessors(device));
   auto coefficients = input_grad ? at::empty({6 * total}, options) : at::Tensor();
   const BackwardFinish<scalar_t, kTangent> finish{
       normalised,
@@ -651,8 +658,8 @@ void launch_backward(int64_t batch, int64_t rows, int64_t channels,
       rows,
       total};
   reduce_channels<scalar_t, kTangent ? 4 : 2>(
-      plan, batch, rows, channels, BackwardTerms<scalar_t, kTangent, Gradient>{normalised, gradient},
-      finish, options, stream);
+      plan, batch, rows, channels,
+      BackwardTerms<scalar_t, kTangent, Gradient>{normalised, gradient}, finish, options, stream);
   if (!input_grad) return;
   const int64_t n = batch * rows * channels;
   const scalar_t* c_p = coefficients.data_ptr<scalar_t>();
@@ -666,7 +673,7 @@ void launch_backward(int64_t batch, int64_t rows, int64_t channels,
   } else {
     backward_element_kernel<scalar_t, kTangent, int64_t>
         <<<element_blocks(n), kElementThreads, 0, stream>>>(n, rows, channels, total, normalised,
-                                                             gradient, c_p, gx_p, rgx_p);
+                                                            gradient, c_p, gx_p, rgx_p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -702,8 +709,9 @@ task_batch_norm_backward_cuda(const at::Tensor& grad_y, const OptionalTensor& gr
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_backward_cuda", [&] {
     const Normalised<scalar_t> normalised{
-        x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),      mean.data_ptr<scalar_t>(),
-        invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
+        x.data_ptr<scalar_t>(),          data_or_null<scalar_t>(rx),
+        mean.data_ptr<scalar_t>(),       invstd.data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
     const ReluGradient<scalar_t> gradient{gy.data_ptr<scalar_t>(), data_or_null<scalar_t>(rgy),
                                           data_or_null<scalar_t>(y)};
     if (tangent) {
@@ -726,10 +734,9 @@ task_batch_norm_relu_max_pool_backward_cuda(
     const OptionalTensor& weight_tangent, const at::Tensor& mean_in, const at::Tensor& invstd_in,
     const OptionalTensor& x_tangent_mean, const OptionalTensor& sigma_tangent,
     const at::Tensor& output, const at::Tensor& argmax_in, bool input_grad) {
-  check_task_batch_norm_relu_max_pool_backward_args(grad_y, grad_y_tangent, x_in, x_tangent,
-                                                    weight, weight_tangent, mean_in, invstd_in,
-                                                    x_tangent_mean, sigma_tangent, output,
-                                                    argmax_in);
+  check_task_batch_norm_relu_max_pool_backward_args(
+      grad_y, grad_y_tangent, x_in, x_tangent, weight, weight_tangent, mean_in, invstd_in,
+      x_tangent_mean, sigma_tangent, output, argmax_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const bool tangent = given(grad_y_tangent);
   const auto x = x_in.contiguous();
@@ -749,11 +756,18 @@ task_batch_norm_relu_max_pool_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "task_batch_norm_relu_max_pool_backward_cuda", [&] {
     const Normalised<scalar_t> normalised{
-        x.data_ptr<scalar_t>(),      data_or_null<scalar_t>(rx),      mean.data_ptr<scalar_t>(),
-        invstd.data_ptr<scalar_t>(), data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
-    const PooledGradient<scalar_t> gradient{
-        gy.data_ptr<scalar_t>(), data_or_null<scalar_t>(rgy), y.data_ptr<scalar_t>(),
-        argmax.data_ptr<uint8_t>(), h, width, y.size(1), y.size(2), channels};
+        x.data_ptr<scalar_t>(),          data_or_null<scalar_t>(rx),
+        mean.data_ptr<scalar_t>(),       invstd.data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(rx_mean), data_or_null<scalar_t>(r_sigma)};
+    const PooledGradient<scalar_t> gradient{gy.data_ptr<scalar_t>(),
+                                            data_or_null<scalar_t>(rgy),
+                                            y.data_ptr<scalar_t>(),
+                                            argmax.data_ptr<uint8_t>(),
+                                            h,
+                                            width,
+                                            y.size(1),
+                                            y.size(2),
+                                            channels};
     const int64_t rows = x.numel() / channels;
     if (tangent) {
       launch_backward<scalar_t, true>(1, rows, channels, normalised, gradient,

@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(kernels::kTileThreads* kernels::kTileThreads)
   kernels::ThreadAccumulators<scalar_t> acc;
   kernels::zero_accumulators(acc);
   for (int64_t k0 = block.k_begin; k0 < block.k_end; k0 += kernels::kTileK) {
-    kernels::stage_tiles<scalar_t, Problem, kTangent>(problem, operands, tiling, block, k0, tid, tiles);
+    kernels::stage_tiles<scalar_t, Problem, kTangent>(problem, operands, tiling, block, k0, tid,
+                                                      tiles);
     __syncthreads();
     kernels::accumulate_tile<scalar_t, kTangent>(tiles, tiling, ty, tx, acc);
     __syncthreads();
@@ -70,27 +71,33 @@ struct CudaExecutor {
   }
 
   template <typename scalar_t, typename Problem>
-  void run(const Problem& problem, const GemmOperands<scalar_t>& ops, const GemmTiling& tiling) const {
+  void run(const Problem& problem, const GemmOperands<scalar_t>& ops,
+           const GemmTiling& tiling) const {
     const dim3 grid(static_cast<unsigned>(tiling.grid_m), static_cast<unsigned>(tiling.grid_n),
                     static_cast<unsigned>(tiling.tasks * tiling.splits));
-    const dim3 block(static_cast<unsigned>(tiling.threads_n), static_cast<unsigned>(tiling.threads_m));
+    const dim3 block(static_cast<unsigned>(tiling.threads_n),
+                     static_cast<unsigned>(tiling.threads_m));
     const auto stream = c10::cuda::getCurrentCUDAStream(device);
     const bool tangent = ops.out_tangent != nullptr;
     if constexpr (kernels::kHasStatistics<Problem>) {
       if (ops.statistics != nullptr) {
         if (tangent) {
-          task_gemm_kernel<scalar_t, Problem, true, true><<<grid, block, 0, stream>>>(problem, ops, tiling);
+          task_gemm_kernel<scalar_t, Problem, true, true>
+              <<<grid, block, 0, stream>>>(problem, ops, tiling);
         } else {
-          task_gemm_kernel<scalar_t, Problem, false, true><<<grid, block, 0, stream>>>(problem, ops, tiling);
+          task_gemm_kernel<scalar_t, Problem, false, true>
+              <<<grid, block, 0, stream>>>(problem, ops, tiling);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }
     if (tangent) {
-      task_gemm_kernel<scalar_t, Problem, true, false><<<grid, block, 0, stream>>>(problem, ops, tiling);
+      task_gemm_kernel<scalar_t, Problem, true, false>
+          <<<grid, block, 0, stream>>>(problem, ops, tiling);
     } else {
-      task_gemm_kernel<scalar_t, Problem, false, false><<<grid, block, 0, stream>>>(problem, ops, tiling);
+      task_gemm_kernel<scalar_t, Problem, false, false>
+          <<<grid, block, 0, stream>>>(problem, ops, tiling);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -115,8 +122,8 @@ TaskConvStatisticsResult task_conv2d_with_statistics_cuda(
     at::IntArrayRef padding) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   return task_conv_gemm::forward_with_statistics(CudaExecutor{x.device().index()}, x, x_tangent,
-                                                 weight, weight_tangent, bias, bias_tangent,
-                                                 stride, padding);
+                                                 weight, weight_tangent, bias, bias_tangent, stride,
+                                                 padding);
 }
 
 TaskConvBackwardResult task_conv2d_backward_cuda(

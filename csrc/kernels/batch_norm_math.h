@@ -57,8 +57,7 @@ MAML_HOST_DEVICE scalar_t mean_channel(acc_t sum_x, int64_t count) {
 
 template <bool kTangent, typename scalar_t, typename acc_t>
 MAML_HOST_DEVICE ForwardStats<scalar_t> forward_channel(scalar_t mean, acc_t sum_sq, acc_t sum_rx,
-                                                        acc_t sum_d_rx, int64_t count,
-                                                        double eps) {
+                                                        acc_t sum_d_rx, int64_t count, double eps) {
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
   const acc_t invstd = acc_t(1) / sqrt_of(sum_sq * inv_count + static_cast<acc_t>(eps));
   ForwardStats<scalar_t> s;
@@ -224,8 +223,8 @@ MAML_HOST_DEVICE BackwardCoefficients<scalar_t> backward_channel(
   c.mean_rg = kTangent ? static_cast<scalar_t>(sum_rg * inv_count) : scalar_t(0);
   c.mean_r_g_xhat = kTangent ? static_cast<scalar_t>(sum_r_g_xhat * inv_count) : scalar_t(0);
   c.scale = weight * s.invstd;
-  c.tangent_scale = kTangent ? (weight_tangent - weight * s.r_sigma * s.invstd) * s.invstd
-                             : scalar_t(0);
+  c.tangent_scale =
+      kTangent ? (weight_tangent - weight * s.r_sigma * s.invstd) * s.invstd : scalar_t(0);
   return c;
 }
 

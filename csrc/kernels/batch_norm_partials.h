@@ -80,9 +80,9 @@ MAML_HOST_DEVICE void store_partial(const PartialStats<acc_t>& s, scalar_t* p) {
 // order; `count` is the channel's number of values (the chunks' counts add up to it).
 template <bool kTangent, typename scalar_t, typename acc_t>
 MAML_HOST_DEVICE ForwardStats<scalar_t> forward_channel_from_partials(const scalar_t* partials,
-                                                                      int64_t chunks,
-                                                                      int64_t total, int64_t k,
-                                                                      int64_t count, double eps) {
+                                                                      int64_t chunks, int64_t total,
+                                                                      int64_t k, int64_t count,
+                                                                      double eps) {
   PartialStats<acc_t> s = empty_partial<acc_t>();
   for (int64_t p = 0; p < chunks; ++p) {
     s = merge_partials(s, load_partial<acc_t>(partials + (p * total + k) * kPartialFields));

@@ -21,8 +21,8 @@ namespace kernels {
 
 constexpr int64_t kGemmThreadsPerDim = 16;  // 256 threads per block
 constexpr int64_t kGemmBlockK = 16;         // reduction depth of one shared-memory tile
-constexpr int64_t kMinSplitLength = 512;    // below this a split's work does not pay its launch share
-constexpr int64_t kMaxGridYZ = 65535;       // CUDA's limit on gridDim.y and gridDim.z
+constexpr int64_t kMinSplitLength = 512;  // below this a split's work does not pay its launch share
+constexpr int64_t kMaxGridYZ = 65535;     // CUDA's limit on gridDim.y and gridDim.z
 
 struct GemmTiling {
   int64_t rows, cols, reduction, tasks;
@@ -60,7 +60,8 @@ inline GemmTiling plan_task_gemm(int64_t tasks, int64_t rows, int64_t cols, int6
     const int64_t blocks = t.grid_m * t.grid_n * tasks;
     const int64_t wanted = (4 * multiprocessors + blocks - 1) / blocks;
     const int64_t most = std::max<int64_t>(1, reduction / kMinSplitLength);
-    splits = std::clamp<int64_t>(wanted, 1, std::min(most, std::max<int64_t>(1, kMaxGridYZ / tasks)));
+    splits =
+        std::clamp<int64_t>(wanted, 1, std::min(most, std::max<int64_t>(1, kMaxGridYZ / tasks)));
   }
   const int64_t length = (reduction + splits - 1) / splits;
   t.split_length = std::max<int64_t>(t.block_k, (length + t.block_k - 1) / t.block_k * t.block_k);

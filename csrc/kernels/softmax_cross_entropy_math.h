@@ -26,9 +26,9 @@ MAML_HOST_DEVICE double log_of(double x) { return ::log(x); }
 // *correct is 1 when the argmax (first maximum) is the target. A target outside [0, classes) gives
 // NaN loss and gradients.
 template <typename scalar_t>
-MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(
-    const scalar_t* z, const scalar_t* z_tangent, int64_t target, int64_t classes,
-    scalar_t* grad, scalar_t* grad_tangent, scalar_t* correct) {
+MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(const scalar_t* z, const scalar_t* z_tangent,
+                                                    int64_t target, int64_t classes, scalar_t* grad,
+                                                    scalar_t* grad_tangent, scalar_t* correct) {
   if (target < 0 || target >= classes) {
     // No class to score: NaN loss and gradient, so that a GPU caller detects it in its one
     // non-finite check instead of reading out of bounds or synchronising to check first.

@@ -84,7 +84,8 @@ MAML_HOST_DEVICE Pixel decode_pixel(int64_t index, int64_t height, int64_t width
   return {nh / height, nh % height, index - nh * width};
 }
 
-// y = conv(x, W): A[(n,ho,wo), (i,j,c)] = x[n, ho·s−p+i, wo·s−p+j, t, c], B[(i,j,c), o] = W[o,c,i,j].
+// y = conv(x, W): A[(n,ho,wo), (i,j,c)] = x[n, ho·s−p+i, wo·s−p+j, t, c], B[(i,j,c), o] =
+// W[o,c,i,j].
 struct ForwardGemm {
   ConvGeometry g;
   static constexpr bool kARowFastest = false;  // consecutive reduction indices are contiguous in x

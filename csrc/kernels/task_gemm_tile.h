@@ -30,7 +30,7 @@ namespace kernels {
 
 constexpr int kTileThreads = static_cast<int>(kGemmThreadsPerDim);  // per block dimension
 constexpr int kTileMaxPerThread = 4;                                // outputs_per_thread() <= 4
-constexpr int kTileMax = kTileThreads * kTileMaxPerThread;           // 64
+constexpr int kTileMax = kTileThreads * kTileMaxPerThread;          // 64
 constexpr int kTileK = static_cast<int>(kGemmBlockK);
 
 // Shared memory of one block. +1 on A: its reduction-fastest staging writes down a column, and the
@@ -87,8 +87,10 @@ MAML_HOST_DEVICE TaskOperands<scalar_t> task_operands(const GemmOperands<scalar_
   TaskOperands<scalar_t> o;
   o.a = ops.a + task * ops.a_task_stride;
   o.b = ops.b + task * ops.b_task_stride;
-  o.a_tangent = kTangent && ops.a_tangent ? ops.a_tangent + task * ops.a_tangent_task_stride : nullptr;
-  o.b_tangent = kTangent && ops.b_tangent ? ops.b_tangent + task * ops.b_tangent_task_stride : nullptr;
+  o.a_tangent =
+      kTangent && ops.a_tangent ? ops.a_tangent + task * ops.a_tangent_task_stride : nullptr;
+  o.b_tangent =
+      kTangent && ops.b_tangent ? ops.b_tangent + task * ops.b_tangent_task_stride : nullptr;
   return o;
 }
 
@@ -150,8 +152,8 @@ MAML_HOST_DEVICE void stage_tiles(const Problem& problem, const TaskOperands<sca
   }
 }
 
-// Phase 2: thread (ty, tx) adds the staged tile's products to its outputs: rows i·kTileThreads + ty,
-// columns j·kTileThreads + tx of the tile (tile_element). The loops run to the compile-time
+// Phase 2: thread (ty, tx) adds the staged tile's products to its outputs: rows i·kTileThreads +
+// ty, columns j·kTileThreads + tx of the tile (tile_element). The loops run to the compile-time
 // maximum with guards, so the kernel's accumulators stay in registers.
 template <typename scalar_t, bool kTangent>
 MAML_HOST_DEVICE void accumulate_tile(const GemmTiles<scalar_t, kTangent>& tiles,
@@ -165,12 +167,14 @@ MAML_HOST_DEVICE void accumulate_tile(const GemmTiles<scalar_t, kTangent>& tiles
     MAML_UNROLL
     for (int i = 0; i < kTileMaxPerThread; ++i) {
       a[i] = i < per_m ? tiles.a[kk][i * kTileThreads + ty] : scalar_t(0);
-      if constexpr (kTangent) ra[i] = i < per_m ? tiles.a_tangent[kk][i * kTileThreads + ty] : scalar_t(0);
+      if constexpr (kTangent)
+        ra[i] = i < per_m ? tiles.a_tangent[kk][i * kTileThreads + ty] : scalar_t(0);
     }
     MAML_UNROLL
     for (int j = 0; j < kTileMaxPerThread; ++j) {
       b[j] = j < per_n ? tiles.b[kk][j * kTileThreads + tx] : scalar_t(0);
-      if constexpr (kTangent) rb[j] = j < per_n ? tiles.b_tangent[kk][j * kTileThreads + tx] : scalar_t(0);
+      if constexpr (kTangent)
+        rb[j] = j < per_n ? tiles.b_tangent[kk][j * kTileThreads + tx] : scalar_t(0);
     }
     MAML_UNROLL
     for (int i = 0; i < kTileMaxPerThread; ++i) {
@@ -266,8 +270,8 @@ MAML_HOST_DEVICE void merge_column_statistics(const GemmOperands<scalar_t>& ops,
   if (col >= t.cols) return;
   PartialStats<scalar_t> s = scratch.column[0][tx];
   for (int ty = 1; ty < kTileThreads; ++ty) s = merge_partials(s, scratch.column[ty][tx]);
-  store_partial(s, ops.statistics + ((blk.block_m_index * t.tasks + blk.task) * t.cols + col) *
-                                        kPartialFields);
+  store_partial(s, ops.statistics +
+                       ((blk.block_m_index * t.tasks + blk.task) * t.cols + col) * kPartialFields);
 }
 
 }  // namespace kernels

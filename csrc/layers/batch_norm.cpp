@@ -52,8 +52,8 @@ class BatchNorm final : public Layer {
     const int64_t channels = r_.channels;
     if (r_.spatial) {
       MAML_CHECK_ARG(x.dim() == 5 && x.size(2) == channels, "x", "BatchNorm2d expects inputs with ",
-                     channels, " channels [T, N, ", channels, ", H, W], got [N, T, C, H, W] = ",
-                     x.sizes());
+                     channels, " channels [T, N, ", channels,
+                     ", H, W], got [N, T, C, H, W] = ", x.sizes());
     } else {
       MAML_CHECK_ARG(x.dim() == 3 && x.size(2) == channels, "x",
                      "BatchNorm1d expects inputs [T, N, ", channels, "], got ", x.sizes());
@@ -97,12 +97,11 @@ class BatchNorm final : public Layer {
     const auto weight = channel_param(p.theta, r_.weight_offset);
     const auto weight_tangent = tangent ? channel_param(p.tangent, r_.weight_offset) : at::Tensor();
     auto [gx, rgx, grad_weight, grad_bias, grad_weight_tangent, grad_bias_tangent] =
-        fused_pool_
-            ? task_batch_norm_relu_max_pool_backward(gyk, rgyk, x_, rx_, weight, weight_tangent,
-                                                     mean_, invstd_, rx_mean_, r_sigma_, y_,
-                                                     argmax_, need_input_grad)
-            : task_batch_norm_backward(gyk, rgyk, x_, rx_, weight, weight_tangent, mean_, invstd_,
-                                       rx_mean_, r_sigma_, y_, need_input_grad);
+        fused_pool_ ? task_batch_norm_relu_max_pool_backward(
+                          gyk, rgyk, x_, rx_, weight, weight_tangent, mean_, invstd_, rx_mean_,
+                          r_sigma_, y_, argmax_, need_input_grad)
+                    : task_batch_norm_backward(gyk, rgyk, x_, rx_, weight, weight_tangent, mean_,
+                                               invstd_, rx_mean_, r_sigma_, y_, need_input_grad);
     if (r_.affine) {
       write_param(p.grad, r_.weight_offset, grad_weight);
       write_param(p.grad, r_.bias_offset, grad_bias);

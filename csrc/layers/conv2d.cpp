@@ -52,10 +52,10 @@ class Conv2d final : public Layer {
     const bool tangent = p.carries_tangent();
     // R{gx} = conv_input_grad(R{gy}, W) + conv_input_grad(gy, V)
     // R{gW} = conv_weight_grad(x, R{gy}) + conv_weight_grad(R{x}, gy);  R{gb} = Σ R{gy}
-    auto [gx, rgx, gw, rgw, gb, rgb] = task_conv2d_backward(
-        gy, tangent ? rgy : at::Tensor(), x_, rx_, weights(p.theta),
-        tangent ? weights(p.tangent) : at::Tensor(), stride_, padding_, need_input_grad,
-        r_.has_bias);
+    auto [gx, rgx, gw, rgw, gb, rgb] =
+        task_conv2d_backward(gy, tangent ? rgy : at::Tensor(), x_, rx_, weights(p.theta),
+                             tangent ? weights(p.tangent) : at::Tensor(), stride_, padding_,
+                             need_input_grad, r_.has_bias);
     write_param(p.grad, r_.weight_offset, gw);
     if (r_.has_bias) write_param(p.grad, r_.bias_offset, gb);
     if (tangent) {

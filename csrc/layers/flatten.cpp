@@ -28,8 +28,9 @@ class Flatten final : public Layer {
 
   at::Tensor unflatten(const at::Tensor& g) const {
     if (input_sizes_.size() == 5) {
-      return g.view({input_sizes_[1], input_sizes_[0], input_sizes_[2], input_sizes_[3],
-                     input_sizes_[4]})
+      return g
+          .view(
+              {input_sizes_[1], input_sizes_[0], input_sizes_[2], input_sizes_[3], input_sizes_[4]})
           .transpose(0, 1)
           .contiguous();
     }

@@ -12,15 +12,17 @@ namespace {
 class MaxPool2d final : public Layer {
  public:
   explicit MaxPool2d(const MaxPool2dRecord& r)
-      : kernel_{r.kernel_h, r.kernel_w}, stride_{r.stride_h, r.stride_w},
-        padding_{r.padding_h, r.padding_w}, ceil_mode_(r.ceil_mode) {}
+      : kernel_{r.kernel_h, r.kernel_w},
+        stride_{r.stride_h, r.stride_w},
+        padding_{r.padding_h, r.padding_w},
+        ceil_mode_(r.ceil_mode) {}
 
   void forward(const PassParams&, at::Tensor& x, at::Tensor& rx) override {
     MAML_CHECK_ARG(x.dim() == 5, "x", "MaxPool2d expects image inputs [T, N, C, H, W], got ",
                    x.sizes());
     input_ = channels_last(grouped(x));
-    auto [y, indices] = at::max_pool2d_with_indices(input_, kernel_, stride_, padding_, {1, 1},
-                                                    ceil_mode_);
+    auto [y, indices] =
+        at::max_pool2d_with_indices(input_, kernel_, stride_, padding_, {1, 1}, ceil_mode_);
     indices_ = indices;
     output_sizes_ = {x.size(0), x.size(1), x.size(2), y.size(2), y.size(3)};
     if (rx.defined()) {
@@ -41,8 +43,8 @@ class MaxPool2d final : public Layer {
 
  private:
   at::Tensor scatter(const at::Tensor& g) const {
-    return at::max_pool2d_with_indices_backward(channels_last(grouped(g)), input_, kernel_,
-                                                stride_, padding_, {1, 1}, ceil_mode_, indices_);
+    return at::max_pool2d_with_indices_backward(channels_last(grouped(g)), input_, kernel_, stride_,
+                                                padding_, {1, 1}, ceil_mode_, indices_);
   }
 
   std::array<int64_t, 2> kernel_, stride_, padding_;
