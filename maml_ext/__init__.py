@@ -8,9 +8,17 @@ The paper's experiments and the loader of their checkpoints are in :mod:`maml_ex
 """
 
 from ._extension import extension_info
+from ._optional import MissingExtraError
 from .functional import hvp
 from .optimizer import MetaOptimizer, MetaStepResult
 from .program import UnsupportedModelError
 
-__all__ = ["MetaOptimizer", "MetaStepResult", "UnsupportedModelError", "extension_info", "hvp"]
+__all__ = [
+    "MetaOptimizer",
+    "MetaStepResult",
+    "MissingExtraError",
+    "UnsupportedModelError",
+    "extension_info",
+    "hvp",
+]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from maml_ext.tasks import DatasetError, Omniglot, omniglot_image
-from maml_ext.tasks.omniglot import _split_counts
+from maml_ext.tasks.omniglot import split_counts
 
 SMALL1, SMALL2 = "images_background_small1", "images_background_small2"
 ALL_ALPHABETS = [
@@ -221,11 +221,11 @@ def test_split_by_character_is_disjoint_complete_and_seeded(omniglot_root, omnig
 
 
 def test_split_sizes_follow_the_paper():
-    assert _split_counts(1623, (1100, 100, 423)) == (1100, 100, 423)
-    assert _split_counts(242, (0.8, 0.1, 0.1)) == _split_counts(242, (8, 1, 1)) == (194, 24, 24)
-    assert sum(_split_counts(7, (1, 1, 1))) == 7
+    assert split_counts(1623, (1100, 100, 423)) == (1100, 100, 423)
+    assert split_counts(242, (0.8, 0.1, 0.1)) == split_counts(242, (8, 1, 1)) == (194, 24, 24)
+    assert sum(split_counts(7, (1, 1, 1))) == 7
     with pytest.raises(ValueError, match="fractions"):
-        _split_counts(10, (1, -1, 1))
+        split_counts(10, (1, -1, 1))
 
 
 def test_seeded_split_by_alphabet_keeps_alphabets_whole(everything, omniglot_root, omniglot_cache):

@@ -30,7 +30,7 @@ _CHILD = textwrap.dedent("""
     import torch
     import maml_ext
     from maml_ext.tasks import Sinusoid
-    from maml_ext._optional import MissingExtraError
+    from maml_ext import MissingExtraError
 
     torch.manual_seed(0)
     backends = ["reference"]

@@ -40,7 +40,7 @@ ROTATION_DEGREES = (0, 90, 180, 270)
 # Splits
 
 
-def _split_counts(total: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+def split_counts(total: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     """``total`` items cut in the ratio of ``fractions`` (largest remainders get the leftovers)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(
@@ -98,7 +98,7 @@ def _select_characters(
         return list(range(len(keys)))
     split_index = SPLITS.index(split)
     if split_by == "character":
-        counts = _split_counts(len(keys), fractions)
+        counts = split_counts(len(keys), fractions)
         start = sum(counts[:split_index])
         chosen = _seeded_order(len(keys), seed)[start : start + counts[split_index]]
         how = f"{len(keys)} characters cut {counts} by fractions {tuple(fractions)}"
@@ -108,7 +108,7 @@ def _select_characters(
             split_alphabets = _check_alphabet_lists(alphabets, available).get(split, set())
             how = f"alphabets given for {sorted(alphabets)}"
         else:
-            counts = _split_counts(len(available), fractions)
+            counts = split_counts(len(available), fractions)
             start = sum(counts[:split_index])
             order = _seeded_order(len(available), seed)[start : start + counts[split_index]]
             split_alphabets = {available[i] for i in order}
@@ -189,7 +189,7 @@ class Omniglot:
             raise ValueError(f"split_by must be 'character' or 'alphabet', got {split_by!r}")
         if alphabets is not None and split_by != "alphabet":
             raise ValueError("alphabets lists split by alphabet; drop split_by='character'")
-        _split_counts(1, fractions)  # validates fractions before the (slow) decoding
+        split_counts(1, fractions)  # validates fractions before the (slow) decoding
 
         self.root = Path(root)
         self.split = split
