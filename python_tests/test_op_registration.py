@@ -3,7 +3,6 @@ record format shared by C++ and Python, and meta_step as a differentiable op (it
 against finite differences, opcheck with inputs that require grad)."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -61,10 +60,6 @@ def registered_ops(namespace: str) -> set[str]:
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith(prefix)
     }
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def test_public_namespace_lists_exactly_the_public_ops():
@@ -178,8 +173,8 @@ def op_inputs(make_case, seed, *, steps=2, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("make_case", CASES, ids=CASE_IDS)
-def test_meta_step_gradients_by_finite_differences(make_case):
-    seed = fresh_seed()
+def test_meta_step_gradients_by_finite_differences(make_case, seed):
+    seed = seed
     program, theta, rates, batch, loss = op_inputs(make_case, seed)
     theta.requires_grad_()
     rates.requires_grad_()
@@ -203,8 +198,8 @@ def test_meta_step_gradients_by_finite_differences(make_case):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("make_case", CASES, ids=CASE_IDS)
-def test_meta_step_backward_scales_its_gradients(make_case, first_order):
-    seed = fresh_seed()
+def test_meta_step_backward_scales_its_gradients(make_case, first_order, seed):
+    seed = seed
     program, theta, rates, batch, loss = op_inputs(make_case, seed)
     args = (program.ints_list, program.floats_list, loss_code(loss), first_order)
     bare = torch.ops.maml_ext.meta_step(theta, rates, *batch, *args, True)
@@ -221,8 +216,8 @@ def test_meta_step_backward_scales_its_gradients(make_case, first_order):
     assert torch.equal(rates.grad, 3.0 * bare[4]), seed
 
 
-def test_fused_meta_loss_differentiates_through_the_op():
-    seed = fresh_seed()
+def test_fused_meta_loss_differentiates_through_the_op(seed):
+    seed = seed
     program, theta, rates, batch, loss = op_inputs(mlp_case, seed)
     expected = torch.ops.maml_ext.meta_step(
         theta, rates, *batch, program.ints_list, program.floats_list, loss_code(loss), False, True
@@ -237,8 +232,8 @@ def test_fused_meta_loss_differentiates_through_the_op():
     assert torch.equal(theta_grad, expected[3]) and torch.equal(rate_grad, expected[4]), seed
 
 
-def test_meta_step_is_not_differentiable_in_the_data():
-    program, theta, rates, batch, loss = op_inputs(mlp_case, fresh_seed())
+def test_meta_step_is_not_differentiable_in_the_data(seed):
+    program, theta, rates, batch, loss = op_inputs(mlp_case, seed)
     support_x = batch[0].clone().requires_grad_()
     out = torch.ops.maml_ext.meta_step(
         theta,
@@ -256,8 +251,8 @@ def test_meta_step_is_not_differentiable_in_the_data():
 
 
 @pytest.mark.parametrize("make_case", CASES, ids=CASE_IDS)
-def test_opcheck_meta_step_with_inputs_that_require_grad(make_case):
-    program, theta, rates, batch, loss = op_inputs(make_case, fresh_seed())
+def test_opcheck_meta_step_with_inputs_that_require_grad(make_case, seed):
+    program, theta, rates, batch, loss = op_inputs(make_case, seed)
     for inner_lr_grad in (False, True):
         args = (
             theta.clone().requires_grad_(),
@@ -273,8 +268,8 @@ def test_opcheck_meta_step_with_inputs_that_require_grad(make_case):
 
 
 @pytest.mark.parametrize("make_case", CASES, ids=CASE_IDS)
-def test_opcheck_meta_gradient_with_parameters_that_require_grad(make_case):
-    generator = torch.Generator().manual_seed(fresh_seed())
+def test_opcheck_meta_gradient_with_parameters_that_require_grad(make_case, seed):
+    generator = torch.Generator().manual_seed(seed)
     model, batch, loss = make_case(generator)
     program = compile_program(model)
     params = [dict(model.named_parameters())[name] for name in program.slot_names]
@@ -288,8 +283,8 @@ def test_opcheck_meta_gradient_with_parameters_that_require_grad(make_case):
 
 
 @pytest.mark.parametrize("op", ["adapt", "loss_hvp", "program_forward"])
-def test_non_differentiable_ops_say_so(op):
-    program, theta, rates, batch, loss = op_inputs(conv_case, fresh_seed())
+def test_non_differentiable_ops_say_so(op, seed):
+    program, theta, rates, batch, loss = op_inputs(conv_case, seed)
     sx, sy, qx, _ = batch
     per_task = theta.expand(sx.shape[0], -1).clone().requires_grad_()
     code = loss_code(loss)

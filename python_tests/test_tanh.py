@@ -3,7 +3,6 @@ meta-gradients of random stacks with Tanh (second and first order, several inner
 of learned rate) to 1e-10 in float64, Hessian-vector products against forward-over-reverse
 autodiff, and the CPU MLP path declining Tanh programs to the general path."""
 
-import random
 
 import pytest
 import torch
@@ -159,10 +158,9 @@ def test_loss_hvp_equals_jvp_of_vjp(device, stack, tasks, seed):
         assert relative_error(products[t], flat(expected_product)) <= 1e-10, seed
 
 
-def test_tanh_policy_net_takes_the_general_path_and_matches_the_reference():
+def test_tanh_policy_net_takes_the_general_path_and_matches_the_reference(seed):
     """The CPU MLP path runs Linear/ReLU programs only: it declines Tanh (its test hook says so),
     and meta_step then runs the general path, exact against the reference."""
-    seed = random.SystemRandom().randrange(2**31)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = nn.Sequential(
