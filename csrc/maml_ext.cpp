@@ -3,7 +3,7 @@
 // registered per dispatch key next to their implementations: CompositeExplicitAutograd in
 // meta_step.cpp and meta_gradient.cpp, Autograd in meta_step_autograd.cpp and meta_gradient.cpp,
 // CPU in cpu/, CUDA in cuda/. Also here: the C++ entry points (batch_norm.h, task_conv.h,
-// softmax_cross_entropy.h) that call the kernel ops through the dispatcher.
+// softmax_cross_entropy.h, task_loss.h) that call the kernel ops through the dispatcher.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -16,6 +16,7 @@
 #include "program_records.h"
 #include "softmax_cross_entropy.h"
 #include "task_conv.h"
+#include "task_loss.h"
 
 namespace maml_ext {
 
@@ -33,6 +34,8 @@ namespace schema {
 using Tensor = at::Tensor;
 std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_cross_entropy(
     const Tensor& logits, const Tensor& target, const OptionalTensor& logits_tangent);
+TaskLossResult task_loss(const Tensor& z, const OptionalTensor& z_tangent, const Tensor& y,
+                         int64_t loss);
 TaskConvForwardResult task_conv2d(const Tensor& x, const OptionalTensor& x_tangent,
                                   const Tensor& weight, const OptionalTensor& weight_tangent,
                                   const OptionalTensor& bias, const OptionalTensor& bias_tangent,
@@ -104,6 +107,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy
   static const auto op =
       find_op<decltype(schema::softmax_cross_entropy)>("maml_ext::softmax_cross_entropy");
   return op.call(logits, target, optional_arg(logits_tangent));
+}
+
+TaskLossResult task_loss(const at::Tensor& z, const at::Tensor& z_tangent, const at::Tensor& y,
+                         LossKind kind) {
+  static const auto op = find_op<decltype(schema::task_loss)>("maml_ext::task_loss");
+  return op.call(z, optional_arg(z_tangent), y, static_cast<int64_t>(kind));
 }
 
 TaskConvForwardResult task_conv2d(const at::Tensor& x, const at::Tensor& x_tangent,
@@ -226,6 +235,12 @@ TORCH_LIBRARY(maml_ext, m) {
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? logits_tangent) -> "
       "(Tensor loss, Tensor correct, Tensor grad, Tensor grad_tangent)");
+  // The per-task losses at a program's outputs z [T, N, ...] against y (class indices [T, N] or
+  // targets shaped like z): loss [T], accuracy [T] or [0], ∂L_t/∂z and, given z_tangent, its
+  // tangent; contract in csrc/task_loss.h, definitions in csrc/kernels/loss_math.h.
+  m.def(
+      "task_loss(Tensor z, Tensor? z_tangent, Tensor y, int loss) -> "
+      "(Tensor loss, Tensor accuracy, Tensor grad, Tensor grad_tangent)");
   // Transductive batch norm (statistics per channel of x [B, M, C] over its M values), optionally
   // with a fused ReLU, carrying tangents; contract in csrc/batch_norm.h. partial_statistics
   // [P, B, C, 5] (e.g. from task_conv2d_with_statistics) replaces the statistics passes.

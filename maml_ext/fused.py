@@ -87,6 +87,13 @@ def _register_fake_kernels() -> None:
             theta.new_empty((tasks, params)),
         )
 
+    @torch.library.register_fake("maml_ext::task_loss")
+    def _(z, z_tangent, y, loss):
+        tasks = z.shape[0]
+        accuracy = z.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
+        tangent = z.new_empty(z.shape if z_tangent is not None else (0,))
+        return z.new_empty((tasks,)), accuracy, torch.empty_like(z), tangent
+
     @torch.library.register_fake("maml_ext::softmax_cross_entropy")
     def _(logits, target, logits_tangent):
         rows = logits.shape[0]

@@ -40,6 +40,7 @@ PUBLIC_OPS = {
     "task_conv2d",
     "task_conv2d_backward",
     "task_conv2d_with_statistics",
+    "task_loss",
 }
 TEST_HOOKS = {
     "_force_baseline_cpu_kernels",

@@ -11,11 +11,9 @@
 //   (ce_r and the per-row gradient, tangent and hit from softmax_cross_entropy_row;
 //   cross_entropy_gradient_scale gives 1/N).
 //
-// The MLP path (cpu/mlp_task_kernels.h) runs the loops below on raw memory. The general path
-// (layers.cpp) works on tensors [T, N, D] with ATen ops and the softmax_cross_entropy op (whose
-// kernels call softmax_cross_entropy_row); it takes the scales from the two *_gradient_scale
-// functions (in double: the same value as T's division, rounded once) and follows the
-// definitions above (loss and accuracy as means over the task's rows / outputs).
+// Both paths of the meta-step run these functions: the CPU MLP path (cpu/mlp_task_kernels.h) per
+// task on its own buffers, the general path (loss_head.cpp) through the maml_ext::task_loss op,
+// whose CPU and CUDA kernels call them per task.
 #pragma once
 
 #include <cstdint>
