@@ -22,15 +22,16 @@ namespace maml_ext {
 using TaskLossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The op's argument checks, shared by its CPU and CUDA kernels.
-inline LossKind check_task_loss_args(const at::Tensor& z, const std::optional<at::Tensor>& z_tangent,
+inline LossKind check_task_loss_args(const at::Tensor& z,
+                                     const std::optional<at::Tensor>& z_tangent,
                                      const at::Tensor& y, int64_t loss) {
   const LossKind kind = loss_kind(loss);
   check_floating(z, "z");
   MAML_CHECK_ARG(z.dim() >= 2, "z", "expected task-batched outputs [T, N, ...], got shape ",
                  z.sizes());
   check_like(z_tangent, z, "z_tangent");
-  MAML_CHECK_ARG(y.device() == z.device(), "y", "expected a tensor on ", z.device(), ", got one on ",
-                 y.device());
+  MAML_CHECK_ARG(y.device() == z.device(), "y", "expected a tensor on ", z.device(),
+                 ", got one on ", y.device());
   if (has_class_targets(kind)) {
     MAML_CHECK_ARG(z.dim() == 3 && z.size(2) > 0, "z",
                    "cross-entropy needs outputs [T, N, classes], got shape ", z.sizes());

@@ -3,7 +3,6 @@ meta-gradients of random stacks with Tanh (second and first order, several inner
 of learned rate) to 1e-10 in float64, Hessian-vector products against forward-over-reverse
 autodiff, and the CPU MLP path declining Tanh programs to the general path."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -14,14 +14,11 @@ namespace maml_ext {
 namespace {
 
 template <typename scalar_t>
-__global__ void task_cross_entropy_kernel(const scalar_t* __restrict__ z,
-                                          const scalar_t* __restrict__ z_tangent,
-                                          const int64_t* __restrict__ labels, int64_t tasks,
-                                          int64_t rows, int64_t classes,
-                                          scalar_t* __restrict__ loss,
-                                          scalar_t* __restrict__ accuracy,
-                                          scalar_t* __restrict__ grad,
-                                          scalar_t* __restrict__ grad_tangent) {
+__global__ void task_cross_entropy_kernel(
+    const scalar_t* __restrict__ z, const scalar_t* __restrict__ z_tangent,
+    const int64_t* __restrict__ labels, int64_t tasks, int64_t rows, int64_t classes,
+    scalar_t* __restrict__ loss, scalar_t* __restrict__ accuracy, scalar_t* __restrict__ grad,
+    scalar_t* __restrict__ grad_tangent) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tasks) return;
   const int64_t at = t * rows * classes;
@@ -65,8 +62,8 @@ TaskLossResult task_loss_cuda(const at::Tensor& z_in, const std::optional<at::Te
     if (kind == LossKind::kCrossEntropy) {
       task_cross_entropy_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
           z.data_ptr<scalar_t>(), rz_ptr, y.data_ptr<int64_t>(), tasks, z.size(1), z.size(2),
-          task_loss.data_ptr<scalar_t>(), accuracy.data_ptr<scalar_t>(),
-          grad.data_ptr<scalar_t>(), rg_ptr);
+          task_loss.data_ptr<scalar_t>(), accuracy.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+          rg_ptr);
     } else {
       task_squared_error_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
           z.data_ptr<scalar_t>(), rz_ptr, y.data_ptr<scalar_t>(), tasks, z.numel() / tasks,
