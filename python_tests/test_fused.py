@@ -1,6 +1,7 @@
 """The fused backend against the reference: random layer stacks, all rate kinds, first and second
 order, float64 and float32; Hessian-vector products against torch.func; the ops' registration."""
 
+import copy
 import warnings
 
 import pytest
@@ -465,6 +466,29 @@ def test_fused_conv_net_matches_reference(device, dtype, learn, seed):
     result, actual = meta_gradients(model, [b.to(device) for b in batch], "fused", 11, **kwargs)
     assert result.backend == "fused"
     assert relative_error(actual.cpu(), expected) <= tolerance
+
+
+@pytest.mark.xfail(
+    reason="known float32 inaccuracy of the fused conv path (issue 11's closing note): on this "
+    "draw its meta-gradient is 2e-2 from float64 where the float32 reference's is 4e-7; "
+    "the same at 1c71b19, before the redesign",
+    strict=False,
+)
+def test_fused_float32_conv_net_on_a_draw_where_it_is_inaccurate():
+    known_seed = 590604880  # found by test_fused_conv_net_matches_reference[cpu-float32-None]
+    torch.manual_seed(known_seed)
+    generator = torch.Generator().manual_seed(known_seed)
+    model = conv_net(ways=5, channels=8, blocks=2, dtype=torch.float32)
+    batch = classification_batch(4, 5, 6, (1, 8, 8), 5, dtype=torch.float32, generator=generator)
+    model64 = copy.deepcopy(model).double()
+    batch64 = [b.double() if b.is_floating_point() else b for b in batch]
+    kwargs = dict(inner_lr=0.1, inner_steps=3)
+    _, exact = meta_gradients(model64, batch64, "reference", 11, **kwargs)
+    _, reference = meta_gradients(model, batch, "reference", 11, **kwargs)
+    _, fused = meta_gradients(model, batch, "fused", 11, **kwargs)
+    reference_error = relative_error(reference.double(), exact)
+    assert reference_error <= 1e-5
+    assert relative_error(fused.double(), exact) <= 2 * reference_error
 
 
 def test_out_of_range_class_is_named_and_changes_nothing(device):
