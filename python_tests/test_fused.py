@@ -1,7 +1,6 @@
 """The fused backend against the reference: random layer stacks, all rate kinds, first and second
 order, float64 and float32; Hessian-vector products against torch.func; the ops' registration."""
 
-import copy
 import warnings
 
 import pytest
@@ -468,27 +467,39 @@ def test_fused_conv_net_matches_reference(device, dtype, learn, seed):
     assert relative_error(actual.cpu(), expected) <= tolerance
 
 
-@pytest.mark.xfail(
-    reason="known float32 inaccuracy of the fused conv path (issue 11's closing note): on this "
-    "draw its meta-gradient is 2e-2 from float64 where the float32 reference's is 4e-7; "
-    "the same at 1c71b19, before the redesign",
-    strict=False,
-)
-def test_fused_float32_conv_net_on_a_draw_where_it_is_inaccurate():
-    known_seed = 590604880  # found by test_fused_conv_net_matches_reference[cpu-float32-None]
+def test_the_known_float32_draw_has_a_max_pool_near_tie():
+    """MAML_TEST_SEED=590604880 made test_fused_conv_net_matches_reference[cpu-float32-None] fail
+    once (fused float32 2e-2 from float64, the float32 reference 4e-7; the same before the
+    redesign). The cause is not the fused arithmetic: in task 0's query pass at the adapted
+    weights, a 2x2 max-pool window's two largest inputs differ by less than float32's resolution,
+    so float32 may route that window's gradient to either of them. In float64 both backends agree
+    exactly."""
+    known_seed = 590604880
     torch.manual_seed(known_seed)
     generator = torch.Generator().manual_seed(known_seed)
-    model = conv_net(ways=5, channels=8, blocks=2, dtype=torch.float32)
+    model = conv_net(ways=5, channels=8, blocks=2, dtype=torch.float32).double()
     batch = classification_batch(4, 5, 6, (1, 8, 8), 5, dtype=torch.float32, generator=generator)
-    model64 = copy.deepcopy(model).double()
-    batch64 = [b.double() if b.is_floating_point() else b for b in batch]
+    batch = [b.double() if b.is_floating_point() else b for b in batch]
     kwargs = dict(inner_lr=0.1, inner_steps=3)
-    _, exact = meta_gradients(model64, batch64, "reference", 11, **kwargs)
-    _, reference = meta_gradients(model, batch, "reference", 11, **kwargs)
-    _, fused = meta_gradients(model, batch, "fused", 11, **kwargs)
-    reference_error = relative_error(reference.double(), exact)
-    assert reference_error <= 1e-5
-    assert relative_error(fused.double(), exact) <= 2 * reference_error
+    _, expected = meta_gradients(model, batch, "reference", 11, **kwargs)
+    _, actual = meta_gradients(model, batch, "fused", 11, **kwargs)
+    assert relative_error(actual, expected) <= 1e-10
+
+    adapted = maml_ext.MetaOptimizer(model, None, backend="reference", **kwargs).adapt(*batch[:2])
+    smallest_gaps = []
+
+    def record_gap(module, inputs, output):
+        windows = F.unfold(inputs[0].flatten(0, 1).unsqueeze(1), 2, stride=2)
+        top = windows.topk(2, dim=1).values
+        positive = top[:, 0] > 0  # windows of zeros carry no gradient past the ReLU
+        gaps = (top[:, 0] - top[:, 1])[positive] / top[:, 0][positive]
+        smallest_gaps.append(gaps.min().item())
+
+    for module in model.modules():
+        if isinstance(module, nn.MaxPool2d):
+            module.register_forward_hook(record_gap)
+    functional_call(model, {name: value[0] for name, value in adapted.items()}, (batch[2][0],))
+    assert min(smallest_gaps) < torch.finfo(torch.float32).eps
 
 
 def test_out_of_range_class_is_named_and_changes_nothing(device):
