@@ -4,9 +4,11 @@ the random convolution cases of the task-batched convolution's tests."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, strategies as st
 from torch import nn
 
@@ -100,6 +102,55 @@ def perturb_rates(opt, generator=None) -> None:
     with torch.no_grad():
         for p in opt.inner_lr.parameters():
             p.mul_(1 + 0.5 * torch.rand(p.shape, dtype=p.dtype, generator=generator).to(p.device))
+
+
+def smallest_max_pool_gap(opt, support_x, support_y, query_x) -> float:
+    """The smallest relative gap between the two largest inputs of any 2x2 max-pool window with a
+    positive maximum, over every pass of the inner loop (each task's support set at θ_0 … θ_{K-1},
+    its query set at θ_K), from ``opt``'s model in float64 by the reference backend. Below a
+    dtype's resolution that precision may route the window's gradient to either input: max-pooling
+    is discontinuous there, and no backend can be expected to agree with float64."""
+    model = copy.deepcopy(opt.model).double()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    reference = maml_ext.MetaOptimizer(
+        model,
+        None,
+        inner_lr=opt.inner_lr.init,
+        inner_steps=opt.inner_steps,
+        backend="reference",
+        learn_inner_lr=opt.inner_lr.learn,
+    )
+    reference.inner_lr.load_state_dict(
+        {k: v.double() for k, v in opt.inner_lr.state_dict().items()}
+    )
+    support_x, query_x = support_x.double().cpu(), query_x.double().cpu()
+    support_y = support_y.cpu()
+    gaps = []
+
+    def record_gap(module, inputs, output):
+        windows = F.unfold(inputs[0].flatten(0, 1).unsqueeze(1), 2, stride=2)
+        top = windows.topk(2, dim=1).values
+        positive = top[:, 0] > 0  # all-zero windows carry no gradient past the ReLU
+        if positive.any():
+            gaps.append(((top[:, 0] - top[:, 1])[positive] / top[:, 0][positive]).min().item())
+
+    # θ_1 … θ_K first: the reference backend's own passes must not reach the hooks.
+    steps = opt.inner_steps
+    adapted = [reference.adapt(support_x, support_y, steps=k) for k in range(1, steps + 1)]
+    hooks = [
+        m.register_forward_hook(record_gap) for m in model.modules() if isinstance(m, nn.MaxPool2d)
+    ]
+    try:
+        with torch.no_grad():
+            for k in range(steps + 1):
+                for t in range(support_x.shape[0]):
+                    weights = params if k == 0 else {n: v[t] for n, v in adapted[k - 1].items()}
+                    x = query_x[t] if k == steps else support_x[t]
+                    torch.func.functional_call(model, weights, (x,))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return min(gaps, default=float("inf"))
 
 
 def all_grads(opt) -> torch.Tensor:

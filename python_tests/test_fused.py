@@ -17,6 +17,7 @@ from maml_test_utils import (
     regression_batch,
     relative_error,
     sinusoid_mlp,
+    smallest_max_pool_gap,
 )
 from torch import nn
 from torch.func import functional_call, grad, jvp
@@ -460,6 +461,16 @@ def test_fused_conv_net_matches_reference(device, dtype, learn, seed):
     model = conv_net(ways=5, channels=8, blocks=2, dtype=dtype)
     batch = classification_batch(4, 5, 6, (1, 8, 8), 5, dtype=dtype, generator=generator)
     kwargs = dict(inner_lr=0.1, inner_steps=3, learn_inner_lr=learn)
+    if dtype == torch.float32:
+        probe = maml_ext.MetaOptimizer(model, None, backend="reference", **kwargs)
+        perturb_rates(probe, torch.Generator().manual_seed(11))
+        gap = smallest_max_pool_gap(probe, *batch[:3])
+        if gap < 4 * torch.finfo(dtype).eps:
+            pytest.skip(
+                f"seed {seed}: a max-pool window's two largest inputs differ by {gap:.1e} "
+                "(relative), so float32 may route its gradient to either (see "
+                "test_the_known_float32_draw_has_a_max_pool_near_tie)"
+            )
     _, expected = meta_gradients(model, batch, "reference", 11, **kwargs)
     model.to(device)
     result, actual = meta_gradients(model, [b.to(device) for b in batch], "fused", 11, **kwargs)
@@ -485,21 +496,8 @@ def test_the_known_float32_draw_has_a_max_pool_near_tie():
     _, actual = meta_gradients(model, batch, "fused", 11, **kwargs)
     assert relative_error(actual, expected) <= 1e-10
 
-    adapted = maml_ext.MetaOptimizer(model, None, backend="reference", **kwargs).adapt(*batch[:2])
-    smallest_gaps = []
-
-    def record_gap(module, inputs, output):
-        windows = F.unfold(inputs[0].flatten(0, 1).unsqueeze(1), 2, stride=2)
-        top = windows.topk(2, dim=1).values
-        positive = top[:, 0] > 0  # windows of zeros carry no gradient past the ReLU
-        gaps = (top[:, 0] - top[:, 1])[positive] / top[:, 0][positive]
-        smallest_gaps.append(gaps.min().item())
-
-    for module in model.modules():
-        if isinstance(module, nn.MaxPool2d):
-            module.register_forward_hook(record_gap)
-    functional_call(model, {name: value[0] for name, value in adapted.items()}, (batch[2][0],))
-    assert min(smallest_gaps) < torch.finfo(torch.float32).eps
+    probe = maml_ext.MetaOptimizer(model, None, backend="reference", **kwargs)
+    assert smallest_max_pool_gap(probe, *batch[:3]) < torch.finfo(torch.float32).eps
 
 
 def test_out_of_range_class_is_named_and_changes_nothing(device):
