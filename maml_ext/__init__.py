@@ -10,13 +10,17 @@ The paper's experiments and the loader of their checkpoints are in :mod:`maml_ex
 from ._extension import extension_info
 from ._optional import MissingExtraError
 from .functional import hvp
+from .implicit import ImplicitMetaOptimizer
 from .optimizer import MetaOptimizer, MetaStepResult
 from .program import UnsupportedModelError
+from .reptile import Reptile
 
 __all__ = [
+    "ImplicitMetaOptimizer",
     "MetaOptimizer",
     "MetaStepResult",
     "MissingExtraError",
+    "Reptile",
     "UnsupportedModelError",
     "extension_info",
     "hvp",
