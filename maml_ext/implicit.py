@@ -189,7 +189,8 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
         squared = (residual * residual).sum(1, keepdim=True)
         zero = torch.zeros_like(squared)
         for _ in range(self.cg_steps):
-            product = scale * direction + inverse_lam * ops.hvp(phi, support_x, support_y, direction)
+            hessian_product = ops.hvp(phi, support_x, support_y, direction)
+            product = scale * direction + inverse_lam * hessian_product
             curvature = (direction * product).sum(1, keepdim=True)
             # A task whose residual reached 0 exactly has a zero direction: it stops moving
             # instead of dividing 0 by 0 (no host synchronisation: per-task selects).

@@ -87,7 +87,8 @@ class TaskOps:
                 loss = self.loss.fn(functional_call(self.model, weights, (x[t],)), y[t])
                 task_grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             task_grads = [
-                torch.zeros_like(w) if g is None else g for w, g in zip(weights.values(), task_grads)
+                torch.zeros_like(w) if g is None else g
+                for w, g in zip(weights.values(), task_grads)
             ]
             losses.append(loss.detach())
             grads.append(torch.cat([g.reshape(-1) for g in task_grads]))

@@ -78,7 +78,9 @@ def expected(model, batch, *, lr, lam, steps, damping, loss, cg_steps=None):
     adapted, solutions = [], []
     for t in range(sx.shape[0]):
         phi = proximal_descent(flat, theta, sx[t], sy[t], lr=lr, lam=lam, steps=steps, loss=loss)
-        hessian = torch.autograd.functional.hessian(lambda w: flat.loss(w, sx[t], sy[t], loss), phi)
+        hessian = torch.autograd.functional.hessian(
+            lambda w, x=sx[t], y=sy[t]: flat.loss(w, x, y, loss), phi
+        )
         matrix = (1 + damping) * torch.eye(len(phi), dtype=phi.dtype) + hessian / lam
         rhs = flat.grad(phi, qx[t], qy[t], loss)
         if cg_steps is None:
