@@ -14,7 +14,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from maml_ext._optional import MissingExtraError
-from maml_ext.experiments.presets import PRESETS as _FEWSHOT_PRESETS, ConfigurationError
+from maml_ext.experiments.presets import (
+    ALGORITHMS,
+    PRESETS as _FEWSHOT_PRESETS,
+    ConfigurationError,
+)
 
 
 class Experiment(NamedTuple):
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Omniglot meta-train/val/test split (default: character)",
     )
 
+    _add_algorithm_options(train)
+
     evaluate = commands.add_parser(
         "eval",
         help="test a few-shot checkpoint with the paper's protocol",
@@ -143,6 +149,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_algorithm_options(train: argparse.ArgumentParser) -> None:
+    """The few-shot presets' --algorithm and each algorithm's options."""
+    group = train.add_argument_group(
+        "algorithms (few-shot presets)",
+        "maml, fomaml (first order), metasgd (learned per-parameter inner rates), anil (only the "
+        "last layer adapts), mamlpp (MAML++: multi-step loss, per-step batch norm and rates, "
+        "first-order annealing, cosine outer rate), imaml (implicit gradients), reptile",
+    )
+    group.add_argument(
+        "--algorithm", choices=ALGORITHMS, help="meta-learning algorithm (preset default: maml)"
+    )
+    group.add_argument("--inner-lr", type=float, metavar="A", help="inner step (preset default)")
+    group.add_argument("--inner-steps", type=int, metavar="K", help="inner steps (preset default)")
+    group.add_argument(
+        "--outer-schedule",
+        choices=("constant", "cosine"),
+        help="outer learning-rate schedule (default: cosine for mamlpp, else constant)",
+    )
+    group.add_argument(
+        "--msl-iterations", type=int, metavar="N", help="mamlpp: multi-step loss iterations"
+    )
+    group.add_argument(
+        "--first-order-until",
+        type=int,
+        metavar="N",
+        help="mamlpp: first-order outer steps before second order",
+    )
+    group.add_argument("--lam", type=float, help="imaml: proximal strength lambda (default 2)")
+    group.add_argument("--cg-steps", type=int, metavar="N", help="imaml: CG iterations (5)")
+    group.add_argument("--cg-damping", type=float, help="imaml: CG damping (default 0)")
+    group.add_argument("--epsilon", type=float, help="reptile: outer step (default 1)")
+    group.add_argument(
+        "--final-epsilon", type=float, help="reptile: outer step after annealing (default 0)"
+    )
+    group.add_argument(
+        "--inner-optimizer", choices=("sgd", "adam"), help="reptile: inner optimiser (sgd)"
+    )
+    group.add_argument(
+        "--anneal",
+        action="store_true",
+        default=None,
+        help="reptile: anneal the outer step linearly over the run",
+    )
+
+
+# Flags of _add_algorithm_options that are an algorithm's options (the others are presets').
+_ALGORITHM_OPTIONS = (
+    "lam",
+    "cg_steps",
+    "cg_damping",
+    "epsilon",
+    "final_epsilon",
+    "inner_optimizer",
+    "anneal",
+)
+
+
 def _positive(parser: argparse.ArgumentParser, name: str, value: int | None) -> None:
     if value is not None and value < 1:
         parser.error(f"{name} must be a positive integer, got {value}")
@@ -169,6 +232,21 @@ def main(argv: list[str] | None = None) -> int:
                 "resume": args.resume,
                 "split_by": args.split_by,
             }
+            options.update(
+                algorithm=args.algorithm,
+                inner_lr=args.inner_lr,
+                inner_steps=args.inner_steps,
+                outer_schedule=args.outer_schedule,
+                msl_iterations=args.msl_iterations,
+                first_order_until=args.first_order_until,
+            )
+            algorithm_options = {
+                name: getattr(args, name)
+                for name in _ALGORITHM_OPTIONS
+                if getattr(args, name) is not None
+            }
+            if algorithm_options:
+                options["algorithm_options"] = algorithm_options
             options = {name: value for name, value in options.items() if value is not None}
             options["out_dir"] = args.out if args.out is not None else f"runs/{args.experiment}"
             run = EXPERIMENTS[args.experiment].load()
@@ -210,6 +288,9 @@ def _check_options(
     accepted = {p.name for p in parameters}
     for name in options:
         if name not in accepted:
+            if name == "algorithm_options":
+                flags = ", ".join("--" + key.replace("_", "-") for key in options[name])
+                parser.error(f"{experiment} does not take {flags}")
             parser.error(f"{experiment} does not take --{name.replace('_', '-')}")
 
 

@@ -7,7 +7,10 @@ tensors (so ``torch.load(weights_only=True)`` reads it), saved with
 - ``format``: :data:`CHECKPOINT_FORMAT`;
 - ``meta_optimizer``: ``MetaOptimizer.state_dict()`` (model, learned inner rates, outer Adam);
 - ``preset``: the run's :class:`~maml_ext.experiments.presets.FewShotPreset` as a dict (the
-  network is rebuilt from it), ``settings``: the run's other settings (data, seeds, backend, ...);
+  network is rebuilt from it; ``algorithm`` names the meta-learning algorithm),
+  ``settings``: the run's other settings (data, seeds, backend, the algorithm's options
+  ``algorithm_options``, the outer schedule ``outer_schedule``, ...); ``outer_scheduler``: the
+  outer LR scheduler's state (None without one);
 - ``iteration``: meta-iterations done; ``sampler``: the training TaskSampler's state;
   ``rng``: torch's global CPU (and CUDA) generator states; plus logging state.
 
@@ -55,21 +58,25 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> dict:
 
 
 def build_meta_optimizer(
-    preset: FewShotPreset, *, device=None, backend: str = "auto", outer_optimizer: bool = True
+    preset: FewShotPreset,
+    *,
+    device=None,
+    backend: str = "auto",
+    outer_optimizer: bool = True,
+    algorithm_options: dict | None = None,
 ) -> MetaOptimizer:
-    """A fresh MetaOptimizer for ``preset``'s network (current RNG for the initial weights) with
-    Adam at the preset's outer learning rate (or no outer optimiser)."""
-    model = preset.build_model()
-    if device is not None:
-        model = model.to(device)
-    adam = torch.optim.Adam(model.parameters(), lr=preset.outer_lr) if outer_optimizer else None
-    return MetaOptimizer(
-        model,
-        adam,
-        inner_lr=preset.inner_lr,
-        inner_steps=preset.inner_steps,
-        first_order=preset.first_order,
+    """A fresh meta-learner of ``preset.algorithm`` (a MetaOptimizer for MAML and its variants,
+    an ImplicitMetaOptimizer for iMAML, a Reptile) for ``preset``'s network (current RNG for the
+    initial weights) with Adam at the preset's outer learning rate (or no outer optimiser);
+    ``algorithm_options``: as :func:`maml_ext.experiments.algorithms.resolve_options` takes."""
+    from maml_ext.experiments.algorithms import build_meta_optimizer as build
+
+    return build(
+        preset,
+        device=device,
         backend=backend,
+        outer_optimizer=outer_optimizer,
+        options=algorithm_options,
     )
 
 
@@ -80,7 +87,8 @@ def load_checkpoint(
     backend: str = "auto",
     outer_optimizer: bool = True,
 ) -> MetaOptimizer:
-    """A ready :class:`maml_ext.MetaOptimizer` from a training checkpoint.
+    """A ready :class:`maml_ext.MetaOptimizer` (or the run's algorithm's ImplicitMetaOptimizer
+    or Reptile, which have the same surface) from a training checkpoint.
 
     The network is rebuilt from the preset stored in the checkpoint and gets the trained weights,
     learned inner rates and inner-loop settings (steps, α, first order); with
@@ -94,7 +102,11 @@ def load_checkpoint(
     state = read_checkpoint(path)
     preset = FewShotPreset.from_dict(state["preset"])
     meta_optimizer = build_meta_optimizer(
-        preset, device=device, backend=backend, outer_optimizer=outer_optimizer
+        preset,
+        device=device,
+        backend=backend,
+        outer_optimizer=outer_optimizer,
+        algorithm_options=state["settings"].get("algorithm_options"),
     )
     saved = dict(state["meta_optimizer"])
     if not outer_optimizer:

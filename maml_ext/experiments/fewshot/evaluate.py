@@ -257,6 +257,8 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "preset": preset.name,
         "first_order": preset.first_order,
+        "algorithm": preset.algorithm,
+        "algorithm_options": settings.get("algorithm_options", {}),
         "trained_iterations": int(state["iteration"]),
         "split": split,
         "split_by": settings["split_by"],
@@ -281,7 +283,8 @@ def evaluate_checkpoint(
     }
     if verbose:
         print(
-            f"{preset.name} ({state['iteration']} iterations): {split} accuracy on {tasks} tasks "
+            f"{preset.name} ({preset.algorithm}, {state['iteration']} iterations): {split} "
+            f"accuracy on {tasks} tasks "
             f"({preset.ways}-way {preset.shots}-shot, {preset.queries} queries/class, seed {seed}) "
             f"after k inner steps of {preset.inner_lr}; mean ± 95% CI"
         )

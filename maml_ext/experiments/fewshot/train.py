@@ -14,6 +14,11 @@ from pathlib import Path
 import torch
 
 from maml_ext.checkpoint import remove_stale_temporaries, save_atomic
+from maml_ext.experiments.algorithms import (
+    default_outer_schedule,
+    outer_scheduler,
+    resolve_options,
+)
 from maml_ext.experiments.fewshot.checkpoint import (
     CHECKPOINT_FORMAT,
     build_meta_optimizer,
@@ -71,6 +76,13 @@ def train_fewshot(
     verbose: bool = True,
     cpu_threads: int | None = None,
     stop_after: int | None = None,
+    algorithm: str | None = None,
+    algorithm_options: dict | None = None,
+    outer_schedule: str | None = None,
+    inner_lr: float | None = None,
+    inner_steps: int | None = None,
+    msl_iterations: int | None = None,
+    first_order_until: int | None = None,
 ) -> dict:
     """Meta-trains ``preset`` (a name in :data:`~maml_ext.experiments.presets.PRESETS` or a
     :class:`FewShotPreset`); see :mod:`maml_ext.experiments.fewshot` for what it writes under
@@ -84,6 +96,13 @@ def train_fewshot(
     ``backend``, ``device`` and the checkpoint, validation and log intervals may change; the
     others must match. ``stop_after`` ends this call after that many iterations (for tests and
     time-sliced jobs; the run stays resumable). Returns a summary dict.
+
+    ``algorithm`` (default: the preset's, "maml" but for the MAML++ presets) picks the
+    meta-learning algorithm of :mod:`maml_ext.experiments.algorithms`, ``algorithm_options`` its
+    options (e.g. ``{"lam": 2.0}`` for iMAML; Reptile's ``anneal=True`` anneals ε over the run's
+    iterations); ``outer_schedule`` "constant" or "cosine" (default: cosine for MAML++ only);
+    ``inner_lr``, ``inner_steps``, ``msl_iterations``, ``first_order_until`` override the
+    preset's. All of these are fixed for a resumed run.
     """
     if isinstance(preset, str):
         preset = get_preset(preset)
@@ -104,12 +123,19 @@ def train_fewshot(
         fixed = dict(
             meta_batch=meta_batch,
             first_order=first_order,
+            algorithm=algorithm,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            msl_iterations=msl_iterations,
+            first_order_until=first_order_until,
+            outer_schedule=outer_schedule,
             seed=seed,
             split_by=split_by,
             split_seed=split_seed,
             val_tasks=val_tasks,
         )
         preset, settings, state = _resumed_run(preset, checkpoint_path, fixed, changes)
+        _check_resumed_options(settings, algorithm_options)
     else:
         if checkpoint_path.exists():
             raise ConfigurationError(
@@ -120,7 +146,17 @@ def train_fewshot(
             raise ConfigurationError(
                 f"{preset.name} needs --data-dir: the folder holding the {preset.dataset} data"
             )
-        preset = preset.with_overrides(meta_batch=meta_batch, first_order=first_order)
+        preset = preset.with_overrides(
+            meta_batch=meta_batch,
+            first_order=first_order,
+            algorithm=algorithm,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            msl_iterations=msl_iterations,
+            first_order_until=first_order_until,
+        )
+        if preset.algorithm == "fomaml":
+            preset = preset.with_overrides(first_order=True)
         state = None
         settings = _new_run_settings(
             preset,
@@ -136,6 +172,9 @@ def train_fewshot(
             checkpoint_every=checkpoint_every,
             validate_every=validate_every,
             log_every=log_every,
+        )
+        settings.update(
+            _algorithm_settings(preset, algorithm_options, outer_schedule, settings["iterations"])
         )
     start_iteration = int(state["iteration"]) if state is not None else 0
     _check_settings(settings, start_iteration, checkpoint_path)
@@ -196,6 +235,35 @@ def _new_run_settings(
     }
 
 
+def _algorithm_settings(
+    preset: FewShotPreset, options: dict | None, outer_schedule: str | None, iterations: int
+) -> dict:
+    """A new run's ``algorithm_options`` (resolved, so the checkpoint rebuilds the same
+    meta-learner) and ``outer_schedule``."""
+    options = dict(options or {})
+    if options.get("anneal") is True:  # Reptile: anneal ε over the whole run
+        options["anneal"] = iterations
+    elif options.get("anneal") is False:
+        options["anneal"] = None
+    return {
+        "algorithm_options": resolve_options(preset.algorithm, options),
+        "outer_schedule": outer_schedule or default_outer_schedule(preset.algorithm),
+    }
+
+
+def _check_resumed_options(settings: dict, options: dict | None) -> None:
+    """A resumed run keeps its algorithm's options: a given one must match the saved one."""
+    saved = settings.get("algorithm_options") or {}
+    for name, value in (options or {}).items():
+        if value is None or (name == "anneal" and value is True and saved.get(name)):
+            continue
+        if saved.get(name) != value:
+            raise ConfigurationError(
+                f"--resume: the run was started with {name}={saved.get(name)!r}; "
+                f"it cannot change to {value!r}"
+            )
+
+
 def _resumed_run(preset: FewShotPreset, checkpoint_path: Path, fixed: dict, changes: dict):
     """``(preset, settings, state)`` of the run saved at ``checkpoint_path``, with ``changes``
     (the options that may change; None: keep) applied and ``fixed`` (None: not given) checked
@@ -213,9 +281,12 @@ def _resumed_run(preset: FewShotPreset, checkpoint_path: Path, fixed: dict, chan
         )
     settings = dict(state["settings"])
     for name, value in fixed.items():
-        saved = (
-            getattr(saved_preset, name) if name in ("meta_batch", "first_order") else settings[name]
-        )
+        if name in _PRESET_FIELDS:
+            saved = getattr(saved_preset, name)
+        elif name == "outer_schedule":
+            saved = settings.get(name, "constant")
+        else:
+            saved = settings[name]
         if value is not None and value != saved:
             raise ConfigurationError(
                 f"--resume: the run was started with {name}={saved!r}; "
@@ -225,6 +296,18 @@ def _resumed_run(preset: FewShotPreset, checkpoint_path: Path, fixed: dict, chan
         if value is not None:
             settings[name] = str(value) if name in ("data_dir", "cache_dir", "device") else value
     return saved_preset, settings, state
+
+
+# Settings a run keeps in its preset (the others are in its settings).
+_PRESET_FIELDS = (
+    "meta_batch",
+    "first_order",
+    "algorithm",
+    "inner_lr",
+    "inner_steps",
+    "msl_iterations",
+    "first_order_until",
+)
 
 
 def _check_settings(settings: dict, start_iteration: int, checkpoint_path: Path) -> None:
@@ -277,7 +360,15 @@ class FewShotTraining:
         # Initial weights from the seed, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings["seed"])
-            self.meta = build_meta_optimizer(preset, device=device, backend=settings["backend"])
+            self.meta = build_meta_optimizer(
+                preset,
+                device=device,
+                backend=settings["backend"],
+                algorithm_options=settings.get("algorithm_options"),
+            )
+        self.scheduler = outer_scheduler(
+            self.meta, settings.get("outer_schedule", "constant"), settings["iterations"]
+        )
         self.sampler = make_sampler(
             self.train_data, preset, preset.meta_batch, settings["seed"], device
         )
@@ -293,6 +384,8 @@ class FewShotTraining:
         self._started = time.perf_counter()
         if state is not None:
             self.meta.load_state_dict(state["meta_optimizer"])
+            if self.scheduler is not None and state.get("outer_scheduler") is not None:
+                self.scheduler.load_state_dict(state["outer_scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             set_rng_state(state["rng"])
             self.iteration = int(state["iteration"])
@@ -308,7 +401,8 @@ class FewShotTraining:
     @property
     def title(self) -> str:
         first_order = " (first order)" if self.preset.first_order else ""
-        return f"{self.preset.name}{first_order}, seed {self.settings['seed']}"
+        algorithm = "" if self.preset.algorithm == "maml" else f", {self.preset.algorithm}"
+        return f"{self.preset.name}{first_order}{algorithm}, seed {self.settings['seed']}"
 
     def seconds(self) -> float:
         """Training time so far, earlier calls of a resumed run included."""
@@ -317,7 +411,7 @@ class FewShotTraining:
     def describe(self) -> None:
         preset = self.preset
         print(
-            f"{preset.name}: {len(self.train_data.labels)} training images, "
+            f"{preset.name} ({preset.algorithm}): {len(self.train_data.labels)} training images, "
             f"{self.sampler.num_classes} training classes, {preset.ways}-way {preset.shots}-shot, "
             f"{preset.queries} queries/class, meta-batch {preset.meta_batch}, "
             f"{preset.inner_steps} inner step(s) of {preset.inner_lr}, "
@@ -358,6 +452,8 @@ class FewShotTraining:
     def _step(self) -> None:
         batch = self.sampler.sample()
         result = self.meta.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self._pending.append((result.query_loss, result.query_accuracy, result.support_loss))
 
     def _flush_pending(self) -> None:
@@ -434,6 +530,7 @@ class FewShotTraining:
             "format": CHECKPOINT_FORMAT,
             "kind": "maml",
             "meta_optimizer": self.meta.state_dict(),
+            "outer_scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "preset": self.preset.to_dict(),
             "settings": dict(self.settings),
             "iteration": self.iteration,
@@ -458,6 +555,7 @@ class FewShotTraining:
         files = ("checkpoint.pt", "best.pt", "log.csv", "log.jsonl", "learning_curve.png")
         summary = {
             "preset": self.preset.name,
+            "algorithm": self.preset.algorithm,
             "iteration": self.iteration,
             "finished": self.iteration >= iterations,
             "backend": self.meta.backend,
