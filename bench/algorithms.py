@@ -1,0 +1,381 @@
+"""The MAML family compared on Omniglot: accuracy, time per meta-step and peak memory, as Markdown.
+
+    .venv/bin/python bench/algorithms.py --data-dir ../shared/data/omniglot --iterations N
+        [--settings 5w1s 20w1s] [--algorithms maml fomaml metasgd anil mamlpp imaml reptile]
+        [--tasks 600] [--device cpu|cuda] [--backend auto] [--time-steps 10]
+        [--filters 64] [--out bench/algorithms.md] [--json OUT] [--runs DIR]
+
+For each setting (Omniglot 5-way 1-shot, 20-way 1-shot; the MAML presets omniglot-5w1s and
+omniglot-20w1s) and each algorithm:
+
+- meta-train with ``python -m maml_ext train``'s own function (``train_fewshot``) for the same
+  ``--iterations`` at the preset's meta-batch, so every algorithm sees the same number of tasks;
+  the split is by alphabet with split seed 0, so every run is tested on the same held-out
+  alphabets (on the minimal archives: Early_Aramaic and Sanskrit);
+- test with the paper's protocol (``evaluate_checkpoint``): ``--tasks`` tasks from the test
+  alphabets with the fixed evaluation seed, accuracy ± 95% interval after each algorithm's test
+  steps (:data:`ALGORITHMS` below: the paper's where it states one);
+- time per meta-step: in a fresh child process per (setting, algorithm), the model and a random
+  batch of the setting's shape, 2 warm-up steps, then the median of ``--time-steps`` timed steps
+  (the GPU synchronised around each);
+- peak memory of one meta-step in that child: on CUDA ``torch.cuda.max_memory_allocated()``
+  during the step minus what was allocated before; on CPU the peak resident set size (VmHWM, reset
+  to the current RSS just before the step where the kernel allows) minus the RSS before it.
+
+Each algorithm's own settings (inner steps, rates, λ, ...) are in :data:`ALGORITHMS`; the
+published numbers beside them are from the papers, on the full Omniglot background set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# This checkout's maml_ext, also when the script runs as bench/algorithms.py (sys.path[0] = bench).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SETTINGS = {"5w1s": "omniglot-5w1s", "20w1s": "omniglot-20w1s"}
+
+# Per algorithm: preset overrides, algorithm options and test steps ({setting: steps}; None: the
+# preset's paper_eval_steps). MAML++'s multi-step loss and first-order phases keep the authors'
+# proportions of the run (10 and 50 of 150 epochs).
+ALGORITHMS: dict[str, dict] = {
+    "maml": {"label": "MAML", "overrides": {}, "options": {}, "test_steps": None},
+    "fomaml": {"label": "first-order MAML", "overrides": {}, "options": {}, "test_steps": None},
+    "metasgd": {"label": "Meta-SGD", "overrides": {}, "options": {}, "test_steps": None},
+    "anil": {"label": "ANIL", "overrides": {}, "options": {}, "test_steps": None},
+    "mamlpp": {
+        "label": "MAML++",
+        "overrides": {"inner_steps": 5, "inner_lr": 0.1},
+        "options": {},
+        "msl_fraction": 10 / 150,
+        "first_order_fraction": 50 / 150,
+        "test_steps": {"5w1s": 5, "20w1s": 5},
+    },
+    "imaml": {
+        "label": "iMAML (GD)",
+        "overrides": {"inner_steps": 5},
+        "options": {"lam": 2.0, "cg_steps": 5},
+        "test_steps": {"5w1s": 5, "20w1s": 5},
+    },
+    "reptile": {
+        "label": "Reptile",
+        "overrides": {"inner_steps": 5, "inner_lr": 0.001},
+        "options": {"inner_optimizer": "adam", "epsilon": 1.0, "anneal": True},
+        "test_steps": {"5w1s": 50, "20w1s": 50},
+    },
+}
+
+# Published test accuracy (%) on the full Omniglot (background set for meta-training): MAML and
+# first-order MAML (Finn et al. 2017), ANIL (Raghu et al. 2019, 20-way 1-shot), MAML++ (Antoniou
+# et al. 2018), iMAML with Hessian-free inner solver (Rajeswaran et al. 2019), Reptile
+# (Nichol et al. 2018, non-transductive).
+PUBLISHED = {
+    "maml": {"5w1s": "98.7", "20w1s": "95.8"},
+    "fomaml": {"5w1s": "98.3", "20w1s": "89.4"},
+    "anil": {"20w1s": "96.2"},
+    "mamlpp": {"5w1s": "99.47", "20w1s": "97.65"},
+    "imaml": {"5w1s": "99.50 (HF)", "20w1s": "96.18 (HF)"},
+    "reptile": {"5w1s": "95.39", "20w1s": "88.14"},
+}
+
+
+def preset_for(setting: str, algorithm: str, iterations: int, filters: int):
+    """The preset a run of ``algorithm`` on ``setting`` trains, and its algorithm options."""
+    from maml_ext.experiments.presets import get_preset
+
+    spec = ALGORITHMS[algorithm]
+    changes = dict(spec["overrides"], algorithm=algorithm, filters=filters)
+    if algorithm == "mamlpp":
+        changes["msl_iterations"] = max(1, round(iterations * spec["msl_fraction"]))
+        changes["first_order_until"] = round(iterations * spec["first_order_fraction"])
+    if algorithm == "fomaml":
+        changes["first_order"] = True
+    return get_preset(SETTINGS[setting]).with_overrides(**changes), dict(spec["options"])
+
+
+def test_steps(setting: str, algorithm: str, preset) -> int:
+    steps = ALGORITHMS[algorithm]["test_steps"]
+    return preset.paper_eval_steps if steps is None else steps[setting]
+
+
+# ---- timing and memory (child process) --------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(setting: str, algorithm: str, args) -> None:
+    """Times ``--time-steps`` meta-steps and measures one step's peak memory; prints JSON."""
+    from maml_ext.experiments.algorithms import build_meta_optimizer, resolve_options
+
+    torch.manual_seed(0)
+    preset, options = preset_for(setting, algorithm, args.iterations, args.filters)
+    if options.get("anneal") is True:
+        options["anneal"] = args.iterations
+    device = torch.device(args.device)
+    meta = build_meta_optimizer(
+        preset, device=device, backend=args.backend, options=resolve_options(algorithm, options)
+    )
+    support = preset.ways * preset.shots
+    query = preset.ways * preset.queries
+    tasks = preset.meta_batch
+    batch = (
+        torch.rand(tasks, support, *preset.image_shape, device=device),
+        torch.arange(preset.ways, device=device).repeat_interleave(preset.shots).repeat(tasks, 1),
+        torch.rand(tasks, query, *preset.image_shape, device=device),
+        torch.arange(preset.ways, device=device).repeat_interleave(preset.queries).repeat(tasks, 1),
+    )
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        meta.step(*batch)
+    sync()
+    times = []
+    for _ in range(args.time_steps):
+        started = time.perf_counter()
+        meta.step(*batch)
+        sync()
+        times.append(time.perf_counter() - started)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        meta.step(*batch)
+        sync()
+        peak = torch.cuda.max_memory_allocated() - before
+        method = "torch.cuda.max_memory_allocated() during one step minus allocated before"
+    else:
+        base = _proc_status_kib("VmRSS")
+        reset = _reset_peak_rss()
+        base = base if reset else _proc_status_kib("VmHWM")
+        meta.step(*batch)
+        peak = (_proc_status_kib("VmHWM") - base) * 1024
+        method = "peak RSS (VmHWM) during one step minus RSS before" + (
+            "" if reset else " (high-water mark not resettable: minus the earlier peak)"
+        )
+    result = {
+        "ms_per_step": 1000 * statistics.median(times),
+        "peak_bytes": peak,
+        "memory_method": method,
+        "backend": meta.backend,
+    }
+    print("ALGORITHMS_JSON " + json.dumps(result))
+
+
+def measure(setting: str, algorithm: str, args) -> dict:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--_child", setting, algorithm,
+        "--iterations", str(args.iterations), "--device", args.device, "--backend", args.backend,
+        "--time-steps", str(args.time_steps), "--filters", str(args.filters),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ALGORITHMS_JSON ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"failed": f"child exited {proc.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1][len("ALGORITHMS_JSON "):])
+
+
+# ---- training and testing -----------------------------------------------------------------------
+
+
+def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
+    from maml_ext.experiments.fewshot import evaluate_checkpoint, train_fewshot
+
+    preset, options = preset_for(setting, algorithm, args.iterations, args.filters)
+    out = runs / f"{setting}-{algorithm}"
+    started = time.perf_counter()
+    train_fewshot(
+        preset,
+        args.data_dir,
+        out,
+        iterations=args.iterations,
+        backend=args.backend,
+        split_by="alphabet",
+        validate_every=0,
+        val_tasks=args.val_tasks,
+        checkpoint_every=0,
+        device=args.device,
+        progress=False,
+        verbose=False,
+        algorithm_options=options,
+        cache_dir=args.cache_dir,
+    )
+    seconds = time.perf_counter() - started
+    steps = test_steps(setting, algorithm, preset)
+    report = evaluate_checkpoint(
+        out / "checkpoint.pt",
+        tasks=args.tasks,
+        steps=steps,
+        out="",
+        backend=args.backend,
+        device=args.device,
+        progress=False,
+        verbose=False,
+        cache_dir=args.cache_dir,
+    )
+    row = report["results"]["maml"][str(steps)]
+    return {
+        "accuracy": row["accuracy"],
+        "ci95": row["ci95"],
+        "test_steps": steps,
+        "inner_steps": preset.inner_steps,
+        "inner_lr": preset.inner_lr,
+        "options": options,
+        "train_seconds": seconds,
+        "test_classes": report["classes"],
+    }
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+def render(results: dict, args, command: str) -> str:
+    lines = [
+        f"Omniglot (minimal archives in {args.data_dir}, split by alphabet, seed 0), "
+        f"{args.iterations} meta-iterations at each preset's meta-batch, {args.tasks} test tasks; "
+        f"device {args.device} ({platform.processor() or platform.machine()}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
+        + f"), backend {args.backend}, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}.",
+        "",
+        f"Command: `{command}`",
+        "",
+    ]
+    settings = [s for s in SETTINGS if s in args.settings]
+    header = "| algorithm | settings |"
+    rule = "|---|---|"
+    for setting in settings:
+        header += f" {setting} accuracy % (±95%) | test steps | ms / meta-step | peak MiB |"
+        header += f" published {setting} % |"
+        rule += "---:|---:|---:|---:|---:|"
+    lines += [header, rule]
+    for algorithm in args.algorithms:
+        spec = ALGORITHMS[algorithm]
+        first = next(
+            (
+                results[(s, algorithm)]
+                for s in settings
+                if "inner_steps" in results[(s, algorithm)].get("train", {})
+            ),
+            None,
+        )
+        detail = "preset"
+        if first is not None:
+            train = first["train"]
+            detail = f"K={train['inner_steps']}, α={train['inner_lr']}"
+            if train["options"]:
+                detail += ", " + ", ".join(f"{k}={v}" for k, v in train["options"].items())
+        cells = f"| {spec['label']} | {detail} |"
+        for setting in settings:
+            entry = results[(setting, algorithm)]
+            train, timing = entry.get("train", {}), entry.get("timing", {})
+            if "failed" in train:
+                cells += f" failed: {train['failed'][:60]} | |"
+            else:
+                cells += f" {100 * train['accuracy']:.2f} ± {100 * train['ci95']:.2f} |"
+                cells += f" {train['test_steps']} |"
+            if "failed" in timing:
+                cells += f" failed: {timing['failed'][:60]} | |"
+            else:
+                cells += f" {timing['ms_per_step']:.1f} | {timing['peak_bytes'] / 2**20:.1f} |"
+            cells += f" {PUBLISHED.get(algorithm, {}).get(setting, '—')} |"
+        lines.append(cells)
+    lines += [
+        "",
+        "Published numbers: the papers' test accuracy on the full Omniglot (meta-trained on the "
+        "whole background set of 964 characters, tested on the evaluation set), not on these "
+        "minimal archives, and with their own budgets; they are there for reference, not for "
+        "comparison with the columns beside them.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="folder holding the Omniglot archives")
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS)
+    )
+    parser.add_argument("--tasks", type=int, default=600, help="test tasks")
+    parser.add_argument("--val-tasks", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"])
+    parser.add_argument("--time-steps", type=int, default=10)
+    parser.add_argument("--filters", type=int, default=64, help="conv channels (smoke tests)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("algorithms.md"))
+    parser.add_argument("--json", type=Path, help="also write all measurements here")
+    parser.add_argument("--runs", type=Path, help="keep the training runs here (default: temp)")
+    parser.add_argument("--cache-dir", help="decoded-image cache (default: beside the data)")
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="only time and measure memory")
+    parser.add_argument("--_child", dest="child", nargs=2, metavar=("SETTING", "ALGORITHM"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(*args.child, args)
+        return
+    if args.train and not args.data_dir:
+        parser.error("--data-dir is needed to train (or --no-train)")
+    command = "python bench/algorithms.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    results: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = args.runs if args.runs is not None else Path(scratch)
+        for setting in args.settings:
+            for algorithm in args.algorithms:
+                entry: dict = {}
+                print(f"{setting} {algorithm}: timing", file=sys.stderr, flush=True)
+                entry["timing"] = measure(setting, algorithm, args)
+                if args.train:
+                    print(f"{setting} {algorithm}: training", file=sys.stderr, flush=True)
+                    try:
+                        entry["train"] = train_and_test(setting, algorithm, args, runs)
+                    except Exception as error:  # one failing algorithm must not lose the table
+                        entry["train"] = {"failed": f"{type(error).__name__}: {error}"}
+                print(f"  {entry}", file=sys.stderr, flush=True)
+                results[(setting, algorithm)] = entry
+    if not args.train:
+        for entry in results.values():
+            entry["train"] = {"failed": "not trained (--no-train)"}
+    table = render(results, args, command)
+    args.out.write_text(table)
+    print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps({f"{s}/{a}": v for (s, a), v in results.items()}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
