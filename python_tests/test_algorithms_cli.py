@@ -15,8 +15,7 @@ import torch
 import maml_ext
 from maml_ext import ImplicitMetaOptimizer, MetaOptimizer, Reptile
 from maml_ext.experiments import algorithms, fewshot, load_checkpoint
-from maml_ext.experiments.fewshot import read_checkpoint
-from maml_ext.experiments.fewshot import train as fewshot_train
+from maml_ext.experiments.fewshot import read_checkpoint, train as fewshot_train
 from maml_ext.experiments.presets import PRESETS, ConfigurationError, get_preset
 
 TINY = PRESETS["omniglot-5w1s"].with_overrides(filters=8, queries=2, meta_batch=2)
@@ -172,8 +171,12 @@ def test_bad_algorithm_options_error_clearly(omniglot_root, tmp_path, capsys):
          "--algorithm maml does not take --cg-steps"),
         (["train", "omniglot-5w1s", "--algorithm", "reptile", "--outer-schedule", "cosine"],
          "Reptile has none"),
-        (["train", "sinusoid", "--lam", "2"], "sinusoid does not take --lam"),
-        (["train", "sinusoid", "--algorithm", "imaml"], "sinusoid does not take --algorithm"),
+        (["train", "sinusoid", "--msl-iterations", "2"],
+         "sinusoid does not take --msl-iterations"),
+        (["train", "sinusoid", "--algorithm", "mamlpp"],
+         "sinusoid does not run --algorithm mamlpp"),
+        (["train", "sinusoid", "--algorithm", "maml", "--lam", "2"],
+         "--algorithm maml does not take --lam"),
         (["train", "omniglot-5w1s", "--algorithm", "bayes"], "invalid choice: 'bayes'"),
     ]:
         argv += ["--out", str(tmp_path / "run")]
@@ -277,3 +280,35 @@ def test_top_level_exports():
     assert maml_ext.ImplicitMetaOptimizer is ImplicitMetaOptimizer
     assert maml_ext.Reptile is Reptile
     assert {"ImplicitMetaOptimizer", "Reptile"} <= set(maml_ext.__all__)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "options", "kind"),
+    [
+        ("imaml", {"lam": 1.0, "cg_steps": 3}, ImplicitMetaOptimizer),
+        ("reptile", {"anneal": True, "inner_optimizer": "adam"}, Reptile),
+        ("metasgd", {}, MetaOptimizer),
+    ],
+)
+def test_sinusoid_runs_each_algorithm(algorithm, options, kind, monkeypatch):
+    from maml_ext.experiments import sinusoid
+
+    built = []
+    original = sinusoid._train_maml
+
+    def recording(optimizer, *args):
+        built.append(optimizer)
+        return original(optimizer, *args)
+
+    monkeypatch.setattr(sinusoid, "_train_maml", recording)
+    report = sinusoid.train_sinusoid(
+        iterations=3, out_dir=None, meta_batch=4, eval_tasks=4, eval_steps=(1,), plot_tasks=0,
+        progress=False, verbose=False, algorithm=algorithm, algorithm_options=options,
+        inner_steps=2,
+    )
+    assert type(built[0]) is kind
+    assert report["config"]["algorithm"] == algorithm
+    if algorithm == "reptile":
+        assert report["config"]["algorithm_options"]["anneal"] == 3
+        assert built[0].meta_steps == 3
+    assert report["results"]["MAML"]["1"]["mse"] > 0

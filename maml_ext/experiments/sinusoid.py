@@ -223,8 +223,15 @@ def train_sinusoid(
     log_every: int = 100,
     verbose: bool = True,
     cpu_threads: int | None = 1,
+    algorithm: str = "maml",
+    algorithm_options: dict | None = None,
 ) -> dict:
     """Meta-trains the sinusoid regressor with MAML, trains the pretrained baseline, evaluates both.
+
+    ``algorithm`` meta-trains with another member of the MAML family instead (any of
+    :data:`maml_ext.experiments.presets.ALGORITHMS` but ``mamlpp``, whose options are the few-shot
+    presets'), with ``algorithm_options`` as for the few-shot presets (e.g. ``{"lam": 2.0}``;
+    Reptile's ``anneal=True`` anneals ε over ``iterations``); results stay under "MAML".
 
     Writes ``sinusoid_eval.json`` (config, seeds, results, training curves, timings),
     ``sinusoid_adaptation.png`` and ``sinusoid_models.pt`` (both networks' state dicts) under
@@ -239,6 +246,7 @@ def train_sinusoid(
     """
     eval_steps = tuple(sorted(set(int(s) for s in eval_steps) | {0}))
     device = torch.device(device) if device is not None else torch.device("cpu")
+    options = _sinusoid_algorithm_options(algorithm, algorithm_options, iterations)
     config = dict(
         iterations=iterations,
         seed=seed,
@@ -258,6 +266,8 @@ def train_sinusoid(
         eval_seed=eval_seed,
         device=str(device),
         cpu_threads=cpu_threads,
+        algorithm=algorithm,
+        algorithm_options=options,
     )
     # Fail now, not after training, when the experiments extra is missing.
     if out_dir is not None and min(plot_tasks, eval_tasks) > 0:
@@ -268,6 +278,52 @@ def train_sinusoid(
         return _train_and_evaluate(
             config, device, out_dir, plot_tasks, progress, log_every, verbose
         )
+
+
+def _sinusoid_algorithm_options(algorithm: str, options: dict | None, iterations: int) -> dict:
+    from maml_ext.experiments.algorithms import resolve_options
+    from maml_ext.experiments.presets import ConfigurationError
+
+    if algorithm == "mamlpp":
+        raise ConfigurationError(
+            "sinusoid does not run --algorithm mamlpp (its options are the few-shot presets')"
+        )
+    options = dict(options or {})
+    if options.get("anneal") is True:
+        options["anneal"] = iterations
+    elif options.get("anneal") is False:
+        options["anneal"] = None
+    return resolve_options(algorithm, options)
+
+
+def _other_meta_learner(algorithm: str, model: nn.Module, outer_optimizer, config: dict):
+    """iMAML or Reptile for the sinusoid regressor (MSE)."""
+    from maml_ext import ImplicitMetaOptimizer, Reptile
+
+    options = config["algorithm_options"]
+    common = dict(
+        inner_lr=config["inner_lr"],
+        inner_steps=config["inner_steps"],
+        loss="mse",
+        backend=config["backend"],
+    )
+    if algorithm == "imaml":
+        return ImplicitMetaOptimizer(
+            model,
+            outer_optimizer,
+            lam=options["lam"],
+            cg_steps=options["cg_steps"],
+            cg_damping=options["cg_damping"],
+            **common,
+        )
+    return Reptile(
+        model,
+        outer_lr=options["epsilon"],
+        final_outer_lr=options["final_epsilon"],
+        inner_optimizer=options["inner_optimizer"],
+        anneal=options["anneal"],
+        **common,
+    )
 
 
 def _train_and_evaluate(
@@ -298,15 +354,22 @@ def _train_and_evaluate(
     pretrained_tasks = Sinusoid(support=support, query=query, seed=seed + 1_000_003)
 
     outer_optimizer = torch.optim.Adam(maml_model.parameters(), lr=config["outer_lr"])
-    meta_optimizer = MetaOptimizer(
-        maml_model,
-        outer_optimizer,
-        inner_lr=inner_lr,
-        inner_steps=config["inner_steps"],
-        first_order=config["first_order"],
-        loss="mse",
-        backend=config["backend"],
-    )
+    algorithm = config.get("algorithm", "maml")
+    if algorithm in ("maml", "fomaml", "metasgd", "anil"):
+        meta_optimizer = MetaOptimizer(
+            maml_model,
+            outer_optimizer,
+            inner_lr=inner_lr,
+            inner_steps=config["inner_steps"],
+            first_order=config["first_order"] or algorithm == "fomaml",
+            loss="mse",
+            backend=config["backend"],
+            **{"metasgd": {"learn_inner_lr": "per_parameter"}, "anil": {"adapt": "head"}}.get(
+                algorithm, {}
+            ),
+        )
+    else:
+        meta_optimizer = _other_meta_learner(algorithm, maml_model, outer_optimizer, config)
 
     start = time.perf_counter()
     maml_curve = _train_maml(
