@@ -34,7 +34,9 @@ ALGORITHM_CASES = [
     ("metasgd", [], MetaOptimizer),
     pytest.param("anil", [], MetaOptimizer, marks=needs_maml_options),
     pytest.param(
-        "mamlpp", ["--msl-iterations", "2", "--first-order-until", "1"], MetaOptimizer,
+        "mamlpp",
+        ["--msl-iterations", "2", "--first-order-until", "1", "--inner-steps", "2"],
+        MetaOptimizer,
         marks=needs_maml_options,
     ),
     ("imaml", ["--lam", "1.5", "--cg-steps", "2", "--inner-steps", "2"], ImplicitMetaOptimizer),

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from maml_test_utils import random_batch, relative_error
+from maml_test_utils import conv_net, random_batch, relative_error
 from torch import nn
 from torch.func import functional_call
 
@@ -95,21 +95,27 @@ def flat_grads(model):
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def make_case(seed, loss, device):
+def make_case(seed, loss, device, network="mlp"):
     torch.manual_seed(seed)
-    outputs = 4
-    model = small_model(outputs)
+    if network == "mlp":
+        outputs, shape = 4, (3,)
+        model = small_model(outputs)
+    else:  # conv, batch norm, ReLU, max-pool, linear: 51 parameters
+        outputs, shape = 3, (1, 4, 4)
+        model = conv_net(ways=outputs, channels=2, blocks=1, image=4)
     generator = torch.Generator().manual_seed(seed)
-    batch = random_batch(generator, 3, 6, 5, (3,), loss, outputs, torch.float64)
+    batch = random_batch(generator, 3, 6, 5, shape, loss, outputs, torch.float64)
     return model, batch, [t.to(device) for t in batch]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize(
+    ("network", "loss"), [("mlp", "cross_entropy"), ("mlp", "mse"), ("conv", "cross_entropy")]
+)
 def test_implicit_gradient_matches_a_direct_solve_with_the_explicit_hessian(
-    backend, loss, seed, device
+    backend, network, loss, seed, device
 ):
-    model, batch, on_device = make_case(seed, loss, device)
+    model, batch, on_device = make_case(seed, loss, device, network)
     lr, lam, steps, damping = 0.3, 2.0, 6, 0.1
     want_phi, want_grad = expected(model, batch, lr=lr, lam=lam, steps=steps, damping=damping,
                                    loss=loss)
