@@ -3,6 +3,8 @@ its results; they need the optional ``experiments`` extra (``pip install "maml_e
 progress bars, plots, image decoding) when they show progress, plot or decode images.
 
 - :mod:`.presets`: the paper's few-shot classification settings;
+- :mod:`.algorithms`: the MAML family by name (``--algorithm``: maml, fomaml, metasgd, anil,
+  mamlpp, imaml, reptile) and each one's options;
 - :mod:`.sinusoid`: sinusoid regression, MAML against a pretrained baseline;
 - :mod:`.fewshot`: few-shot classification (training, the test protocol, the baseline,
   checkpoints: :func:`load_checkpoint` gives a ready MetaOptimizer from a training run);
