@@ -71,6 +71,11 @@ def train_fewshot(
     verbose: bool = True,
     cpu_threads: int | None = None,
     stop_after: int | None = None,
+    ways: int | None = None,
+    shots: int | None = None,
+    queries: int | None = None,
+    image_size: int | None = None,
+    backbone: str | None = None,
 ) -> dict:
     """Meta-trains ``preset`` (a name in :data:`~maml_ext.experiments.presets.PRESETS` or a
     :class:`FewShotPreset`); see :mod:`maml_ext.experiments.fewshot` for what it writes under
@@ -83,8 +88,13 @@ def train_fewshot(
     ``out_dir/checkpoint.pt``; ``iterations`` may extend the run, and ``data_dir``, ``cache_dir``,
     ``backend``, ``device`` and the checkpoint, validation and log intervals may change; the
     others must match. ``stop_after`` ends this call after that many iterations (for tests and
-    time-sliced jobs; the run stays resumable). Returns a summary dict.
+    time-sliced jobs; the run stays resumable). ``ways``, ``shots``, ``queries``, ``backbone``
+    ("conv4" or "resnet12") and, for image folders, ``image_size`` change the preset's task shape
+    and network; a resumed run must keep them. Returns a summary dict.
     """
+    task_shape = dict(
+        ways=ways, shots=shots, queries=queries, image_size=image_size, backbone=backbone
+    )
     if isinstance(preset, str):
         preset = get_preset(preset)
     out = Path(out_dir if out_dir is not None else f"runs/{preset.name}")
@@ -110,6 +120,7 @@ def train_fewshot(
             val_tasks=val_tasks,
         )
         preset, settings, state = _resumed_run(preset, checkpoint_path, fixed, changes)
+        _check_resumed_task_shape(preset, task_shape)
     else:
         if checkpoint_path.exists():
             raise ConfigurationError(
@@ -121,6 +132,7 @@ def train_fewshot(
                 f"{preset.name} needs --data-dir: the folder holding the {preset.dataset} data"
             )
         preset = preset.with_overrides(meta_batch=meta_batch, first_order=first_order)
+        preset = preset.with_overrides(**task_shape)
         state = None
         settings = _new_run_settings(
             preset,
@@ -227,6 +239,16 @@ def _resumed_run(preset: FewShotPreset, checkpoint_path: Path, fixed: dict, chan
     return saved_preset, settings, state
 
 
+def _check_resumed_task_shape(saved: FewShotPreset, task_shape: dict) -> None:
+    """The task shape and network of a resumed run cannot change (None: not given)."""
+    for name, value in task_shape.items():
+        if value is not None and value != getattr(saved, name):
+            raise ConfigurationError(
+                f"--resume: the run was started with {name}={getattr(saved, name)!r}; "
+                f"it cannot change to {value!r}"
+            )
+
+
 def _check_settings(settings: dict, start_iteration: int, checkpoint_path: Path) -> None:
     check_count("iterations", settings["iterations"])
     check_count("checkpoint_every", settings["checkpoint_every"], allow_zero=True)
@@ -273,6 +295,9 @@ class FewShotTraining:
             cache_dir=settings["cache_dir"],
         )
         self.train_data = load_split(preset, settings["data_dir"], "train", **split)
+        if preset.dataset == "folder" and not preset.channels:
+            # The network's input channels come from the images (the checkpoint keeps them).
+            self.preset = preset = preset.with_overrides(channels=self.train_data.channels)
         self.val_data = load_split(preset, settings["data_dir"], "val", **split)
         # Initial weights from the seed, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
