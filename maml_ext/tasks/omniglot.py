@@ -79,8 +79,8 @@ def _check_alphabet_lists(
         for name in names:
             if name not in available:
                 raise ValueError(
-                    f"{argument}[{split_name!r}] names {name!r}, which is not in the {source} read; "
-                    f"available: {', '.join(available)}"
+                    f"{argument}[{split_name!r}] names {name!r}, which is not in the {source} "
+                    f"read; available: {', '.join(available)}"
                 )
             if owner.setdefault(name, split_name) != split_name:
                 raise ValueError(

@@ -24,7 +24,8 @@ def load_split(
 
     Omniglot: ``split_by`` is "character" or "alphabet" and ``split_seed`` seeds the cut (see
     :mod:`maml_ext.experiments.fewshot`). Image folders: "class" or "group" (or "character" /
-    "alphabet" for the same), and every class must hold ``shots + queries`` images. miniImageNet has fixed splits; both options are ignored.
+    "alphabet" for the same), and every class must hold ``shots + queries`` images. miniImageNet
+    has fixed splits; both options are ignored.
     Missing or damaged data raises :class:`ConfigurationError` with the loader's explanation.
     """
     from maml_ext.tasks._data_errors import DatasetError
