@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maml_ext.tasks import DatasetError, ImageFolderTasks, TaskSampler
-from maml_ext.tasks import _data_errors
+from maml_ext.tasks import DatasetError, ImageFolderTasks, TaskSampler, _data_errors
 
 Image = pytest.importorskip("PIL.Image")
 
