@@ -36,7 +36,9 @@ def make_table(generator):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    return nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
 
 
 def query_mse(meta, batch, steps):
@@ -77,7 +79,8 @@ def main():
           f"devices, {SHOTS} support points each, after k steps of 0.05:")
     print("k   MAML     fresh init")
     for steps in (0, 1, 5, 10):
-        print(f"{steps:<3} {query_mse(meta, test, steps):.4f}   {query_mse(fresh, test, steps):.4f}")
+        maml, baseline = query_mse(meta, test, steps), query_mse(fresh, test, steps)
+        print(f"{steps:<3} {maml:.4f}   {baseline:.4f}")
 
     plt = require("matplotlib.pyplot", "the example's figure")
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5), sharey=True)
