@@ -196,6 +196,11 @@ def test_the_cache_is_reused_and_rebuilt_when_an_image_changes(tmp_path, rng):
     second = ImageFolderTasks(root, SIZE, "test")  # every split shares the tree's cache file
     assert second.from_cache and second.cache_path == first.cache_path
     assert torch.equal(ImageFolderTasks(root, SIZE, "train").images, first.images)
+    fixed = ImageFolderTasks(root, SIZE, "val", channels=1)  # what the automatic choice found
+    assert fixed.from_cache and fixed.cache_path == first.cache_path
+    rgb = ImageFolderTasks(root, SIZE, "train", channels=3)
+    assert not rgb.from_cache and rgb.images.shape[1] == 3
+    assert ImageFolderTasks(root, SIZE, "train", channels=3).from_cache
     other_size = ImageFolderTasks(root, SIZE + 4, "train")
     assert not other_size.from_cache and other_size.cache_path != first.cache_path
     changed = root / first.class_names[0] / "00.jpg"

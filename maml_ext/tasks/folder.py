@@ -235,13 +235,24 @@ class ImageFolderTasks:
     def _load(self, paths, channels, cache_dir, use_cache) -> tuple[np.ndarray, Path | None, bool]:
         if not use_cache:
             return _decode_all(paths, self.image_size, channels), None, False
-        description = {
-            "dataset": "image-folder",
-            "image_size": self.image_size,
-            "channels": channels,
-            "images": [list(file_signature(path, relative_to=self.root)) for path in paths],
-        }
-        path, key = cache_file("folder", description, self.root, cache_dir)
+        signatures = [list(file_signature(path, relative_to=self.root)) for path in paths]
+
+        def cache_for(requested):
+            description = {
+                "dataset": "image-folder",
+                "image_size": self.image_size,
+                "channels": requested,
+                "images": signatures,
+            }
+            return cache_file("folder", description, self.root, cache_dir)
+
+        path, key = cache_for(None)
+        if channels is not None:
+            # A run fixes the channels it found automatically; its cache file still serves.
+            cached = load_cached_arrays(path, key)
+            if cached is not None and cached["images"].shape[1] == channels:
+                return cached["images"], path, True
+            path, key = cache_for(channels)
         cached = load_cached_arrays(path, key)
         if cached is not None:
             return cached["images"], path, True
