@@ -155,3 +155,19 @@ def test_the_real_resnet12_backbone_builds():
     assert hasattr(models, "resnet12")
     model = PRESETS["folder-5w1s"].with_overrides(backbone="resnet12", ways=4).build_model()
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_the_folder_preset_network_follows_the_images():
+    from maml_ext.program import compile_program
+
+    preset = PRESETS["folder-5w1s"]
+    assert (preset.dataset, preset.image_size, preset.channels, preset.backbone) == (
+        "folder", 84, 0, "conv4"
+    )
+    for channels, size in ((1, 28), (3, 84), (3, 40)):
+        shaped = preset.with_overrides(channels=channels, image_size=size, ways=4)
+        assert shaped.image_shape == (channels, size, size)
+        model = shaped.build_model()
+        assert model(torch.rand(2, channels, size, size)).shape == (2, 4)
+        assert model[-1].in_features == 32 * (size // 16) ** 2
+        compile_program(model)  # the fused backend runs it

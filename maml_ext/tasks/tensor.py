@@ -76,7 +76,8 @@ class TensorTasks:
     ``sample()`` returns a :class:`TaskBatch`: ``support_x [T, N*K | K, *sample shape]``,
     ``support_y [T, N*K]`` labels 0..N-1 or ``[T, K, *target shape]`` targets, the same for the
     query set, and ``classes [T, N]``, the original labels of each task's classes (classification)
-    or ``[T, 1]``, the task id of each task (regression).
+    or ``[T, 1]``, the task id of each task (regression). Batches keep the dtypes of ``x`` and
+    ``y`` (``TaskBatch.to(dtype=...)`` converts the inputs only).
 
     Raises:
         ValueError: shapes that do not match, or a class / task with fewer than
