@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from maml_ext.cli import main
-from maml_ext.experiments import fewshot
-from maml_ext.experiments.fewshot import load_checkpoint, read_checkpoint
+from maml_ext.experiments import fewshot, load_checkpoint, read_checkpoint
 from maml_ext.experiments.presets import PRESETS, ConfigurationError, FewShotPreset
 from maml_ext.experiments.reporting import DEFAULT_EVAL_SEED
 
