@@ -104,8 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--split-by",
-        choices=("character", "alphabet"),
-        help="Omniglot meta-train/val/test split (default: character)",
+        choices=("character", "alphabet", "class", "group"),
+        help="Omniglot meta-train/val/test split (default: character); image folders: class "
+        "(default) or group (whole top-level folders)",
+    )
+    # Task shape and network (any few-shot preset); --image-size: image folders (folder-5w1s).
+    train.add_argument("--ways", type=int, metavar="N", help="classes per task (preset default)")
+    train.add_argument("--shots", type=int, metavar="K", help="support images per class")
+    train.add_argument("--queries", type=int, metavar="Q", help="query images per class")
+    train.add_argument(
+        "--image-size", type=int, metavar="PX", help="image folders: resize to PX x PX (84)"
+    )
+    train.add_argument(
+        "--backbone", choices=("conv4", "resnet12"), help="the network (default conv4)"
     )
 
     _add_algorithm_options(train)
@@ -247,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             if algorithm_options:
                 options["algorithm_options"] = algorithm_options
+            for flag in ("ways", "shots", "queries", "image_size"):
+                _positive(parser, f"--{flag.replace('_', '-')}", getattr(args, flag))
+            options.update(
+                ways=args.ways,
+                shots=args.shots,
+                queries=args.queries,
+                image_size=args.image_size,
+                backbone=args.backbone,
+            )
             options = {name: value for name, value in options.items() if value is not None}
             options["out_dir"] = args.out if args.out is not None else f"runs/{args.experiment}"
             run = EXPERIMENTS[args.experiment].load()

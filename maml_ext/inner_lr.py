@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ class InnerLearningRates(nn.Module):
     - ``"scalar"``: one learned scalar shared by all parameters and steps;
     - ``"per_parameter"``: a learned tensor shaped like each parameter (Meta-SGD), shared by steps;
     - ``"per_step"``: a learned scalar per parameter tensor and per step (MAML++'s LSLR), [K] each.
-      Steps beyond K (``adapt(steps=...)`` with more steps than training used) reuse the last rate.
+      Steps beyond K (``adapt(steps=...)`` with more steps than training used) reuse the last rate,
+      with a warning the first time (per object). The other kinds do not depend on the step.
     """
 
     def __init__(
@@ -68,8 +70,20 @@ class InnerLearningRates(nn.Module):
             return self.scalar
         value = self.tensors[_key(name)]
         if self.learn == "per_step":
+            if step >= self.steps:
+                self._warn_beyond_trained_steps()
             return value[min(step, self.steps - 1)]
         return value
+
+    def _warn_beyond_trained_steps(self) -> None:
+        if getattr(self, "_warned_beyond", False):
+            return
+        self._warned_beyond = True
+        warnings.warn(
+            f"inner steps beyond the {self.steps} learned per-step rates (learn_inner_lr="
+            f"'per_step') reuse the rates of step {self.steps} (said once)",
+            stacklevel=4,
+        )
 
     def flat(self, slots, steps: int, like: torch.Tensor) -> torch.Tensor:
         """The per-element rates [steps, P] in the layer program's layout (differentiable)."""

@@ -16,10 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ALGORITHMS", "ConfigurationError", "FewShotPreset", "PRESETS", "get_preset"]
+__all__ = [
+    "ALGORITHMS",
+    "ConfigurationError",
+    "FewShotPreset",
+    "PRESETS",
+    "FOLDER_PRESET",
+    "get_preset",
+]
 
 # The meta-learning algorithms a preset can run (maml_ext/experiments/algorithms.py).
 ALGORITHMS = ("maml", "fomaml", "anil", "mamlpp", "imaml", "reptile", "metasgd")
+
+DATASETS = ("omniglot", "miniimagenet", "folder")
+BACKBONES = ("conv4", "resnet12")
+# The preset of your own image folders (python -m maml_ext train folder-5w1s --data-dir DIR).
+FOLDER_PRESET = "folder-5w1s"
 
 
 class ConfigurationError(ValueError):
@@ -83,7 +95,7 @@ class FewShotPreset:
     """
 
     name: str
-    dataset: str  # "omniglot" or "miniimagenet"
+    dataset: str  # "omniglot", "miniimagenet" or "folder" (ImageFolderTasks, your own classes)
     ways: int  # N
     shots: int  # K support images per class
     queries: int  # query images per class
@@ -102,11 +114,36 @@ class FewShotPreset:
     # which the multi-step loss anneals, and the first-order iterations before second order.
     msl_iterations: int | None = None
     first_order_until: int | None = None
+    # Image folders only: the side images are resized to, and their channels (0: not yet known;
+    # training sets it from the data, 1 grayscale or 3 colour).
+    image_size: int = 0
+    channels: int = 0
+    backbone: str = "conv4"  # or "resnet12" (maml_ext.models.resnet12)
 
     def __post_init__(self):
-        if self.dataset not in ("omniglot", "miniimagenet"):
+        if self.dataset not in DATASETS:
             raise ConfigurationError(
-                f"dataset: expected 'omniglot' or 'miniimagenet', got {self.dataset!r}"
+                f"dataset: expected one of {', '.join(DATASETS)}, got {self.dataset!r}"
+            )
+        if self.backbone not in BACKBONES:
+            raise ConfigurationError(
+                f"backbone: expected one of {', '.join(BACKBONES)}, got {self.backbone!r}"
+            )
+        if self.dataset == "folder":
+            size = self.image_size
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigurationError(f"image_size: expected a positive integer, got {size!r}")
+            if self.backbone == "conv4" and size < 16:
+                raise ConfigurationError(
+                    f"image_size: the conv4 backbone's four 2x2 max-pools need images of at "
+                    f"least 16 pixels, got {size}"
+                )
+            if self.channels not in (0, 1, 3):
+                raise ConfigurationError(f"channels: expected 0, 1 or 3, got {self.channels!r}")
+        elif self.image_size:
+            raise ConfigurationError(
+                f"image_size: only image-folder presets resize their images; {self.dataset} "
+                f"images are {self.image_shape[-1]} pixels"
             )
         for field in (
             "ways",
@@ -148,6 +185,8 @@ class FewShotPreset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one input image."""
+        if self.dataset == "folder":
+            return (self.channels or 3, self.image_size, self.image_size)
         return (1, 28, 28) if self.dataset == "omniglot" else (3, 84, 84)
 
     @property
@@ -161,6 +200,12 @@ class FewShotPreset:
     def build_model(self):
         """A freshly initialised network (PyTorch default initialisation, the caller's RNG)."""
         from torch import nn
+
+        if self.backbone == "resnet12":
+            # Imported only when asked for: the model zoo is not needed by the conv4 presets.
+            from maml_ext.models import resnet12
+
+            return resnet12(self.ways)
 
         layers = []
         channels = self.image_shape[0]
@@ -303,6 +348,39 @@ PRESETS["omniglot-20w1s-mamlpp"] = _mamlpp(
 PRESETS["miniimagenet-5w1s-mamlpp"] = _mamlpp(
     PRESETS["miniimagenet-5w1s"], "miniimagenet-5w1s-mamlpp", 0.01, 15
 )
+_FOLDER_NOTES: tuple[str, ...] = (
+    "Your own data: --data-dir is a folder of class folders (any depth of grouping, e.g. "
+    "alphabet/character), read by maml_ext.tasks.ImageFolderTasks: any image format Pillow reads, "
+    "resized to --image-size (84 by default) square, grayscale when every image is, else RGB, "
+    "scaled to [0, 1]; decoded once and cached. The classes are cut 64 : 16 : 20 into train / "
+    "validation / test with split seed 0, by class or (--split-by group) by top-level folder.",
+    "Settings: miniImageNet's (5 inner steps of alpha = 0.01, meta-batch 4, 15 queries per class, "
+    "4 x [conv3x3 32, batch norm, ReLU, 2x2 max-pool] + linear); --ways, --shots, --queries, "
+    "--image-size and --backbone resnet12 change them. Every class of every split needs shots + "
+    "queries images; classes with fewer are listed by name before training starts.",
+)
+
+
+def _folder(name, ways, shots):
+    return FewShotPreset(
+        name=name,
+        dataset="folder",
+        ways=ways,
+        shots=shots,
+        queries=15,
+        meta_batch=4,
+        inner_steps=5,
+        inner_lr=0.01,
+        paper_eval_steps=10,
+        filters=32,
+        image_size=84,
+        description=f"your own class folders (--data-dir), {ways}-way {shots}-shot, "
+        f"miniImageNet's settings",
+        notes=_FOLDER_NOTES + _COMMON_NOTES,
+    )
+
+
+PRESETS[FOLDER_PRESET] = _folder(FOLDER_PRESET, 5, 1)
 
 
 def get_preset(name: str) -> FewShotPreset:

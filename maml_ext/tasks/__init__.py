@@ -12,6 +12,8 @@ _EXPORTS = {
     "Omniglot": "omniglot",
     "omniglot_image": "omniglot_archive",
     "MiniImageNet": "miniimagenet",
+    "ImageFolderTasks": "folder",
+    "TensorTasks": "tensor",
     "TaskSampler": "sampler",
     "TaskBatch": "sampler",
     "DatasetError": "_data_errors",

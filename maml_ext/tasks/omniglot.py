@@ -62,25 +62,30 @@ def _seeded_order(count: int, seed: int) -> list[int]:
 
 
 def _check_alphabet_lists(
-    alphabets: Mapping[str, Sequence[str]], available: Sequence[str]
+    alphabets: Mapping[str, Sequence[str]],
+    available: Sequence[str],
+    argument: str = "alphabets",
+    unit: str = "alphabet",
 ) -> dict[str, set]:
+    # argument/unit: how messages name the lists and their items (ImageFolderTasks: groups).
+    source = "archives" if argument == "alphabets" else "folders"
     unknown_splits = set(alphabets) - set(SPLITS)
     if unknown_splits:
-        raise ValueError(f"alphabets has keys {sorted(unknown_splits)}; allowed: {list(SPLITS)}")
+        raise ValueError(f"{argument} has keys {sorted(unknown_splits)}; allowed: {list(SPLITS)}")
     owner: dict[str, str] = {}
     for split_name, names in alphabets.items():
         if isinstance(names, str):
-            raise ValueError(f"alphabets[{split_name!r}] must be a list of names, not a string")
+            raise ValueError(f"{argument}[{split_name!r}] must be a list of names, not a string")
         for name in names:
             if name not in available:
                 raise ValueError(
-                    f"alphabets[{split_name!r}] names {name!r}, which is not in the archives read; "
-                    f"available: {', '.join(available)}"
+                    f"{argument}[{split_name!r}] names {name!r}, which is not in the {source} "
+                    f"read; available: {', '.join(available)}"
                 )
             if owner.setdefault(name, split_name) != split_name:
                 raise ValueError(
-                    f"alphabet {name!r} is listed for both {owner[name]!r} and "
-                    f"{split_name!r}; splits must not share alphabets"
+                    f"{unit} {name!r} is listed for both {owner[name]!r} and "
+                    f"{split_name!r}; splits must not share {unit}s"
                 )
     return {split_name: set(names) for split_name, names in alphabets.items()}
 
@@ -92,27 +97,35 @@ def _select_characters(
     fractions: Sequence[float],
     seed: int,
     alphabets: Mapping[str, Sequence[str]] | None,
+    words: tuple[str, str, str] = ("character", "alphabet", "alphabets"),
 ) -> list[int]:
-    """Indices into ``keys`` (sorted) of the characters in ``split``."""
+    """Indices into ``keys`` (sorted) of the characters in ``split``.
+
+    ``split_by`` is ``words[0]`` (items) or ``words[1]`` (their groups, ``key[0]``); ``words[2]``
+    is the argument that lists groups. :class:`ImageFolderTasks` says class, group and groups.
+    """
+    item, group, argument = words
     if split == "all":
         return list(range(len(keys)))
     split_index = SPLITS.index(split)
-    if split_by == "character":
+    if split_by == item:
         counts = split_counts(len(keys), fractions)
         start = sum(counts[:split_index])
         chosen = _seeded_order(len(keys), seed)[start : start + counts[split_index]]
-        how = f"{len(keys)} characters cut {counts} by fractions {tuple(fractions)}"
+        how = f"{len(keys)} {item}s cut {counts} by fractions {tuple(fractions)}"
     else:
         available = sorted({alphabet for alphabet, _ in keys})
         if alphabets is not None:
-            split_alphabets = _check_alphabet_lists(alphabets, available).get(split, set())
-            how = f"alphabets given for {sorted(alphabets)}"
+            split_alphabets = _check_alphabet_lists(alphabets, available, argument, group).get(
+                split, set()
+            )
+            how = f"{argument} given for {sorted(alphabets)}"
         else:
             counts = split_counts(len(available), fractions)
             start = sum(counts[:split_index])
             order = _seeded_order(len(available), seed)[start : start + counts[split_index]]
             split_alphabets = {available[i] for i in order}
-            how = f"{len(available)} alphabets cut {counts} by fractions {tuple(fractions)}"
+            how = f"{len(available)} {group}s cut {counts} by fractions {tuple(fractions)}"
         chosen = [i for i, (alphabet, _) in enumerate(keys) if alphabet in split_alphabets]
     if not chosen:
         raise ValueError(f"the {split!r} split is empty ({how}); choose other fractions or lists")

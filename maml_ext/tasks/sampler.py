@@ -2,7 +2,8 @@
 
 A dataset the sampler can draw from exposes (:class:`Omniglot` and :class:`MiniImageNet` do):
 
-- ``images``: a tensor ``[num_images, C, H, W]`` of any dtype (e.g. uint8 to save memory);
+- ``images``: a tensor ``[num_images, C, H, W]`` of any dtype (e.g. uint8 to save memory), or
+  ``[num_images, *features]`` of any other sample shape (:class:`TensorTasks`: tabular rows);
 - ``labels``: an int64 tensor ``[num_images]``, the base class of each image, ``0 .. B-1``;
 - optionally ``rotations`` (int, default 1): class ``c`` is base class ``c // rotations`` turned by
   ``torch.rot90(image, c % rotations, dims=(-2, -1))``, so there are ``B * rotations`` classes;
@@ -114,15 +115,16 @@ class TaskSampler:
         self.dataset = dataset
 
         images, labels = dataset.images, dataset.labels
-        if images.dim() != 4 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        if images.dim() < 2 or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(
-                f"the dataset must have images [num_images, C, H, W] and labels [num_images]; "
+                f"the dataset must have images [num_images, C, H, W] and labels [num_images] "
+                f"(or images [num_images, *features] of another sample shape); "
                 f"got images {tuple(images.shape)} and labels {tuple(labels.shape)}"
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"the dataset's labels must be integers, got {labels.dtype}")
         self.rotations = int(getattr(dataset, "rotations", 1))
-        if self.rotations > 1 and images.shape[-1] != images.shape[-2]:
+        if self.rotations > 1 and (images.dim() < 3 or images.shape[-1] != images.shape[-2]):
             raise ValueError(f"rotated classes need square images, got {tuple(images.shape[-2:])}")
         self._images = images if device is None else images.to(device)
         self._prepare = getattr(dataset, "prepare_batch", None)

@@ -23,6 +23,10 @@ seed (0 by default). On the two minimal archives (8 alphabets, 242 characters) t
 characters: Balinese, Greek, Japanese_(katakana), Korean, Tagalog / Latin / Early_Aramaic,
 Sanskrit); every character counts 4 times (its rotations). miniImageNet: Ravi & Larochelle's train
 / val / test files.
+Your own image folders (preset ``folder-5w1s``, :class:`~maml_ext.tasks.ImageFolderTasks`): classes
+(default) or top-level folders (``split_by="group"``) cut 64 : 16 : 20 with the split seed; every
+class of a split must hold ``shots + queries`` images, checked (all short classes named) before
+training.
 
 Evaluation (``python -m maml_ext eval CHECKPOINT``, :func:`evaluate_checkpoint`): see
 :mod:`.evaluate`; the baseline it compares with (``eval --baseline``): see :mod:`.baseline`.

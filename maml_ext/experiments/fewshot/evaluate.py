@@ -288,7 +288,9 @@ def evaluate_checkpoint(
             f"({preset.ways}-way {preset.shots}-shot, {preset.queries} queries/class, seed {seed}) "
             f"after k inner steps of {preset.inner_lr}; mean ± 95% CI"
         )
-        print(accuracy_table(results, preset.paper_eval_steps))
+        # Your own data (image folders) has no paper row to mark.
+        paper_row = None if preset.dataset == "folder" else preset.paper_eval_steps
+        print(accuracy_table(results, paper_row))
     if out != "":
         out_path = Path(out) if out is not None else checkpoint.with_name("eval.json")
         write_text_atomic(out_path, json.dumps(report, indent=2) + "\n")

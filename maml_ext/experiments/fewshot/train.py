@@ -83,6 +83,11 @@ def train_fewshot(
     inner_steps: int | None = None,
     msl_iterations: int | None = None,
     first_order_until: int | None = None,
+    ways: int | None = None,
+    shots: int | None = None,
+    queries: int | None = None,
+    image_size: int | None = None,
+    backbone: str | None = None,
 ) -> dict:
     """Meta-trains ``preset`` (a name in :data:`~maml_ext.experiments.presets.PRESETS` or a
     :class:`FewShotPreset`); see :mod:`maml_ext.experiments.fewshot` for what it writes under
@@ -97,6 +102,10 @@ def train_fewshot(
     others must match. ``stop_after`` ends this call after that many iterations (for tests and
     time-sliced jobs; the run stays resumable). Returns a summary dict.
 
+    ``ways``, ``shots``, ``queries``, ``backbone`` ("conv4" or "resnet12") and, for image
+    folders, ``image_size`` change the preset's task shape and network; a resumed run must keep
+    them.
+
     ``algorithm`` (default: the preset's, "maml" but for the MAML++ presets) picks the
     meta-learning algorithm of :mod:`maml_ext.experiments.algorithms`, ``algorithm_options`` its
     options (e.g. ``{"lam": 2.0}`` for iMAML; Reptile's ``anneal=True`` anneals ε over the run's
@@ -104,6 +113,9 @@ def train_fewshot(
     ``inner_lr``, ``inner_steps``, ``msl_iterations``, ``first_order_until`` override the
     preset's. All of these are fixed for a resumed run.
     """
+    task_shape = dict(
+        ways=ways, shots=shots, queries=queries, image_size=image_size, backbone=backbone
+    )
     if isinstance(preset, str):
         preset = get_preset(preset)
     out = Path(out_dir if out_dir is not None else f"runs/{preset.name}")
@@ -136,6 +148,7 @@ def train_fewshot(
         )
         preset, settings, state = _resumed_run(preset, checkpoint_path, fixed, changes)
         _check_resumed_options(settings, algorithm_options)
+        _check_resumed_task_shape(preset, task_shape)
     else:
         if checkpoint_path.exists():
             raise ConfigurationError(
@@ -157,6 +170,7 @@ def train_fewshot(
         )
         if preset.algorithm == "fomaml":
             preset = preset.with_overrides(first_order=True)
+        preset = preset.with_overrides(**task_shape)
         state = None
         settings = _new_run_settings(
             preset,
@@ -308,6 +322,14 @@ _PRESET_FIELDS = (
     "msl_iterations",
     "first_order_until",
 )
+def _check_resumed_task_shape(saved: FewShotPreset, task_shape: dict) -> None:
+    """The task shape and network of a resumed run cannot change (None: not given)."""
+    for name, value in task_shape.items():
+        if value is not None and value != getattr(saved, name):
+            raise ConfigurationError(
+                f"--resume: the run was started with {name}={getattr(saved, name)!r}; "
+                f"it cannot change to {value!r}"
+            )
 
 
 def _check_settings(settings: dict, start_iteration: int, checkpoint_path: Path) -> None:
@@ -356,6 +378,9 @@ class FewShotTraining:
             cache_dir=settings["cache_dir"],
         )
         self.train_data = load_split(preset, settings["data_dir"], "train", **split)
+        if preset.dataset == "folder" and not preset.channels:
+            # The network's input channels come from the images (the checkpoint keeps them).
+            self.preset = preset = preset.with_overrides(channels=self.train_data.channels)
         self.val_data = load_split(preset, settings["data_dir"], "val", **split)
         # Initial weights from the seed, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
