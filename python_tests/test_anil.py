@@ -1,0 +1,192 @@
+"""ANIL (MetaOptimizer(adapt=...)) and derivative-order annealing (first_order_until), on both
+backends, exact against the independent per-task autograd loop of variant_oracle.py (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from maml_test_utils import conv_net, perturb_rates
+from torch import nn
+from variant_oracle import optimizer_gradient, oracle_gradient, relative_error
+
+import maml_ext
+
+BACKENDS = ["reference", "fused"]
+RATE_KINDS = [None, "scalar", "per_parameter", "per_step"]
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)
+    ).double()
+
+
+def batch(generator, model_kind, tasks=3):
+    if model_kind == "mlp":
+        shape, support, query = (4,), 6, 7
+    else:
+        shape, support, query = (1, 8, 8), 5, 5
+    sx = torch.randn(tasks, support, *shape, dtype=torch.float64, generator=generator)
+    qx = torch.randn(tasks, query, *shape, dtype=torch.float64, generator=generator)
+    sy = torch.randint(0, 3, (tasks, support), generator=generator)
+    qy = torch.randint(0, 3, (tasks, query), generator=generator)
+    return sx, sy, qx, qy
+
+
+def make_model(kind):
+    return mlp() if kind == "mlp" else conv_net(ways=3, channels=4)
+
+
+def adapted_names(opt):
+    names = [n for n, _ in opt.model.named_parameters()]
+    return names if opt.adapt_names is None else [n for n in names if n in opt.adapt_names]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_kind", ["mlp", "conv"])
+@pytest.mark.parametrize("learn", RATE_KINDS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_anil_head_is_exact(backend, model_kind, learn, first_order, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = make_model(model_kind)
+    opt = maml_ext.MetaOptimizer(
+        model,
+        None,
+        inner_lr=0.3,
+        inner_steps=3,
+        first_order=first_order,
+        learn_inner_lr=learn,
+        backend=backend,
+        adapt="head",
+    )
+    last = [n for n, _ in model.named_parameters()][-2:]
+    assert opt.adapt_names == frozenset(last)
+    perturb_rates(opt, g)
+    data = batch(g, model_kind)
+    expected = oracle_gradient(opt, data, adapted=adapted_names(opt), first_order=first_order)
+    opt.meta_gradient(*data)
+    assert relative_error(optimizer_gradient(opt), expected) < 1e-10
+    # The body is meta-learned: its gradient is not zero.
+    assert model[0].weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("learn", [None, "per_step"])
+def test_adapt_by_names_and_prefixes_is_exact(backend, learn, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = conv_net(ways=3, channels=4)
+    # "0" is a prefix (the first convolution's weight and bias), "5.bias" one name.
+    opt = maml_ext.MetaOptimizer(
+        model, None, inner_lr=0.2, inner_steps=2, learn_inner_lr=learn, backend=backend,
+        adapt=["0", "5.bias"],
+    )
+    assert opt.adapt_names == frozenset({"0.weight", "0.bias", "5.bias"})
+    if learn is not None:
+        assert {k for k in opt.inner_lr.tensors} == {"0-weight", "0-bias", "5-bias"}
+    perturb_rates(opt, g)
+    data = batch(g, "conv")
+    expected = oracle_gradient(opt, data, adapted=adapted_names(opt), first_order=False)
+    opt.meta_gradient(*data)
+    assert relative_error(optimizer_gradient(opt), expected) < 1e-10
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "conv"])
+def test_anil_backends_agree_on_adapt_and_predict(model_kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = make_model(model_kind)
+    opts = [
+        maml_ext.MetaOptimizer(model, None, inner_lr=0.3, inner_steps=2, backend=b, adapt="head")
+        for b in BACKENDS
+    ]
+    sx, sy, qx, _ = batch(g, model_kind)
+    adapted = [o.adapt(sx, sy, steps=4) for o in opts]
+    for name, p in model.named_parameters():
+        for a in adapted:
+            if name in opts[0].adapt_names:
+                assert not torch.equal(a[name][0], p.detach())
+            else:  # the body keeps θ exactly
+                assert torch.equal(a[name], p.detach().expand_as(a[name]))
+        assert relative_error(adapted[1][name], adapted[0][name]) < 1e-10
+    outputs = [o.predict(a, qx) for o, a in zip(opts, adapted)]
+    assert relative_error(outputs[1], outputs[0]) < 1e-10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_order_until_switches_after_n_steps(backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = make_model("conv")
+    outer = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = maml_ext.MetaOptimizer(
+        model, outer, inner_lr=0.3, inner_steps=2, backend=backend, first_order_until=2,
+        learn_inner_lr="per_step",
+    )
+    names = [n for n, _ in model.named_parameters()]
+    for iteration, first_order in enumerate([True, True, False]):
+        assert opt.iteration == iteration
+        data = batch(g, "conv")
+        expected = oracle_gradient(opt, data, adapted=names, first_order=first_order)
+        other = oracle_gradient(opt, data, adapted=names, first_order=not first_order)
+        opt.step(*data)
+        got = optimizer_gradient(opt)
+        assert relative_error(got, expected) < 1e-10
+        assert relative_error(got, other) > 1e-6  # the two orders differ on this draw
+    assert opt.iteration == 3
+
+
+def test_state_dict_round_trip_keeps_adapt_and_iteration(seed):
+    model = make_model("mlp")
+    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = maml_ext.MetaOptimizer(
+        model, outer, inner_lr=0.1, adapt="head", learn_inner_lr="per_parameter",
+        first_order_until=5,
+    )
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        opt.step(*batch(g, "mlp"))
+    state = opt.state_dict()
+    assert state["iteration"] == 3 and state["config"]["adapt"] == ["4.bias", "4.weight"]
+    clone_model = make_model("mlp")
+    clone = maml_ext.MetaOptimizer(
+        clone_model, torch.optim.Adam(clone_model.parameters(), lr=1e-3), inner_lr=0.1,
+        adapt="head", learn_inner_lr="per_parameter", first_order_until=5,
+    )
+    clone.load_state_dict(state)
+    assert clone.iteration == 3
+    for a, b in zip(opt.inner_lr.parameters(), clone.inner_lr.parameters()):
+        assert torch.equal(a, b)
+    other = maml_ext.MetaOptimizer(make_model("mlp"), None, inner_lr=0.1, adapt="all",
+                                   learn_inner_lr="per_parameter")
+    before = [p.clone() for p in other.model.parameters()]
+    with pytest.raises(ValueError, match="adapt"):
+        other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.model.parameters()))
+    assert other.iteration == 0
+
+
+@pytest.mark.parametrize(
+    "adapt, message",
+    [
+        ("body", "expected 'all', 'head' or a list"),
+        ([], "non-empty list"),
+        (["nope"], "'nope' matches no trainable parameter"),
+        (["0.weight", 3], "expected parameter names or prefixes"),
+    ],
+)
+def test_bad_adapt_is_a_clear_error_that_changes_nothing(adapt, message):
+    model = make_model("mlp")
+    outer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        maml_ext.MetaOptimizer(model, outer, inner_lr=0.1, adapt=adapt, learn_inner_lr="scalar")
+    assert len(outer.param_groups) == 1
+
+
+def test_head_needs_a_linear_layer():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()).double()
+    with pytest.raises(ValueError, match="last nn.Linear"):
+        maml_ext.MetaOptimizer(model, None, inner_lr=0.1, adapt="head", backend="reference")
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, None])
+def test_bad_first_order_until(value):
+    with pytest.raises(ValueError, match="first_order_until: expected a non-negative int"):
+        maml_ext.MetaOptimizer(make_model("mlp"), None, inner_lr=0.1, first_order_until=value)
