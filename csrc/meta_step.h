@@ -62,6 +62,21 @@ MetaStepOptionsTuple meta_step_options(const at::Tensor& theta, const at::Tensor
                                         const std::optional<at::Tensor>& query_weights,
                                         const std::optional<at::Tensor>& inner_shift);
 
+// ANIL's meta-step when the layers that take no inner steps are the model's first ones (the body,
+// body_program: parameters θ[0, B)) and the adapted ones the rest (the head, head_program, its
+// offsets from B; its parameters θ[B, P)). The body's features of the support and query sets are
+// computed once at θ and reused by every inner step and sweep pass, which run the head alone; one
+// backward through the body at the end carries the features' adjoints (the query gradient, and
+// the support features' share of each Hessian-vector product) to its parameters. inner_lr [K, P-B]
+// holds the head's rates (the body's are zero); inner_lr_grad is [K, P-B]. The same quantities as
+// meta_step with zero rates on the body, at the cost of the head's passes plus one body forward and
+// backward per set. Results as meta_step_options (inner_shift_grad [0]).
+MetaStepOptionsTuple frozen_body_meta_step(
+    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    at::IntArrayRef body_program, at::ArrayRef<double> body_floats, at::IntArrayRef head_program,
+    at::ArrayRef<double> head_floats, int64_t loss, bool first_order, bool inner_lr_grad);
+
 // meta_step_options at a parsed program (undefined tensors for options not used).
 MetaStepOptionsResult sweep_meta_step(const ProgramRecords& program, LossKind loss,
                                       const at::Tensor& theta, const at::Tensor& inner_lr,

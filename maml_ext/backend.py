@@ -59,7 +59,13 @@ from . import fused, reference
 from ._extension import _load_error, compiled_ops_available, cuda_kernels_compiled
 from .inner_lr import InnerLearningRates
 from .losses import TaskLoss
-from .program import LOSS_CODES, LayerProgram, UnsupportedModelError, compile_program
+from .program import (
+    LOSS_CODES,
+    RECORDS_BY_CODE,
+    LayerProgram,
+    UnsupportedModelError,
+    compile_program,
+)
 from .variants import Variant
 
 BACKENDS = ("auto", "reference", "fused")
@@ -199,6 +205,7 @@ class FusedBackend(Backend):
         # cross-entropy asserts on the device.)
         self.defers_class_range = device.type != "cpu" and loss.is_classification
         self._fixed_rates: dict[tuple[int, float], torch.Tensor] = {}  # [K, P] per (K, rate)
+        self._splits: dict[frozenset[str], FrozenBodySplit | None] = {}
 
     def meta_gradient(
         self,
@@ -224,6 +231,19 @@ class FusedBackend(Backend):
                 steps=steps,
                 first_order=first_order,
                 variant=variant,
+            )
+        split = self.frozen_body_split(inner_lr.adapted)
+        if split is not None:
+            return self.frozen_body_step(
+                split,
+                params,
+                inner_lr,
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                steps=steps,
+                first_order=first_order,
             )
         program = self.program
         names = program.slot_names
@@ -304,6 +324,73 @@ class FusedBackend(Backend):
                 torch.zeros_like(p) if g is None else g for p, g in zip(rate_params, rate_grads)
             )
         return meta_grad, rate_grads, query_loss, accuracy, support_loss
+
+    def frozen_body_split(self, adapted) -> FrozenBodySplit | None:
+        """ANIL's body/head split of the program where the frozen parameters are exactly those of
+        the first layers and the head starts with a Linear layer (cached per adapted set)."""
+        if adapted is None:
+            return None
+        if adapted not in self._splits:
+            self._splits[adapted] = frozen_body_split(self.program, adapted)
+        return self._splits[adapted]
+
+    def frozen_body_step(
+        self,
+        split: FrozenBodySplit,
+        params,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps,
+        first_order,
+    ) -> MetaGradient:
+        """ANIL by ``maml_ext::frozen_body_meta_step``: the body's features once per set, the
+        inner loop and the sweep over the head alone (csrc/meta_step.h)."""
+        program = self.program
+        rate_params = list(inner_lr.parameters())
+        with torch.no_grad():
+            theta = program.flatten(params)
+        with torch.set_grad_enabled(bool(rate_params)):
+            rates = inner_lr.flat(program.slots, steps, theta)[:, split.body_params :]
+        query_loss, accuracy, support_loss, meta_grad, rate_grad, _, loss = (
+            torch.ops.maml_ext.frozen_body_meta_step(
+                theta,
+                rates.detach().contiguous(),
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                split.body_ints,
+                split.body_floats,
+                split.head_ints,
+                split.head_floats,
+                self.loss_code,
+                first_order,
+                bool(rate_params),
+            )
+        )
+        rate_grads = []
+        if rate_params:
+            rate_grads = torch.autograd.grad(rates, rate_params, rate_grad, allow_unused=True)
+            rate_grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(rate_params, rate_grads)
+            ]
+        grads = list(program.unflatten(meta_grad).values()) + rate_grads
+        finite = torch.isfinite(
+            torch.cat([loss.reshape(1), meta_grad, *(g.reshape(-1) for g in rate_grads)])
+        ).all()
+        return MetaGradient(
+            [params[name] for name in program.slot_names] + rate_params,
+            grads,
+            program.slot_names + ("inner_lr",) * len(rate_params),
+            loss,
+            accuracy.mean() if accuracy.numel() else None,
+            support_loss.mean(),
+            finite,
+        )
 
     def variant_step(
         self,
@@ -446,6 +533,71 @@ class FusedBackend(Backend):
             loss_code=self.loss_code,
         )
         return program.unflatten(products)
+
+
+_SPLITTABLE = ("linear", "conv2d", "batch_norm", "relu", "tanh", "max_pool2d", "flatten")
+
+
+class FrozenBodySplit(NamedTuple):
+    """A program cut in two for ANIL: the body's records (its parameters θ[0, body_params)) and
+    the head's, whose parameter offsets count from body_params."""
+
+    body_ints: list[int]
+    body_floats: list[float]
+    head_ints: list[int]
+    head_floats: list[float]
+    body_params: int
+
+
+def frozen_body_split(program: LayerProgram, adapted: frozenset[str]) -> FrozenBodySplit | None:
+    """The split where the parameters that take no inner steps are exactly the first layers' and
+    the adapted ones start at a Linear layer (whose input, the body's features, is [T, N, F]);
+    None where the model is not so (ANIL then runs MAML's sweep with zero rates on the body)."""
+    records, position, float_position = [], 0, 0
+    ints = program.ints
+    while position < len(ints):
+        record = RECORDS_BY_CODE[ints[position]]
+        if record.name not in _SPLITTABLE:  # a kind whose parameter fields are not known here
+            return None
+        end = position + 1 + len(record.int_fields)
+        fields = dict(zip(record.int_fields, ints[position + 1 : end]))
+        records.append((record, position, end, float_position, fields))
+        position, float_position = end, float_position + len(record.float_fields)
+    slots = iter(program.slots)
+    owners = []  # per record: the names of its parameters
+    for record, *_, fields in records:
+        present = [
+            p
+            for p in record.parameters
+            if not (p == "bias" and fields.get("has_bias", 1) == 0)
+            and not (record.name == "batch_norm" and not fields["affine"])
+        ]
+        owners.append([next(slots).name for _ in present])
+    first = next((i for i, names in enumerate(owners) if set(names) & adapted), None)
+    if first is None or first == 0 or records[first][0].name != "linear":
+        return None
+    body = [name for names in owners[:first] for name in names]
+    head = [name for names in owners[first:] for name in names]
+    if not body or set(body) & adapted or not set(head) <= adapted:
+        return None
+    base = program.slots[len(body)].offset
+    head_ints: list[int] = []
+    for record, *_, fields in records[first:]:
+        head_ints.append(record.code)
+        for name in record.int_fields:
+            value = fields[name]
+            # Offsets of present parameters count from the head's start (absent ones stay 0).
+            if name.endswith("_offset") and value >= base:
+                value -= base
+            head_ints.append(value)
+    split_float = records[first][3]
+    return FrozenBodySplit(
+        list(ints[: records[first][1]]),
+        list(program.floats[:split_float]),
+        head_ints,
+        list(program.floats[split_float:]),
+        base,
+    )
 
 
 def fused_obstacle(
