@@ -249,7 +249,7 @@ class MetaOptimizer:
             raise ValueError("state: expected a dict from MetaOptimizer.state_dict()")
         mine = self._config()
         defaults = {"adapt": "all", "per_step_batch_norm": False}  # states saved before them
-        for key in ("learn_inner_lr", "inner_steps", "adapt", "per_step_batch_norm"):
+        for key in ("learn_inner_lr", "inner_steps", "per_step_batch_norm", "adapt"):
             saved_value = state["config"].get(key, defaults.get(key))
             if saved_value != mine[key]:
                 raise ValueError(

@@ -65,6 +65,10 @@ def test_anil_head_is_exact(backend, model_kind, learn, first_order, seed):
     )
     last = [n for n, _ in model.named_parameters()][-2:]
     assert opt.adapt_names == frozenset(last)
+    if backend == "fused":  # the path that computes the body's features once
+        assert opt._backend_for(torch.device("cpu"), torch.float64).frozen_body_split(
+            opt.adapt_names
+        ) is not None
     perturb_rates(opt, g)
     data = batch(g, model_kind, tasks=2)
     expected = oracle_gradient(opt, data, adapted=adapted_names(opt), first_order=first_order)
@@ -194,3 +198,49 @@ def test_head_needs_a_linear_layer():
 def test_bad_first_order_until(value):
     with pytest.raises(ValueError, match="first_order_until: expected a non-negative int"):
         maml_ext.MetaOptimizer(make_model("mlp"), None, inner_lr=0.1, first_order_until=value)
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "conv", "conv_no_bias_head"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_frozen_body_op_equals_the_masked_sweep(model_kind, first_order, seed):
+    """frozen_body_meta_step against meta_step with zero rates on the body: the same quantities
+    (meta-gradient, rate gradient, losses), so the fast path is MAML's sweep exactly."""
+    g = torch.Generator().manual_seed(seed)
+    if model_kind == "conv_no_bias_head":
+        model = conv_net(ways=3, channels=4)
+        model[-1] = nn.Linear(model[-1].in_features, 3, bias=False).double()
+    else:
+        model = make_model(model_kind)
+    program = maml_ext.program.compile_program(model)
+    names = [n for n, _ in model.named_parameters()]
+    head = frozenset(n for n in names if n.startswith(names[-1].rpartition(".")[0] + "."))
+    split = maml_ext.backend.frozen_body_split(program, head)
+    assert split is not None
+    theta = program.flatten(dict(model.named_parameters())).detach()
+    steps = 3
+    rates = 0.1 + 0.3 * torch.rand(steps, theta.numel(), dtype=torch.float64, generator=g)
+    rates[:, : split.body_params] = 0
+    sx, sy, qx, qy = batch(g, "mlp" if model_kind == "mlp" else "conv")
+    code = maml_ext.program.loss_code("cross_entropy")
+    want = torch.ops.maml_ext.meta_step(
+        theta, rates, sx, sy, qx, qy, program.ints_list, program.floats_list, code, first_order,
+        True,
+    )
+    got = torch.ops.maml_ext.frozen_body_meta_step(
+        theta, rates[:, split.body_params :].contiguous(), sx, sy, qx, qy, split.body_ints,
+        split.body_floats, split.head_ints, split.head_floats, code, first_order, True,
+    )
+    for index in (0, 1, 2, 3):  # query loss, accuracy, support loss, meta-gradient
+        assert relative_error(got[index], want[index]) < 1e-10
+    assert relative_error(got[4], want[4][:, split.body_params :]) < 1e-10
+    assert relative_error(got[6], want[5]) < 1e-10
+
+
+def test_frozen_body_split_needs_a_frozen_prefix_ending_before_a_linear_layer():
+    model = conv_net(ways=3, channels=4)
+    program = maml_ext.program.compile_program(model)
+    split = maml_ext.backend.frozen_body_split
+    assert split(program, frozenset({"9.weight", "9.bias"})) is not None
+    assert split(program, frozenset({"9.weight"})) is None  # the head's bias would be frozen
+    assert split(program, frozenset({"0.weight", "0.bias"})) is None  # not a suffix
+    assert split(program, frozenset({"5.weight", "5.bias", "9.weight", "9.bias"})) is None
