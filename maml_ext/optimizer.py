@@ -51,7 +51,8 @@ class MetaOptimizer:
             last nn.Linear's parameters: ANIL), or a list of parameter names or prefixes (a
             prefix such as "features.3" names every parameter under it). Every parameter is
             still meta-learned; the others keep θ through the inner loop (inner rate 0, and no
-            learned rate of their own).
+            learned rate of their own). On the fused backend a head of the last layers from a
+            Linear on runs with the frozen body's features computed once per step.
         multi_step_loss: MAML++'s multi-step loss: the meta-objective is Σ_k w_k · (mean query
             loss after inner step k) with the authors' annealing: w starts at 1/K; the non-final
             weights decay linearly over ``msl_iterations`` outer steps to 0.03/K while the final
