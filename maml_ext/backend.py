@@ -220,7 +220,7 @@ class FusedBackend(Backend):
         first_order,
         variant: Variant | None = None,
     ):
-        if variant is not None and variant.active:
+        if variant is not None:
             return self.variant_step(
                 params,
                 inner_lr,
@@ -232,7 +232,7 @@ class FusedBackend(Backend):
                 first_order=first_order,
                 variant=variant,
             )
-        split = self.frozen_body_split(inner_lr.adapted)
+        split = None if inner_lr.adapted is None else self.frozen_body_split(inner_lr.adapted)
         if split is not None:
             return self.frozen_body_step(
                 split,

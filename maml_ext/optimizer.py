@@ -129,6 +129,8 @@ class MetaOptimizer:
         if self.per_step_batch_norm is not None:
             adapted = self._without_batch_norm(adapt, adapted, list(params))
         self.adapt_names = adapted  # None: all
+        # Whether a MAML++ option may change a step (the default path skips building a Variant).
+        self._variants_on = multi_step_loss or self.per_step_batch_norm is not None
         self.inner_lr = InnerLearningRates(
             {n: p.shape for n, p in params.items()},
             self.inner_steps,
@@ -462,7 +464,7 @@ class MetaOptimizer:
             features=tuple(support_x.shape[2:]),
         )
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
-        variant = self._variant()
+        variant = self._variant() if self._variants_on else None
         step = backend.meta_gradient(
             params,
             self.inner_lr,

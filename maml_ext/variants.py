@@ -136,11 +136,8 @@ class PerStepBatchNorm(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One meta-step's options for a backend (None fields: off)."""
+    """One meta-step's options for a backend (None fields: off; at least one is on, else no
+    Variant is passed at all)."""
 
     query_weights: tuple[float, ...] | None = None  # MSL weights [K], or None (final loss only)
     batch_norm: PerStepBatchNorm | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.query_weights is not None or self.batch_norm is not None
