@@ -225,8 +225,9 @@ MetaStepOptionsTuple meta_step_options(const at::Tensor& theta, const at::Tensor
                              inner_lr, support_x, support_y, query_x, query_y, first_order,
                              inner_lr_grad, query_weights.value_or(at::Tensor()),
                              inner_shift.value_or(at::Tensor()));
-  return {std::move(out.query_loss),    std::move(out.query_accuracy), std::move(out.support_loss),
-          std::move(out.meta_grad),     std::move(out.inner_lr_grad),  std::move(out.inner_shift_grad),
+  return {std::move(out.query_loss),       std::move(out.query_accuracy),
+          std::move(out.support_loss),     std::move(out.meta_grad),
+          std::move(out.inner_lr_grad),    std::move(out.inner_shift_grad),
           std::move(out.objective)};
 }
 
