@@ -214,6 +214,25 @@ TORCH_LIBRARY(maml_ext, m) {
       "bool first_order, bool inner_lr_grad) -> "
       "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
       "Tensor inner_lr_grad, Tensor mean_query_loss)");
+  // meta_step with the MAML family's options (csrc/meta_step.h): query_weights [K] (multi-step
+  // loss), inner_shift [K, P] (a constant added to each inner step's weights: per-step batch-norm
+  // parameters). Not differentiable; its gradients are those of objective.
+  m.def(
+      "meta_step_options(Tensor theta, Tensor inner_lr, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] program, float[] program_floats, int loss, "
+      "bool first_order, bool inner_lr_grad, Tensor? query_weights=None, "
+      "Tensor? inner_shift=None) -> "
+      "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
+      "Tensor inner_lr_grad, Tensor inner_shift_grad, Tensor objective)");
+  // ANIL's meta-step with the frozen body's features computed once (csrc/meta_step.h): theta is
+  // the body's parameters then the head's; inner_lr the head's rates [K, P_head]. Not
+  // differentiable; its gradients are those of objective (the mean query loss).
+  m.def(
+      "frozen_body_meta_step(Tensor theta, Tensor inner_lr, Tensor support_x, Tensor support_y, "
+      "Tensor query_x, Tensor query_y, int[] body_program, float[] body_floats, "
+      "int[] head_program, float[] head_floats, int loss, bool first_order, bool inner_lr_grad) -> "
+      "(Tensor query_loss, Tensor query_accuracy, Tensor support_loss, Tensor meta_grad, "
+      "Tensor inner_lr_grad, Tensor inner_shift_grad, Tensor objective)");
   // MetaOptimizer's fixed-rate step: meta_step at the concatenated params (in the program's slot
   // order), its meta-gradient split into params' shapes, the means over tasks (accuracy [0] for
   // MSE) and whether the loss and gradient are all finite (0-d bool); csrc/meta_gradient.h.

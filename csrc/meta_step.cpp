@@ -108,40 +108,80 @@ MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
                                  const at::Tensor& support_x, const at::Tensor& support_y,
                                  const at::Tensor& query_x, const at::Tensor& query_y,
                                  bool first_order, bool inner_lr_grad) {
+  auto out = sweep_meta_step(records, loss, theta, inner_lr, support_x, support_y, query_x,
+                             query_y, first_order, inner_lr_grad, at::Tensor(), at::Tensor());
+  return {std::move(out.query_loss), std::move(out.query_accuracy), std::move(out.support_loss),
+          std::move(out.meta_grad),  std::move(out.inner_lr_grad),  std::move(out.objective)};
+}
+
+MetaStepOptionsResult sweep_meta_step(const ProgramRecords& records, LossKind loss,
+                                      const at::Tensor& theta, const at::Tensor& inner_lr,
+                                      const at::Tensor& support_x, const at::Tensor& support_y,
+                                      const at::Tensor& query_x, const at::Tensor& query_y,
+                                      bool first_order, bool inner_lr_grad,
+                                      const at::Tensor& query_weights,
+                                      const at::Tensor& inner_shift) {
   const at::OptionalDeviceGuard device_guard(at::device_of(theta));
   const int64_t tasks =
       check_meta_step_args(records, loss, theta, inner_lr, support_x, support_y, query_x, query_y);
   const int64_t num_params = theta.size(0), steps = inner_lr.size(0);
+  const bool weighted = query_weights.defined(), shifted = inner_shift.defined();
+  if (weighted) {
+    check_same_device_dtype(query_weights, theta, "query_weights");
+    MAML_CHECK_ARG(query_weights.dim() == 1 && query_weights.size(0) == steps, "query_weights",
+                   "expected one weight per inner step [", steps, "], got shape ",
+                   query_weights.sizes());
+  }
+  if (shifted) {
+    check_same_device_dtype(inner_shift, theta, "inner_shift");
+    MAML_CHECK_ARG(inner_shift.sizes() == inner_lr.sizes(), "inner_shift",
+                   "expected per-step shifts shaped like inner_lr ", inner_lr.sizes(), ", got ",
+                   inner_shift.sizes());
+  }
   Program program(records, loss);
   const auto sx = support_x.contiguous(), sy = support_y.contiguous();
+  const auto qx = query_x.contiguous(), qy = query_y.contiguous();
   const auto alpha = inner_lr.contiguous();
   const auto options = theta.options();
 
-  // θ_1 … θ_K and g_0 … g_{K-1} per task; θ_0 is θ itself, shared (a stride-0 view).
+  // φ_1 … φ_K (the weights after each step, before any shift) and g_0 … g_{K-1} per task. The
+  // support pass of step k runs at θ_k = φ_k + δ_{k-1}; θ_0 is θ itself, shared (a stride-0 view).
   const auto theta_0 = per_task(theta, tasks, "theta");
   const auto adapted = at::empty({steps, tasks, num_params}, options);
   const auto support_grads = at::empty({steps, tasks, num_params}, options);
-  auto theta_at = [&](int64_t k) { return k == 0 ? theta_0 : adapted[k - 1]; };
+  auto theta_at = [&](int64_t k) {
+    if (k == 0) return theta_0;
+    return shifted ? adapted[k - 1] + inner_shift[k - 1] : adapted[k - 1];
+  };
 
   at::Tensor support_loss;
   for (int64_t k = 0; k < steps; ++k) {
-    PassParams pass{theta_at(k), at::Tensor(), support_grads[k], at::Tensor()};
+    const auto theta_k = theta_at(k);
+    PassParams pass{theta_k, at::Tensor(), support_grads[k], at::Tensor()};
     const auto value = program.gradient(pass, sx, sy);
     if (k == 0) support_loss = value.loss;
-    // θ_{k+1} = θ_k − α_k ⊙ g_k
+    // φ_{k+1} = θ_k − α_k ⊙ g_k
     auto next_theta = adapted[k];
-    at::sub_out(next_theta, theta_at(k), support_grads[k] * alpha[k]);
+    at::sub_out(next_theta, theta_k, support_grads[k] * alpha[k]);
   }
 
   auto lambda = at::empty({tasks, num_params}, options);
-  const auto query = query_gradient(program, adapted[steps - 1], lambda, query_x.contiguous(),
-                                    query_y.contiguous());
+  const auto query = query_gradient(program, adapted[steps - 1], lambda, qx, qy);
+  // The meta-objective: Σ_j w_j · mean query loss at φ_{j+1} with weights, else the final one's.
+  auto objective = query.loss.mean();
+  if (weighted) {
+    objective = objective * query_weights[steps - 1];
+    lambda.mul_(query_weights[steps - 1]);
+  }
 
   auto alpha_grad =
       inner_lr_grad ? at::empty({steps, num_params}, options) : at::empty({0}, options);
+  auto shift_grad = shifted ? at::empty({steps, num_params}, options) : at::empty({0}, options);
+  if (shifted) shift_grad[steps - 1].zero_();  // δ_{K-1} moves no pass
   auto scratch_grad = at::empty({tasks, num_params}, options);
   auto hessian_vector = at::empty({tasks, num_params}, options);
   const double inv_tasks = 1.0 / static_cast<double>(tasks);
+  // λ holds the adjoint of φ_{k+1} on entry to iteration k, of φ_k (θ_0 at the end) on exit.
   for (int64_t k = steps - 1; k >= 0; --k) {
     // dα_k = −λ_{k+1} ⊙ g_k, averaged over tasks (the meta-loss is the task mean).
     if (inner_lr_grad) {
@@ -154,10 +194,133 @@ MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
       program.gradient(pass, sx, sy);
       lambda.sub_(hessian_vector);
     }
+    if (k == 0) break;
+    // θ_k = φ_k + δ_{k-1}: dδ_{k-1} is the adjoint of θ_k, averaged over tasks.
+    if (shifted) {
+      auto shift_grad_k = shift_grad[k - 1];
+      at::mean_out(shift_grad_k, lambda, {0});
+    }
+    // The query loss at φ_k counts with weight w_{k-1}: λ += w_{k-1} ∇L_Q(φ_k).
+    if (weighted) {
+      const auto value = query_gradient(program, adapted[k - 1], scratch_grad, qx, qy);
+      objective = objective + value.loss.mean() * query_weights[k - 1];
+      lambda.add_(scratch_grad * query_weights[k - 1]);
+    }
   }
   auto meta_grad = lambda.mean(0);
   auto accuracy = query.accuracy.defined() ? query.accuracy : at::empty({0}, options);
-  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad, query.loss.mean()};
+  return {query.loss, accuracy,   support_loss, meta_grad,
+          alpha_grad, shift_grad, objective};
+}
+
+MetaStepOptionsTuple meta_step_options(const at::Tensor& theta, const at::Tensor& inner_lr,
+                                        const at::Tensor& support_x, const at::Tensor& support_y,
+                                        const at::Tensor& query_x, const at::Tensor& query_y,
+                                        at::IntArrayRef program,
+                                        at::ArrayRef<double> program_floats, int64_t loss,
+                                        bool first_order, bool inner_lr_grad,
+                                        const std::optional<at::Tensor>& query_weights,
+                                        const std::optional<at::Tensor>& inner_shift) {
+  auto out = sweep_meta_step(parse_program(program, program_floats), loss_kind(loss), theta,
+                             inner_lr, support_x, support_y, query_x, query_y, first_order,
+                             inner_lr_grad, query_weights.value_or(at::Tensor()),
+                             inner_shift.value_or(at::Tensor()));
+  return {std::move(out.query_loss),       std::move(out.query_accuracy),
+          std::move(out.support_loss),     std::move(out.meta_grad),
+          std::move(out.inner_lr_grad),    std::move(out.inner_shift_grad),
+          std::move(out.objective)};
+}
+
+MetaStepOptionsTuple frozen_body_meta_step(
+    const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
+    const at::Tensor& support_y, const at::Tensor& query_x, const at::Tensor& query_y,
+    at::IntArrayRef body_program, at::ArrayRef<double> body_floats, at::IntArrayRef head_program,
+    at::ArrayRef<double> head_floats, int64_t loss, bool first_order, bool inner_lr_grad) {
+  const at::OptionalDeviceGuard device_guard(at::device_of(theta));
+  const auto body_records = parse_program(body_program, body_floats);
+  const auto head_records = parse_program(head_program, head_floats);
+  const LossKind kind = loss_kind(loss);
+  check_floating(theta, "theta");
+  check_dim(theta, 1, "theta");
+  int64_t body_params = 0;
+  for (const auto& slice : body_records.parameters) body_params += slice.numel;
+  const int64_t num_params = theta.size(0), head_params = num_params - body_params;
+  MAML_CHECK_ARG(head_params >= 1, "theta", "expected the body's ", body_params,
+                 " parameters followed by the head's, got ", num_params, " in all");
+  check_parameters_tile(body_records, body_params);
+  const auto theta_head = theta.narrow(0, body_params, head_params);
+  const int64_t tasks = check_meta_step_args(head_records, kind, theta_head, inner_lr, support_x,
+                                             support_y, query_x, query_y);
+  const int64_t steps = inner_lr.size(0);
+  const auto options = theta.options();
+
+  // The body's features of both sets, once, at the shared θ (one large batch over all tasks);
+  // each program keeps its tape for the single backward at the end.
+  Program body_support(body_records), body_query(body_records);
+  const auto theta_body = per_task(theta.narrow(0, 0, body_params), tasks, "theta");
+  const auto features_s = body_support.forward(theta_body, support_x.contiguous());
+  const auto features_q = body_query.forward(theta_body, query_x.contiguous());
+  MAML_CHECK_ARG(features_s.dim() == 3, "body_program",
+                 "expected the frozen layers to end in features [T, N, F], got shape ",
+                 features_s.sizes());
+  const auto sy = support_y.contiguous(), qy = query_y.contiguous();
+
+  // MAML's sweep over the head alone (csrc/meta_step.h), which also returns, per step, the
+  // tangent of the support features' gradient: the body's share of H_S (α_k ⊙ λ_{k+1}).
+  Program head(head_records, kind);
+  const auto alpha = inner_lr.contiguous();
+  const auto head_0 = per_task(theta_head, tasks, "theta");
+  const auto adapted = at::empty({steps, tasks, head_params}, options);
+  const auto support_grads = at::empty({steps, tasks, head_params}, options);
+  auto theta_at = [&](int64_t k) { return k == 0 ? head_0 : adapted[k - 1]; };
+  at::Tensor support_loss;
+  for (int64_t k = 0; k < steps; ++k) {
+    PassParams pass{theta_at(k), at::Tensor(), support_grads[k], at::Tensor()};
+    const auto value = head.gradient(pass, features_s, sy);
+    if (k == 0) support_loss = value.loss;
+    auto next_theta = adapted[k];
+    at::sub_out(next_theta, theta_at(k), support_grads[k] * alpha[k]);
+  }
+  auto lambda = at::empty({tasks, head_params}, options);
+  at::Tensor query_feature_grad, unused_tangent;
+  const auto query =
+      head.gradient_with_input_grad({adapted[steps - 1], at::Tensor(), lambda, at::Tensor()},
+                                    features_q, qy, query_feature_grad, unused_tangent);
+
+  auto alpha_grad =
+      inner_lr_grad ? at::empty({steps, head_params}, options) : at::empty({0}, options);
+  auto scratch_grad = at::empty({tasks, head_params}, options);
+  auto hessian_vector = at::empty({tasks, head_params}, options);
+  auto support_feature_adjoint = at::zeros_like(features_s);
+  const double inv_tasks = 1.0 / static_cast<double>(tasks);
+  for (int64_t k = steps - 1; k >= 0; --k) {
+    if (inner_lr_grad) {
+      auto alpha_grad_k = alpha_grad[k];
+      at::sum_out(alpha_grad_k, lambda * support_grads[k], {0}).mul_(-inv_tasks);
+    }
+    if (!first_order) {
+      PassParams pass{theta_at(k), lambda * alpha[k], scratch_grad, hessian_vector};
+      at::Tensor feature_grad, feature_grad_tangent;
+      head.gradient_with_input_grad(pass, features_s, sy, feature_grad, feature_grad_tangent);
+      lambda.sub_(hessian_vector);
+      support_feature_adjoint.sub_(feature_grad_tangent);
+    }
+  }
+
+  // The body's meta-gradient: its parameters reach the loss only through the features.
+  auto body_grad = at::empty({tasks, body_params}, options);
+  body_query.backward({theta_body, at::Tensor(), body_grad, at::Tensor()}, query_feature_grad);
+  if (!first_order) {  // first order drops the support gradients' dependence on θ, as MAML's does
+    auto support_body_grad = at::empty({tasks, body_params}, options);
+    body_support.backward({theta_body, at::Tensor(), support_body_grad, at::Tensor()},
+                          support_feature_adjoint);
+    body_grad.add_(support_body_grad);
+  }
+  auto meta_grad = at::cat({body_grad.mean(0), lambda.mean(0)});
+  auto accuracy = query.accuracy.defined() ? query.accuracy : at::empty({0}, options);
+  auto mean_loss = query.loss.mean();
+  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad, at::empty({0}, options),
+          mean_loss};
 }
 
 at::Tensor adapt(const at::Tensor& theta, const at::Tensor& inner_lr, const at::Tensor& support_x,
@@ -224,6 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
 // The CPU overrides meta_step with its small-MLP path (cpu/register_cpu.cpp).
 TORCH_LIBRARY_IMPL(maml_ext, CompositeExplicitAutograd, m) {
   m.impl("meta_step", &maml_ext::meta_step);
+  m.impl("meta_step_options", &maml_ext::meta_step_options);
+  m.impl("frozen_body_meta_step", &maml_ext::frozen_body_meta_step);
   m.impl("adapt", &maml_ext::adapt);
   m.impl("program_forward", &maml_ext::program_forward);
   m.impl("loss_hvp", &maml_ext::loss_hvp);

@@ -93,6 +93,8 @@ MetaStepResult meta_step_autograd(const at::Tensor& theta, const at::Tensor& inn
 
 TORCH_LIBRARY_IMPL(maml_ext, Autograd, m) {
   m.impl("meta_step", &maml_ext::meta_step_autograd);
+  m.impl("meta_step_options", torch::autograd::autogradNotImplementedFallback());
+  m.impl("frozen_body_meta_step", torch::autograd::autogradNotImplementedFallback());
   m.impl("adapt", torch::autograd::autogradNotImplementedFallback());
   m.impl("program_forward", torch::autograd::autogradNotImplementedFallback());
   m.impl("loss_hvp", torch::autograd::autogradNotImplementedFallback());

@@ -61,4 +61,32 @@ LossValue Program::gradient(const PassParams& p, const at::Tensor& x, const at::
   return {head.loss, head.accuracy};
 }
 
+void Program::backward(const PassParams& p, const at::Tensor& grad_output) {
+  at::Tensor g = to_sample_major(grad_output), rg;
+  for (size_t i = layers_.size(); i-- > 0;) layers_[i]->backward(p, g, rg, i > 0);
+}
+
+LossValue Program::gradient_with_input_grad(const PassParams& p, const at::Tensor& x,
+                                            const at::Tensor& y, at::Tensor& input_grad,
+                                            at::Tensor& input_grad_tangent) {
+  TORCH_INTERNAL_ASSERT(loss_.has_value(), "maml_ext: Program::gradient needs a loss kind");
+  at::Tensor z = to_sample_major(x), rz;
+  for (auto& layer : layers_) layer->forward(p, z, rz);
+  const bool image_output = z.dim() == 5;
+  z = to_task_major(z);
+  if (rz.defined()) rz = to_task_major(rz);
+  if (p.carries_tangent() && !rz.defined()) rz = at::zeros_like(z);
+
+  auto head = loss_head(*loss_, z, rz, y);
+  at::Tensor gz = std::move(head.grad), rgz = std::move(head.grad_tangent);
+  if (image_output) {
+    gz = to_sample_major(gz);
+    if (rgz.defined()) rgz = to_sample_major(rgz);
+  }
+  for (size_t i = layers_.size(); i-- > 0;) layers_[i]->backward(p, gz, rgz, true);
+  input_grad = to_task_major(gz);
+  input_grad_tangent = rgz.defined() ? to_task_major(rgz) : at::Tensor();
+  return {head.loss, head.accuracy};
+}
+
 }  // namespace maml_ext

@@ -32,6 +32,17 @@ class Program {
   // Forward only: the per-task outputs [T, N, ...].
   at::Tensor forward(const at::Tensor& theta, const at::Tensor& x);
 
+  // After forward (the layers keep their tape): the backward from the gradient of the outputs
+  // (shaped as forward returned them), filling p.grad. For a program that runs the first layers of
+  // a model whose outputs feed the rest (ANIL's frozen body, csrc/meta_step.cpp).
+  void backward(const PassParams& p, const at::Tensor& grad_output);
+
+  // gradient, also returning the gradient of the loss with respect to the inputs x (and, carrying
+  // a tangent, its tangent) in input_grad / input_grad_tangent. For a program whose inputs are the
+  // features of the layers before it (ANIL's head).
+  LossValue gradient_with_input_grad(const PassParams& p, const at::Tensor& x, const at::Tensor& y,
+                                     at::Tensor& input_grad, at::Tensor& input_grad_tangent);
+
  private:
   std::vector<std::unique_ptr<Layer>> layers_;
   std::optional<LossKind> loss_;

@@ -8,17 +8,26 @@ A backend is one object bound to a model, a task loss, a device and a dtype. It 
   instead of failing, so the caller may skip reading the indices (a host synchronisation on a GPU)
   and read them only after a non-finite step, to name the culprit;
 - ``meta_gradient(params, inner_lr, support_x, support_y, query_x, query_y, *, steps,
-  first_order) -> MetaGradient``: the gradient of the mean query loss over tasks after ``steps``
-  inner SGD steps, with respect to every parameter and every learned inner rate, the step's means
-  and a finite flag, without touching any ``.grad`` and without a host synchronisation where the
-  backend can avoid one;
-- ``adapt(params, inner_lr, support_x, support_y, *, steps) -> {name: [T, *shape]}``: per-task
-  adapted weights, no graph kept;
+  first_order[, variant]) -> MetaGradient``: the gradient of the mean query loss over tasks after
+  ``steps`` inner SGD steps, with respect to every parameter and every learned inner rate, the
+  step's means and a finite flag, without touching any ``.grad`` and without a host
+  synchronisation where the backend can avoid one;
+- ``adapt(params, inner_lr, support_x, support_y, *, steps[, variant]) -> {name: [T, *shape]}``:
+  per-task adapted weights, no graph kept;
 - ``predict(adapted, x) -> [T, N, ...]``: per-task outputs at per-task weights;
 - ``hvp(params, x, y, v) -> {name: [T, *shape]}``: per-task Hessian-vector products of the loss.
 
 ``params`` is the model's trainable parameters ``{name: tensor}`` in ``named_parameters()``
 order, ``inner_lr`` the ``InnerLearningRates`` module; inputs are task-batched ``[T, N, ...]``.
+
+The MAML family's options (maml_ext/variants.py) reach the backends in two ways. ANIL's ``adapt=``
+lives in ``inner_lr`` (rate 0 for the parameters that take no inner steps, which is MAML's
+recursion exactly; the reference differentiates only the adapted ones). MAML++'s multi-step loss
+and per-step batch norm come as ``variant=`` (a ``variants.Variant``), passed only when one is on,
+so the default path and wrappers that do not know it are unchanged: the objective is then
+Σ_k w_k · (mean query loss after step k) and ``MetaGradient`` also carries the per-step batch-norm
+parameters' gradients (named "per_step_batch_norm"); ``query_loss`` stays the last step's. The
+fused backend runs them through ``maml_ext::meta_step_options`` (csrc/meta_step.h).
 
 What ``MetaOptimizer`` does around a backend (maml_ext/optimizer.py): it validates every input
 (naming the argument) before calling it, picks one backend per (device, dtype) with
@@ -50,7 +59,14 @@ from . import fused, reference
 from ._extension import _load_error, compiled_ops_available, cuda_kernels_compiled
 from .inner_lr import InnerLearningRates
 from .losses import TaskLoss
-from .program import LOSS_CODES, LayerProgram, UnsupportedModelError, compile_program
+from .program import (
+    LOSS_CODES,
+    RECORDS_BY_CODE,
+    LayerProgram,
+    UnsupportedModelError,
+    compile_program,
+)
+from .variants import Variant
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -111,8 +127,20 @@ class ReferenceBackend(Backend):
         self.model, self.loss, self.reason = model, loss, reason
 
     def meta_gradient(
-        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+        self,
+        params,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps,
+        first_order,
+        variant: Variant | None = None,
     ):
+        batch_norm = variant.batch_norm if variant is not None else None
+        extra = list(batch_norm.parameters()) if batch_norm is not None else []
         with torch.enable_grad():  # the inner steps and the meta-gradient are autograd's
             result = reference.meta_loss(
                 self.model,
@@ -125,23 +153,33 @@ class ReferenceBackend(Backend):
                 steps=steps,
                 first_order=first_order,
                 loss=self.loss,
+                variant=variant,
             )
-            tensors = list(params.values()) + list(inner_lr.parameters())
+            rates = list(inner_lr.parameters())
+            tensors = list(params.values()) + rates + extra
             grads = torch.autograd.grad(result.loss, tensors, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-        loss = result.loss.detach()
+        loss = result.query_loss.mean() if variant is not None else result.loss.detach()
         finite = torch.stack(
-            [torch.isfinite(loss)] + [torch.isfinite(g).all() for g in grads]
+            [torch.isfinite(loss), torch.isfinite(result.loss.detach())]
+            + [torch.isfinite(g).all() for g in grads]
         ).all()
-        names = list(params) + ["inner_lr"] * (len(tensors) - len(params))
+        names = list(params) + ["inner_lr"] * len(rates) + ["per_step_batch_norm"] * len(extra)
         accuracy = None if result.query_accuracy is None else result.query_accuracy.mean()
         return MetaGradient(
             tensors, grads, names, loss, accuracy, result.support_loss.mean(), finite
         )
 
-    def adapt(self, params, inner_lr, support_x, support_y, *, steps):
+    def adapt(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
         return reference.adapt(
-            self.model, params, inner_lr, support_x, support_y, steps=steps, loss=self.loss
+            self.model,
+            params,
+            inner_lr,
+            support_x,
+            support_y,
+            steps=steps,
+            loss=self.loss,
+            variant=variant,
         )
 
     def predict(self, adapted, x):
@@ -167,10 +205,46 @@ class FusedBackend(Backend):
         # cross-entropy asserts on the device.)
         self.defers_class_range = device.type != "cpu" and loss.is_classification
         self._fixed_rates: dict[tuple[int, float], torch.Tensor] = {}  # [K, P] per (K, rate)
+        self._splits: dict[frozenset[str], FrozenBodySplit | None] = {}
 
     def meta_gradient(
-        self, params, inner_lr, support_x, support_y, query_x, query_y, *, steps, first_order
+        self,
+        params,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps,
+        first_order,
+        variant: Variant | None = None,
     ):
+        if variant is not None:
+            return self.variant_step(
+                params,
+                inner_lr,
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                steps=steps,
+                first_order=first_order,
+                variant=variant,
+            )
+        split = None if inner_lr.adapted is None else self.frozen_body_split(inner_lr.adapted)
+        if split is not None:
+            return self.frozen_body_step(
+                split,
+                params,
+                inner_lr,
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                steps=steps,
+                first_order=first_order,
+            )
         program = self.program
         names = program.slot_names
         tensors = [params[name] for name in names]
@@ -251,6 +325,161 @@ class FusedBackend(Backend):
             )
         return meta_grad, rate_grads, query_loss, accuracy, support_loss
 
+    def frozen_body_split(self, adapted) -> FrozenBodySplit | None:
+        """ANIL's body/head split of the program where the frozen parameters are exactly those of
+        the first layers and the head starts with a Linear layer (cached per adapted set)."""
+        if adapted is None:
+            return None
+        if adapted not in self._splits:
+            self._splits[adapted] = frozen_body_split(self.program, adapted)
+        return self._splits[adapted]
+
+    def frozen_body_step(
+        self,
+        split: FrozenBodySplit,
+        params,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps,
+        first_order,
+    ) -> MetaGradient:
+        """ANIL by ``maml_ext::frozen_body_meta_step``: the body's features once per set, the
+        inner loop and the sweep over the head alone (csrc/meta_step.h)."""
+        program = self.program
+        rate_params = list(inner_lr.parameters())
+        with torch.no_grad():
+            theta = program.flatten(params)
+        with torch.set_grad_enabled(bool(rate_params)):
+            rates = inner_lr.flat(program.slots, steps, theta)[:, split.body_params :]
+        query_loss, accuracy, support_loss, meta_grad, rate_grad, _, loss = (
+            torch.ops.maml_ext.frozen_body_meta_step(
+                theta,
+                rates.detach().contiguous(),
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                split.body_ints,
+                split.body_floats,
+                split.head_ints,
+                split.head_floats,
+                self.loss_code,
+                first_order,
+                bool(rate_params),
+            )
+        )
+        rate_grads = []
+        if rate_params:
+            rate_grads = torch.autograd.grad(rates, rate_params, rate_grad, allow_unused=True)
+            rate_grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(rate_params, rate_grads)
+            ]
+        grads = list(program.unflatten(meta_grad).values()) + rate_grads
+        finite = torch.isfinite(
+            torch.cat([loss.reshape(1), meta_grad, *(g.reshape(-1) for g in rate_grads)])
+        ).all()
+        return MetaGradient(
+            [params[name] for name in program.slot_names] + rate_params,
+            grads,
+            program.slot_names + ("inner_lr",) * len(rate_params),
+            loss,
+            accuracy.mean() if accuracy.numel() else None,
+            support_loss.mean(),
+            finite,
+        )
+
+    def variant_step(
+        self,
+        params,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        *,
+        steps,
+        first_order,
+        variant,
+    ) -> MetaGradient:
+        """The meta-step with MAML++'s multi-step loss and/or per-step batch norm, by
+        ``maml_ext::meta_step_options``; the gradients of the rates and of the per-step batch-norm
+        parameters are chained through the differentiable ``[K, P]`` tables by autograd."""
+        program = self.program
+        rate_params = list(inner_lr.parameters())
+        batch_norm = variant.batch_norm
+        bn_params = list(batch_norm.parameters()) if batch_norm is not None else []
+        with torch.no_grad():
+            theta = program.flatten(params)
+        with torch.enable_grad():
+            rates = inner_lr.flat(program.slots, steps, theta)
+            shift = None
+            if batch_norm is not None:
+                shift = batch_norm.shift(params, program.slots, steps, theta)
+        weights = None
+        if variant.query_weights is not None:
+            weights = torch.tensor(variant.query_weights, dtype=theta.dtype, device=theta.device)
+        query_loss, accuracy, support_loss, meta_grad, rate_grad, shift_grad, objective = (
+            torch.ops.maml_ext.meta_step_options(
+                theta,
+                rates.detach(),
+                support_x,
+                support_y,
+                query_x,
+                query_y,
+                program.ints_list,
+                program.floats_list,
+                self.loss_code,
+                first_order,
+                bool(rate_params),
+                weights,
+                None if shift is None else shift.detach(),
+            )
+        )
+        grads = program.unflatten(meta_grad)
+        outputs, seeds = [], []
+        if rate_params:
+            outputs.append(rates)
+            seeds.append(rate_grad)
+        chained = rate_params + bn_params
+        if batch_norm is not None:
+            outputs.append(shift)
+            seeds.append(shift_grad)
+            chained = chained + [params[name] for name in batch_norm.names]
+        chained_grads = []
+        if outputs:
+            chained_grads = torch.autograd.grad(outputs, chained, seeds, allow_unused=True)
+            chained_grads = [
+                torch.zeros_like(t) if g is None else g for t, g in zip(chained, chained_grads)
+            ]
+        extra_grads = chained_grads[: len(rate_params) + len(bn_params)]
+        if batch_norm is not None:  # step 0's batch-norm parameters are the model's own
+            for name, g in zip(batch_norm.names, chained_grads[len(extra_grads) :]):
+                grads[name] = grads[name] + g
+        tensors = [params[name] for name in program.slot_names] + rate_params + bn_params
+        all_grads = [grads[name] for name in program.slot_names] + list(extra_grads)
+        loss = query_loss.mean()
+        finite = torch.isfinite(
+            torch.cat([objective.reshape(1), loss.reshape(1)] + [g.reshape(-1) for g in all_grads])
+        ).all()
+        names = (
+            program.slot_names
+            + ("inner_lr",) * len(rate_params)
+            + ("per_step_batch_norm",) * len(bn_params)
+        )
+        return MetaGradient(
+            tensors,
+            all_grads,
+            names,
+            loss,
+            accuracy.mean() if accuracy.numel() else None,
+            support_loss.mean(),
+            finite,
+        )
+
     def fixed_rates(self, inner_lr: InnerLearningRates, steps: int) -> torch.Tensor:
         """``inner_lr``'s rates [K, P] in θ's layout when they are fixed (not learned), built once
         per (K, rate)."""
@@ -261,14 +490,32 @@ class FusedBackend(Backend):
             table = self._fixed_rates[key] = inner_lr.flat(self.program.slots, steps, like)
         return table
 
-    def adapt(self, params, inner_lr, support_x, support_y, *, steps):
+    def adapt(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
         program = self.program
+        batch_norm = variant.batch_norm if variant is not None else None
         with torch.no_grad():
             theta = program.flatten(params)
             rates = inner_lr.flat(program.slots, steps, theta)
-            adapted = fused.adapt(
-                program, theta, rates, support_x, support_y, loss_code=self.loss_code
-            )
+            if batch_norm is None:
+                adapted = fused.adapt(
+                    program, theta, rates, support_x, support_y, loss_code=self.loss_code
+                )
+                return program.unflatten(adapted)
+            # Per-step batch norm: one step at a time, moving to the next step's parameters in
+            # between (after the last step the weights keep that step's, which predict uses).
+            shift = batch_norm.shift(params, program.slots, steps, theta)
+            adapted = theta
+            for k in range(steps):
+                adapted = fused.adapt(
+                    program,
+                    adapted,
+                    rates[k : k + 1],
+                    support_x,
+                    support_y,
+                    loss_code=self.loss_code,
+                )
+                if k < steps - 1:
+                    adapted = adapted + shift[k]
         return program.unflatten(adapted)
 
     def predict(self, adapted, x):
@@ -286,6 +533,71 @@ class FusedBackend(Backend):
             loss_code=self.loss_code,
         )
         return program.unflatten(products)
+
+
+_SPLITTABLE = ("linear", "conv2d", "batch_norm", "relu", "tanh", "max_pool2d", "flatten")
+
+
+class FrozenBodySplit(NamedTuple):
+    """A program cut in two for ANIL: the body's records (its parameters θ[0, body_params)) and
+    the head's, whose parameter offsets count from body_params."""
+
+    body_ints: list[int]
+    body_floats: list[float]
+    head_ints: list[int]
+    head_floats: list[float]
+    body_params: int
+
+
+def frozen_body_split(program: LayerProgram, adapted: frozenset[str]) -> FrozenBodySplit | None:
+    """The split where the parameters that take no inner steps are exactly the first layers' and
+    the adapted ones start at a Linear layer (whose input, the body's features, is [T, N, F]);
+    None where the model is not so (ANIL then runs MAML's sweep with zero rates on the body)."""
+    records, position, float_position = [], 0, 0
+    ints = program.ints
+    while position < len(ints):
+        record = RECORDS_BY_CODE[ints[position]]
+        if record.name not in _SPLITTABLE:  # a kind whose parameter fields are not known here
+            return None
+        end = position + 1 + len(record.int_fields)
+        fields = dict(zip(record.int_fields, ints[position + 1 : end]))
+        records.append((record, position, end, float_position, fields))
+        position, float_position = end, float_position + len(record.float_fields)
+    slots = iter(program.slots)
+    owners = []  # per record: the names of its parameters
+    for record, *_, fields in records:
+        present = [
+            p
+            for p in record.parameters
+            if not (p == "bias" and fields.get("has_bias", 1) == 0)
+            and not (record.name == "batch_norm" and not fields["affine"])
+        ]
+        owners.append([next(slots).name for _ in present])
+    first = next((i for i, names in enumerate(owners) if set(names) & adapted), None)
+    if first is None or first == 0 or records[first][0].name != "linear":
+        return None
+    body = [name for names in owners[:first] for name in names]
+    head = [name for names in owners[first:] for name in names]
+    if not body or set(body) & adapted or not set(head) <= adapted:
+        return None
+    base = program.slots[len(body)].offset
+    head_ints: list[int] = []
+    for record, *_, fields in records[first:]:
+        head_ints.append(record.code)
+        for name in record.int_fields:
+            value = fields[name]
+            # Offsets of present parameters count from the head's start (absent ones stay 0).
+            if name.endswith("_offset") and value >= base:
+                value -= base
+            head_ints.append(value)
+    split_float = records[first][3]
+    return FrozenBodySplit(
+        list(ints[: records[first][1]]),
+        list(program.floats[:split_float]),
+        head_ints,
+        list(program.floats[split_float:]),
+        base,
+    )
 
 
 def fused_obstacle(

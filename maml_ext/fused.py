@@ -44,6 +44,55 @@ def _register_fake_kernels() -> None:
             theta.new_empty(()),
         )
 
+    def options_results(theta, inner_lr, tasks, loss, inner_lr_grad, shift):
+        accuracy = theta.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
+        return (
+            theta.new_empty((tasks,)),
+            accuracy,
+            theta.new_empty((tasks,)),
+            theta.new_empty(theta.shape),
+            theta.new_empty(inner_lr.shape if inner_lr_grad else (0,)),
+            theta.new_empty(inner_lr.shape if shift else (0,)),
+            theta.new_empty(()),
+        )
+
+    @torch.library.register_fake("maml_ext::meta_step_options")
+    def _meta_step_options(
+        theta,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        program,
+        program_floats,
+        loss,
+        first_order,
+        inner_lr_grad,
+        query_weights=None,
+        inner_shift=None,
+    ):
+        tasks = support_x.shape[0]
+        return options_results(theta, inner_lr, tasks, loss, inner_lr_grad, inner_shift is not None)
+
+    @torch.library.register_fake("maml_ext::frozen_body_meta_step")
+    def _frozen_body_meta_step(
+        theta,
+        inner_lr,
+        support_x,
+        support_y,
+        query_x,
+        query_y,
+        body_program,
+        body_floats,
+        head_program,
+        head_floats,
+        loss,
+        first_order,
+        inner_lr_grad,
+    ):
+        return options_results(theta, inner_lr, support_x.shape[0], loss, inner_lr_grad, False)
+
     @torch.library.register_fake("maml_ext::meta_gradient")
     def _(
         params,

@@ -25,6 +25,9 @@ class InnerLearningRates(nn.Module):
     - ``"per_step"``: a learned scalar per parameter tensor and per step (MAML++'s LSLR), [K] each.
       Steps beyond K (``adapt(steps=...)`` with more steps than training used) reuse the last rate,
       with a warning the first time (per object). The other kinds do not depend on the step.
+
+    ``adapted`` (ANIL): the names of the parameters that take inner steps; the others have rate 0
+    and no learned rate. None: all.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class InnerLearningRates(nn.Module):
         *,
         device=None,
         dtype=None,
+        adapted: frozenset[str] | None = None,
     ):
         super().__init__()
         if learn not in LEARN_KINDS:
@@ -50,6 +54,9 @@ class InnerLearningRates(nn.Module):
         self.learn = learn
         self.init = float(init)
         self.steps = steps
+        self.adapted = adapted
+        if adapted is not None:
+            shapes = {name: shape for name, shape in shapes.items() if name in adapted}
         factory = {"device": device, "dtype": dtype}
         self.scalar = (
             nn.Parameter(torch.tensor(self.init, **factory)) if learn == "scalar" else None
@@ -64,6 +71,8 @@ class InnerLearningRates(nn.Module):
 
     def rate(self, step: int, name: str) -> torch.Tensor | float:
         """α for parameter ``name`` at inner step ``step``, broadcastable against the parameter."""
+        if self.adapted is not None and name not in self.adapted:
+            return 0.0
         if self.learn is None:
             return self.init
         if self.learn == "scalar":
@@ -87,16 +96,19 @@ class InnerLearningRates(nn.Module):
 
     def flat(self, slots, steps: int, like: torch.Tensor) -> torch.Tensor:
         """The per-element rates [steps, P] in the layer program's layout (differentiable)."""
-        if self.learn is None:
+        if self.learn is None and self.adapted is None:
             return torch.full(
                 (steps, like.shape[-1]), self.init, device=like.device, dtype=like.dtype
             )
+        factory = {"device": like.device, "dtype": like.dtype}
         rows = []
         for step in range(steps):
             rows.append(
                 torch.cat(
                     [
-                        torch.as_tensor(self.rate(step, slot.name)).expand(slot.shape).reshape(-1)
+                        torch.as_tensor(self.rate(step, slot.name), **factory)
+                        .expand(slot.shape)
+                        .reshape(-1)
                         for slot in slots
                     ]
                 )

@@ -15,6 +15,7 @@ from .backend import Backend, choose_backend
 from .inner_lr import InnerLearningRates
 from .losses import LossFn, resolve_loss
 from .validation import check_inputs, check_steps, check_targets, check_tensor
+from .variants import PerStepBatchNorm, Variant, msl_weights, resolve_adapted
 
 
 @dataclasses.dataclass
@@ -46,6 +47,32 @@ class MetaOptimizer:
             replay it (maml_ext/cuda_graph.py: when it pays, memory); needs the fused backend.
             True keeps up to ``cuda_graph.MAX_GRAPHS`` graphs; a ``cuda_graph.MetaStepGraphs``
             given here sets another bound (``max_graphs``) and is where the graphs are kept.
+        adapt: ANIL and friends: which parameters take inner steps. "all" (MAML), "head" (the
+            last nn.Linear's parameters: ANIL), or a list of parameter names or prefixes (a
+            prefix such as "features.3" names every parameter under it). Every parameter is
+            still meta-learned; the others keep θ through the inner loop (inner rate 0, and no
+            learned rate of their own). On the fused backend a head of the last layers from a
+            Linear on runs with the frozen body's features computed once per step.
+        multi_step_loss: MAML++'s multi-step loss: the meta-objective is Σ_k w_k · (mean query
+            loss after inner step k) with the authors' annealing: w starts at 1/K; the non-final
+            weights decay linearly over ``msl_iterations`` outer steps to 0.03/K while the final
+            one grows so that they sum to 1; from ``msl_iterations`` on only the final loss
+            counts. ``MetaStepResult.query_loss`` stays the final step's loss.
+        msl_iterations: the outer steps over which the multi-step loss is annealed (required with
+            ``multi_step_loss``).
+        per_step_batch_norm: MAML++'s per-step batch-norm weights and biases: inner step k's
+            passes (and the query pass after step k) use step k's. The model's own batch-norm
+            parameters are step 0's; ``self.per_step_batch_norm`` holds steps 1 … K-1 (tensors
+            [K - 1, C], initialised from the model's), added to the outer optimiser as a parameter
+            group and saved in ``state_dict``. As in the authors' code they take no inner steps
+            (``adapt="all"`` leaves them out; naming them in ``adapt`` is an error). ``adapt`` with
+            more steps than K reuses the last step's, and its batch-norm entries are the ones of
+            the last step taken, which ``predict`` uses.
+        first_order_until: derivative-order annealing (MAML++): first order for the first N outer
+            steps (``step()`` calls), then as ``first_order`` says.
+
+    ``iteration`` counts the outer steps taken (``step()``); it drives ``msl_iterations`` and
+    ``first_order_until`` and is saved in ``state_dict``.
 
     Tensors are task-batched: inputs ``[T, N, *features]``; targets ``[T, N]`` class indices or
     ``[T, N, *outputs]`` for regression. Batch norm must use batch statistics
@@ -64,11 +91,23 @@ class MetaOptimizer:
         learn_inner_lr: str | None = None,
         backend: str = "auto",
         cuda_graph: bool = False,
+        adapt: str | list[str] = "all",
+        multi_step_loss: bool = False,
+        msl_iterations: int | None = None,
+        per_step_batch_norm: bool = False,
+        first_order_until: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.inner_steps = check_steps("inner_steps", inner_steps)
         self.first_order = bool(first_order)
+        self._check_variant_args(
+            multi_step_loss, msl_iterations, per_step_batch_norm, first_order_until, cuda_graph
+        )
+        self.multi_step_loss = multi_step_loss
+        self.msl_iterations = msl_iterations
+        self.first_order_until = first_order_until
+        self.iteration = 0
         self.loss = resolve_loss(loss)
         reference.check_batch_norm(model)
         # Where each parameter lives (its module's _parameters dict and key), so that reading the
@@ -83,6 +122,15 @@ class MetaOptimizer:
         first = next(iter(params.values()))
         self.model = model
         self.outer_optimizer = outer_optimizer
+        adapted = resolve_adapted(model, adapt, list(params))
+        self.per_step_batch_norm = (
+            PerStepBatchNorm(model, self.inner_steps, list(params)) if per_step_batch_norm else None
+        )
+        if self.per_step_batch_norm is not None:
+            adapted = self._without_batch_norm(adapt, adapted, list(params))
+        self.adapt_names = adapted  # None: all
+        # Whether a MAML++ option may change a step (the default path skips building a Variant).
+        self._variants_on = multi_step_loss or self.per_step_batch_norm is not None
         self.inner_lr = InnerLearningRates(
             {n: p.shape for n, p in params.items()},
             self.inner_steps,
@@ -90,9 +138,8 @@ class MetaOptimizer:
             learn_inner_lr,
             device=first.device,
             dtype=first.dtype,
+            adapted=adapted,
         )
-        if outer_optimizer is not None and learn_inner_lr is not None:
-            outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
         self.requested_backend = backend
         self._output_shapes: dict[tuple, tuple[int, ...]] = {}
         # One backend object per (device, dtype), picked on first use; the first one now, which
@@ -104,6 +151,11 @@ class MetaOptimizer:
         self._backends: dict[tuple, Backend] = {
             (first.device, first.dtype): graphs.graphed(chosen, self._cuda_graphs)
         }
+        # Last, once every argument is checked: a bad one leaves the outer optimiser as it was.
+        if outer_optimizer is not None and learn_inner_lr is not None:
+            outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
+        if outer_optimizer is not None and self.per_step_batch_norm is not None:
+            outer_optimizer.add_param_group({"params": list(self.per_step_batch_norm.parameters())})
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -129,6 +181,7 @@ class MetaOptimizer:
         for tensor, grad in zip(tensors, grads):
             tensor.grad = grad
         self.outer_optimizer.step()
+        self.iteration += 1
         return result
 
     def meta_gradient(self, support_x, support_y, query_x, query_y) -> MetaStepResult:
@@ -146,8 +199,14 @@ class MetaOptimizer:
         params = self._params(self.model)
         first = next(iter(params.values()))
         self._check_support(support_x, support_y, first)
+        variant = self._variant(for_adapt=True)
         return self._backend_for(first.device, first.dtype).adapt(
-            params, self.inner_lr, support_x, support_y, steps=steps
+            params,
+            self.inner_lr,
+            support_x,
+            support_y,
+            steps=steps,
+            **({} if variant is None else {"variant": variant}),
         )
 
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +237,12 @@ class MetaOptimizer:
             "inner_lr": self.inner_lr.state_dict(),
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer else None,
             "config": self._config(),
+            "iteration": self.iteration,
+            "per_step_batch_norm": (
+                None
+                if self.per_step_batch_norm is None
+                else self.per_step_batch_norm.state_dict()
+            ),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -186,16 +251,30 @@ class MetaOptimizer:
         if not isinstance(state, dict) or not {"model", "inner_lr", "config"} <= set(state):
             raise ValueError("state: expected a dict from MetaOptimizer.state_dict()")
         mine = self._config()
-        for key in ("learn_inner_lr", "inner_steps"):
-            if state["config"].get(key) != mine[key]:
+        defaults = {"adapt": "all", "per_step_batch_norm": False}  # states saved before them
+        for key in ("learn_inner_lr", "inner_steps", "per_step_batch_norm", "adapt"):
+            saved_value = state["config"].get(key, defaults.get(key))
+            if saved_value != mine[key]:
                 raise ValueError(
-                    f"state: saved with {key}={state['config'].get(key)!r}, this "
+                    f"state: saved with {key}={saved_value!r}, this "
                     f"MetaOptimizer has {key}={mine[key]!r}"
                 )
-        for label, module, saved in (
+        iteration = state.get("iteration", 0)
+        if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+            raise ValueError(f"state['iteration']: expected a non-negative int, got {iteration!r}")
+        checked = [
             ("model", self.model, state["model"]),
             ("inner_lr", self.inner_lr, state["inner_lr"]),
-        ):
+        ]
+        if self.per_step_batch_norm is not None:
+            checked.append(
+                (
+                    "per_step_batch_norm",
+                    self.per_step_batch_norm,
+                    state.get("per_step_batch_norm") or {},
+                )
+            )
+        for label, module, saved in checked:
             current = module.state_dict()
             if set(saved) != set(current):
                 raise ValueError(
@@ -219,10 +298,77 @@ class MetaOptimizer:
                 )
         self.model.load_state_dict(state["model"])
         self.inner_lr.load_state_dict(state["inner_lr"])
+        if self.per_step_batch_norm is not None:
+            self.per_step_batch_norm.load_state_dict(state["per_step_batch_norm"])
+        self.iteration = iteration
         if self.outer_optimizer is not None and state.get("outer_optimizer") is not None:
             self.outer_optimizer.load_state_dict(state["outer_optimizer"])
 
     # ---- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_variant_args(
+        multi_step_loss, msl_iterations, per_step_batch_norm, first_order_until, cuda_graph
+    ) -> None:
+        for name, value in (
+            ("multi_step_loss", multi_step_loss),
+            ("per_step_batch_norm", per_step_batch_norm),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected True or False, got {value!r}")
+        if msl_iterations is not None or multi_step_loss:
+            if (
+                isinstance(msl_iterations, bool)
+                or not isinstance(msl_iterations, int)
+                or msl_iterations < 1
+            ):
+                raise ValueError(
+                    "msl_iterations: expected a positive int (the outer steps over which the "
+                    f"multi-step loss is annealed), got {msl_iterations!r}"
+                )
+        if (
+            isinstance(first_order_until, bool)
+            or not isinstance(first_order_until, int)
+            or first_order_until < 0
+        ):
+            raise ValueError(
+                f"first_order_until: expected a non-negative int, got {first_order_until!r}"
+            )
+        if cuda_graph and (multi_step_loss or per_step_batch_norm):
+            raise ValueError(
+                "cuda_graph: not supported with multi_step_loss or per_step_batch_norm "
+                "(their meta-step changes with the iteration); leave cuda_graph off"
+            )
+
+    def _without_batch_norm(self, adapt, adapted, names) -> frozenset[str]:
+        """ANIL's adapted set less the per-step batch-norm parameters, which take no inner steps;
+        naming them in ``adapt`` is an error."""
+        batch_norm = set(self.per_step_batch_norm.names)
+        if not isinstance(adapt, str):
+            named = sorted(batch_norm & set(adapted if adapted is not None else names))
+            if named:
+                raise ValueError(
+                    f"adapt: {named} are per-step batch-norm parameters, which take no inner "
+                    "steps with per_step_batch_norm=True"
+                )
+        chosen = frozenset((adapted if adapted is not None else set(names)) - batch_norm)
+        if not chosen:
+            raise ValueError("adapt: with per_step_batch_norm, no parameter is left to adapt")
+        return chosen
+
+    def _variant(self, *, for_adapt: bool = False) -> Variant | None:
+        """This step's MAML++ options for the backend, None when none is on (the default path)."""
+        weights = None
+        if (
+            not for_adapt
+            and self.multi_step_loss
+            and self.inner_steps > 1
+            and self.iteration < self.msl_iterations
+        ):
+            weights = tuple(msl_weights(self.inner_steps, self.iteration, self.msl_iterations))
+        if weights is None and self.per_step_batch_norm is None:
+            return None
+        return Variant(query_weights=weights, batch_norm=self.per_step_batch_norm)
 
     @staticmethod
     def _site(model: nn.Module, name: str) -> tuple[dict, str]:
@@ -245,6 +391,11 @@ class MetaOptimizer:
             "learn_inner_lr": self.inner_lr.learn,
             "inner_lr": self.inner_lr.init,
             "loss": self.loss.name,
+            "adapt": "all" if self.adapt_names is None else sorted(self.adapt_names),
+            "multi_step_loss": self.multi_step_loss,
+            "msl_iterations": self.msl_iterations,
+            "per_step_batch_norm": self.per_step_batch_norm is not None,
+            "first_order_until": self.first_order_until,
         }
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> Backend:
@@ -313,6 +464,7 @@ class MetaOptimizer:
             features=tuple(support_x.shape[2:]),
         )
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
+        variant = self._variant() if self._variants_on else None
         step = backend.meta_gradient(
             params,
             self.inner_lr,
@@ -321,7 +473,8 @@ class MetaOptimizer:
             query_x,
             query_y,
             steps=self.inner_steps,
-            first_order=self.first_order,
+            first_order=self.first_order or self.iteration < self.first_order_until,
+            **({} if variant is None else {"variant": variant}),
         )
         if not bool(step.finite):
             if deferred:  # an index out of range reads as NaN: name it if that is the cause

@@ -16,6 +16,7 @@ from torch.func import functional_call
 from .inner_lr import InnerLearningRates
 from .losses import TaskLoss, accuracy
 from .program import running_stats_message
+from .variants import Variant
 
 Params = dict[str, torch.Tensor]
 
@@ -36,6 +37,13 @@ class MetaLoss:
     support_loss: torch.Tensor  # [T] before adaptation, detached
 
 
+def _with_step_batch_norm(params: Params, base: Params, batch_norm, step: int) -> Params:
+    """``params`` with the per-step batch-norm parameters of inner step ``step`` (MAML++)."""
+    if batch_norm is None:
+        return params
+    return {**params, **{name: batch_norm.value(base, name, step) for name in batch_norm.names}}
+
+
 def _inner_step(
     model,
     params: Params,
@@ -46,12 +54,18 @@ def _inner_step(
     loss: TaskLoss,
     create_graph: bool,
     detach_grads: bool,
+    call_params: Params | None = None,
 ):
-    support_loss = loss.fn(functional_call(model, params, (x,)), y)
-    grads = torch.autograd.grad(support_loss, list(params.values()), create_graph=create_graph)
+    """One SGD step of the adapted parameters (all, or ``rates.adapted``: ANIL), the forward at
+    ``call_params`` (``params`` with step-specific overrides) where given."""
+    support_loss = loss.fn(functional_call(model, call_params or params, (x,)), y)
+    names = [n for n in params if rates.adapted is None or n in rates.adapted]
+    grads = torch.autograd.grad(support_loss, [params[n] for n in names], create_graph=create_graph)
     if detach_grads:
         grads = [g.detach() for g in grads]
-    updated = {name: p - rates.rate(step, name) * g for (name, p), g in zip(params.items(), grads)}
+    updated = dict(params)
+    for name, g in zip(names, grads):
+        updated[name] = params[name] - rates.rate(step, name) * g
     return updated, support_loss
 
 
@@ -67,12 +81,17 @@ def meta_loss(
     steps: int,
     first_order: bool,
     loss: TaskLoss,
+    variant: Variant | None = None,
 ) -> MetaLoss:
     """Mean over tasks of the query loss after ``steps`` inner SGD steps on each task's support
-    set."""
-    task_losses, accuracies, support_losses = [], [], []
+    set; with ``variant.query_weights`` (MAML++'s multi-step loss), the weighted sum over steps of
+    the mean query losses after each step (``query_loss`` stays the last step's)."""
+    weights = variant.query_weights if variant is not None else None
+    batch_norm = variant.batch_norm if variant is not None else None
+    task_losses, objectives, accuracies, support_losses = [], [], [], []
     for t in range(support_x.shape[0]):
         adapted = params
+        objective = 0.0
         for step in range(steps):
             adapted, support = _inner_step(
                 model,
@@ -84,16 +103,24 @@ def meta_loss(
                 loss,
                 create_graph=not first_order,
                 detach_grads=first_order,
+                call_params=_with_step_batch_norm(adapted, params, batch_norm, step),
             )
             if step == 0:
                 support_losses.append(support.detach())
-        outputs = functional_call(model, adapted, (query_x[t],))
-        task_losses.append(loss.fn(outputs, query_y[t]))
+            if weights is not None and step < steps - 1:
+                at_step = _with_step_batch_norm(adapted, params, batch_norm, step)
+                outputs = functional_call(model, at_step, (query_x[t],))
+                objective = objective + weights[step] * loss.fn(outputs, query_y[t])
+        at_end = _with_step_batch_norm(adapted, params, batch_norm, steps - 1)
+        outputs = functional_call(model, at_end, (query_x[t],))
+        final = loss.fn(outputs, query_y[t])
+        task_losses.append(final)
+        objectives.append(final if weights is None else objective + weights[steps - 1] * final)
         if loss.is_classification:
             accuracies.append(accuracy(outputs.detach(), query_y[t]))
     per_task = torch.stack(task_losses)
     return MetaLoss(
-        loss=per_task.mean(),
+        loss=torch.stack(objectives).mean(),
         query_loss=per_task.detach(),
         query_accuracy=torch.stack(accuracies) if accuracies else None,
         support_loss=torch.stack(support_losses),
@@ -109,8 +136,11 @@ def adapt(
     *,
     steps: int,
     loss: TaskLoss,
+    variant: Variant | None = None,
 ) -> Params:
-    """Per-task adapted weights {name: [T, *shape]}, no graph kept."""
+    """Per-task adapted weights {name: [T, *shape]}, no graph kept; with per-step batch norm, the
+    batch-norm entries are the parameters of the last step taken (which the query pass uses)."""
+    batch_norm = variant.batch_norm if variant is not None else None
     per_task: list[Params] = []
     for t in range(support_x.shape[0]):
         adapted = {name: p.detach().requires_grad_() for name, p in params.items()}
@@ -126,8 +156,10 @@ def adapt(
                     loss,
                     create_graph=False,
                     detach_grads=True,
+                    call_params=_with_step_batch_norm(adapted, params, batch_norm, step),
                 )
             adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
+        adapted = _with_step_batch_norm(adapted, params, batch_norm, steps - 1)
         per_task.append({name: p.detach() for name, p in adapted.items()})
     return {name: torch.stack([task[name] for task in per_task]) for name in params}
 

@@ -27,9 +27,11 @@ pytestmark = pytest.mark.skipif(
 PUBLIC_OPS = {
     "adapt",
     "compiled_with_cuda",
+    "frozen_body_meta_step",
     "loss_hvp",
     "meta_gradient",
     "meta_step",
+    "meta_step_options",
     "program_format",
     "program_forward",
     "softmax_cross_entropy",
@@ -73,7 +75,16 @@ def has_kernel(op: str, key: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    "op", ["meta_step", "adapt", "program_forward", "loss_hvp", "meta_gradient"]
+    "op",
+    [
+        "meta_step",
+        "adapt",
+        "program_forward",
+        "loss_hvp",
+        "meta_gradient",
+        "meta_step_options",
+        "frozen_body_meta_step",
+    ],
 )
 def test_device_agnostic_ops_are_registered_once(op):
     assert has_kernel(op, "CompositeExplicitAutograd")
