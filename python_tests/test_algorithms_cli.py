@@ -3,10 +3,8 @@ with each algorithm's options, its checkpoint (evaluated and loaded), exact resu
 outer schedule and Reptile's annealing, the MAML++ presets and the mapping of each name to
 MetaOptimizer's options.
 
-Runs use the real Omniglot images (the ``omniglot_root`` fixture) with a tiny network; anil and
-mamlpp need MetaOptimizer's ``adapt=`` / MAML++ options and are skipped where it lacks them."""
+Runs use the real Omniglot images (the ``omniglot_root`` fixture) with a tiny network."""
 
-import inspect
 import json
 
 import pytest
@@ -20,24 +18,15 @@ from maml_ext.experiments.presets import PRESETS, ConfigurationError, get_preset
 
 TINY = PRESETS["omniglot-5w1s"].with_overrides(filters=8, queries=2, meta_batch=2)
 
-HAS_MAML_OPTIONS = {"adapt", "multi_step_loss", "per_step_batch_norm"} <= set(
-    inspect.signature(MetaOptimizer).parameters
-)
-needs_maml_options = pytest.mark.skipif(
-    not HAS_MAML_OPTIONS,
-    reason="needs MetaOptimizer's adapt= and MAML++ options (branch r-anil)",
-)
-
 ALGORITHM_CASES = [
     ("maml", [], MetaOptimizer),
     ("fomaml", [], MetaOptimizer),
     ("metasgd", [], MetaOptimizer),
-    pytest.param("anil", [], MetaOptimizer, marks=needs_maml_options),
-    pytest.param(
+    ("anil", [], MetaOptimizer),
+    (
         "mamlpp",
         ["--msl-iterations", "2", "--first-order-until", "1", "--inner-steps", "2"],
         MetaOptimizer,
-        marks=needs_maml_options,
     ),
     ("imaml", ["--lam", "1.5", "--cg-steps", "2", "--inner-steps", "2"], ImplicitMetaOptimizer),
     ("reptile", ["--inner-optimizer", "adam", "--inner-lr", "0.01", "--anneal"], Reptile),
