@@ -140,20 +140,10 @@ class FewShotPreset:
 
     def build_model(self):
         """A freshly initialised network (PyTorch default initialisation, the caller's RNG)."""
-        from torch import nn
+        from maml_ext.models import conv4
 
-        layers = []
-        channels = self.image_shape[0]
-        for _ in range(4):
-            layers += [
-                nn.Conv2d(channels, self.filters, kernel_size=3, padding=1),
-                nn.BatchNorm2d(self.filters, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            channels = self.filters
-        layers += [nn.Flatten(), nn.Linear(self.feature_size, self.ways)]
-        return nn.Sequential(*layers)
+        channels, side, _ = self.image_shape
+        return conv4(self.ways, channels, self.filters, side)
 
     # ---- variants and (de)serialisation ------------------------------------------------------
 
