@@ -501,7 +501,8 @@ def _traced_steps(module: nn.Module, label: str) -> tuple:
             record_fields = fields(extra_args, extra_kwargs) if fields else {}
             steps[node] = running(node, node.args[0]) + ((node, ("record", kind, record_fields)),)
         elif node.op in ("call_function", "call_method") and node.target in _FLATTENS:
-            if node.args[1:] != (1,) and (node.args[1:] or node.kwargs != {"start_dim": 1}):
+            from_one = node.args[1:] == (1,) and not node.kwargs
+            if not from_one and (node.args[1:] or node.kwargs != {"start_dim": 1}):
                 raise unsupported(node, "flattens other than from dimension 1 to the end")
             steps[node] = running(node, node.args[0]) + ((node, ("record", "flatten", {})),)
         else:
