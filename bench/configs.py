@@ -105,8 +105,8 @@ CONFIGS: dict[str, Config] = {
             channels=32,
         ),
         # ResNet-12 (MetaOptNet's backbone, 64-160-320-640, 12.5M parameters) on miniImageNet's
-        # 5-way 1-shot images; fewer tasks and inner steps than the conv net, since on a CPU one
-        # second-order step of the reference takes minutes otherwise.
+        # 5-way 1-shot images; fewer tasks, inner steps and queries than the conv net, since on a
+        # CPU one second-order step takes tens of seconds even so.
         Config(
             "miniimagenet-5w1s-resnet12",
             "resnet12",
@@ -114,7 +114,7 @@ CONFIGS: dict[str, Config] = {
             inner_steps=1,
             inner_lr=0.01,
             support=5,
-            query=75,
+            query=15,
             features=(3, 84, 84),
             outputs=5,
             loss="cross_entropy",
