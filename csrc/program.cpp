@@ -19,20 +19,47 @@ at::Tensor to_task_major(const at::Tensor& x) {
   return x.dim() == 5 ? x.transpose(0, 1).contiguous() : x;
 }
 
+// The layers of one branch, from records[position] up to the residual_shortcut or residual_end
+// that closes it (or the program's end); `position` is left on that record. The peephole pass:
+// each record is first offered to the layer before it (Layer::absorb), which may run it in its own
+// epilogue (a batch norm takes the ReLU after it, and a 2×2 max-pool after that); a record not
+// absorbed gets its own layer, which is linked to the one before (Layer::link: a convolution hands
+// the statistics of its output to a batch norm after it). A residual block's records become one
+// layer holding both branches (parse_program has checked that they nest); no fusion crosses its
+// edges.
+std::vector<std::unique_ptr<Layer>> build_branch(const std::vector<LayerRecord>& records,
+                                                 size_t& position) {
+  std::vector<std::unique_ptr<Layer>> layers;
+  while (position < records.size()) {
+    const auto& record = records[position];
+    if (std::holds_alternative<ResidualShortcutRecord>(record) ||
+        std::holds_alternative<ResidualEndRecord>(record)) {
+      break;
+    }
+    ++position;
+    if (std::holds_alternative<ResidualBeginRecord>(record)) {
+      auto main = build_branch(records, position);
+      ++position;  // residual_shortcut
+      auto shortcut = build_branch(records, position);
+      ++position;  // residual_end
+      layers.push_back(make_residual_block(std::move(main), std::move(shortcut)));
+      continue;
+    }
+    if (!layers.empty() && layers.back()->absorb(record)) continue;
+    auto layer = std::visit([](const auto& r) { return make_layer(r); }, record);
+    if (!layers.empty()) layers.back()->link(*layer);
+    layers.push_back(std::move(layer));
+  }
+  return layers;
+}
+
 }  // namespace
 
-// The peephole pass: each record is first offered to the layer before it (Layer::absorb), which
-// may run it in its own epilogue (a batch norm takes the ReLU after it, and a 2×2 max-pool after
-// that); a record not absorbed gets its own layer, which is linked to the one before
-// (Layer::link: a convolution hands the statistics of its output to a batch norm after it).
 Program::Program(const ProgramRecords& records, std::optional<LossKind> loss) : loss_(loss) {
   MAML_CHECK_ARG(!records.layers.empty(), "program", "expected at least one layer");
-  for (const auto& record : records.layers) {
-    if (!layers_.empty() && layers_.back()->absorb(record)) continue;
-    auto layer = std::visit([](const auto& r) { return make_layer(r); }, record);
-    if (!layers_.empty()) layers_.back()->link(*layer);
-    layers_.push_back(std::move(layer));
-  }
+  size_t position = 0;
+  layers_ = build_branch(records.layers, position);
+  TORCH_INTERNAL_ASSERT(position == records.layers.size(), "maml_ext: unbalanced residual records");
 }
 
 at::Tensor Program::forward(const at::Tensor& theta, const at::Tensor& x) {

@@ -107,6 +107,29 @@ LayerRecord read_record(int64_t code, RecordReader& reader, std::vector<Paramete
 #undef MAML_EXT_READ_INT
 #undef MAML_EXT_READ_FLOAT
 
+// Every residual_begin is followed, at its own nesting depth, by exactly one residual_shortcut and
+// then one residual_end.
+void check_residual_nesting(const std::vector<LayerRecord>& layers) {
+  // Per open block: has its residual_shortcut been seen?
+  std::vector<bool> in_shortcut;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& record = layers[i];
+    if (std::holds_alternative<ResidualBeginRecord>(record)) {
+      in_shortcut.push_back(false);
+    } else if (std::holds_alternative<ResidualShortcutRecord>(record)) {
+      MAML_CHECK_ARG(!in_shortcut.empty() && !in_shortcut.back(), "program", "record ", i,
+                     " (residual_shortcut) is not inside a residual block's main branch");
+      in_shortcut.back() = true;
+    } else if (std::holds_alternative<ResidualEndRecord>(record)) {
+      MAML_CHECK_ARG(!in_shortcut.empty() && in_shortcut.back(), "program", "record ", i,
+                     " (residual_end) does not close a residual block after its residual_shortcut");
+      in_shortcut.pop_back();
+    }
+  }
+  MAML_CHECK_ARG(in_shortcut.empty(), "program", in_shortcut.size(),
+                 " residual block(s) are not closed by residual_end");
+}
+
 }  // namespace
 
 ProgramRecords parse_program(c10::ArrayRef<int64_t> ints, c10::ArrayRef<double> floats) {
@@ -117,6 +140,7 @@ ProgramRecords parse_program(c10::ArrayRef<int64_t> ints, c10::ArrayRef<double> 
     program.layers.push_back(read_record(code, reader, program.parameters));
   }
   reader.finish();
+  check_residual_nesting(program.layers);
   return program;
 }
 

@@ -70,18 +70,31 @@
   INT(int64_t, padding_w)                             \
   INT(bool, ceil_mode)
 
+// y = x where x > 0, negative_slope · x elsewhere.
+#define MAML_EXT_LEAKY_RELU_FIELDS(INT, FLOAT, PARAM) FLOAT(negative_slope)
+
 #define MAML_EXT_NO_FIELDS(INT, FLOAT, PARAM)
 
 // ---- the layer kinds: X(Name, code, "python name", field list) ---------------------------------
 // Codes are the program's; never reuse one.
-#define MAML_EXT_LAYER_RECORDS(X)                           \
-  X(Linear, 1, "linear", MAML_EXT_LINEAR_FIELDS)            \
-  X(Conv2d, 2, "conv2d", MAML_EXT_CONV2D_FIELDS)            \
-  X(BatchNorm, 3, "batch_norm", MAML_EXT_BATCH_NORM_FIELDS) \
-  X(ReLU, 4, "relu", MAML_EXT_NO_FIELDS)                    \
-  X(MaxPool2d, 5, "max_pool2d", MAML_EXT_MAX_POOL2D_FIELDS) \
-  X(Flatten, 6, "flatten", MAML_EXT_NO_FIELDS)              \
-  X(Tanh, 7, "tanh", MAML_EXT_NO_FIELDS)
+//
+// A residual block out = main(x) + shortcut(x) is written as
+//   residual_begin, <main's records>, residual_shortcut, <shortcut's records>, residual_end
+// (an empty shortcut is the identity; blocks nest). These three records are structure, not layers:
+// Program builds one block layer from them (layers/residual.cpp); parse_program checks that they
+// nest.
+#define MAML_EXT_LAYER_RECORDS(X)                                  \
+  X(Linear, 1, "linear", MAML_EXT_LINEAR_FIELDS)                   \
+  X(Conv2d, 2, "conv2d", MAML_EXT_CONV2D_FIELDS)                   \
+  X(BatchNorm, 3, "batch_norm", MAML_EXT_BATCH_NORM_FIELDS)        \
+  X(ReLU, 4, "relu", MAML_EXT_NO_FIELDS)                           \
+  X(MaxPool2d, 5, "max_pool2d", MAML_EXT_MAX_POOL2D_FIELDS)        \
+  X(Flatten, 6, "flatten", MAML_EXT_NO_FIELDS)                     \
+  X(Tanh, 7, "tanh", MAML_EXT_NO_FIELDS)                           \
+  X(LeakyReLU, 8, "leaky_relu", MAML_EXT_LEAKY_RELU_FIELDS)        \
+  X(ResidualBegin, 9, "residual_begin", MAML_EXT_NO_FIELDS)        \
+  X(ResidualShortcut, 10, "residual_shortcut", MAML_EXT_NO_FIELDS) \
+  X(ResidualEnd, 11, "residual_end", MAML_EXT_NO_FIELDS)
 
 // ---- the loss kinds: X(Name, code, "python name", targets are class indices) -------------------
 // The ops take the code (their `int loss` argument); loss_kind() is the one place that checks it.

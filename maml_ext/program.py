@@ -14,9 +14,11 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
 from ._extension import compiled_ops_available
 
@@ -74,6 +76,12 @@ LAYER_RECORDS = (
     ),
     RecordFormat("flatten", 6),
     RecordFormat("tanh", 7),
+    RecordFormat("leaky_relu", 8, (), ("negative_slope",)),
+    # A residual block: residual_begin, main's records, residual_shortcut, the shortcut's records,
+    # residual_end (see csrc/program_records.h).
+    RecordFormat("residual_begin", 9),
+    RecordFormat("residual_shortcut", 10),
+    RecordFormat("residual_end", 11),
 )
 RECORDS_BY_NAME = {record.name: record for record in LAYER_RECORDS}
 RECORDS_BY_CODE = {record.code: record for record in LAYER_RECORDS}
@@ -146,7 +154,9 @@ if compiled_ops_available():
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d (groups=1, dilation=1, zero padding), BatchNorm1d/2d (batch statistics), "
-    "ReLU, Tanh, MaxPool2d (dilation=1), Flatten (start_dim=1), nested Sequential"
+    "ReLU, LeakyReLU, Tanh, MaxPool2d (dilation=1), Flatten (start_dim=1), Identity, nested "
+    "Sequential, and modules of your own whose forward chains these and adds branches "
+    "(residual blocks, e.g. act(main(x) + shortcut(x))), read by torch.fx tracing"
 )
 
 
@@ -320,6 +330,10 @@ def compile_program(model: nn.Module) -> LayerProgram:
             add_record("relu")
         elif _same_forward(module, nn.Tanh):
             add_record("tanh")
+        elif _same_forward(module, nn.LeakyReLU):
+            add_record("leaky_relu", negative_slope=module.negative_slope)
+        elif _same_forward(module, nn.Identity):
+            pass
         elif _same_forward(module, nn.MaxPool2d):
             if _pair(module.dilation) != (1, 1):
                 raise UnsupportedModelError(label, f"dilation={module.dilation} (only 1)")
@@ -344,8 +358,26 @@ def compile_program(model: nn.Module) -> LayerProgram:
                     label, f"start_dim={module.start_dim}, end_dim={module.end_dim} (only 1, -1)"
                 )
             add_record("flatten")
+        elif _own_module(module):
+            emit(_traced_steps(module, label), module, prefix)
         else:
             raise UnsupportedModelError(label, f"{type(module).__name__} is not a supported layer")
+
+    def emit(steps: tuple, owner: nn.Module, prefix: str) -> None:
+        for _, (what, *details) in steps:
+            if what == "module":
+                target, = details
+                visit(owner.get_submodule(target), prefix + target)
+            elif what == "record":
+                kind, fields = details
+                add_record(kind, **fields)
+            else:  # "residual"
+                main, shortcut = details
+                add_record("residual_begin")
+                emit(main, owner, prefix)
+                add_record("residual_shortcut")
+                emit(shortcut, owner, prefix)
+                add_record("residual_end")
 
     visit(model, "")
     if not slots:
@@ -356,6 +388,140 @@ def compile_program(model: nn.Module) -> LayerProgram:
     if sorted(names) != sorted(slot.name for slot in slots):
         raise UnsupportedModelError(type(model).__name__, "parameters shared between layers")
     return LayerProgram(tuple(ints), tuple(floats), tuple(slots), offset)
+
+
+def _own_module(module: nn.Module) -> bool:
+    """A module class defined outside torch (the user's, or maml_ext.models'), with its own
+    forward: the compiler reads that forward's graph."""
+    forward_owner = type(module).forward.__module__ or ""
+    return not forward_owner.startswith("torch.")
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Records every submodule call as one node; compile_program compiles the submodules itself."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return True
+
+
+# Element-wise functions a traced forward may call on the running activation, by fx target:
+# (record kind, the fields read from the call's extra arguments).
+def _leaky_relu_fields(args, kwargs) -> dict:
+    slope = args[0] if args else kwargs.get("negative_slope", 0.01)
+    return {"negative_slope": slope}
+
+
+_ACTIVATIONS = {
+    F.relu: ("relu", None),
+    torch.relu: ("relu", None),
+    "relu": ("relu", None),
+    "relu_": ("relu", None),
+    F.leaky_relu: ("leaky_relu", _leaky_relu_fields),
+    F.leaky_relu_: ("leaky_relu", _leaky_relu_fields),
+    torch.tanh: ("tanh", None),
+    F.tanh: ("tanh", None),
+    "tanh": ("tanh", None),
+}
+_ADDITIONS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
+_FLATTENS = (torch.flatten, "flatten")
+# Arguments of the functions above that do not change the result (in-place flags).
+_IGNORED_KWARGS = {"inplace"}
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"submodule '{node.target}'"
+    if node.op == "call_method":
+        return f"the tensor method .{node.target}()"
+    if node.op == "get_attr":
+        return f"the attribute '{node.target}' (parameters used directly, not through a layer)"
+    target = getattr(node.target, "__name__", str(node.target))
+    module = getattr(node.target, "__module__", None) or ""
+    return f"{module + '.' if module else ''}{target}()"
+
+
+def _traced_steps(module: nn.Module, label: str) -> tuple:
+    """The steps of ``module``'s forward as a chain from its input: ("module", child name),
+    ("record", kind, fields) or ("residual", main steps, shortcut steps), each keyed by its fx node.
+    Raises UnsupportedModelError naming what the fused backend cannot run."""
+    try:
+        graph = _ChildrenAsLeaves().trace(module)
+    except Exception as error:  # fx raises several kinds (TraceError, TypeError, ...)
+        raise UnsupportedModelError(
+            label,
+            f"{type(module).__name__}.forward could not be traced by torch.fx "
+            f"({type(error).__name__}: {error})",
+        ) from None
+
+    def unsupported(node: fx.Node, why: str = "is not supported") -> UnsupportedModelError:
+        return UnsupportedModelError(
+            label, f"{_describe(node)} in {type(module).__name__}.forward {why}"
+        )
+
+    steps: dict[fx.Node, tuple] = {}
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(
+            label, f"{type(module).__name__}.forward takes {len(inputs)} inputs (expected one)"
+        )
+
+    def running(node: fx.Node, value) -> tuple:
+        """The steps so far of ``value``, which must be the activation a step came from."""
+        if not isinstance(value, fx.Node) or value not in steps:
+            raise unsupported(node, "does not take the running activation as its input")
+        return steps[value]
+
+    result = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            steps[node] = ()
+        elif node.op == "output":
+            result = running(node, node.args[0])
+        elif node.op == "call_module":
+            if len(node.args) != 1 or node.kwargs:
+                raise unsupported(node, "is called with more than the activation")
+            steps[node] = running(node, node.args[0]) + ((node, ("module", node.target)),)
+        elif node.op in ("call_function", "call_method") and node.target in _ADDITIONS:
+            if len(node.args) != 2 or node.kwargs:
+                raise unsupported(node, "adds with extra arguments (only a + b)")
+            main, shortcut = (running(node, arg) for arg in node.args)
+            shared = 0
+            while (
+                shared < min(len(main), len(shortcut)) and main[shared][0] is shortcut[shared][0]
+            ):
+                shared += 1
+            block = ("residual", main[shared:], shortcut[shared:])
+            steps[node] = main[:shared] + ((node, block),)
+        elif node.op in ("call_function", "call_method") and node.target in _ACTIVATIONS:
+            kind, fields = _ACTIVATIONS[node.target]
+            extra_args = node.args[1:]
+            extra_kwargs = {k: v for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
+            if fields is None and (extra_args or extra_kwargs):
+                raise unsupported(node, "takes arguments the fused backend does not run")
+            record_fields = fields(extra_args, extra_kwargs) if fields else {}
+            steps[node] = running(node, node.args[0]) + ((node, ("record", kind, record_fields)),)
+        elif node.op in ("call_function", "call_method") and node.target in _FLATTENS:
+            from_one = node.args[1:] == (1,) and not node.kwargs
+            if not from_one and (node.args[1:] or node.kwargs != {"start_dim": 1}):
+                raise unsupported(node, "flattens other than from dimension 1 to the end")
+            steps[node] = running(node, node.args[0]) + ((node, ("record", "flatten", {})),)
+        else:
+            raise unsupported(node)
+    # A layer whose output the result does not use would leave its parameters out of θ.
+    used = set()
+
+    def mark(chain: tuple) -> None:
+        for node, (what, *details) in chain:
+            used.add(node)
+            if what == "residual":
+                mark(details[0])
+                mark(details[1])
+
+    mark(result)
+    for node in graph.nodes:
+        if node.op == "call_module" and node not in used:
+            raise unsupported(node, "computes an output that the result does not use")
+    return result
 
 
 def read_records(ints) -> list[tuple[str, dict[str, int]]]:
@@ -377,8 +543,16 @@ def output_shape(ints, sample_shape) -> tuple[int, ...]:
     """The per-sample output shape of a program for per-sample inputs of ``sample_shape``
     (the same arithmetic as the C++ layers; used by the fake kernels)."""
     shape = tuple(sample_shape)
+    # Per open residual block: (its input's shape, its main branch's output shape once known).
+    blocks: list[list] = []
     for kind, f in read_records(ints):
-        if kind == "linear":
+        if kind == "residual_begin":
+            blocks.append([shape, None])
+        elif kind == "residual_shortcut":
+            blocks[-1][1], shape = shape, blocks[-1][0]
+        elif kind == "residual_end":
+            shape = blocks.pop()[1]
+        elif kind == "linear":
             shape = (f["out_features"],)
         elif kind == "conv2d":
             shape = (

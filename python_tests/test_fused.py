@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from maml_test_utils import (
     DEVICES,
+    Residual,
     all_grads,
     classification_batch,
     conv_net,
@@ -34,7 +35,8 @@ LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
 
 @st.composite
 def layer_stacks(draw):
-    """(model, per-sample input shape, loss, output size): a random stack of supported layers."""
+    """(model, per-sample input shape, loss, output size): a random stack of supported layers,
+    convolutional stages sometimes as residual blocks."""
     if draw(st.booleans()):
         features = draw(st.integers(1, 6))
         shape, layers, width = (features,), [], features
@@ -56,19 +58,26 @@ def layer_stacks(draw):
             stride, padding = draw(st.integers(1, 2)), draw(st.integers(0, 1))
             if size + 2 * padding < kernel:
                 break
+            stage = len(layers)
             layers.append(
                 nn.Conv2d(
                     channels, out, kernel, stride=stride, padding=padding, bias=draw(st.booleans())
                 )
             )
             size = (size + 2 * padding - kernel) // stride + 1
-            channels = out
             if draw(st.booleans()):
                 layers.append(
                     nn.BatchNorm2d(out, affine=draw(st.booleans()), track_running_stats=False)
                 )
             if draw(st.booleans()):
-                layers.append(nn.ReLU())
+                layers.append(draw(st.sampled_from([nn.ReLU, lambda: nn.LeakyReLU(0.1)]))())
+            if draw(st.booleans()):
+                # the stage as a residual block, its shortcut a convolution of the same geometry
+                shortcut = nn.Conv2d(channels, out, kernel, stride=stride, padding=padding)
+                layers[stage:] = [Residual(nn.Sequential(*layers[stage:]), shortcut)]
+                if draw(st.booleans()):
+                    layers.append(nn.LeakyReLU(0.1))
+            channels = out
             if size >= 2 and draw(st.booleans()):
                 layers.append(nn.MaxPool2d(2, ceil_mode=draw(st.booleans())))
                 size = -(-size // 2) if layers[-1].ceil_mode else size // 2

@@ -61,6 +61,11 @@ class Layer {
 MAML_EXT_LAYER_RECORDS(MAML_EXT_DECLARE_MAKE_LAYER)
 #undef MAML_EXT_DECLARE_MAKE_LAYER
 
+// The residual block out = main(x) + shortcut(x) over two lists of built layers (an empty
+// shortcut is the identity); Program builds it from the residual_* records (residual.cpp).
+std::unique_ptr<Layer> make_residual_block(std::vector<std::unique_ptr<Layer>> main,
+                                           std::vector<std::unique_ptr<Layer>> shortcut);
+
 // ---- helpers shared by the layers ------------------------------------------------------------
 
 // True when every task shares the same weights (a [T, P] view with stride 0 over tasks).

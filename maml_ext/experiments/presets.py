@@ -199,26 +199,12 @@ class FewShotPreset:
 
     def build_model(self):
         """A freshly initialised network (PyTorch default initialisation, the caller's RNG)."""
-        from torch import nn
+        from maml_ext.models import conv4, resnet12
 
+        channels, side, _ = self.image_shape
         if self.backbone == "resnet12":
-            # Imported only when asked for: the model zoo is not needed by the conv4 presets.
-            from maml_ext.models import resnet12
-
-            return resnet12(self.ways)
-
-        layers = []
-        channels = self.image_shape[0]
-        for _ in range(4):
-            layers += [
-                nn.Conv2d(channels, self.filters, kernel_size=3, padding=1),
-                nn.BatchNorm2d(self.filters, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            channels = self.filters
-        layers += [nn.Flatten(), nn.Linear(self.feature_size, self.ways)]
-        return nn.Sequential(*layers)
+            return resnet12(self.ways, channels, image_size=side)
+        return conv4(self.ways, channels, self.filters, side)
 
     # ---- variants and (de)serialisation ------------------------------------------------------
 
