@@ -1,0 +1,132 @@
+"""MetaOptimizer(distributed=True) on gloo, 2 and 3 processes on loopback with uneven shards:
+the meta-gradient equals one process's on the concatenated batch (float64, 1e-12 relative), fused
+and reference, every inner-rate kind; after several steps the ranks' parameters are bitwise equal
+and equal the single-process run's; a non-finite shard, diverged parameters and a rank raising
+mid-run are named on every rank, within the timeout.
+
+Each world size is one set of processes running every case (python_tests/distributed_worker.py);
+the tests below read what the ranks measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+GLOO_TIMEOUT_S = 30  # init_process_group(timeout=...): how long a rank waits for a dead peer
+JOIN_TIMEOUT_S = 240  # the whole run of one world, on a busy 2-core machine
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
+)
+
+
+def _run_world(world: int, out: Path, *, fail: bool) -> dict:
+    # The test hosts the store, as torchrun's agent does, so it outlives any rank.
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    args = [str(world), str(store.port), str(out), str(GLOO_TIMEOUT_S)] + (["fail"] if fail else [])
+    start = time.monotonic()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    outputs, codes = [], []
+    try:
+        for process in processes:
+            remaining = max(1.0, JOIN_TIMEOUT_S - (time.monotonic() - start))
+            output, _ = process.communicate(timeout=remaining)
+            outputs.append(output)
+            codes.append(process.returncode)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    ranks = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no results:\n{outputs[rank]}"
+        ranks.append(json.loads(path.read_text()))
+        assert "error" not in ranks[-1], ranks[-1]["error"]
+    failures = {
+        rank: (out / f"failure{rank}.txt").read_text()
+        for rank in range(world)
+        if (out / f"failure{rank}.txt").exists()
+    }
+    return {
+        "ranks": ranks,
+        "codes": codes,
+        "outputs": outputs,
+        "failures": failures,
+        "seconds": time.monotonic() - start,
+    }
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def world(request, tmp_path_factory):
+    size = request.param
+    # The 3-rank world ends with rank 1 raising mid-run.
+    return size, _run_world(size, tmp_path_factory.mktemp(f"world{size}"), fail=size == 3)
+
+
+def test_meta_gradient_equals_one_process_on_the_concatenated_batch(world):
+    size, run = world
+    for rank, results in enumerate(run["ranks"]):
+        cases = [key for key in results if key.count("/") == 2]
+        assert len(cases) == 2 * (4 + 2)  # backends × (MLP: 4 rate kinds, conv: 2)
+        for key in cases:
+            errors = results[key]
+            assert errors["grad"] < 1e-12, (size, rank, key, errors)
+            assert errors["query_loss"] < 1e-12, (size, rank, key, errors)
+            assert errors["support_loss"] < 1e-12, (size, rank, key, errors)
+            if key.endswith("conv"):
+                assert errors["accuracy"] < 1e-14, (size, rank, key, errors)
+
+
+def test_steps_leave_bitwise_identical_parameters(world):
+    size, run = world
+    for backend in ("fused", "reference"):
+        for results in run["ranks"]:
+            case = results[f"steps/{backend}"]
+            assert case["bitwise_equal_ranks"], (size, backend)
+            assert case["moved"] > 1e-6  # the steps changed something
+            assert case["vs_single"] < 1e-10, (size, backend, case)
+
+
+def test_non_finite_shard_is_named_on_every_rank(world):
+    _, run = world
+    for results in run["ranks"]:
+        assert "non-finite meta-step on rank(s) [1]" in results["non_finite"]
+        assert results["non_finite_unchanged"]
+
+
+def test_diverged_parameters_are_named_on_every_rank(world):
+    size, run = world
+    for results in run["ranks"]:
+        assert f"the parameters of rank(s) [{size - 1}] differ from rank 0's" in results["diverged"]
+
+
+def test_a_rank_raising_makes_the_others_fail_naming_it(world):
+    size, run = world
+    if size != 3:
+        pytest.skip("the 3-rank world runs the failure")
+    assert all(code != 0 for code in run["codes"]), run["outputs"]
+    failures = run["failures"]
+    assert "the data pipeline of this rank broke" in failures[1]
+    for rank in (0, 2):
+        assert "RankFailedError" in failures[rank], failures
+        assert "rank 1 failed: RuntimeError: the data pipeline of this rank broke" in (
+            failures[rank]
+        )
+    assert run["seconds"] < JOIN_TIMEOUT_S
