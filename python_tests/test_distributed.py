@@ -130,3 +130,94 @@ def test_a_rank_raising_makes_the_others_fail_naming_it(world):
             failures[rank]
         )
     assert run["seconds"] < JOIN_TIMEOUT_S
+
+
+# ---- the CLI under torchrun --------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers in /proc")
+def test_torchrun_sinusoid_survives_a_killed_worker_and_resumes_with_another_world_size(
+    tmp_path,
+):
+    import os
+    import signal
+
+    import torch
+
+    from maml_ext import cli
+    from maml_ext.experiments import sinusoid
+
+    out = tmp_path / "run"
+    checkpoint = out / sinusoid.CHECKPOINT_NAME
+    iterations = 600
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "-m",
+        "maml_ext",
+        "train",
+        "sinusoid",
+        "--iterations",
+        str(iterations),
+        "--checkpoint-every",
+        "25",
+        "--out",
+        str(out),
+        "--dist-timeout",
+        "30",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    agent = subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        # Kill one worker (SIGKILL: no chance to clean up) once a checkpoint exists.
+        while not checkpoint.exists():
+            assert agent.poll() is None, agent.communicate()[0]
+            assert time.monotonic() - start < JOIN_TIMEOUT_S, "no checkpoint appeared"
+            time.sleep(0.05)
+        workers = _children(agent.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = agent.communicate(timeout=JOIN_TIMEOUT_S)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, output
+    assert "resuming sinusoid from iteration" in output, output
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["iteration"] == iterations and state["world_size"] == 2
+    assert json.loads((out / "sinusoid_eval.json").read_text())["world_size"] == 2
+    # The final checkpoint loads into a MetaOptimizer ...
+    model = sinusoid.make_sinusoid_model().double()
+    meta = __import__("maml_ext").MetaOptimizer(
+        model, torch.optim.Adam(model.parameters()), inner_lr=0.01, loss="mse"
+    )
+    meta.load_state_dict(state["meta_optimizer"])
+    # ... and the run continues in one process (another world size) from it.
+    assert cli.main(
+        ["train", "sinusoid", "--resume", "--iterations", str(iterations + 10), "--out", str(out)]
+    ) == 0
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == iterations + 10
