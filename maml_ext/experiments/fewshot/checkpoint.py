@@ -55,10 +55,16 @@ def read_checkpoint(path: PathLike, map_location="cpu") -> dict:
 
 
 def build_meta_optimizer(
-    preset: FewShotPreset, *, device=None, backend: str = "auto", outer_optimizer: bool = True
+    preset: FewShotPreset,
+    *,
+    device=None,
+    backend: str = "auto",
+    outer_optimizer: bool = True,
+    distributed: bool = False,
 ) -> MetaOptimizer:
     """A fresh MetaOptimizer for ``preset``'s network (current RNG for the initial weights) with
-    Adam at the preset's outer learning rate (or no outer optimiser)."""
+    Adam at the preset's outer learning rate (or no outer optimiser); ``distributed``: as for
+    MetaOptimizer (the meta-batch split across the default process group's ranks)."""
     model = preset.build_model()
     if device is not None:
         model = model.to(device)
@@ -70,6 +76,7 @@ def build_meta_optimizer(
         inner_steps=preset.inner_steps,
         first_order=preset.first_order,
         backend=backend,
+        distributed=distributed,
     )
 
 
