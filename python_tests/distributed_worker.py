@@ -187,6 +187,33 @@ def divergence_case(rank, world, results):
         results["diverged"] = str(error)
 
 
+def evaluation_case(rank, world, results):
+    """Few-shot evaluation split across ranks and gathered equals one process's, task by task."""
+    from types import SimpleNamespace
+
+    from maml_ext.experiments.fewshot.evaluate import evaluate_tasks
+    from maml_ext.experiments.runtime import ONE_PROCESS, current_ranks
+
+    generator = torch.Generator().manual_seed(10)
+    dataset = SimpleNamespace(
+        images=torch.randn(40, 1, 8, 8, dtype=torch.float64, generator=generator),
+        labels=torch.arange(10).repeat_interleave(4),
+    )
+    preset = SimpleNamespace(name="tiny", ways=3, shots=1, queries=2)
+    torch.manual_seed(11)
+    meta = maml_ext.MetaOptimizer(
+        conv_net(ways=3, channels=4, image=8), None, inner_lr=0.1, loss="cross_entropy"
+    )
+    options = dict(tasks=60, steps=[0, 1, 2], seed=12)  # chunks of 25, 25, 10 tasks
+    split = evaluate_tasks(meta, dataset, preset, ranks=current_ranks(), **options)
+    whole = evaluate_tasks(meta, dataset, preset, ranks=ONE_PROCESS, **options)
+    results["evaluation_equal"] = all(
+        torch.equal(split[k][name], whole[k][name]) and split[k][name].shape[0] == 60
+        for k in whole
+        for name in ("accuracy", "loss")
+    )
+
+
 def main():
     rank, world, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     out, timeout = Path(sys.argv[4]), float(sys.argv[5])
@@ -202,6 +229,7 @@ def main():
         steps_case(rank, world, results)
         non_finite_case(rank, world, results)
         divergence_case(rank, world, results)
+        evaluation_case(rank, world, results)
     except BaseException:
         results["error"] = traceback.format_exc()
     (out / f"rank{rank}.json").write_text(json.dumps(results))

@@ -2,7 +2,10 @@
 the meta-gradient equals one process's on the concatenated batch (float64, 1e-12 relative), fused
 and reference, every inner-rate kind; after several steps the ranks' parameters are bitwise equal
 and equal the single-process run's; a non-finite shard, diverged parameters and a rank raising
-mid-run are named on every rank, within the timeout.
+mid-run are named on every rank, within the timeout; few-shot evaluation split across ranks
+equals one process's. The CLI under torchrun: sinusoid on 2 processes survives a worker killed
+with SIGKILL (--max-restarts 1) by resuming from its checkpoint, which then loads and resumes in
+one process.
 
 Each world size is one set of processes running every case (python_tests/distributed_worker.py);
 the tests below read what the ranks measured."""
@@ -115,6 +118,12 @@ def test_diverged_parameters_are_named_on_every_rank(world):
     size, run = world
     for results in run["ranks"]:
         assert f"the parameters of rank(s) [{size - 1}] differ from rank 0's" in results["diverged"]
+
+
+def test_fewshot_evaluation_split_across_ranks_equals_one_process(world):
+    _, run = world
+    for results in run["ranks"]:
+        assert results["evaluation_equal"]
 
 
 def test_a_rank_raising_makes_the_others_fail_naming_it(world):
