@@ -36,7 +36,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_OMNIGLOT = ROOT.parent.parent / "shared" / "data" / "omniglot"
+# As the tests find it: $MAML_EXT_OMNIGLOT_DIR, else shared/data/omniglot beside the checkout
+# (or beside the worktrees' folder).
+DEFAULT_OMNIGLOT = os.environ.get("MAML_EXT_OMNIGLOT_DIR") or next(
+    (
+        str(base / "shared" / "data" / "omniglot")
+        for base in (ROOT.parent, ROOT.parent.parent)
+        if (base / "shared" / "data" / "omniglot").is_dir()
+    ),
+    str(ROOT.parent / "shared" / "data" / "omniglot"),
+)
 
 
 def _sinusoid(rank_share: int, meta_batch: int):
