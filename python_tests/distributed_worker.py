@@ -65,11 +65,11 @@ def meta_gradient_cases(rank, world, results):
     """The distributed meta-gradient against one process's on the concatenated batch."""
     for backend in ("fused", "reference"):
         for kind in KINDS:
-            for model_name in ("mlp", "conv"):
-                if model_name == "conv" and kind not in (None, "per_step"):
+            for model_name in ("mlp", "mlp-first-order", "conv"):
+                if model_name != "mlp" and kind not in (None, "per_step"):
                     continue
                 torch.manual_seed(100 + rank)  # different on every rank: the broadcast fixes it
-                if model_name == "mlp":
+                if model_name.startswith("mlp"):
                     model, loss = sinusoid_mlp(), "mse"
                     batch = regression_batch(
                         sum(SHARDS[world]), 5, 6, generator=torch.Generator().manual_seed(7)
@@ -84,13 +84,13 @@ def meta_gradient_cases(rank, world, results):
                         3,
                         generator=torch.Generator().manual_seed(7),
                     )
-                opt = build(
-                    model, rank, loss=loss, learn_inner_lr=kind, backend=backend, distributed=True
+                first_order = model_name == "mlp-first-order"
+                settings = dict(
+                    loss=loss, learn_inner_lr=kind, backend=backend, first_order=first_order
                 )
+                opt = build(model, rank, distributed=True, **settings)
                 perturb_rates(opt, torch.Generator().manual_seed(8))  # the same on every rank
-                single = build(
-                    copy.deepcopy(opt.model), rank, loss=loss, learn_inner_lr=kind, backend=backend
-                )
+                single = build(copy.deepcopy(opt.model), rank, **settings)
                 single.inner_lr.load_state_dict(opt.inner_lr.state_dict())
                 got = opt.meta_gradient(*shard(batch, rank, world))
                 want = single.meta_gradient(*batch)

@@ -1,11 +1,11 @@
 """MetaOptimizer(distributed=True) on gloo, 2 and 3 processes on loopback with uneven shards:
-the meta-gradient equals one process's on the concatenated batch (float64, 1e-12 relative), fused
-and reference, every inner-rate kind; after several steps the ranks' parameters are bitwise equal
-and equal the single-process run's; a non-finite shard, diverged parameters and a rank raising
-mid-run are named on every rank, within the timeout; few-shot evaluation split across ranks
-equals one process's. The CLI under torchrun: sinusoid on 2 processes survives a worker killed
-with SIGKILL (--max-restarts 1) by resuming from its checkpoint, which then loads and resumes in
-one process.
+the meta-gradient equals one process's on the concatenated batch (float64, 1e-12 relative),
+fused and reference, every inner-rate kind, first and second order; after several steps the
+ranks' parameters are bitwise equal and equal the single-process run's; a non-finite shard,
+diverged parameters and a rank raising mid-run are named on every rank, within the timeout;
+few-shot evaluation split across ranks equals one process's. The CLI under torchrun: sinusoid
+on 2 processes survives a worker killed with SIGKILL (--max-restarts 1) by resuming from its
+checkpoint, which then loads and resumes in one process.
 
 Each world size is one set of processes running every case (python_tests/distributed_worker.py);
 the tests below read what the ranks measured."""
@@ -87,7 +87,8 @@ def test_meta_gradient_equals_one_process_on_the_concatenated_batch(world):
     size, run = world
     for rank, results in enumerate(run["ranks"]):
         cases = [key for key in results if key.count("/") == 2]
-        assert len(cases) == 2 * (4 + 2)  # backends × (MLP: 4 rate kinds, conv: 2)
+        # backends × (MLP second order: 4 rate kinds, MLP first order: 2, conv: 2)
+        assert len(cases) == 2 * (4 + 2 + 2)
         for key in cases:
             errors = results[key]
             assert errors["grad"] < 1e-12, (size, rank, key, errors)
