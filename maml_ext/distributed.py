@@ -162,6 +162,7 @@ class MetaGradientReducer:
         self.consistency_check_every = consistency_check_every
         self.steps = 0  # all-reduced meta-steps, for the consistency check's period
         self.last_communication_s = 0.0  # wall time of the last all-reduce (with its wait)
+        self.last_flags: torch.Tensor | None = None  # the last step's non-finite flag per rank
 
     def _global_rank(self, group_rank: int) -> int:
         if self.group is dist.group.WORLD:
@@ -205,10 +206,9 @@ class MetaGradientReducer:
 
     def non_finite_ranks(self) -> list[int]:
         """The ranks whose shard was non-finite in the last reduced step (reads the flags)."""
-        flags = getattr(self, "last_flags", None)
-        if flags is None:
+        if self.last_flags is None:
             return []
-        return [r for r, f in enumerate(flags.tolist()) if f != 0]
+        return [r for r, f in enumerate(self.last_flags.tolist()) if f != 0]
 
     def check_consistency(self, tensors: Sequence[torch.Tensor], *, force: bool = False) -> None:
         """Every ``consistency_check_every`` reduced steps (or when ``force``): all-gathers a
@@ -220,7 +220,7 @@ class MetaGradientReducer:
         crc = 0
         for t in tensors:
             crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = torch.device("cpu")  # NCCL moves CUDA tensors only
         if dist.get_backend(self.group) == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
         mine = torch.tensor([float(crc)], dtype=torch.float64, device=device)
