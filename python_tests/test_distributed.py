@@ -231,3 +231,52 @@ def test_torchrun_sinusoid_survives_a_killed_worker_and_resumes_with_another_wor
         ["train", "sinusoid", "--resume", "--iterations", str(iterations + 10), "--out", str(out)]
     ) == 0
     assert torch.load(checkpoint, weights_only=True)["iteration"] == iterations + 10
+
+
+# ---- what the CLI's runs across processes rest on, in one process -------------------------------
+
+
+def test_shares_cover_the_meta_batch_and_streams_differ():
+    from maml_ext.experiments.runtime import Ranks
+
+    for world in (1, 2, 3, 7):
+        for total in (world, 10, 25, 32):
+            shares = [Ranks(rank, world).share(total) for rank in range(world)]
+            assert [first for first, _ in shares] == [
+                sum(count for _, count in shares[:rank]) for rank in range(world)
+            ]
+            counts = [count for _, count in shares]
+            assert sum(counts) == total and max(counts) - min(counts) <= 1 and min(counts) >= 1
+    seeds = {Ranks(r, 3).stream_seed(0, iteration) for r in range(3) for iteration in range(50)}
+    assert len(seeds) == 150
+    assert Ranks(1, 3).stream_seed(5, 7) == Ranks(1, 2).stream_seed(5, 7)  # any world size
+
+
+def test_sinusoid_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    import torch
+
+    from maml_ext.experiments import sinusoid
+
+    options = dict(eval_tasks=5, plot_tasks=0, progress=False, verbose=False, log_every=5)
+    sinusoid.train_sinusoid(iterations=20, out_dir=str(tmp_path / "whole"), **options)
+    sinusoid.train_sinusoid(
+        iterations=10, checkpoint_every=4, out_dir=str(tmp_path / "split"), **options
+    )
+    sinusoid.train_sinusoid(
+        iterations=20, resume=True, out_dir=str(tmp_path / "split"), **options
+    )
+    whole = torch.load(tmp_path / "whole" / "sinusoid_models.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "sinusoid_models.pt", weights_only=True)
+    for name, value in whole["maml"].items():
+        assert torch.equal(value, split["maml"][name]), name
+    state = torch.load(tmp_path / "split" / sinusoid.CHECKPOINT_NAME, weights_only=True)
+    assert state["iteration"] == 20 and state["world_size"] == 1
+    curves = [
+        json.loads((tmp_path / run / "sinusoid_eval.json").read_text())["train_curves"]["MAML"]
+        for run in ("whole", "split")
+    ]
+    assert curves[0] == curves[1]
+    with pytest.raises(Exception, match="cannot change to 7"):
+        sinusoid.train_sinusoid(
+            iterations=30, resume=True, seed=7, out_dir=str(tmp_path / "split"), **options
+        )
