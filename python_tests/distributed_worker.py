@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -254,7 +255,8 @@ def main():
     except BaseException as error:
         if not isinstance(error, dist_meta.RankFailedError):
             dist_meta.report_failure(error)
-        (out / f"failure{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+        report = {"error": f"{type(error).__name__}: {error}", "time": time.time()}
+        (out / f"failure{rank}.json").write_text(json.dumps(report))
         os._exit(3)
     return 0
 

@@ -63,9 +63,9 @@ def _run_world(world: int, out: Path, *, fail: bool) -> dict:
         ranks.append(json.loads(path.read_text()))
         assert "error" not in ranks[-1], ranks[-1]["error"]
     failures = {
-        rank: (out / f"failure{rank}.txt").read_text()
+        rank: json.loads((out / f"failure{rank}.json").read_text())
         for rank in range(world)
-        if (out / f"failure{rank}.txt").exists()
+        if (out / f"failure{rank}.json").exists()
     }
     return {
         "ranks": ranks,
@@ -133,13 +133,14 @@ def test_a_rank_raising_makes_the_others_fail_naming_it(world):
         pytest.skip("the 3-rank world runs the failure")
     assert all(code != 0 for code in run["codes"]), run["outputs"]
     failures = run["failures"]
-    assert "the data pipeline of this rank broke" in failures[1]
+    assert "the data pipeline of this rank broke" in failures[1]["error"]
     for rank in (0, 2):
-        assert "RankFailedError" in failures[rank], failures
+        assert "RankFailedError" in failures[rank]["error"], failures
         assert "rank 1 failed: RuntimeError: the data pipeline of this rank broke" in (
-            failures[rank]
+            failures[rank]["error"]
         )
-    assert run["seconds"] < JOIN_TIMEOUT_S
+        # Within the group's timeout of rank 1's failure, not after a hang.
+        assert failures[rank]["time"] - failures[1]["time"] < GLOO_TIMEOUT_S
 
 
 # ---- the CLI under torchrun --------------------------------------------------------------------
