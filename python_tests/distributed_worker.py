@@ -107,6 +107,54 @@ def meta_gradient_cases(rank, world, results):
                     )
 
 
+class EagerCapture:
+    """The CPU stand-in for a CUDA graph capture of python_tests/test_cuda_graph.py: "replay"
+    reruns the body and writes into the output captured first, as a replay rewrites it."""
+
+    device_type = "cpu"
+
+    def __call__(self, body, device):
+        output = body()
+
+        def replay():
+            output.copy_(body())
+
+        return replay, output
+
+
+def graphed_case(rank, world, results):
+    """cuda_graph's path (with the eager stand-in) composed with chunks and the all-reduce, which
+    runs after each replay, outside the graph: equal to one eager process."""
+    from maml_ext.cuda_graph import MetaStepGraphs
+
+    for kind in (None, "per_step"):
+        torch.manual_seed(600 + rank)
+        opt = build(
+            sinusoid_mlp(),
+            rank,
+            loss="mse",
+            learn_inner_lr=kind,
+            backend="fused",
+            distributed=True,
+            max_tasks_per_call=2,
+            cuda_graph=MetaStepGraphs(capture=EagerCapture()),
+        )
+        single = build(copy.deepcopy(opt.model), rank, loss="mse", learn_inner_lr=kind)
+        batch = regression_batch(
+            sum(SHARDS[world]), 5, 6, generator=torch.Generator().manual_seed(13)
+        )
+        for _ in range(5):  # past the warm-up calls: the later ones replay
+            for p in (*opt.model.parameters(), *opt.inner_lr.parameters()):
+                p.grad = None
+            got = opt.meta_gradient(*shard(batch, rank, world))
+        want = single.meta_gradient(*batch)
+        results[f"graphed/{kind}"] = {
+            "grad": relative(flat_grads(opt), flat_grads(single)),
+            "query_loss": relative(got.query_loss, want.query_loss),
+            "captures": opt.cuda_graphs.captures,
+        }
+
+
 def steps_case(rank, world, results):
     """Several outer steps (Adam, learned per-step rates, chunks of 2 tasks within each rank, the
     consistency check every step): every rank's parameters bitwise equal, and the single-process
@@ -228,6 +276,7 @@ def main():
     try:
         meta_gradient_cases(rank, world, results)
         steps_case(rank, world, results)
+        graphed_case(rank, world, results)
         non_finite_case(rank, world, results)
         divergence_case(rank, world, results)
         evaluation_case(rank, world, results)

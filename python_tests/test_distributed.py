@@ -98,6 +98,16 @@ def test_meta_gradient_equals_one_process_on_the_concatenated_batch(world):
                 assert errors["accuracy"] < 1e-14, (size, rank, key, errors)
 
 
+def test_cuda_graph_path_with_chunks_and_all_reduce_equals_one_process(world):
+    # The graph capture is the CPU stand-in of test_cuda_graph.py; the all-reduce runs after it.
+    size, run = world
+    for results in run["ranks"]:
+        for kind in ("None", "per_step"):
+            case = results[f"graphed/{kind}"]
+            assert case["captures"] >= 1, case
+            assert case["grad"] < 1e-12 and case["query_loss"] < 1e-12, (size, kind, case)
+
+
 def test_steps_leave_bitwise_identical_parameters(world):
     size, run = world
     for backend in ("fused", "reference"):
