@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=int,
         metavar="N",
-        help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end)",
+        help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end); "
+        "sinusoid: OUT/sinusoid_checkpoint.pt (default: none in one process, 100 under torchrun)",
     )
     train.add_argument(
         "--validate-every",
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         default=None,
-        help="continue the run in OUT from OUT/checkpoint.pt",
+        help="continue the run in OUT from OUT/checkpoint.pt (sinusoid_checkpoint.pt); "
+        "the number of processes may differ",
     )
     train.add_argument(
         "--split-by",
