@@ -181,8 +181,8 @@ def init_distributed_from_environment(device: str | None, timeout_s: float) -> R
         dist.TCPStore(
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
-            # The agent hosts the store unless told otherwise; then rank 0 does.
-            is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "False"
+            # torchrun's agent hosts the store (and says so); under other launchers rank 0 does.
+            is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
             and os.environ["RANK"] == "0",
             timeout=timeout,
         ),
