@@ -186,7 +186,7 @@ def run_all(args) -> None:
         pure = f"{r['pure_allreduce_ms']:.3f}" if "pure_allreduce_ms" in r else "-"
         print(
             f"| {r['workload']} (T={r['meta_batch']}, {r['parameters']} params) | "
-            f"{r['processes']} × {r['threads']} | {r['steps_per_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{r['processes']} × {r['threads']} | {r['steps_per_s']:.3g} | {r['step_ms']:.4g} | "
             f"{share if r['processes'] > 1 else '-'} | {pure} |"
         )
 
