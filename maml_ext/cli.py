@@ -6,6 +6,7 @@ runs it; adding a preset (omniglot-5w1s, ...) is one entry there.
 """
 
 import argparse
+import contextlib
 import functools
 import importlib
 import inspect
@@ -19,6 +20,7 @@ from maml_ext.experiments.presets import (
     PRESETS as _FEWSHOT_PRESETS,
     ConfigurationError,
 )
+from maml_ext.experiments.runtime import DEFAULT_DIST_TIMEOUT_S
 
 
 class Experiment(NamedTuple):
@@ -88,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=int,
         metavar="N",
-        help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end)",
+        help="write OUT/checkpoint.pt every N iterations (default 500; 0: at the end); "
+        "sinusoid: OUT/sinusoid_checkpoint.pt (default: none in one process, 100 under torchrun)",
     )
     train.add_argument(
         "--validate-every",
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         default=None,
-        help="continue the run in OUT from OUT/checkpoint.pt",
+        help="continue the run in OUT from OUT/checkpoint.pt (sinusoid_checkpoint.pt); "
+        "the number of processes may differ",
     )
     train.add_argument(
         "--split-by",
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_algorithm_options(train)
+    _add_dist_timeout(train)
 
     evaluate = commands.add_parser(
         "eval",
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=BACKENDS, help="MetaOptimizer backend (default: auto)"
     )
     evaluate.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    _add_dist_timeout(evaluate)
     return parser
 
 
@@ -217,6 +223,17 @@ _ALGORITHM_OPTIONS = (
 )
 
 
+def _add_dist_timeout(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before failing with an "
+        f"error naming the rank that failed (default {DEFAULT_DIST_TIMEOUT_S:g})",
+    )
+
+
 def _positive(parser: argparse.ArgumentParser, name: str, value: int | None) -> None:
     if value is not None and value < 1:
         parser.error(f"{name} must be a positive integer, got {value}")
@@ -271,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             options["out_dir"] = args.out if args.out is not None else f"runs/{args.experiment}"
             run = EXPERIMENTS[args.experiment].load()
             _check_options(parser, args.experiment, run, options)
-            run(**options)
+            # Under torchrun (WORLD_SIZE > 1) every process runs the command on its share of the
+            # tasks; rank 0 alone writes files (README "Training across processes").
+            with _process_group(args):
+                run(**options)
         elif args.command == "eval":
             from maml_ext.experiments.fewshot import evaluate_checkpoint
 
@@ -287,15 +307,41 @@ def main(argv: list[str] | None = None) -> int:
                 "backend": args.backend,
                 "device": args.device,
             }
-            evaluate_checkpoint(
-                args.checkpoint,
-                **{name: value for name, value in options.items() if value is not None},
-            )
+            with _process_group(args):
+                evaluate_checkpoint(
+                    args.checkpoint,
+                    **{name: value for name, value in options.items() if value is not None},
+                )
     except ConfigurationError as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     except MissingExtraError as error:
         parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
+
+
+@contextlib.contextmanager
+def _process_group(args):
+    """Joins torchrun's process group for the command (nothing in one process); a rank that
+    raises records why in the group's store before exiting, so the others name it."""
+    from maml_ext.experiments.runtime import init_distributed_from_environment
+
+    if args.dist_timeout <= 0:
+        raise ConfigurationError(f"--dist-timeout: expected seconds > 0, got {args.dist_timeout}")
+    ranks = init_distributed_from_environment(args.device, args.dist_timeout)
+    if not ranks.distributed:
+        yield
+        return
+    import torch.distributed as dist
+
+    from maml_ext import distributed as dist_meta
+
+    try:
+        yield
+    except BaseException as error:
+        if not isinstance(error, dist_meta.RankFailedError):
+            dist_meta.report_failure(error)
+        raise
+    dist.destroy_process_group()
 
 
 def _check_options(

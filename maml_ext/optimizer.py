@@ -10,7 +10,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import cuda_graph as graphs, reference
+from . import cuda_graph as graphs, distributed as dist_meta, reference, task_chunks
 from .backend import Backend, choose_backend
 from .inner_lr import InnerLearningRates
 from .losses import LossFn, resolve_loss
@@ -71,6 +71,24 @@ class MetaOptimizer:
         first_order_until: derivative-order annealing (MAML++): first order for the first N outer
             steps (``step()`` calls), then as ``first_order`` says.
 
+        distributed: False, True (the default torch.distributed process group) or a
+            ProcessGroup: each rank passes its own shard of tasks (shards may differ in size);
+            ``step``/``meta_gradient`` return and apply the gradient of the mean query loss over
+            all ranks' tasks, and global means, from one all-reduce of one flat buffer per step
+            (maml_ext/distributed.py). Parameters and learned rates are broadcast from rank 0
+            here. With ``cuda_graph`` the all-reduce runs after the replayed graph, outside it.
+            A rank that raises must not go on alone: the group's next collective would not match.
+        consistency_check_every: with ``distributed``, every N steps compare a checksum of the
+            parameters across ranks and raise ``distributed.RankDivergedError`` naming the ranks
+            that differ from rank 0 (None: never).
+        max_tasks_per_call: None (all tasks in one call), an integer (the meta-batch runs in
+            chunks of at most this many tasks whose meta-gradients are combined, weighted by
+            their task counts: the unchunked result up to round-off, the peak memory of one
+            chunk), or "auto": the chunk from ``memory_budget`` or free CUDA memory
+            (maml_ext/task_chunks.py says how the bytes per task are estimated).
+        memory_budget: bytes one meta-step may use, for ``max_tasks_per_call="auto"`` (required
+            on the CPU; on CUDA the default is a share of free device memory).
+
     ``iteration`` counts the outer steps taken (``step()``); it drives ``msl_iterations`` and
     ``first_order_until`` and is saved in ``state_dict``.
 
@@ -96,9 +114,16 @@ class MetaOptimizer:
         msl_iterations: int | None = None,
         per_step_batch_norm: bool = False,
         first_order_until: int = 0,
+        distributed=False,
+        consistency_check_every: int | None = None,
+        max_tasks_per_call: int | str | None = None,
+        memory_budget: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+        group = dist_meta.resolve_group(distributed)
+        if consistency_check_every is not None and group is None:
+            raise ValueError("consistency_check_every: only used with distributed=True")
         self.inner_steps = check_steps("inner_steps", inner_steps)
         self.first_order = bool(first_order)
         self._check_variant_args(
@@ -151,6 +176,18 @@ class MetaOptimizer:
         self._backends: dict[tuple, Backend] = {
             (first.device, first.dtype): graphs.graphed(chosen, self._cuda_graphs)
         }
+        self.max_tasks_per_call, self.memory_budget = task_chunks.check_options(
+            max_tasks_per_call, memory_budget, first.device
+        )
+        self._activations: dict[tuple, int] = {}  # per-sample activation elements per features
+        self._reducer = None
+        if group is not None:
+            self._reducer = dist_meta.MetaGradientReducer(
+                group, consistency_check_every=consistency_check_every
+            )
+            self._reducer.broadcast(
+                [*model.parameters(), *self.inner_lr.parameters(), *self._per_step_parameters()]
+            )
         # Last, once every argument is checked: a bad one leaves the outer optimiser as it was.
         if outer_optimizer is not None and learn_inner_lr is not None:
             outer_optimizer.add_param_group({"params": list(self.inner_lr.parameters())})
@@ -170,6 +207,40 @@ class MetaOptimizer:
         """The captured CUDA graphs of the meta-step (how many are kept, how many captures were
         made) with ``cuda_graph``; None without."""
         return self._cuda_graphs
+
+    @property
+    def reducer(self) -> dist_meta.MetaGradientReducer | None:
+        """With ``distributed``, what combines the ranks' meta-gradients (its
+        ``last_communication_s`` is the wall time of the last all-reduce); else None."""
+        return self._reducer
+
+    def tasks_per_call(self, support_x: torch.Tensor, query_x: torch.Tensor) -> int:
+        """How many tasks of this meta-batch one backend call processes (``max_tasks_per_call``;
+        for "auto" the budget divided by the estimated bytes per task, task_chunks.py)."""
+        tasks = support_x.shape[0]
+        chunk = self.max_tasks_per_call
+        if chunk is None:
+            return tasks
+        if chunk != "auto":
+            return min(chunk, tasks)
+        params = self._params(self.model)
+        first = next(iter(params.values()))
+        features = tuple(support_x.shape[2:])
+        if features not in self._activations:
+            self._activations[features] = task_chunks.activation_elements(
+                self.model, features, first
+            )
+        per_task = task_chunks.estimate_task_bytes(
+            parameters=sum(p.numel() for p in params.values()),
+            activations=self._activations[features],
+            inner_steps=self.inner_steps,
+            support_samples=support_x.shape[1],
+            query_samples=query_x.shape[1],
+            first_order=self.first_order,
+            itemsize=first.element_size(),
+        )
+        budget = task_chunks.budget_bytes(self.memory_budget, first.device)
+        return max(1, min(tasks, budget // per_task))
 
     def step(self, support_x, support_y, query_x, query_y) -> MetaStepResult:
         """One meta-update: the meta-gradient of the mean query loss, then the outer step.
@@ -465,17 +536,21 @@ class MetaOptimizer:
         )
         self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
         variant = self._variant() if self._variants_on else None
-        step = backend.meta_gradient(
-            params,
-            self.inner_lr,
-            support_x,
-            support_y,
-            query_x,
-            query_y,
-            steps=self.inner_steps,
-            first_order=self.first_order or self.iteration < self.first_order_until,
+        options = {
+            "steps": self.inner_steps,
+            "first_order": self.first_order or self.iteration < self.first_order_until,
             **({} if variant is None else {"variant": variant}),
-        )
+        }
+        tasks = support_x.shape[0]
+        chunk = self.tasks_per_call(support_x, query_x)
+        if chunk >= tasks and self._reducer is None:
+            step = backend.meta_gradient(
+                params, self.inner_lr, support_x, support_y, query_x, query_y, **options
+            )
+        else:
+            step = self._combined_meta_gradient(
+                backend, params, chunk, support_x, support_y, query_x, query_y, options
+            )
         if not bool(step.finite):
             if deferred:  # an index out of range reads as NaN: name it if that is the cause
                 self._check_targets("support_y", support_y, support_x, first)
@@ -483,10 +558,16 @@ class MetaOptimizer:
             bad = [
                 name for name, g in zip(step.names, step.grads) if not bool(torch.isfinite(g).all())
             ]
+            ranks = ""
+            if self._reducer is not None:
+                ranks = f" on rank(s) {self._reducer.non_finite_ranks()}"
             raise FloatingPointError(
-                f"maml_ext: non-finite meta-step (query loss {step.query_loss.item():.4g}; "
-                f"non-finite gradient of {bad or 'none'}); nothing was applied"
+                f"maml_ext: non-finite meta-step{ranks} (query loss "
+                f"{step.query_loss.item():.4g}; non-finite gradient of {bad or 'none'}); "
+                "nothing was applied"
             )
+        if self._reducer is not None:
+            self._reducer.check_consistency([*self.model.parameters(), *self.inner_lr.parameters()])
         result = MetaStepResult(
             query_loss=step.query_loss,
             query_accuracy=step.query_accuracy,
@@ -494,3 +575,36 @@ class MetaOptimizer:
             backend=backend.name,
         )
         return result, step.tensors, step.grads
+
+    def _per_step_parameters(self) -> list[torch.Tensor]:
+        """MAML++'s per-step batch-norm parameters (none without ``per_step_batch_norm``)."""
+        if self.per_step_batch_norm is None:
+            return []
+        return list(self.per_step_batch_norm.parameters())
+
+    def _combined_meta_gradient(
+        self, backend, params, chunk, support_x, support_y, query_x, query_y, options
+    ):
+        """The meta-gradient of the whole meta-batch from chunks of at most ``chunk`` tasks,
+        combined by their task counts, then over ranks with ``distributed`` (one all-reduce)."""
+        reducer = self._reducer
+        rank, world = (reducer.rank, reducer.world_size) if reducer else (0, 1)
+        packed = part = None
+        for start in range(0, support_x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            part = backend.meta_gradient(
+                params,
+                self.inner_lr,
+                support_x[rows],
+                support_y[rows],
+                query_x[rows],
+                query_y[rows],
+                **options,
+            )
+            count = support_x[rows].shape[0]
+            packed = dist_meta.pack_meta_gradient(
+                part, count, rank=rank, world_size=world, out=packed
+            )
+        if reducer is not None:
+            return reducer.finish(packed, part)
+        return dist_meta.unpack_meta_gradient(packed, part, world)[0]

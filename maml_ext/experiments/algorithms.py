@@ -150,14 +150,21 @@ def build_meta_optimizer(
     backend: str = "auto",
     outer_optimizer: bool = True,
     options: dict | None = None,
+    distributed: bool = False,
 ):
     """A fresh meta-learner of ``preset.algorithm`` for the preset's network (current RNG for
     the initial weights), with Adam at the preset's outer rate (not for Reptile, which moves θ
-    itself; ``outer_optimizer=False``: none)."""
+    itself; ``outer_optimizer=False``: none). ``distributed``: MetaOptimizer's option (the
+    MetaOptimizer algorithms only)."""
     from maml_ext import ImplicitMetaOptimizer, MetaOptimizer, Reptile
 
     algorithm = preset.algorithm
     options = resolve_options(algorithm, options)
+    if distributed and algorithm in ("imaml", "reptile"):
+        raise ConfigurationError(
+            f"algorithm: {algorithm} does not run across processes yet; run it in one process "
+            f"(without torchrun) or pick one of maml, fomaml, metasgd, anil, mamlpp"
+        )
     model = preset.build_model()
     if device is not None:
         model = model.to(device)
@@ -184,7 +191,13 @@ def build_meta_optimizer(
             cg_damping=options["cg_damping"],
             backend=backend,
         )
-    return MetaOptimizer(model, adam, backend=backend, **meta_optimizer_kwargs(preset, algorithm))
+    return MetaOptimizer(
+        model,
+        adam,
+        backend=backend,
+        distributed=distributed,
+        **meta_optimizer_kwargs(preset, algorithm),
+    )
 
 
 def outer_scheduler(meta_optimizer, schedule: str, iterations: int):

@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from maml_ext.checkpoint import save_atomic, write_text_atomic
+from maml_ext.experiments.presets import ConfigurationError
 from maml_ext.experiments.reporting import (
     DEFAULT_EVAL_SEED,
     mean_ci95,
@@ -36,7 +37,15 @@ from maml_ext.experiments.reporting import (
     require_plotting,
     require_progress_bars,
 )
-from maml_ext.experiments.runtime import intra_op_threads, weights_per_task
+from maml_ext.experiments.runtime import (
+    ONE_PROCESS,
+    Ranks,
+    check_count,
+    current_ranks,
+    intra_op_threads,
+    restarted_by_torchrun,
+    weights_per_task,
+)
 from maml_ext.tasks.sinusoid import Sinusoid, SinusoidBatch
 
 __all__ = [
@@ -163,13 +172,37 @@ def _train_maml(
     device,
     log_every: int,
     progress: bool,
+    *,
+    ranks: Ranks = ONE_PROCESS,
+    seed: int = 0,
+    start: int = 0,
+    curve_state: dict | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 0,
 ) -> list[list[float]]:
-    bar = progress_bar(progress, range(iterations), description="MAML")
+    """MAML's iterations ``start .. iterations - 1``. Across processes each rank draws its share
+    of the meta-batch from its own stream (:meth:`Ranks.stream_seed`) and the MetaOptimizer
+    all-reduces; ``checkpoint(iterations_done, curve)`` runs every ``checkpoint_every``
+    iterations and at the end (when given)."""
+    bar = progress_bar(progress and ranks.main, range(start, iterations), description="MAML")
     curve = _LossCurve(iterations, log_every, bar, "query_mse")
+    if curve_state is not None:
+        curve.rows = [list(row) for row in curve_state["rows"]]
+        curve._window = [torch.tensor(value) for value in curve_state["window"]]
+    _, share = ranks.share(meta_batch)
     for iteration in bar:
-        batch = task_source.sample(meta_batch, device=device)
+        if ranks.distributed:
+            task_source.generator.manual_seed(ranks.stream_seed(seed, iteration))
+            batch = task_source.sample(share, device=device)
+        else:
+            batch = task_source.sample(meta_batch, device=device)
         result = optimizer.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         curve.add(iteration, result.query_loss)
+        done = iteration + 1
+        if checkpoint is not None and (
+            (checkpoint_every and done % checkpoint_every == 0) or done == iterations
+        ):
+            checkpoint(done, curve)
     bar.close()
     return curve.rows
 
@@ -225,6 +258,8 @@ def train_sinusoid(
     cpu_threads: int | None = 1,
     algorithm: str = "maml",
     algorithm_options: dict | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Meta-trains the sinusoid regressor with MAML, trains the pretrained baseline, evaluates both.
 
@@ -243,7 +278,27 @@ def train_sinusoid(
     None leaves them alone). One by default: the network's 40-wide matrices are too small to gain
     from intra-op parallelism, and on a busy 2-core machine two threads made the reference backend
     several times slower.
+
+    ``checkpoint_every``: write ``sinusoid_checkpoint.pt`` (MAML's state, atomically) under
+    ``out_dir`` every N iterations and at the end of MAML's training; default 0 (none) in a new
+    run in one process, 100 under torchrun or when resuming. ``resume``: continue MAML's
+    training from that checkpoint (``iterations`` may extend it; the world size may differ); a
+    worker that torchrun restarts resumes by itself.
+
+    Under torchrun (torch.distributed initialised) the meta-batch is split across the processes,
+    each drawing its share from its own stream (seed, rank, iteration), one all-reduce per step;
+    rank 0 alone trains the baseline, evaluates and writes files, and the other ranks return
+    ``{"rank": r}`` after MAML's training.
     """
+    ranks = current_ranks()
+    if checkpoint_every is None:
+        checkpoint_every = 100 if ranks.distributed or resume else 0
+    check_count("checkpoint_every", checkpoint_every, allow_zero=True)
+    if ranks.distributed and meta_batch < ranks.world_size:
+        raise ConfigurationError(
+            f"meta_batch: {meta_batch} tasks cannot be shared by {ranks.world_size} processes "
+            "(each needs at least one)"
+        )
     eval_steps = tuple(sorted(set(int(s) for s in eval_steps) | {0}))
     device = torch.device(device) if device is not None else torch.device("cpu")
     options = _sinusoid_algorithm_options(algorithm, algorithm_options, iterations)
@@ -276,7 +331,16 @@ def train_sinusoid(
         require_progress_bars()
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         return _train_and_evaluate(
-            config, device, out_dir, plot_tasks, progress, log_every, verbose
+            config,
+            device,
+            out_dir,
+            plot_tasks,
+            progress,
+            log_every,
+            verbose,
+            ranks=ranks,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
 
 
@@ -326,6 +390,46 @@ def _other_meta_learner(algorithm: str, model: nn.Module, outer_optimizer, confi
     )
 
 
+CHECKPOINT_FORMAT = "maml_ext.sinusoid.checkpoint/1"
+CHECKPOINT_NAME = "sinusoid_checkpoint.pt"
+# What MAML's tasks and updates depend on: a resumed run must keep them.
+_RESUME_FIXED = (
+    "algorithm",
+    "algorithm_options",
+    "seed",
+    "meta_batch",
+    "inner_lr",
+    "outer_lr",
+    "inner_steps",
+    "first_order",
+    "support",
+    "query",
+)
+
+
+def _read_resume_state(path: str, config: dict) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"--resume: no checkpoint at {path} to continue")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling reports damage with many exception types
+        raise ConfigurationError(f"{path} is not a readable checkpoint: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigurationError(f"{path} is not a maml_ext sinusoid checkpoint")
+    for name in _RESUME_FIXED:
+        if state["config"][name] != config[name]:
+            raise ConfigurationError(
+                f"--resume: the run was started with {name}={state['config'][name]!r}; "
+                f"it cannot change to {config[name]!r}"
+            )
+    if state["iteration"] > config["iterations"]:
+        raise ConfigurationError(
+            f"iterations={config['iterations']} but {path} is already at iteration "
+            f"{state['iteration']}"
+        )
+    return state
+
+
 def _train_and_evaluate(
     config: dict,
     device: torch.device,
@@ -334,8 +438,13 @@ def _train_and_evaluate(
     progress: bool,
     log_every: int,
     verbose: bool,
+    *,
+    ranks: Ranks = ONE_PROCESS,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> dict:
     from maml_ext import MetaOptimizer
+    from maml_ext.checkpoint import remove_stale_temporaries
 
     seed, iterations, meta_batch = config["seed"], config["iterations"], config["meta_batch"]
     support, query, inner_lr = config["support"], config["query"], config["inner_lr"]
@@ -364,18 +473,71 @@ def _train_and_evaluate(
             first_order=config["first_order"] or algorithm == "fomaml",
             loss="mse",
             backend=config["backend"],
+            distributed=ranks.distributed,
             **{"metasgd": {"learn_inner_lr": "per_parameter"}, "anil": {"adapt": "head"}}.get(
                 algorithm, {}
             ),
         )
+    elif ranks.distributed:
+        raise ConfigurationError(
+            f"algorithm: {algorithm} does not run across processes yet; run it in one process "
+            "(without torchrun) or pick one of maml, fomaml, metasgd, anil"
+        )
     else:
         meta_optimizer = _other_meta_learner(algorithm, maml_model, outer_optimizer, config)
 
+    checkpoint_path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT_NAME)
+    if checkpoint_path is not None and restarted_by_torchrun() and os.path.isfile(checkpoint_path):
+        resume = True  # torchrun restarted the workers after a failure: continue the run
+    state, start_iteration = None, 0
+    if resume:
+        if checkpoint_path is None:
+            raise ConfigurationError("--resume needs an output folder (--out)")
+        state = _read_resume_state(checkpoint_path, config)
+        meta_optimizer.load_state_dict(state["meta_optimizer"])
+        maml_tasks.load_state_dict(state["task_stream"])
+        start_iteration = int(state["iteration"])
+        if ranks.main:
+            remove_stale_temporaries(checkpoint_path)
+        if verbose and ranks.main:
+            print(f"resuming sinusoid from iteration {start_iteration} of {iterations}")
+
+    def checkpoint(done: int, curve: _LossCurve) -> None:
+        window = [float(value) for value in curve._window]  # every rank: the same syncs
+        if not ranks.main:
+            return
+        save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "iteration": done,
+                "config": config,
+                "meta_optimizer": meta_optimizer.state_dict(),
+                "task_stream": maml_tasks.state_dict(),
+                "curve": {"rows": curve.rows, "window": window},
+                "world_size": ranks.world_size,
+            },
+            checkpoint_path,
+        )
+
     start = time.perf_counter()
     maml_curve = _train_maml(
-        meta_optimizer, maml_tasks, iterations, meta_batch, device, log_every, progress
+        meta_optimizer,
+        maml_tasks,
+        iterations,
+        meta_batch,
+        device,
+        log_every,
+        progress,
+        ranks=ranks,
+        seed=seed,
+        start=start_iteration,
+        curve_state=None if state is None else state["curve"],
+        checkpoint=checkpoint if checkpoint_every and checkpoint_path else None,
+        checkpoint_every=checkpoint_every,
     )
     maml_seconds = time.perf_counter() - start
+    if not ranks.main:
+        return {"experiment": "sinusoid", "rank": ranks.rank, "iteration": iterations}
 
     start = time.perf_counter()
     pretrained_curve = _train_pretrained(
@@ -429,6 +591,7 @@ def _train_and_evaluate(
             "evaluation": eval_seconds,
         },
         "files": {},
+        "world_size": ranks.world_size,
     }
     table = mse_table(results, eval_steps)
     if verbose:

@@ -64,11 +64,14 @@ def build_meta_optimizer(
     backend: str = "auto",
     outer_optimizer: bool = True,
     algorithm_options: dict | None = None,
+    distributed: bool = False,
 ) -> MetaOptimizer:
     """A fresh meta-learner of ``preset.algorithm`` (a MetaOptimizer for MAML and its variants,
     an ImplicitMetaOptimizer for iMAML, a Reptile) for ``preset``'s network (current RNG for the
     initial weights) with Adam at the preset's outer learning rate (or no outer optimiser);
-    ``algorithm_options``: as :func:`maml_ext.experiments.algorithms.resolve_options` takes."""
+    ``algorithm_options``: as :func:`maml_ext.experiments.algorithms.resolve_options` takes;
+    ``distributed``: as for MetaOptimizer (the meta-batch split across the default process
+    group's ranks)."""
     from maml_ext.experiments.algorithms import build_meta_optimizer as build
 
     return build(
@@ -77,6 +80,7 @@ def build_meta_optimizer(
         backend=backend,
         outer_optimizer=outer_optimizer,
         options=algorithm_options,
+        distributed=distributed,
     )
 
 

@@ -42,7 +42,10 @@ from maml_ext.experiments.reporting import (
     require_progress_bars,
 )
 from maml_ext.experiments.runtime import (
+    ONE_PROCESS,
+    Ranks,
     check_count,
+    current_ranks,
     default_device,
     intra_op_threads,
     weights_per_task,
@@ -92,22 +95,33 @@ def evaluate_tasks(
     seed: int,
     device=None,
     progress: str | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> Evaluation:
     """:func:`per_step_accuracy` over ``tasks`` tasks drawn from ``dataset`` with ``seed``,
     ``EVAL_CHUNK`` at a time: ``{k: {"accuracy": [tasks], "loss": [tasks]}}``. ``progress``: the
-    label of a progress bar (None: no bar)."""
+    label of a progress bar (None: no bar). Across processes (``ranks``) every rank draws every
+    chunk (the same tasks as one process), adapts to every ``world_size``-th chunk, and the
+    results are gathered in order on every rank: the same values as one process."""
     if tasks < 1:
         raise ConfigurationError(f"tasks: expected a positive number, got {tasks}")
     sampler = make_sampler(dataset, preset, EVAL_CHUNK, seed, device)
     parts: dict[int, dict[str, list[torch.Tensor]]] = {
         k: {"accuracy": [], "loss": []} for k in steps
     }
-    bar = progress_bar(bool(progress), description=progress, total=tasks, leave=False)
+    bar = progress_bar(
+        bool(progress) and ranks.main, description=progress, total=tasks, leave=False
+    )
     done = 0
     dtype = next(meta_optimizer.model.parameters()).dtype
+    chunk = -1
     while done < tasks:
         take = min(EVAL_CHUNK, tasks - done)
         batch = sampler.sample()
+        chunk += 1
+        if chunk % ranks.world_size != ranks.rank:
+            done += take
+            bar.update(take)
+            continue
         batch = batch.to(dtype=dtype) if batch.support_x.dtype != dtype else batch
         sx, sy, qx, qy = (
             t[:take] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -118,6 +132,22 @@ def evaluate_tasks(
         done += take
         bar.update(take)
     bar.close()
+    if ranks.distributed:
+        # Chunk c was computed by rank c % world_size: interleave the ranks' lists back.
+        everyone = ranks.gather(
+            {k: {n: [v.cpu() for v in vs] for n, vs in by.items()} for k, by in parts.items()}
+        )
+        chunks = -(-tasks // EVAL_CHUNK)
+        parts = {
+            k: {
+                name: [
+                    everyone[c % ranks.world_size][k][name][c // ranks.world_size]
+                    for c in range(chunks)
+                ]
+                for name in by_name
+            }
+            for k, by_name in parts.items()
+        }
     return {
         k: {name: torch.cat(values) for name, values in by_name.items()}
         for k, by_name in parts.items()
@@ -188,6 +218,9 @@ def evaluate_checkpoint(
         split_by=settings["split_by"], split_seed=settings["split_seed"], cache_dir=cache_dir
     )
     step_list = list(range(steps + 1))
+    # Under torchrun the test tasks are split across the processes; rank 0 prints and writes.
+    ranks = current_ranks()
+    verbose = verbose and ranks.main
 
     with intra_op_threads(cpu_threads if device.type == "cpu" else None):
         test_data = load_split(preset, data_dir, split, **split_options)
@@ -204,6 +237,7 @@ def evaluate_checkpoint(
                     seed=seed,
                     device=device,
                     progress="MAML test tasks" if progress else None,
+                    ranks=ranks,
                 )
             )
         }
@@ -227,7 +261,14 @@ def evaluate_checkpoint(
             }
             started = time.perf_counter()
             model = _pretrained_baseline(
-                path, baseline_settings, preset, data_dir, split_options, device, progress
+                path,
+                baseline_settings,
+                preset,
+                data_dir,
+                split_options,
+                device,
+                progress and ranks.main,
+                save=ranks.main,
             )
             seconds["baseline_pretraining"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -244,6 +285,7 @@ def evaluate_checkpoint(
                     seed=seed,
                     device=device,
                     progress="baseline test tasks" if progress else None,
+                    ranks=ranks,
                 )
             )
             seconds["baseline"] = time.perf_counter() - started
@@ -291,7 +333,7 @@ def evaluate_checkpoint(
         # Your own data (image folders) has no paper row to mark.
         paper_row = None if preset.dataset == "folder" else preset.paper_eval_steps
         print(accuracy_table(results, paper_row))
-    if out != "":
+    if out != "" and ranks.main:
         out_path = Path(out) if out is not None else checkpoint.with_name("eval.json")
         write_text_atomic(out_path, json.dumps(report, indent=2) + "\n")
         report["file"] = str(out_path)
@@ -308,8 +350,10 @@ def _pretrained_baseline(
     split_options: dict,
     device,
     progress: bool,
+    save: bool = True,
 ) -> torch.nn.Module:
-    """The baseline cached at ``path`` for ``settings``, or one pretrained now and saved there."""
+    """The baseline cached at ``path`` for ``settings``, or one pretrained now and saved there
+    (when ``save``: under torchrun every rank pretrains the same one and rank 0 saves it)."""
     model = cached_baseline(path, settings, preset)
     if model is None:
         train_data = load_split(preset, data_dir, "train", **split_options)
@@ -321,5 +365,6 @@ def _pretrained_baseline(
             device=device,
             progress=progress,
         )
-        save_baseline(model, settings, path)
+        if save:
+            save_baseline(model, settings, path)
     return model

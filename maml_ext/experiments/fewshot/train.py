@@ -37,8 +37,10 @@ from maml_ext.experiments.reporting import (
 )
 from maml_ext.experiments.runtime import (
     check_count,
+    current_ranks,
     default_device,
     intra_op_threads,
+    restarted_by_torchrun,
     rng_state,
     set_rng_state,
 )
@@ -120,6 +122,11 @@ def train_fewshot(
         preset = get_preset(preset)
     out = Path(out_dir if out_dir is not None else f"runs/{preset.name}")
     checkpoint_path = out / "checkpoint.pt"
+    ranks = current_ranks()
+    if not resume and restarted_by_torchrun() and checkpoint_path.exists():
+        resume = True  # torchrun restarted the workers after a failure: continue the run
+    # Under torchrun rank 0 alone prints and writes (FewShotTraining).
+    verbose, progress = verbose and ranks.main, progress and ranks.main
     if resume:
         changes = dict(
             iterations=iterations,
@@ -354,6 +361,19 @@ def _due(iteration: int, every: int) -> bool:
     return every > 0 and iteration % every == 0
 
 
+class _RowsInMemory:
+    """The log of ranks other than 0 under torchrun: the rows, no files."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def rows_of(self, phase: str) -> list[dict]:
+        return [row for row in self.rows if row["phase"] == phase]
+
+
 class FewShotTraining:
     """One meta-training run in progress: built fresh or from a checkpoint's ``state``, stepped
     by :meth:`run`, which logs, validates and checkpoints on the settings' intervals.
@@ -382,6 +402,12 @@ class FewShotTraining:
             # The network's input channels come from the images (the checkpoint keeps them).
             self.preset = preset = preset.with_overrides(channels=self.train_data.channels)
         self.val_data = load_split(preset, settings["data_dir"], "val", **split)
+        self.ranks = ranks = current_ranks()
+        if preset.meta_batch < ranks.world_size:
+            raise ConfigurationError(
+                f"meta_batch: {preset.meta_batch} tasks cannot be shared by {ranks.world_size} "
+                "processes (each needs at least one)"
+            )
         # Initial weights from the seed, without touching the caller's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings["seed"])
@@ -390,12 +416,16 @@ class FewShotTraining:
                 device=device,
                 backend=settings["backend"],
                 algorithm_options=settings.get("algorithm_options"),
+                distributed=ranks.distributed,
             )
         self.scheduler = outer_scheduler(
             self.meta, settings.get("outer_schedule", "constant"), settings["iterations"]
         )
+        # Across processes each rank draws its share of the meta-batch, from a stream reseeded
+        # per (seed, rank, iteration) (Ranks.stream_seed), so that the tasks do not depend on
+        # saved per-rank states and a run resumes with any number of processes.
         self.sampler = make_sampler(
-            self.train_data, preset, preset.meta_batch, settings["seed"], device
+            self.train_data, preset, ranks.share(preset.meta_batch)[1], settings["seed"], device
         )
         out.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = out / "checkpoint.pt"
@@ -411,17 +441,27 @@ class FewShotTraining:
             self.meta.load_state_dict(state["meta_optimizer"])
             if self.scheduler is not None and state.get("outer_scheduler") is not None:
                 self.scheduler.load_state_dict(state["outer_scheduler"])
-            self.sampler.load_state_dict(state["sampler"])
+            if not ranks.distributed:
+                if state["sampler"] is not None:
+                    self.sampler.load_state_dict(state["sampler"])
+                else:  # saved by a run across processes: continue from the per-iteration stream
+                    self.sampler.generator.manual_seed(
+                        ranks.stream_seed(settings["seed"], int(state["iteration"]) + 1)
+                    )
             set_rng_state(state["rng"])
             self.iteration = int(state["iteration"])
             self._window = [list(values) for values in state.get("log_window", [])]
             self.best_val = state.get("best_val")
             self._seconds_before = float(state.get("seconds", 0.0))
-            remove_stale_temporaries(self.checkpoint_path)
+            if ranks.main:
+                remove_stale_temporaries(self.checkpoint_path)
         else:
             torch.manual_seed(settings["seed"])
         # A fresh run starts fresh logs; a resumed one keeps the rows its checkpoint covers.
-        self.log = RunLog(out, keep_until=self.iteration if state is not None else -1)
+        if ranks.main:
+            self.log = RunLog(out, keep_until=self.iteration if state is not None else -1)
+        else:
+            self.log = _RowsInMemory()
 
     @property
     def title(self) -> str:
@@ -472,9 +512,14 @@ class FewShotTraining:
                     self._save_checkpoint()
         finally:
             bar.close()
-        plot_learning_curve(self.log.rows, self.out / "learning_curve.png", self.title)
+        if self.ranks.main:
+            plot_learning_curve(self.log.rows, self.out / "learning_curve.png", self.title)
 
     def _step(self) -> None:
+        if self.ranks.distributed:
+            self.sampler.generator.manual_seed(
+                self.ranks.stream_seed(self.settings["seed"], self.iteration + 1)
+            )
         batch = self.sampler.sample()
         result = self.meta.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         if self.scheduler is not None:
@@ -530,6 +575,7 @@ class FewShotTraining:
             steps=[steps],
             seed=self.settings["val_seed"],
             device=self.device,
+            ranks=self.ranks,
         )[steps]
         accuracy, half, _ = mean_ci95(evaluation["accuracy"])
         self._last_val = accuracy
@@ -549,8 +595,11 @@ class FewShotTraining:
 
     def _save_checkpoint(self, path: Path | None = None, plot: bool = True) -> None:
         """Everything :meth:`__init__` needs to continue exactly, written atomically to ``path``
-        (default ``checkpoint.pt``); with ``plot``, the learning curve so far too."""
+        (default ``checkpoint.pt``); with ``plot``, the learning curve so far too. Under torchrun
+        rank 0 alone writes (every rank holds the same state)."""
         self._flush_pending()
+        if not self.ranks.main:
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "kind": "maml",
@@ -559,7 +608,9 @@ class FewShotTraining:
             "preset": self.preset.to_dict(),
             "settings": dict(self.settings),
             "iteration": self.iteration,
-            "sampler": self.sampler.state_dict(),
+            # Across processes the tasks come from per-iteration streams: no state to keep.
+            "sampler": None if self.ranks.distributed else self.sampler.state_dict(),
+            "world_size": self.ranks.world_size,
             "rng": rng_state(),
             "log_window": self._window,
             "best_val": self.best_val,
