@@ -35,15 +35,13 @@ What ``MetaOptimizer`` does around a backend (maml_ext/optimizer.py): it validat
 raises ``FloatingPointError`` when ``MetaGradient.finite`` is false (applying nothing), and hands
 ``MetaGradient.grads`` to ``.grad`` of ``MetaGradient.tensors`` and to the outer optimiser.
 
-Adding an algorithm means writing a backend, or a wrapper around one, and returning it where
-backends are picked (``choose_backend``, or a wrapper applied to its choice as
-``cuda_graph.graphed`` applies ``GraphedFusedBackend``, the fused backend whose meta-step is
-replayed from a CUDA graph), not a branch in MetaOptimizer's methods. For example: ANIL's
-``meta_gradient`` adapts only the head's parameters in the inner loop; iMAML's solves for the
-implicit meta-gradient with conjugate gradients over ``hvp``; first-order annealing needs no new
-backend, as ``first_order`` is an argument of every call; a distributed all-reduce wraps any
-backend and reduces ``MetaGradient.grads`` before returning them (the fused backend's parameter
-gradients are views of one flat buffer in θ's layout).
+Where the rest of the MAML family lives: iMAML and Reptile (maml_ext/implicit.py,
+maml_ext/reptile.py) are meta-learners of their own, built on the backends' per-task primitives
+(maml_ext/per_task.py: gradients, HVPs and forwards at per-task weights), not backends.
+Splitting a meta-batch, within one process (``max_tasks_per_call``) or across processes
+(``distributed``), is done around ``meta_gradient`` by MetaOptimizer: each chunk's
+``MetaGradient`` is packed, weighted by its task count, into one flat buffer
+(maml_ext/distributed.py), which is summed over chunks and all-reduced once over ranks.
 """
 
 from __future__ import annotations
