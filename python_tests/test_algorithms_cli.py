@@ -287,9 +287,9 @@ def test_sinusoid_runs_each_algorithm(algorithm, options, kind, monkeypatch):
     built = []
     original = sinusoid._train_maml
 
-    def recording(optimizer, *args):
+    def recording(optimizer, *args, **kwargs):
         built.append(optimizer)
-        return original(optimizer, *args)
+        return original(optimizer, *args, **kwargs)
 
     monkeypatch.setattr(sinusoid, "_train_maml", recording)
     report = sinusoid.train_sinusoid(
