@@ -1,8 +1,8 @@
 """Peak memory of one second-order meta-step as a function of the inner steps K, fused against
 reference: one markdown table.
 
-    .venv/bin/python bench/memory_table.py [--configs miniimagenet-5w1s-resnet12-w32] [--steps 1 5 10]
-        [--device cpu|cuda] [--tasks T] [--query Q] [--width W]
+    .venv/bin/python bench/memory_table.py [--configs miniimagenet-5w1s-resnet12-w32]
+        [--steps 1 5 10] [--device cpu|cuda] [--tasks T] [--query Q] [--width W]
 
 Each (configuration, K, implementation) runs in a fresh child process (table.py's memory child:
 one warm-up step and one measured step; on the CPU the peak resident set size (VmHWM) minus the
