@@ -40,7 +40,10 @@ RUN_SLOW = os.environ.get("MAML_BENCH_SLOW", "") not in ("", "0")
 
 # Single-call times measured on this 2-core AMD EPYC (bench/NOTES.md). Combinations whose one call
 # takes more than ~20 s, or whose torch.compile takes minutes, are skipped unless MAML_BENCH_SLOW=1.
-SLOW: dict[tuple[str, str], str] = {}
+SLOW: dict[tuple[str, str], str] = {
+    (impl, "miniimagenet-5w1s-resnet12-w32"): "ResNet-12: 16-38 s per call here, 2026-12-06"
+    for impl in IMPLS
+}
 
 FUSED_TOL = 1e-4
 VMAP_TOL_BN = 5e-2
