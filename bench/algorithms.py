@@ -193,16 +193,28 @@ def _child(setting: str, algorithm: str, args) -> None:
 
 def measure(setting: str, algorithm: str, args) -> dict:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--_child", setting, algorithm,
-        "--iterations", str(args.iterations), "--device", args.device, "--backend", args.backend,
-        "--time-steps", str(args.time_steps), "--filters", str(args.filters),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_child",
+        setting,
+        algorithm,
+        "--iterations",
+        str(args.iterations),
+        "--device",
+        args.device,
+        "--backend",
+        args.backend,
+        "--time-steps",
+        str(args.time_steps),
+        "--filters",
+        str(args.filters),
     ]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ALGORITHMS_JSON ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"failed": f"child exited {proc.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1][len("ALGORITHMS_JSON "):])
+    return json.loads(lines[-1][len("ALGORITHMS_JSON ") :])
 
 
 # ---- training and testing -----------------------------------------------------------------------
@@ -338,10 +350,12 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--runs", type=Path, help="keep the training runs here (default: temp)")
     parser.add_argument("--cache-dir", help="decoded-image cache (default: beside the data)")
-    parser.add_argument("--no-train", dest="train", action="store_false",
-                        help="only time and measure memory")
-    parser.add_argument("--_child", dest="child", nargs=2, metavar=("SETTING", "ALGORITHM"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-train", dest="train", action="store_false", help="only time and measure memory"
+    )
+    parser.add_argument(
+        "--_child", dest="child", nargs=2, metavar=("SETTING", "ALGORITHM"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.child:
         _child(*args.child, args)

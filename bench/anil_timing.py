@@ -73,14 +73,34 @@ def main() -> None:
 
     def plain(table):
         return torch.ops.maml_ext.meta_step(
-            theta, table, sx, sy, qx, qy, program.ints_list, program.floats_list, code,
-            args.first_order, False,
+            theta,
+            table,
+            sx,
+            sy,
+            qx,
+            qy,
+            program.ints_list,
+            program.floats_list,
+            code,
+            args.first_order,
+            False,
         )
 
     def frozen():
         return torch.ops.maml_ext.frozen_body_meta_step(
-            theta, head_rates, sx, sy, qx, qy, split.body_ints, split.body_floats,
-            split.head_ints, split.head_floats, code, args.first_order, False,
+            theta,
+            head_rates,
+            sx,
+            sy,
+            qx,
+            qy,
+            split.body_ints,
+            split.body_floats,
+            split.head_ints,
+            split.head_floats,
+            code,
+            args.first_order,
+            False,
         )
 
     a, b = plain(masked)[3], frozen()[3]
@@ -97,9 +117,11 @@ def main() -> None:
     )
     for name, seconds in results.items():
         print(f"{name:18s} {seconds * 1e3:9.1f} ms/meta-step")
-    print(f"speed-up of the frozen body over masked ANIL: "
-          f"{results['anil_masked'] / results['anil_frozen_body']:.1f}x; "
-          f"relative difference of their meta-gradients: {error:.1e}")
+    print(
+        f"speed-up of the frozen body over masked ANIL: "
+        f"{results['anil_masked'] / results['anil_frozen_body']:.1f}x; "
+        f"relative difference of their meta-gradients: {error:.1e}"
+    )
 
 
 if __name__ == "__main__":

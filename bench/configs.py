@@ -143,9 +143,7 @@ def build_model(config: Config, *, dtype=torch.float32, device="cpu") -> nn.Modu
         from maml_ext import models
 
         in_channels, size, _ = config.features
-        model = models.resnet12(
-            config.outputs, in_channels, width=config.channels, image_size=size
-        )
+        model = models.resnet12(config.outputs, in_channels, width=config.channels, image_size=size)
     else:
         in_channels, size, _ = config.features
         layers: list[nn.Module] = []

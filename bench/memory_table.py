@@ -79,11 +79,7 @@ def main(argv=None) -> None:
                 print(f"  {name} K={steps} {impl_name}: {result}", file=sys.stderr, flush=True)
                 peaks[impl_name] = result.get("peak_bytes")
             cells = [f"{p / 2**20:.0f}" if p is not None else "failed" for p in peaks.values()]
-            ratio = (
-                f"{peaks['reference'] / peaks['fused']:.1f}×"
-                if all(peaks.values())
-                else "–"
-            )
+            ratio = f"{peaks['reference'] / peaks['fused']:.1f}×" if all(peaks.values()) else "–"
             label = (
                 f"{name} (width {config.channels}, T={config.tasks}, "
                 f"{config.support}/{config.query})"

@@ -108,8 +108,8 @@ MetaStepResult general_meta_step(const ProgramRecords& records, LossKind loss,
                                  const at::Tensor& support_x, const at::Tensor& support_y,
                                  const at::Tensor& query_x, const at::Tensor& query_y,
                                  bool first_order, bool inner_lr_grad) {
-  auto out = sweep_meta_step(records, loss, theta, inner_lr, support_x, support_y, query_x,
-                             query_y, first_order, inner_lr_grad, at::Tensor(), at::Tensor());
+  auto out = sweep_meta_step(records, loss, theta, inner_lr, support_x, support_y, query_x, query_y,
+                             first_order, inner_lr_grad, at::Tensor(), at::Tensor());
   return {std::move(out.query_loss), std::move(out.query_accuracy), std::move(out.support_loss),
           std::move(out.meta_grad),  std::move(out.inner_lr_grad),  std::move(out.objective)};
 }
@@ -209,25 +209,22 @@ MetaStepOptionsResult sweep_meta_step(const ProgramRecords& records, LossKind lo
   }
   auto meta_grad = lambda.mean(0);
   auto accuracy = query.accuracy.defined() ? query.accuracy : at::empty({0}, options);
-  return {query.loss, accuracy,   support_loss, meta_grad,
-          alpha_grad, shift_grad, objective};
+  return {query.loss, accuracy, support_loss, meta_grad, alpha_grad, shift_grad, objective};
 }
 
 MetaStepOptionsTuple meta_step_options(const at::Tensor& theta, const at::Tensor& inner_lr,
-                                        const at::Tensor& support_x, const at::Tensor& support_y,
-                                        const at::Tensor& query_x, const at::Tensor& query_y,
-                                        at::IntArrayRef program,
-                                        at::ArrayRef<double> program_floats, int64_t loss,
-                                        bool first_order, bool inner_lr_grad,
-                                        const std::optional<at::Tensor>& query_weights,
-                                        const std::optional<at::Tensor>& inner_shift) {
-  auto out = sweep_meta_step(parse_program(program, program_floats), loss_kind(loss), theta,
-                             inner_lr, support_x, support_y, query_x, query_y, first_order,
-                             inner_lr_grad, query_weights.value_or(at::Tensor()),
-                             inner_shift.value_or(at::Tensor()));
-  return {std::move(out.query_loss),       std::move(out.query_accuracy),
-          std::move(out.support_loss),     std::move(out.meta_grad),
-          std::move(out.inner_lr_grad),    std::move(out.inner_shift_grad),
+                                       const at::Tensor& support_x, const at::Tensor& support_y,
+                                       const at::Tensor& query_x, const at::Tensor& query_y,
+                                       at::IntArrayRef program, at::ArrayRef<double> program_floats,
+                                       int64_t loss, bool first_order, bool inner_lr_grad,
+                                       const std::optional<at::Tensor>& query_weights,
+                                       const std::optional<at::Tensor>& inner_shift) {
+  auto out =
+      sweep_meta_step(parse_program(program, program_floats), loss_kind(loss), theta, inner_lr,
+                      support_x, support_y, query_x, query_y, first_order, inner_lr_grad,
+                      query_weights.value_or(at::Tensor()), inner_shift.value_or(at::Tensor()));
+  return {std::move(out.query_loss), std::move(out.query_accuracy), std::move(out.support_loss),
+          std::move(out.meta_grad),  std::move(out.inner_lr_grad),  std::move(out.inner_shift_grad),
           std::move(out.objective)};
 }
 

@@ -40,8 +40,8 @@ struct MetaStepOptionsResult {
       objective;
 };
 
-using MetaStepOptionsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                        at::Tensor, at::Tensor>;
+using MetaStepOptionsTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // meta_step with the options of the MAML family's variants (MAML++), by the general path:
 // - query_weights [K] (MAML++'s multi-step loss): the objective is Σ_j w_j · (mean query loss
@@ -54,13 +54,12 @@ using MetaStepOptionsTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::
 // Undefined options are the plain meta-step. Gradients are of `objective`; nothing is recorded
 // for autograd (the caller chains the gradients, maml_ext/backend.py).
 MetaStepOptionsTuple meta_step_options(const at::Tensor& theta, const at::Tensor& inner_lr,
-                                        const at::Tensor& support_x, const at::Tensor& support_y,
-                                        const at::Tensor& query_x, const at::Tensor& query_y,
-                                        at::IntArrayRef program,
-                                        at::ArrayRef<double> program_floats, int64_t loss,
-                                        bool first_order, bool inner_lr_grad,
-                                        const std::optional<at::Tensor>& query_weights,
-                                        const std::optional<at::Tensor>& inner_shift);
+                                       const at::Tensor& support_x, const at::Tensor& support_y,
+                                       const at::Tensor& query_x, const at::Tensor& query_y,
+                                       at::IntArrayRef program, at::ArrayRef<double> program_floats,
+                                       int64_t loss, bool first_order, bool inner_lr_grad,
+                                       const std::optional<at::Tensor>& query_weights,
+                                       const std::optional<at::Tensor>& inner_shift);
 
 // ANIL's meta-step when the layers that take no inner steps are the model's first ones (the body,
 // body_program: parameters θ[0, B)) and the adapted ones the rest (the head, head_program, its

@@ -46,8 +46,9 @@ def query_mse(meta, batch, steps):
         if steps == 0:
             predicted = meta.model(batch.query_x)
         else:
-            predicted = meta.predict(meta.adapt(batch.support_x, batch.support_y, steps=steps),
-                                     batch.query_x)
+            predicted = meta.predict(
+                meta.adapt(batch.support_x, batch.support_y, steps=steps), batch.query_x
+            )
     return float(((predicted - batch.query_y) ** 2).mean())
 
 
@@ -59,15 +60,34 @@ def main():
     torch.manual_seed(0)
     x, y, device, (a, b, c) = make_table(torch.Generator().manual_seed(0))
     train_rows = device < TRAIN_DEVICES
-    train = TensorTasks(x[train_rows], y[train_rows], task=device[train_rows], shots=SHOTS,
-                        queries=QUERIES, meta_batch=25, seed=1)
+    train = TensorTasks(
+        x[train_rows],
+        y[train_rows],
+        task=device[train_rows],
+        shots=SHOTS,
+        queries=QUERIES,
+        meta_batch=25,
+        seed=1,
+    )
     held_out = ~train_rows
-    test = TensorTasks(x[held_out], y[held_out], task=device[held_out], shots=SHOTS,
-                       queries=QUERIES, meta_batch=100, seed=2).sample()
+    test = TensorTasks(
+        x[held_out],
+        y[held_out],
+        task=device[held_out],
+        shots=SHOTS,
+        queries=QUERIES,
+        meta_batch=100,
+        seed=2,
+    ).sample()
 
     model = mlp()
-    meta = maml_ext.MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3),
-                                  inner_lr=0.05, inner_steps=1, loss="mse")
+    meta = maml_ext.MetaOptimizer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        inner_lr=0.05,
+        inner_steps=1,
+        loss="mse",
+    )
     for iteration in range(1, args.iterations + 1):
         batch = train.sample()
         result = meta.step(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -75,8 +95,10 @@ def main():
             print(f"iteration {iteration}: query MSE after 1 step {float(result.query_loss):.4f}")
 
     fresh = maml_ext.MetaOptimizer(mlp(), None, inner_lr=0.05, loss="mse")
-    print(f"query MSE on the {DEVICES - TRAIN_DEVICES} held-out "
-          f"devices, {SHOTS} support points each, after k steps of 0.05:")
+    print(
+        f"query MSE on the {DEVICES - TRAIN_DEVICES} held-out "
+        f"devices, {SHOTS} support points each, after k steps of 0.05:"
+    )
     print("k   MAML     fresh init")
     for steps in (0, 1, 5, 10):
         maml, baseline = query_mse(meta, test, steps), query_mse(fresh, test, steps)
@@ -88,8 +110,13 @@ def main():
     for axis, t in zip(axes, range(3)):
         d = int(test.classes[t, 0])
         axis.plot(grid, a[d] * grid**2 + b[d] * grid + c[d], "k", label="true curve")
-        axis.plot(test.support_x[t, :, 0], test.support_y[t, :, 0], "o", color="C3",
-                  label=f"{SHOTS} support points")
+        axis.plot(
+            test.support_x[t, :, 0],
+            test.support_y[t, :, 0],
+            "o",
+            color="C3",
+            label=f"{SHOTS} support points",
+        )
         sx, sy = test.support_x[t : t + 1], test.support_y[t : t + 1]
         for steps, style in ((0, ":"), (1, "--"), (10, "-")):
             with torch.no_grad():

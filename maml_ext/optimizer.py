@@ -310,9 +310,7 @@ class MetaOptimizer:
             "config": self._config(),
             "iteration": self.iteration,
             "per_step_batch_norm": (
-                None
-                if self.per_step_batch_norm is None
-                else self.per_step_batch_norm.state_dict()
+                None if self.per_step_batch_norm is None else self.per_step_batch_norm.state_dict()
             ),
         }
 

@@ -38,10 +38,7 @@ class TaskOps:
         if self.program is not None:
             return self.program.flatten(params, task_dims=task_dims)
         return torch.cat(
-            [
-                params[name].reshape(*params[name].shape[:task_dims], -1)
-                for name in self.shapes
-            ],
+            [params[name].reshape(*params[name].shape[:task_dims], -1) for name in self.shapes],
             dim=-1,
         )
 
@@ -62,7 +59,11 @@ class TaskOps:
         """φ_t − rate · ∇L_t(φ_t) for every task t: [T, P] (φ: [T, P], or [P] shared)."""
         if self.program is not None:
             return fused.adapt(
-                self.program, phi, self._rate_table(rate, phi), x, y,
+                self.program,
+                phi,
+                self._rate_table(rate, phi),
+                x,
+                y,
                 loss_code=self.backend.loss_code,
             )
         _, grads = self.gradient(phi, x, y)

@@ -366,7 +366,7 @@ def compile_program(model: nn.Module) -> LayerProgram:
     def emit(steps: tuple, owner: nn.Module, prefix: str) -> None:
         for _, (what, *details) in steps:
             if what == "module":
-                target, = details
+                (target,) = details
                 visit(owner.get_submodule(target), prefix + target)
             elif what == "record":
                 kind, fields = details
@@ -486,9 +486,7 @@ def _traced_steps(module: nn.Module, label: str) -> tuple:
                 raise unsupported(node, "adds with extra arguments (only a + b)")
             main, shortcut = (running(node, arg) for arg in node.args)
             shared = 0
-            while (
-                shared < min(len(main), len(shortcut)) and main[shared][0] is shortcut[shared][0]
-            ):
+            while shared < min(len(main), len(shortcut)) and main[shared][0] is shortcut[shared][0]:
                 shared += 1
             block = ("residual", main[shared:], shortcut[shared:])
             steps[node] = main[:shared] + ((node, block),)

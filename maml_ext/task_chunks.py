@@ -46,12 +46,13 @@ def check_options(max_tasks_per_call, memory_budget, device: torch.device):
                 f"{max_tasks_per_call!r}"
             )
     if memory_budget is not None:
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or (
-            memory_budget < 1
+        if (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, int)
+            or (memory_budget < 1)
         ):
             raise ValueError(
-                f"memory_budget: expected None or a positive number of bytes, got "
-                f"{memory_budget!r}"
+                f"memory_budget: expected None or a positive number of bytes, got {memory_budget!r}"
             )
         if max_tasks_per_call != "auto":
             raise ValueError(

@@ -103,8 +103,13 @@ def test_the_last_per_step_rate_is_the_one_reused(backend, seed):
     generator = torch.Generator().manual_seed(seed)
     model, loss_name, _, (sx, sy, _, _) = _case("mlp", generator)
     opt = maml_ext.MetaOptimizer(
-        model, None, inner_lr=0.05, inner_steps=TRAINED_STEPS, loss=loss_name,
-        learn_inner_lr="per_step", backend=backend,
+        model,
+        None,
+        inner_lr=0.05,
+        inner_steps=TRAINED_STEPS,
+        loss=loss_name,
+        learn_inner_lr="per_step",
+        backend=backend,
     )
     perturb_rates(opt, generator)
     with torch.no_grad():

@@ -63,8 +63,21 @@ def _train_cli(root, out, algorithm, extra):
     from maml_ext.cli import main
 
     argv = [
-        "train", "omniglot-5w1s", "--data-dir", str(root), "--out", str(out), "--iterations", "2",
-        "--validate-every", "0", "--device", "cpu", "--algorithm", algorithm, *extra,
+        "train",
+        "omniglot-5w1s",
+        "--data-dir",
+        str(root),
+        "--out",
+        str(out),
+        "--iterations",
+        "2",
+        "--validate-every",
+        "0",
+        "--device",
+        "cpu",
+        "--algorithm",
+        algorithm,
+        *extra,
     ]
     assert main(argv) == 0
 
@@ -102,8 +115,23 @@ def test_each_algorithm_trains_evaluates_and_loads_through_the_cli(
         assert meta.inner_lr.learn == "per_parameter"
 
     json_path = tmp_path / f"{algorithm}.json"
-    assert main(["eval", str(out / "checkpoint.pt"), "--tasks", "3", "--steps", "2",
-                 "--out", str(json_path), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "checkpoint.pt"),
+                "--tasks",
+                "3",
+                "--steps",
+                "2",
+                "--out",
+                str(json_path),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads(json_path.read_text())
     assert report["algorithm"] == algorithm
     assert set(report["results"]["maml"]) == {"0", "1", "2"}
@@ -113,8 +141,16 @@ def test_each_algorithm_trains_evaluates_and_loads_through_the_cli(
 
 def _train(root, cache, out, **options):
     settings = dict(
-        iterations=4, checkpoint_every=2, validate_every=0, val_tasks=3, log_every=1,
-        cache_dir=cache, device="cpu", progress=False, verbose=False, cpu_threads=1,
+        iterations=4,
+        checkpoint_every=2,
+        validate_every=0,
+        val_tasks=3,
+        log_every=1,
+        cache_dir=cache,
+        device="cpu",
+        progress=False,
+        verbose=False,
+        cpu_threads=1,
     )
     settings.update(options)
     return fewshot.train_fewshot(TINY, root, out, **settings)
@@ -158,16 +194,23 @@ def test_bad_algorithm_options_error_clearly(omniglot_root, tmp_path, capsys):
     with pytest.raises(ConfigurationError, match="algorithm: expected one of"):
         algorithms.resolve_options("protonet", {})
     for argv, message in [
-        (["train", "omniglot-5w1s", "--algorithm", "maml", "--cg-steps", "3"],
-         "--algorithm maml does not take --cg-steps"),
-        (["train", "omniglot-5w1s", "--algorithm", "reptile", "--outer-schedule", "cosine"],
-         "Reptile has none"),
-        (["train", "sinusoid", "--msl-iterations", "2"],
-         "sinusoid does not take --msl-iterations"),
-        (["train", "sinusoid", "--algorithm", "mamlpp"],
-         "sinusoid does not run --algorithm mamlpp"),
-        (["train", "sinusoid", "--algorithm", "maml", "--lam", "2"],
-         "--algorithm maml does not take --lam"),
+        (
+            ["train", "omniglot-5w1s", "--algorithm", "maml", "--cg-steps", "3"],
+            "--algorithm maml does not take --cg-steps",
+        ),
+        (
+            ["train", "omniglot-5w1s", "--algorithm", "reptile", "--outer-schedule", "cosine"],
+            "Reptile has none",
+        ),
+        (["train", "sinusoid", "--msl-iterations", "2"], "sinusoid does not take --msl-iterations"),
+        (
+            ["train", "sinusoid", "--algorithm", "mamlpp"],
+            "sinusoid does not run --algorithm mamlpp",
+        ),
+        (
+            ["train", "sinusoid", "--algorithm", "maml", "--lam", "2"],
+            "--algorithm maml does not take --lam",
+        ),
         (["train", "omniglot-5w1s", "--algorithm", "bayes"], "invalid choice: 'bayes'"),
     ]:
         argv += ["--out", str(tmp_path / "run")]
@@ -188,28 +231,78 @@ def test_cli_passes_the_algorithm_options(monkeypatch):
     monkeypatch.setattr(
         fewshot, "train_fewshot", lambda name, **options: calls.append((name, options)) or {}
     )
-    argv = ["train", "omniglot-20w1s", "--data-dir", "d", "--out", "o", "--algorithm", "imaml",
-            "--lam", "0.5", "--cg-steps", "7", "--cg-damping", "0.1", "--inner-lr", "0.2",
-            "--inner-steps", "3", "--outer-schedule", "cosine"]
+    argv = [
+        "train",
+        "omniglot-20w1s",
+        "--data-dir",
+        "d",
+        "--out",
+        "o",
+        "--algorithm",
+        "imaml",
+        "--lam",
+        "0.5",
+        "--cg-steps",
+        "7",
+        "--cg-damping",
+        "0.1",
+        "--inner-lr",
+        "0.2",
+        "--inner-steps",
+        "3",
+        "--outer-schedule",
+        "cosine",
+    ]
     assert main(argv) == 0
     assert calls.pop() == (
         "omniglot-20w1s",
-        dict(data_dir="d", out_dir="o", algorithm="imaml", inner_lr=0.2, inner_steps=3,
-             outer_schedule="cosine",
-             algorithm_options=dict(lam=0.5, cg_steps=7, cg_damping=0.1)),
+        dict(
+            data_dir="d",
+            out_dir="o",
+            algorithm="imaml",
+            inner_lr=0.2,
+            inner_steps=3,
+            outer_schedule="cosine",
+            algorithm_options=dict(lam=0.5, cg_steps=7, cg_damping=0.1),
+        ),
     )
-    argv = ["train", "omniglot-5w1s", "--data-dir", "d", "--out", "o", "--algorithm", "reptile",
-            "--epsilon", "0.5", "--final-epsilon", "0.1", "--inner-optimizer", "adam",
-            "--anneal"]
+    argv = [
+        "train",
+        "omniglot-5w1s",
+        "--data-dir",
+        "d",
+        "--out",
+        "o",
+        "--algorithm",
+        "reptile",
+        "--epsilon",
+        "0.5",
+        "--final-epsilon",
+        "0.1",
+        "--inner-optimizer",
+        "adam",
+        "--anneal",
+    ]
     assert main(argv) == 0
     assert calls.pop()[1]["algorithm_options"] == dict(
         epsilon=0.5, final_epsilon=0.1, inner_optimizer="adam", anneal=True
     )
-    argv = ["train", "omniglot-20w1s-mamlpp", "--data-dir", "d", "--out", "o",
-            "--msl-iterations", "100", "--first-order-until", "50"]
+    argv = [
+        "train",
+        "omniglot-20w1s-mamlpp",
+        "--data-dir",
+        "d",
+        "--out",
+        "o",
+        "--msl-iterations",
+        "100",
+        "--first-order-until",
+        "50",
+    ]
     assert main(argv) == 0
-    assert calls.pop()[1] == dict(data_dir="d", out_dir="o", msl_iterations=100,
-                                  first_order_until=50)
+    assert calls.pop()[1] == dict(
+        data_dir="d", out_dir="o", msl_iterations=100, first_order_until=50
+    )
 
 
 def test_names_map_to_meta_optimizer_options():
@@ -233,9 +326,7 @@ def test_names_map_to_meta_optimizer_options():
         algorithms.DEFAULT_MSL_ITERATIONS
     )
     assert algorithms.default_outer_schedule("mamlpp") == "cosine"
-    assert {algorithms.default_outer_schedule(a) for a in ("maml", "imaml", "anil")} == {
-        "constant"
-    }
+    assert {algorithms.default_outer_schedule(a) for a in ("maml", "imaml", "anil")} == {"constant"}
     with pytest.raises(ValueError, match="imaml is not built on MetaOptimizer"):
         algorithms.meta_optimizer_kwargs(plain, "imaml")
 
@@ -293,8 +384,16 @@ def test_sinusoid_runs_each_algorithm(algorithm, options, kind, monkeypatch):
 
     monkeypatch.setattr(sinusoid, "_train_maml", recording)
     report = sinusoid.train_sinusoid(
-        iterations=3, out_dir=None, meta_batch=4, eval_tasks=4, eval_steps=(1,), plot_tasks=0,
-        progress=False, verbose=False, algorithm=algorithm, algorithm_options=options,
+        iterations=3,
+        out_dir=None,
+        meta_batch=4,
+        eval_tasks=4,
+        eval_steps=(1,),
+        plot_tasks=0,
+        progress=False,
+        verbose=False,
+        algorithm=algorithm,
+        algorithm_options=options,
         inner_steps=2,
     )
     assert type(built[0]) is kind

@@ -66,9 +66,10 @@ def test_anil_head_is_exact(backend, model_kind, learn, first_order, seed):
     last = [n for n, _ in model.named_parameters()][-2:]
     assert opt.adapt_names == frozenset(last)
     if backend == "fused":  # the path that computes the body's features once
-        assert opt._backend_for(torch.device("cpu"), torch.float64).frozen_body_split(
-            opt.adapt_names
-        ) is not None
+        assert (
+            opt._backend_for(torch.device("cpu"), torch.float64).frozen_body_split(opt.adapt_names)
+            is not None
+        )
     perturb_rates(opt, g)
     data = batch(g, model_kind, tasks=2)
     expected = oracle_gradient(opt, data, adapted=adapted_names(opt), first_order=first_order)
@@ -85,7 +86,12 @@ def test_adapt_by_names_and_prefixes_is_exact(backend, learn, seed):
     model = conv_net(ways=3, channels=4)
     # "0" is a prefix (the first convolution's weight and bias), "5.bias" one name.
     opt = maml_ext.MetaOptimizer(
-        model, None, inner_lr=0.2, inner_steps=2, learn_inner_lr=learn, backend=backend,
+        model,
+        None,
+        inner_lr=0.2,
+        inner_steps=2,
+        learn_inner_lr=learn,
+        backend=backend,
         adapt=["0", "5.bias"],
     )
     assert opt.adapt_names == frozenset({"0.weight", "0.bias", "5.bias"})
@@ -125,7 +131,12 @@ def test_first_order_until_switches_after_n_steps(backend, seed):
     model = make_model("conv")
     outer = torch.optim.SGD(model.parameters(), lr=0.05)
     opt = maml_ext.MetaOptimizer(
-        model, outer, inner_lr=0.3, inner_steps=2, backend=backend, first_order_until=2,
+        model,
+        outer,
+        inner_lr=0.3,
+        inner_steps=2,
+        backend=backend,
+        first_order_until=2,
         learn_inner_lr="per_step",
     )
     names = [n for n, _ in model.named_parameters()]
@@ -145,7 +156,11 @@ def test_state_dict_round_trip_keeps_adapt_and_iteration(seed):
     model = make_model("mlp")
     outer = torch.optim.Adam(model.parameters(), lr=1e-3)
     opt = maml_ext.MetaOptimizer(
-        model, outer, inner_lr=0.1, adapt="head", learn_inner_lr="per_parameter",
+        model,
+        outer,
+        inner_lr=0.1,
+        adapt="head",
+        learn_inner_lr="per_parameter",
         first_order_until=5,
     )
     g = torch.Generator().manual_seed(seed)
@@ -155,15 +170,20 @@ def test_state_dict_round_trip_keeps_adapt_and_iteration(seed):
     assert state["iteration"] == 3 and state["config"]["adapt"] == ["4.bias", "4.weight"]
     clone_model = make_model("mlp")
     clone = maml_ext.MetaOptimizer(
-        clone_model, torch.optim.Adam(clone_model.parameters(), lr=1e-3), inner_lr=0.1,
-        adapt="head", learn_inner_lr="per_parameter", first_order_until=5,
+        clone_model,
+        torch.optim.Adam(clone_model.parameters(), lr=1e-3),
+        inner_lr=0.1,
+        adapt="head",
+        learn_inner_lr="per_parameter",
+        first_order_until=5,
     )
     clone.load_state_dict(state)
     assert clone.iteration == 3
     for a, b in zip(opt.inner_lr.parameters(), clone.inner_lr.parameters()):
         assert torch.equal(a, b)
-    other = maml_ext.MetaOptimizer(make_model("mlp"), None, inner_lr=0.1, adapt="all",
-                                   learn_inner_lr="per_parameter")
+    other = maml_ext.MetaOptimizer(
+        make_model("mlp"), None, inner_lr=0.1, adapt="all", learn_inner_lr="per_parameter"
+    )
     before = [p.clone() for p in other.model.parameters()]
     with pytest.raises(ValueError, match="adapt"):
         other.load_state_dict(state)
@@ -223,12 +243,32 @@ def test_frozen_body_op_equals_the_masked_sweep(model_kind, first_order, seed):
     sx, sy, qx, qy = batch(g, "mlp" if model_kind == "mlp" else "conv")
     code = maml_ext.program.loss_code("cross_entropy")
     want = torch.ops.maml_ext.meta_step(
-        theta, rates, sx, sy, qx, qy, program.ints_list, program.floats_list, code, first_order,
+        theta,
+        rates,
+        sx,
+        sy,
+        qx,
+        qy,
+        program.ints_list,
+        program.floats_list,
+        code,
+        first_order,
         True,
     )
     got = torch.ops.maml_ext.frozen_body_meta_step(
-        theta, rates[:, split.body_params :].contiguous(), sx, sy, qx, qy, split.body_ints,
-        split.body_floats, split.head_ints, split.head_floats, code, first_order, True,
+        theta,
+        rates[:, split.body_params :].contiguous(),
+        sx,
+        sy,
+        qx,
+        qy,
+        split.body_ints,
+        split.body_floats,
+        split.head_ints,
+        split.head_floats,
+        code,
+        first_order,
+        True,
     )
     for index in (0, 1, 2, 3):  # query loss, accuracy, support loss, meta-gradient
         assert relative_error(got[index], want[index]) < 1e-10

@@ -146,8 +146,9 @@ def test_a_rank_raising_makes_the_others_fail_naming_it(world):
     assert "the data pipeline of this rank broke" in failures[1]["error"]
     for rank in (0, 2):
         assert "RankFailedError" in failures[rank]["error"], failures
-        assert "rank 1 failed: RuntimeError: the data pipeline of this rank broke" in (
-            failures[rank]["error"]
+        assert (
+            "rank 1 failed: RuntimeError: the data pipeline of this rank broke"
+            in (failures[rank]["error"])
         )
         # Within the group's timeout of rank 1's failure, not after a hang.
         assert failures[rank]["time"] - failures[1]["time"] < GLOO_TIMEOUT_S
@@ -238,9 +239,20 @@ def test_torchrun_sinusoid_survives_a_killed_worker_and_resumes_with_another_wor
     )
     meta.load_state_dict(state["meta_optimizer"])
     # ... and the run continues in one process (another world size) from it.
-    assert cli.main(
-        ["train", "sinusoid", "--resume", "--iterations", str(iterations + 10), "--out", str(out)]
-    ) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "sinusoid",
+                "--resume",
+                "--iterations",
+                str(iterations + 10),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert torch.load(checkpoint, weights_only=True)["iteration"] == iterations + 10
 
 
@@ -273,9 +285,7 @@ def test_sinusoid_resumed_from_its_checkpoint_equals_an_uninterrupted_run(tmp_pa
     sinusoid.train_sinusoid(
         iterations=10, checkpoint_every=4, out_dir=str(tmp_path / "split"), **options
     )
-    sinusoid.train_sinusoid(
-        iterations=20, resume=True, out_dir=str(tmp_path / "split"), **options
-    )
+    sinusoid.train_sinusoid(iterations=20, resume=True, out_dir=str(tmp_path / "split"), **options)
     whole = torch.load(tmp_path / "whole" / "sinusoid_models.pt", weights_only=True)
     split = torch.load(tmp_path / "split" / "sinusoid_models.pt", weights_only=True)
     for name, value in whole["maml"].items():

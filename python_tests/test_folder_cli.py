@@ -80,9 +80,10 @@ def test_train_eval_and_load_checkpoint_on_a_folder(tree, tmp_path, capsys):
         meta, test_data, loaded_preset, tasks=6, steps=[0, 3, 10], seed=DEFAULT_EVAL_SEED
     )
     for k in (0, 3, 10):
-        assert again[k]["accuracy"].double().mean().item() == report["results"]["maml"][str(k)][
-            "accuracy"
-        ], k
+        assert (
+            again[k]["accuracy"].double().mean().item()
+            == report["results"]["maml"][str(k)]["accuracy"]
+        ), k
 
 
 def test_classes_too_small_are_named_before_training(tree, tmp_path, capsys):
@@ -127,8 +128,19 @@ def test_folder_options_are_checked(tree, tmp_path, capsys):
     with pytest.raises(ConfigurationError, match="cannot change to 3"):
         out = tmp_path / "run"
         fewshot.train_fewshot(
-            "folder-5w1s", tree, out, iterations=1, ways=2, shots=1, queries=1, image_size=16,
-            meta_batch=1, validate_every=0, val_tasks=1, device="cpu", progress=False,
+            "folder-5w1s",
+            tree,
+            out,
+            iterations=1,
+            ways=2,
+            shots=1,
+            queries=1,
+            image_size=16,
+            meta_batch=1,
+            validate_every=0,
+            val_tasks=1,
+            device="cpu",
+            progress=False,
             verbose=False,
         )
         fewshot.train_fewshot("folder-5w1s", out_dir=out, resume=True, ways=3, progress=False)
@@ -153,7 +165,10 @@ def test_the_folder_preset_network_follows_the_images():
 
     preset = PRESETS["folder-5w1s"]
     assert (preset.dataset, preset.image_size, preset.channels, preset.backbone) == (
-        "folder", 84, 0, "conv4"
+        "folder",
+        84,
+        0,
+        "conv4",
     )
     for channels, size in ((1, 28), (3, 84), (3, 40)):
         shaped = preset.with_overrides(channels=channels, image_size=size, ways=4)

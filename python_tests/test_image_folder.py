@@ -227,8 +227,9 @@ def _writable(root):
 
 
 def _tree_listing(root):
-    return sorted(os.path.relpath(os.path.join(f, n), root) for f, d, ns in os.walk(root)
-                  for n in ns + d)
+    return sorted(
+        os.path.relpath(os.path.join(f, n), root) for f, d, ns in os.walk(root) for n in ns + d
+    )
 
 
 @pytest.mark.skipif(
@@ -249,8 +250,9 @@ def test_a_read_only_root_is_cached_elsewhere(tmp_path, rng, isolated_cache):
         _writable(root)
 
 
-def test_a_root_reported_not_writable_is_cached_elsewhere(tmp_path, rng, isolated_cache,
-                                                          monkeypatch):
+def test_a_root_reported_not_writable_is_cached_elsewhere(
+    tmp_path, rng, isolated_cache, monkeypatch
+):
     # The same path as the chmod test, where that one cannot run (as root): the loader's check
     # of the root's permission says no, and nothing may be written under it.
     root = tmp_path / "data"

@@ -117,8 +117,9 @@ def test_implicit_gradient_matches_a_direct_solve_with_the_explicit_hessian(
 ):
     model, batch, on_device = make_case(seed, loss, device, network)
     lr, lam, steps, damping = 0.3, 2.0, 6, 0.1
-    want_phi, want_grad = expected(model, batch, lr=lr, lam=lam, steps=steps, damping=damping,
-                                   loss=loss)
+    want_phi, want_grad = expected(
+        model, batch, lr=lr, lam=lam, steps=steps, damping=damping, loss=loss
+    )
     dimension = sum(p.numel() for p in model.parameters())
     opt = maml_ext.ImplicitMetaOptimizer(
         copy.deepcopy(model).to(device),
@@ -154,13 +155,20 @@ def test_few_cg_iterations_match_per_task_cg_in_lockstep(backend, seed, device):
     """With 3 iterations CG has not converged, so this checks each task's own step sizes."""
     model, batch, on_device = make_case(seed, "cross_entropy", device)
     lr, lam, steps = 0.4, 0.5, 3
-    _, want = expected(model, batch, lr=lr, lam=lam, steps=steps, damping=0.0,
-                       loss="cross_entropy", cg_steps=3)
-    _, solved = expected(model, batch, lr=lr, lam=lam, steps=steps, damping=0.0,
-                         loss="cross_entropy")
+    _, want = expected(
+        model, batch, lr=lr, lam=lam, steps=steps, damping=0.0, loss="cross_entropy", cg_steps=3
+    )
+    _, solved = expected(
+        model, batch, lr=lr, lam=lam, steps=steps, damping=0.0, loss="cross_entropy"
+    )
     opt = maml_ext.ImplicitMetaOptimizer(
-        copy.deepcopy(model).to(device), None, inner_lr=lr, inner_steps=steps, lam=lam,
-        cg_steps=3, backend=backend,
+        copy.deepcopy(model).to(device),
+        None,
+        inner_lr=lr,
+        inner_steps=steps,
+        lam=lam,
+        cg_steps=3,
+        backend=backend,
     )
     opt.meta_gradient(*on_device)
     got = flat_grads(opt.model).cpu()
@@ -174,8 +182,12 @@ def test_step_applies_the_implicit_gradient_with_the_outer_optimiser(seed):
     before = Flat(model).theta()
     copy_ = copy.deepcopy(model)
     opt = maml_ext.ImplicitMetaOptimizer(
-        copy_, torch.optim.SGD(copy_.parameters(), lr=0.5), inner_lr=0.2, inner_steps=4,
-        lam=1.0, cg_steps=60,
+        copy_,
+        torch.optim.SGD(copy_.parameters(), lr=0.5),
+        inner_lr=0.2,
+        inner_steps=4,
+        lam=1.0,
+        cg_steps=60,
     )
     opt.step(*batch)
     assert relative_error(Flat(copy_).theta(), before - 0.5 * grad) < 1e-8
@@ -239,7 +251,11 @@ def test_bad_input_and_non_finite_steps_change_nothing(seed):
 def test_state_dict_round_trip_records_the_algorithm(seed):
     model, batch, _ = make_case(seed, "cross_entropy", "cpu")
     opt = maml_ext.ImplicitMetaOptimizer(
-        model, torch.optim.Adam(model.parameters(), 1e-2), inner_lr=0.2, inner_steps=2, lam=3.0,
+        model,
+        torch.optim.Adam(model.parameters(), 1e-2),
+        inner_lr=0.2,
+        inner_steps=2,
+        lam=3.0,
         cg_steps=4,
     )
     opt.step(*batch)
@@ -248,8 +264,12 @@ def test_state_dict_round_trip_records_the_algorithm(seed):
     assert (state["config"]["lam"], state["config"]["cg_steps"]) == (3.0, 4)
     fresh_model = small_model(4)
     fresh = maml_ext.ImplicitMetaOptimizer(
-        fresh_model, torch.optim.Adam(fresh_model.parameters(), 1e-2), inner_lr=0.2,
-        inner_steps=2, lam=3.0, cg_steps=4,
+        fresh_model,
+        torch.optim.Adam(fresh_model.parameters(), 1e-2),
+        inner_lr=0.2,
+        inner_steps=2,
+        lam=3.0,
+        cg_steps=4,
     )
     fresh.load_state_dict(state)
     assert torch.equal(Flat(fresh_model).theta(), Flat(model).theta())

@@ -32,8 +32,12 @@ def batch(generator, model_kind, tasks=3, loss="cross_entropy"):
     sx = torch.randn(tasks, 6, *shape, dtype=torch.float64, generator=generator)
     qx = torch.randn(tasks, 5, *shape, dtype=torch.float64, generator=generator)
     if loss == "mse":
-        return (sx, torch.randn(tasks, 6, 3, dtype=torch.float64, generator=generator),
-                qx, torch.randn(tasks, 5, 3, dtype=torch.float64, generator=generator))
+        return (
+            sx,
+            torch.randn(tasks, 6, 3, dtype=torch.float64, generator=generator),
+            qx,
+            torch.randn(tasks, 5, 3, dtype=torch.float64, generator=generator),
+        )
     sy = torch.randint(0, 3, (tasks, 6), generator=generator)
     qy = torch.randint(0, 3, (tasks, 5), generator=generator)
     return sx, sy, qx, qy
@@ -83,8 +87,15 @@ def test_multi_step_loss_is_exact_and_anneals_away(backend, model_kind, learn, f
     model = make_model(model_kind)
     outer = torch.optim.SGD(model.parameters(), lr=0.01)
     opt = maml_ext.MetaOptimizer(
-        model, outer, inner_lr=0.3, inner_steps=3, first_order=first_order, learn_inner_lr=learn,
-        backend=backend, multi_step_loss=True, msl_iterations=2,
+        model,
+        outer,
+        inner_lr=0.3,
+        inner_steps=3,
+        first_order=first_order,
+        learn_inner_lr=learn,
+        backend=backend,
+        multi_step_loss=True,
+        msl_iterations=2,
     )
     perturb_rates(opt, g)
     names = adapted_names(opt)
@@ -108,14 +119,20 @@ def test_msl_middle_iteration_weights(backend, seed):
     g = torch.Generator().manual_seed(seed)
     model = bn_mlp()
     opt = maml_ext.MetaOptimizer(
-        model, None, inner_lr=0.3, inner_steps=3, backend=backend, multi_step_loss=True,
+        model,
+        None,
+        inner_lr=0.3,
+        inner_steps=3,
+        backend=backend,
+        multi_step_loss=True,
         msl_iterations=2,
     )
     opt.iteration = 1
     data = batch(g, "mlp")
     names = adapted_names(opt)
-    expected = oracle_gradient(opt, data, adapted=names, first_order=False,
-                               weights=[1 / 6, 1 / 6, 2 / 3])
+    expected = oracle_gradient(
+        opt, data, adapted=names, first_order=False, weights=[1 / 6, 1 / 6, 2 / 3]
+    )
     final = oracle_gradient(opt, data, adapted=names, first_order=False)
     opt.meta_gradient(*data)
     assert relative_error(optimizer_gradient(opt), expected) < 1e-10
@@ -128,7 +145,12 @@ def test_msl_query_loss_is_the_final_steps(backend, seed):
     model = make_model("conv")
     plain = maml_ext.MetaOptimizer(model, None, inner_lr=0.3, inner_steps=3, backend="reference")
     opt = maml_ext.MetaOptimizer(
-        model, None, inner_lr=0.3, inner_steps=3, backend=backend, multi_step_loss=True,
+        model,
+        None,
+        inner_lr=0.3,
+        inner_steps=3,
+        backend=backend,
+        multi_step_loss=True,
         msl_iterations=5,
     )
     data = batch(g, "conv")
@@ -145,8 +167,14 @@ def test_per_step_batch_norm_is_exact(backend, model_kind, learn, first_order, s
     g = torch.Generator().manual_seed(seed)
     model = make_model(model_kind)
     opt = maml_ext.MetaOptimizer(
-        model, None, inner_lr=0.3, inner_steps=3, first_order=first_order, learn_inner_lr=learn,
-        backend=backend, per_step_batch_norm=True,
+        model,
+        None,
+        inner_lr=0.3,
+        inner_steps=3,
+        first_order=first_order,
+        learn_inner_lr=learn,
+        backend=backend,
+        per_step_batch_norm=True,
     )
     bn_names = opt.per_step_batch_norm.names
     assert bn_names and not (set(bn_names) & set(adapted_names(opt)))
@@ -173,9 +201,18 @@ def test_all_options_together_are_exact(backend, loss, seed):
     model = bn_mlp()
     outer = torch.optim.SGD(model.parameters(), lr=0.01)
     opt = maml_ext.MetaOptimizer(
-        model, outer, inner_lr=0.2, inner_steps=4, learn_inner_lr="per_step", backend=backend,
-        loss=loss, multi_step_loss=True, msl_iterations=3, per_step_batch_norm=True,
-        first_order_until=1, adapt=["0", "3"],
+        model,
+        outer,
+        inner_lr=0.2,
+        inner_steps=4,
+        learn_inner_lr="per_step",
+        backend=backend,
+        loss=loss,
+        multi_step_loss=True,
+        msl_iterations=3,
+        per_step_batch_norm=True,
+        first_order_until=1,
+        adapt=["0", "3"],
     )
     assert len(outer.param_groups) == 3  # the model, the rates, the per-step batch norm
     perturb_rates(opt, g)
@@ -184,8 +221,13 @@ def test_all_options_together_are_exact(backend, loss, seed):
     for iteration in range(2):
         data = batch(g, "mlp", loss=loss)
         expected = oracle_gradient(
-            opt, data, adapted=adapted_names(opt), first_order=iteration < 1,
-            weights=msl_weights(4, iteration, 3), per_step_bn=bn_names, loss=loss,
+            opt,
+            data,
+            adapted=adapted_names(opt),
+            first_order=iteration < 1,
+            weights=msl_weights(4, iteration, 3),
+            per_step_bn=bn_names,
+            loss=loss,
         )
         opt.step(*data)
         assert relative_error(optimizer_gradient(opt), expected) < 1e-10
@@ -227,8 +269,13 @@ def test_state_dict_round_trip_keeps_per_step_batch_norm_and_iteration(seed):
         model = bn_mlp()
         outer = torch.optim.Adam(model.parameters(), lr=1e-3)
         return maml_ext.MetaOptimizer(
-            model, outer, inner_lr=0.1, inner_steps=3, per_step_batch_norm=True,
-            multi_step_loss=True, msl_iterations=4,
+            model,
+            outer,
+            inner_lr=0.1,
+            inner_steps=3,
+            per_step_batch_norm=True,
+            multi_step_loss=True,
+            msl_iterations=4,
         )
 
     opt = build()

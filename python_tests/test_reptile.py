@@ -72,13 +72,19 @@ def test_step_matches_a_per_task_torch_optimiser_loop(
     lr = 0.1 if optimizer == "sgd" else 0.01
     steps, epsilon = 4, 0.7
     theta = flat(model)
-    phi = per_task_loop(model, batch[0], batch[1], optimizer=optimizer, lr=lr, steps=steps,
-                        loss=loss)
+    phi = per_task_loop(
+        model, batch[0], batch[1], optimizer=optimizer, lr=lr, steps=steps, loss=loss
+    )
     want = theta + epsilon * (phi.mean(0) - theta)
 
     reptile = maml_ext.Reptile(
-        copy.deepcopy(model).to(device), inner_lr=lr, inner_steps=steps, outer_lr=epsilon,
-        inner_optimizer=optimizer, loss=loss_name, backend=backend,
+        copy.deepcopy(model).to(device),
+        inner_lr=lr,
+        inner_steps=steps,
+        outer_lr=epsilon,
+        inner_optimizer=optimizer,
+        loss=loss_name,
+        backend=backend,
     )
     on_device = [t.to(device) for t in batch]
     adapted = reptile.adapt(on_device[0], on_device[1])
@@ -100,14 +106,18 @@ def test_step_matches_a_per_task_torch_optimiser_loop(
 def test_linear_annealing_and_meta_gradient(backend, seed):
     model, batch, loss = case(seed, "mlp", "cross_entropy")
     reptile = maml_ext.Reptile(
-        model, inner_lr=0.1, inner_steps=2, outer_lr=1.0, anneal=4, final_outer_lr=0.2,
+        model,
+        inner_lr=0.1,
+        inner_steps=2,
+        outer_lr=1.0,
+        anneal=4,
+        final_outer_lr=0.2,
         backend=backend,
     )
     for expected_epsilon in (1.0, 0.8, 0.6, 0.4, 0.2, 0.2):
         assert reptile.current_outer_lr == pytest.approx(expected_epsilon, rel=1e-12)
         theta = flat(model)
-        phi = per_task_loop(model, batch[0], batch[1], optimizer="sgd", lr=0.1, steps=2,
-                            loss=loss)
+        phi = per_task_loop(model, batch[0], batch[1], optimizer="sgd", lr=0.1, steps=2, loss=loss)
         reptile.step(*batch)
         want = theta + expected_epsilon * (phi.mean(0) - theta)
         assert relative_error(flat(model), want) < 1e-10
@@ -122,15 +132,17 @@ def test_linear_annealing_and_meta_gradient(backend, seed):
 
 def test_state_dict_keeps_the_annealing_position(seed):
     model, batch, _ = case(seed, "mlp", "cross_entropy")
-    reptile = maml_ext.Reptile(model, inner_lr=0.1, inner_steps=1, outer_lr=1.0, anneal=10,
-                               inner_optimizer="adam")
+    reptile = maml_ext.Reptile(
+        model, inner_lr=0.1, inner_steps=1, outer_lr=1.0, anneal=10, inner_optimizer="adam"
+    )
     for _ in range(3):
         reptile.step(*batch)
     state = reptile.state_dict()
     assert state["config"]["algorithm"] == "reptile"
     assert state["config"]["inner_optimizer"] == "adam"
-    fresh = maml_ext.Reptile(mlp(), inner_lr=0.1, inner_steps=1, outer_lr=1.0, anneal=10,
-                             inner_optimizer="adam")
+    fresh = maml_ext.Reptile(
+        mlp(), inner_lr=0.1, inner_steps=1, outer_lr=1.0, anneal=10, inner_optimizer="adam"
+    )
     fresh.load_state_dict(state)
     assert fresh.meta_steps == 3
     assert fresh.current_outer_lr == pytest.approx(0.7)
@@ -166,8 +178,9 @@ def test_bad_settings_raise_naming_the_argument(options, message):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_bad_input_and_non_finite_steps_change_nothing(optimizer, seed):
     model, batch, _ = case(seed, "mlp", "cross_entropy")
-    reptile = maml_ext.Reptile(model, inner_lr=0.1, inner_steps=2, outer_lr=1.0, anneal=5,
-                               inner_optimizer=optimizer)
+    reptile = maml_ext.Reptile(
+        model, inner_lr=0.1, inner_steps=2, outer_lr=1.0, anneal=5, inner_optimizer=optimizer
+    )
     theta = flat(model)
     sx, sy, qx, qy = batch
     with pytest.raises(ValueError, match="query_y: expected shape"):

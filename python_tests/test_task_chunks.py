@@ -97,9 +97,7 @@ def test_chunked_conv_classification_equals_unchunked(backend, kind):
         first_order=False,
         loss="cross_entropy",
     )
-    batch = classification_batch(
-        5, 3, 4, (1, 8, 8), 3, generator=torch.Generator().manual_seed(4)
-    )
+    batch = classification_batch(5, 3, 4, (1, 8, 8), 3, generator=torch.Generator().manual_seed(4))
     a, b = whole.meta_gradient(*batch), chunked.meta_gradient(*batch)
     for ga, gb in zip(_grads(whole), _grads(chunked), strict=True):
         assert _relative(gb, ga) < 1e-12

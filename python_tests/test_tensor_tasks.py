@@ -116,14 +116,33 @@ def test_meta_training_on_tensor_regression_tasks_lowers_the_adapted_loss():
     x = torch.rand(tasks * per_task, 1, generator=generator) * 4 - 2
     task_ids = torch.arange(tasks).repeat_interleave(per_task)
     y = a[task_ids] * x[:, 0] + b[task_ids]
-    train = TensorTasks(x[: 50 * per_task], y[: 50 * per_task], task=task_ids[: 50 * per_task],
-                        shots=5, queries=10, meta_batch=10, seed=1)
-    test = TensorTasks(x[50 * per_task:], y[50 * per_task:], task=task_ids[50 * per_task:],
-                       shots=5, queries=10, meta_batch=10, seed=2).sample()
+    train = TensorTasks(
+        x[: 50 * per_task],
+        y[: 50 * per_task],
+        task=task_ids[: 50 * per_task],
+        shots=5,
+        queries=10,
+        meta_batch=10,
+        seed=1,
+    )
+    test = TensorTasks(
+        x[50 * per_task :],
+        y[50 * per_task :],
+        task=task_ids[50 * per_task :],
+        shots=5,
+        queries=10,
+        meta_batch=10,
+        seed=2,
+    ).sample()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    meta = maml_ext.MetaOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2),
-                                  inner_lr=0.1, inner_steps=3, loss="mse")
+    meta = maml_ext.MetaOptimizer(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        inner_lr=0.1,
+        inner_steps=3,
+        loss="mse",
+    )
 
     def test_loss():
         adapted = meta.adapt(test.support_x, test.support_y)

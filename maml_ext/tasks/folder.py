@@ -53,8 +53,11 @@ def _image_suffixes() -> set[str]:
     """The extensions Pillow can open, lower case with the dot (``.png``, ``.jpg``, ...)."""
     Image = _pil_image()
     Image.init()  # registers every plugin, not only the common ones
-    return {suffix.lower() for suffix, name in Image.registered_extensions().items()
-            if name in Image.OPEN}
+    return {
+        suffix.lower()
+        for suffix, name in Image.registered_extensions().items()
+        if name in Image.OPEN
+    }
 
 
 def find_classes(root: Path) -> list[tuple[tuple[str, ...], list[Path]]]:

@@ -31,8 +31,9 @@ def _dense_ids(name: str, ids: torch.Tensor, samples: int) -> tuple[torch.Tensor
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(ids).__name__}")
     if ids.dim() != 1 or ids.shape[0] != samples:
-        raise ValueError(f"{name}: expected shape [{samples}] (one per sample of x), got "
-                         f"{list(ids.shape)}")
+        raise ValueError(
+            f"{name}: expected shape [{samples}] (one per sample of x), got {list(ids.shape)}"
+        )
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name}: expected integers, got {ids.dtype}")
     distinct, index = torch.unique(ids.cpu(), return_inverse=True)
@@ -103,8 +104,9 @@ class TensorTasks:
             raise ValueError(f"x: expected a tensor [num_samples, *sample shape], got {found}")
         if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
             found = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y: expected a tensor with {x.shape[0]} rows (one per sample of x), "
-                             f"got {found}")
+            raise ValueError(
+                f"y: expected a tensor with {x.shape[0]} rows (one per sample of x), got {found}"
+            )
         _check_count("shots", shots, 1)
         _check_count("queries", queries, 0)
         _check_count("meta_batch", meta_batch, 1)
@@ -117,8 +119,14 @@ class TensorTasks:
             labels, self.class_ids = _dense_ids("y", y, x.shape[0])
             try:
                 self._sampler = TaskSampler(
-                    _Samples(x, labels, self.class_ids), ways=ways, shots=shots, queries=queries,
-                    meta_batch=meta_batch, seed=seed, num_batches=num_batches, device=device,
+                    _Samples(x, labels, self.class_ids),
+                    ways=ways,
+                    shots=shots,
+                    queries=queries,
+                    meta_batch=meta_batch,
+                    seed=seed,
+                    num_batches=num_batches,
+                    device=device,
                 )
             except ValueError as error:
                 raise ValueError(f"TensorTasks: {error}") from None
@@ -145,8 +153,10 @@ class TensorTasks:
                 f"(task id (samples))"
             )
         if meta_batch > counts.numel():
-            raise ValueError(f"meta_batch: {meta_batch} distinct tasks per batch, but there are "
-                             f"only {counts.numel()} task ids")
+            raise ValueError(
+                f"meta_batch: {meta_batch} distinct tasks per batch, but there are "
+                f"only {counts.numel()} task ids"
+            )
         self.ways, self.num_batches = None, num_batches
         self._counts = counts
         self._x = x if device is None else x.to(device)

@@ -329,6 +329,8 @@ _PRESET_FIELDS = (
     "msl_iterations",
     "first_order_until",
 )
+
+
 def _check_resumed_task_shape(saved: FewShotPreset, task_shape: dict) -> None:
     """The task shape and network of a resumed run cannot change (None: not given)."""
     for name, value in task_shape.items():
