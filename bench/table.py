@@ -234,29 +234,39 @@ def _memory_child(impl_name: str, config_name: str, device: str) -> None:
             "memory_allocated() before it, after one warm-up step",
         }
     else:
-        # Peak RSS of this process's address space. ru_maxrss would be simplest, but Linux carries
-        # it over from the parent across fork+exec (a child of a 7 GB parent reports >= 7 GB), so
-        # read VmHWM from /proc/self/status (reset by exec) and, where the kernel allows, reset
-        # the high-water mark to the current RSS just before the steps (clear_refs "5").
-        gc.collect()
-        base_rss = _proc_status_kib("VmRSS")
-        reset = _reset_peak_rss()
-        base = base_rss if reset else _proc_status_kib("VmHWM")
-        impl()
-        impl()
-        peak = _proc_status_kib("VmHWM")
-        result = {
-            "peak_bytes": (peak - base) * 1024,
-            "baseline_rss_bytes": base_rss * 1024,
-            "method": "fresh child process per implementation: peak RSS (VmHWM) over one "
-            "warm-up + one step minus RSS after building the model and data"
+        result = cpu_peak_increase(lambda: (impl(), impl()))
+        result["method"] = (
+            "fresh child process per implementation: peak RSS (VmHWM) over one warm-up + one "
+            "step minus RSS after building the model and data"
             + (
                 ""
-                if reset
+                if result.pop("reset")
                 else " (high-water mark could not be reset: minus the peak RSS up to then)"
-            ),
-        }
+            )
+        )
     print("MEMORY_JSON " + json.dumps(result))
+
+
+def cpu_peak_increase(run) -> dict:
+    """How far ``run()`` raises this process's peak resident set size above its RSS now, in bytes
+    (``peak_bytes``; ``reset``: whether the high-water mark could be reset first).
+
+    ru_maxrss would be simplest, but Linux carries it over from the parent across fork+exec (a
+    child of a 7 GB parent reports >= 7 GB), so this reads VmHWM from /proc/self/status and, where
+    the kernel allows, resets the high-water mark to the current RSS first (clear_refs "5");
+    where it does not, the baseline is the peak so far. python_tests/test_memory_method.py checks
+    it against known allocations."""
+    gc.collect()
+    base_rss = _proc_status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    base = base_rss if reset else _proc_status_kib("VmHWM")
+    run()
+    peak = _proc_status_kib("VmHWM")
+    return {
+        "peak_bytes": (peak - base) * 1024,
+        "baseline_rss_bytes": base_rss * 1024,
+        "reset": reset,
+    }
 
 
 def _proc_status_kib(field: str) -> int:
