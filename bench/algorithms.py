@@ -113,23 +113,6 @@ def test_steps(setting: str, algorithm: str, preset) -> int:
 # ---- timing and memory (child process) --------------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(setting: str, algorithm: str, args) -> None:
     """Times ``--time-steps`` meta-steps and measures one step's peak memory; prints JSON."""
     from maml_ext.experiments.algorithms import build_meta_optimizer, resolve_options
@@ -174,13 +157,14 @@ def _child(setting: str, algorithm: str, args) -> None:
         peak = torch.cuda.max_memory_allocated() - before
         method = "torch.cuda.max_memory_allocated() during one step minus allocated before"
     else:
-        base = _proc_status_kib("VmRSS")
-        reset = _reset_peak_rss()
-        base = base if reset else _proc_status_kib("VmHWM")
-        meta.step(*batch)
-        peak = (_proc_status_kib("VmHWM") - base) * 1024
+        # bench/table.py's measurement (checked by python_tests/test_memory_method.py).
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from table import cpu_peak_increase
+
+        measured = cpu_peak_increase(lambda: meta.step(*batch))
+        peak = measured["peak_bytes"]
         method = "peak RSS (VmHWM) during one step minus RSS before" + (
-            "" if reset else " (high-water mark not resettable: minus the earlier peak)"
+            "" if measured["reset"] else " (high-water mark not resettable: minus the earlier peak)"
         )
     result = {
         "ms_per_step": 1000 * statistics.median(times),
