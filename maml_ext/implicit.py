@@ -27,7 +27,7 @@ from torch import nn
 from .losses import LossFn
 from .optimizer import MetaOptimizer, MetaStepResult
 from .per_task import TaskOps
-from .validation import check_inputs, check_steps
+from .validation import check_steps
 
 __all__ = ["ImplicitMetaOptimizer"]
 
@@ -63,16 +63,7 @@ class TaskBatchedAlgorithm(MetaOptimizer):
     def _check_step(self, support_x, support_y, query_x, query_y) -> None:
         """The checks of MetaOptimizer.step, every one before anything is computed."""
         first = next(iter(self._params(self.model).values()))
-        self._check_support(support_x, support_y, first)
-        check_inputs(
-            "query_x",
-            query_x,
-            tasks=support_x.shape[0],
-            dtype=first.dtype,
-            device=first.device,
-            features=tuple(support_x.shape[2:]),
-        )
-        self._check_targets("query_y", query_y, query_x, first)
+        self._check_batch(support_x, support_y, query_x, query_y, first)
 
     def _mean_loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over tasks of each task's loss, outputs [T, N, ...]."""

@@ -499,6 +499,19 @@ class MetaOptimizer:
         check_inputs("support_x", support_x, tasks=None, dtype=first.dtype, device=first.device)
         self._check_targets("support_y", support_y, support_x, first, class_range=class_range)
 
+    def _check_batch(self, support_x, support_y, query_x, query_y, first, *, class_range=True):
+        """Every check of a meta-step's inputs, before anything is computed."""
+        self._check_support(support_x, support_y, first, class_range=class_range)
+        check_inputs(
+            "query_x",
+            query_x,
+            tasks=support_x.shape[0],
+            dtype=first.dtype,
+            device=first.device,
+            features=tuple(support_x.shape[2:]),
+        )
+        self._check_targets("query_y", query_y, query_x, first, class_range=class_range)
+
     def _check_targets(self, name, y, x, first, *, class_range=True) -> None:
         """Shapes and dtypes; with class_range, also that class indices lie in [0, classes), which
         reads y's values (a host synchronisation on a GPU)."""
@@ -523,16 +536,7 @@ class MetaOptimizer:
         # A backend that defers the class range reports an index out of range as a non-finite
         # step; the indices are read only then, to name the culprit.
         deferred = backend.defers_class_range
-        self._check_support(support_x, support_y, first, class_range=not deferred)
-        check_inputs(
-            "query_x",
-            query_x,
-            tasks=support_x.shape[0],
-            dtype=first.dtype,
-            device=first.device,
-            features=tuple(support_x.shape[2:]),
-        )
-        self._check_targets("query_y", query_y, query_x, first, class_range=not deferred)
+        self._check_batch(support_x, support_y, query_x, query_y, first, class_range=not deferred)
         variant = self._variant() if self._variants_on else None
         options = {
             "steps": self.inner_steps,

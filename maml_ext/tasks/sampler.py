@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._random import task_generator
+
 __all__ = ["TaskBatch", "TaskSampler"]
 
 
@@ -137,16 +139,7 @@ class TaskSampler:
             warnings.warn("pin_memory=True ignored: CUDA is not available", stacklevel=2)
             self._pin = False
 
-        if isinstance(seed, torch.Generator):
-            if seed.device.type != "cpu":
-                raise ValueError("the generator must be a CPU torch.Generator")
-            self.generator = seed
-        else:
-            self.generator = torch.Generator()
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(int(seed))
+        self.generator = task_generator(seed)
         self.batches_sampled = 0
 
     def _class_name(self, class_id: int) -> str:

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._random import task_generator
+
 __all__ = ["Sinusoid", "SinusoidBatch", "sinusoid"]
 
 
@@ -80,16 +82,7 @@ class Sinusoid:
         self.amplitude_range = _as_range("amplitude", amplitude)
         self.phase_range = _as_range("phase", phase)
         self.x_range = _as_range("x_range", x_range)
-        if isinstance(seed, torch.Generator):
-            if seed.device.type != "cpu":
-                raise ValueError("the generator must be a CPU torch.Generator")
-            self.generator = seed
-        else:
-            self.generator = torch.Generator()
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(int(seed))
+        self.generator = task_generator(seed)
 
     def _uniform(self, shape, bounds: tuple[float, float]) -> torch.Tensor:
         low, high = bounds

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ._random import task_generator
 from .sampler import TaskBatch, TaskSampler, _class_members
 
 __all__ = ["TensorTasks"]
@@ -161,16 +162,7 @@ class TensorTasks:
         self._counts = counts
         self._x = x if device is None else x.to(device)
         self._y = (y[:, None] if y.dim() == 1 else y).to(self._x.device)
-        if isinstance(seed, torch.Generator):
-            if seed.device.type != "cpu":
-                raise ValueError("seed: the generator must be a CPU torch.Generator")
-            self.generator = seed
-        else:
-            self.generator = torch.Generator()
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(int(seed))
+        self.generator = task_generator(seed)
 
     @property
     def num_tasks(self) -> int | None:
