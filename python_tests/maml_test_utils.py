@@ -173,6 +173,97 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
+
+
+def meta_gradient_of(model, batch, backend, seed, **kwargs):
+    """(MetaStepResult, every gradient flat) of one MetaOptimizer.meta_gradient on ``backend``,
+    learned rates perturbed from ``seed`` so that each parameter's rate differs."""
+    model.zero_grad(set_to_none=True)
+    opt = maml_ext.MetaOptimizer(model, None, backend=backend, **kwargs)
+    perturb_rates(opt, torch.Generator().manual_seed(seed))
+    result = opt.meta_gradient(*batch)
+    return result, all_grads(opt)
+
+
+def assert_fused_equals_reference(stack, device, tasks, steps, first_order, learn, seed):
+    """A random float64 stack ``(model, shape, loss, outputs)``: the fused meta-gradient, query
+    and support losses on ``device`` equal the reference backend's on the CPU to 1e-10."""
+    model, shape, loss, outputs = stack
+    generator = torch.Generator().manual_seed(seed)
+    batch = random_batch(generator, tasks, 4, 3, shape, loss, outputs, torch.float64)
+    kwargs = dict(
+        inner_lr=0.1, inner_steps=steps, first_order=first_order, loss=loss, learn_inner_lr=learn
+    )
+    expected_result, expected = meta_gradient_of(model, batch, "reference", seed, **kwargs)
+    model.to(device)
+    result, actual = meta_gradient_of(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
+    assert result.backend == "fused"
+    assert relative_error(actual.cpu(), expected) <= 1e-10, seed
+    for name in ("query_loss", "support_loss"):
+        want = getattr(expected_result, name)
+        assert relative_error(getattr(result, name).cpu(), want) <= 1e-10, seed
+
+
+def assert_loss_hvp_equals_forward_over_reverse(stack, device, tasks, seed):
+    """A random float64 stack: ``fused.loss_hvp``'s per-task losses, gradients and
+    Hessian-vector products at per-task weights equal torch.func's jvp of grad."""
+    from maml_ext import fused
+    from maml_ext.program import compile_program, loss_code
+
+    model, shape, loss, outputs = stack
+    model = model.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    x, y, _, _ = [
+        b.to(device)
+        for b in random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
+    ]
+    program = compile_program(model)
+    names = program.slot_names
+    params = {
+        n: (
+            p.detach().cpu()
+            + 0.3 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
+        ).to(device)
+        for n, p in model.named_parameters()
+    }
+    v = {
+        n: torch.randn(p.shape, dtype=p.dtype, generator=generator).to(device)
+        for n, p in params.items()
+    }
+    losses, grads, products = fused.loss_hvp(
+        program,
+        program.flatten(params, task_dims=1),
+        x,
+        y,
+        program.flatten(v, task_dims=1),
+        loss_code=loss_code(loss),
+    )
+    # The squared error written out (torch.func's forward-over-reverse of F.mse_loss trips over an
+    # immutable ZeroTensor for some models).
+    loss_fn = (
+        F.cross_entropy
+        if loss == "cross_entropy"
+        else (lambda out, target: ((out - target) ** 2).mean())
+    )
+
+    def flat(tensors):
+        return torch.cat([tensors[n].reshape(-1) for n in names])
+
+    for t in range(tasks):
+
+        def task_loss(p, t=t):
+            return loss_fn(torch.func.functional_call(model, p, (x[t],)), y[t])
+
+        at_task = {n: params[n][t] for n in names}
+        expected_grad, expected_product = torch.func.jvp(
+            torch.func.grad(task_loss), (at_task,), ({n: v[n][t] for n in names},)
+        )
+        assert relative_error(losses[t], task_loss(at_task)) <= 1e-12, seed
+        assert relative_error(grads[t], flat(expected_grad)) <= 1e-10, seed
+        assert relative_error(products[t], flat(expected_product)) <= 1e-10, seed
+
+
 def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
     """Fresh normal inputs [T, N, *shape]; class indices below `outputs` or normal targets."""
     sx = torch.randn(tasks, support, *shape, dtype=dtype, generator=generator)

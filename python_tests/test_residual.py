@@ -10,18 +10,21 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from maml_test_utils import (
+    COMMON,
+    DEVICES,
+    LEARN_KINDS,
     Residual,
-    all_grads,
+    assert_fused_equals_reference,
+    assert_loss_hvp_equals_forward_over_reverse,
     classification_batch,
+    meta_gradient_of,
     perturb_rates,
-    random_batch,
     relative_error,
     smallest_max_pool_gap,
 )
 from torch import nn
-from torch.func import functional_call, grad, jvp
 
 import maml_ext
 from maml_ext import fused, models
@@ -36,22 +39,6 @@ from maml_ext.program import (
 pytestmark = pytest.mark.skipif(
     not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
 )
-
-LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
-DEVICES = ["cpu"] + (
-    ["cuda"]
-    if maml_ext.extension_info()["cuda_kernels_compiled"] and torch.cuda.is_available()
-    else []
-)
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def meta_gradient(model, batch, backend, seed, **kwargs):
-    model.zero_grad(set_to_none=True)
-    opt = maml_ext.MetaOptimizer(model, None, backend=backend, **kwargs)
-    perturb_rates(opt, torch.Generator().manual_seed(seed))
-    result = opt.meta_gradient(*batch)
-    return result, all_grads(opt)
 
 
 def narrow_resnet12(dtype, ways=5):
@@ -90,9 +77,9 @@ def test_resnet12_meta_gradient_float64(device, learn, first_order, seed):
     model = narrow_resnet12(torch.float64)
     batch = classification_batch(3, 5, 5, (3, 16, 16), 5, dtype=torch.float64, generator=generator)
     kwargs = dict(inner_lr=0.1, inner_steps=2, first_order=first_order, learn_inner_lr=learn)
-    expected_result, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
+    expected_result, expected = meta_gradient_of(model, batch, "reference", seed, **kwargs)
     model.to(device)
-    result, actual = meta_gradient(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
+    result, actual = meta_gradient_of(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
     assert result.backend == "fused"
     assert relative_error(actual.cpu(), expected) <= 1e-10, seed
     for name in ("query_loss", "support_loss", "query_accuracy"):
@@ -132,11 +119,11 @@ def test_resnet12_meta_gradient_float32(device, first_order, seed):
     if gap < 4 * torch.finfo(torch.float32).eps:
         pytest.skip(f"seed {seed}: a max-pool window's two largest inputs differ by {gap:.1e}")
     batch64 = [b.double() if b.is_floating_point() else b for b in batch]
-    _, exact = meta_gradient(model.double(), batch64, "reference", seed, **kwargs)
+    _, exact = meta_gradient_of(model.double(), batch64, "reference", seed, **kwargs)
     model.float()
-    _, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
+    _, expected = meta_gradient_of(model, batch, "reference", seed, **kwargs)
     model.to(device)
-    result, actual = meta_gradient(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
+    result, actual = meta_gradient_of(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
     actual = actual.cpu()
     assert result.backend == "fused"
     close = relative_error(actual, expected) <= 1e-4
@@ -232,9 +219,9 @@ def test_user_model_fused_equals_reference_float64(device, first_order, seed):
     model = Net().double()
     batch = classification_batch(3, 3, 4, (2, 6, 6), 3, dtype=torch.float64, generator=generator)
     kwargs = dict(inner_lr=0.1, inner_steps=3, first_order=first_order, learn_inner_lr="per_step")
-    _, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
+    _, expected = meta_gradient_of(model, batch, "reference", seed, **kwargs)
     model.to(device)
-    result, actual = meta_gradient(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
+    result, actual = meta_gradient_of(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
     assert result.backend == "fused"
     assert relative_error(actual.cpu(), expected) <= 1e-10, seed
 
@@ -415,69 +402,11 @@ def residual_models(draw):
 def test_random_residual_stacks_equal_reference_float64(
     device, stack, tasks, steps, first_order, learn, seed
 ):
-    model, shape, loss, outputs = stack
-    generator = torch.Generator().manual_seed(seed)
-    batch = random_batch(generator, tasks, 4, 3, shape, loss, outputs, torch.float64)
-    kwargs = dict(
-        inner_lr=0.1, inner_steps=steps, first_order=first_order, loss=loss, learn_inner_lr=learn
-    )
-    expected_result, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
-    model.to(device)
-    result, actual = meta_gradient(model, [b.to(device) for b in batch], "fused", seed, **kwargs)
-    assert result.backend == "fused"
-    assert relative_error(actual.cpu(), expected) <= 1e-10, seed
-    for name in ("query_loss", "support_loss"):
-        want = getattr(expected_result, name)
-        assert relative_error(getattr(result, name).cpu(), want) <= 1e-10, seed
+    assert_fused_equals_reference(stack, device, tasks, steps, first_order, learn, seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, **COMMON)
 @given(stack=residual_models(), tasks=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
 def test_random_residual_stacks_hvp_equals_jvp_of_grad(device, stack, tasks, seed):
-    model, shape, loss, outputs = stack
-    model = model.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    x, y, _, _ = [
-        b.to(device)
-        for b in random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
-    ]
-    program = compile_program(model)
-    names = program.slot_names
-    params = {
-        n: (
-            p.detach().cpu()
-            + 0.3 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
-        ).to(device)
-        for n, p in model.named_parameters()
-    }
-    v = {
-        n: torch.randn(p.shape, dtype=p.dtype, generator=generator).to(device)
-        for n, p in params.items()
-    }
-    losses, grads, products = fused.loss_hvp(
-        program,
-        program.flatten(params, task_dims=1),
-        x,
-        y,
-        program.flatten(v, task_dims=1),
-        loss_code=loss_code(loss),
-    )
-    loss_fn = (
-        F.cross_entropy
-        if loss == "cross_entropy"
-        else (lambda out, target: ((out - target) ** 2).mean())
-    )
-    flat = lambda d: torch.cat([d[n].reshape(-1) for n in names])  # noqa: E731
-    for t in range(tasks):
-
-        def task_loss(p, t=t):
-            return loss_fn(functional_call(model, p, (x[t],)), y[t])
-
-        at_task = {n: params[n][t] for n in names}
-        expected_grad, expected_product = jvp(
-            grad(task_loss), (at_task,), ({n: v[n][t] for n in names},)
-        )
-        assert relative_error(losses[t], task_loss(at_task)) <= 1e-12, seed
-        assert relative_error(grads[t], flat(expected_grad)) <= 1e-10, seed
-        assert relative_error(products[t], flat(expected_product)) <= 1e-10, seed
+    assert_loss_hvp_equals_forward_over_reverse(stack, device, tasks, seed)

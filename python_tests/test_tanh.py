@@ -6,26 +6,25 @@ autodiff, and the CPU MLP path declining Tanh programs to the general path."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
-from maml_test_utils import all_grads, perturb_rates, random_batch, relative_error
+from hypothesis import given, settings, strategies as st
+from maml_test_utils import (
+    COMMON,
+    DEVICES,
+    LEARN_KINDS,
+    assert_fused_equals_reference,
+    assert_loss_hvp_equals_forward_over_reverse,
+    random_batch,
+    relative_error,
+)
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call
 
 import maml_ext
-from maml_ext import fused
 from maml_ext.program import compile_program, loss_code
 
 pytestmark = pytest.mark.skipif(
     not maml_ext.extension_info()["compiled_ops_loaded"], reason="maml_ext._C is not built"
 )
-
-LEARN_KINDS = [None, "scalar", "per_parameter", "per_step"]
-DEVICES = ["cpu"] + (
-    ["cuda"]
-    if maml_ext.extension_info()["cuda_kernels_compiled"] and torch.cuda.is_available()
-    else []
-)
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -64,14 +63,6 @@ def tanh_stacks(draw):
     return nn.Sequential(*layers, nn.Linear(width, outputs)).double(), shape, loss, outputs
 
 
-def meta_gradient(model, batch, backend, seed, **kwargs):
-    model.zero_grad(set_to_none=True)
-    opt = maml_ext.MetaOptimizer(model, None, backend=backend, **kwargs)
-    perturb_rates(opt, torch.Generator().manual_seed(seed))
-    result = opt.meta_gradient(*batch)
-    return result, all_grads(opt)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=30, **COMMON)
 @given(
@@ -85,76 +76,14 @@ def meta_gradient(model, batch, backend, seed, **kwargs):
 def test_fused_meta_gradient_equals_reference_float64(
     device, stack, tasks, steps, first_order, learn, seed
 ):
-    model, shape, loss, outputs = stack
-    model = model.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    batch = [
-        b.to(device)
-        for b in random_batch(generator, tasks, 4, 3, shape, loss, outputs, torch.float64)
-    ]
-    kwargs = dict(
-        inner_lr=0.1, inner_steps=steps, first_order=first_order, loss=loss, learn_inner_lr=learn
-    )
-    expected_result, expected = meta_gradient(model, batch, "reference", seed, **kwargs)
-    result, actual = meta_gradient(model, batch, "fused", seed, **kwargs)
-    assert result.backend == "fused"
-    assert relative_error(actual, expected) <= 1e-10, seed
-    for name in ("query_loss", "support_loss"):
-        assert relative_error(getattr(result, name), getattr(expected_result, name)) <= 1e-10, seed
+    assert_fused_equals_reference(stack, device, tasks, steps, first_order, learn, seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, **COMMON)
 @given(stack=tanh_stacks(), tasks=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
 def test_loss_hvp_equals_jvp_of_vjp(device, stack, tasks, seed):
-    model, shape, loss, outputs = stack
-    model = model.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    x, y, _, _ = [
-        b.to(device)
-        for b in random_batch(generator, tasks, 5, 1, shape, loss, outputs, torch.float64)
-    ]
-    program = compile_program(model)
-    names = program.slot_names
-    params = {
-        n: (
-            p.detach().cpu()
-            + 0.3 * torch.randn((tasks, *p.shape), dtype=p.dtype, generator=generator)
-        ).to(device)
-        for n, p in model.named_parameters()
-    }
-    v = {
-        n: torch.randn(p.shape, dtype=p.dtype, generator=generator).to(device)
-        for n, p in params.items()
-    }
-    losses, grads, products = fused.loss_hvp(
-        program,
-        program.flatten(params, task_dims=1),
-        x,
-        y,
-        program.flatten(v, task_dims=1),
-        loss_code=loss_code(loss),
-    )
-    # The squared error written out (torch.func's forward-over-reverse of F.mse_loss trips over an
-    # immutable ZeroTensor for some models).
-    loss_fn = (
-        F.cross_entropy
-        if loss == "cross_entropy"
-        else (lambda out, target: ((out - target) ** 2).mean())
-    )
-    for t in range(tasks):
-
-        def task_loss(p, t=t):
-            return loss_fn(functional_call(model, p, (x[t],)), y[t])
-
-        at_task = {n: params[n][t] for n in names}
-        (expected_grad, expected_product) = jvp(
-            grad(task_loss), (at_task,), ({n: v[n][t] for n in names},)
-        )
-        flat = lambda d: torch.cat([d[n].reshape(-1) for n in names])  # noqa: E731
-        assert relative_error(losses[t], task_loss(at_task)) <= 1e-12, seed
-        assert relative_error(grads[t], flat(expected_grad)) <= 1e-10, seed
-        assert relative_error(products[t], flat(expected_product)) <= 1e-10, seed
+    assert_loss_hvp_equals_forward_over_reverse(stack, device, tasks, seed)
 
 
 def test_tanh_policy_net_takes_the_general_path_and_matches_the_reference(seed):
