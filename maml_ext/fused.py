@@ -17,6 +17,18 @@ from .program import LayerProgram, loss_code as code_of_loss, output_shape
 def _register_fake_kernels() -> None:
     """Shape functions for torch.compile / FakeTensor tracing and torch.library.opcheck."""
 
+    def options_results(theta, inner_lr, tasks, loss, inner_lr_grad, shift):
+        accuracy = theta.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
+        return (
+            theta.new_empty((tasks,)),
+            accuracy,
+            theta.new_empty((tasks,)),
+            theta.new_empty(theta.shape),
+            theta.new_empty(inner_lr.shape if inner_lr_grad else (0,)),
+            theta.new_empty(inner_lr.shape if shift else (0,)),
+            theta.new_empty(()),
+        )
+
     @torch.library.register_fake("maml_ext::meta_step")
     def _(
         theta,
@@ -31,30 +43,9 @@ def _register_fake_kernels() -> None:
         first_order,
         inner_lr_grad,
     ):
-        tasks = support_x.shape[0]
-        per_task = theta.new_empty((tasks,))
-        accuracy = theta.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
-        alpha_grad = theta.new_empty(inner_lr.shape if inner_lr_grad else (0,))
-        return (
-            per_task,
-            accuracy,
-            theta.new_empty((tasks,)),
-            theta.new_empty(theta.shape),
-            alpha_grad,
-            theta.new_empty(()),
-        )
-
-    def options_results(theta, inner_lr, tasks, loss, inner_lr_grad, shift):
-        accuracy = theta.new_empty((tasks,) if loss == code_of_loss("cross_entropy") else (0,))
-        return (
-            theta.new_empty((tasks,)),
-            accuracy,
-            theta.new_empty((tasks,)),
-            theta.new_empty(theta.shape),
-            theta.new_empty(inner_lr.shape if inner_lr_grad else (0,)),
-            theta.new_empty(inner_lr.shape if shift else (0,)),
-            theta.new_empty(()),
-        )
+        # meta_step_options' outputs without its inner-shift gradient (the sixth).
+        results = options_results(theta, inner_lr, support_x.shape[0], loss, inner_lr_grad, False)
+        return results[:5] + results[6:]
 
     @torch.library.register_fake("maml_ext::meta_step_options")
     def _meta_step_options(
