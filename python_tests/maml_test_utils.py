@@ -109,6 +109,22 @@ def regression_batch(tasks: int, support: int, query: int, *, dtype=torch.float6
     return sx, amplitude * torch.sin(sx), qx, amplitude * torch.sin(qx)
 
 
+WEIGHT_SEEDS = st.integers(0, 2**31 - 1)
+
+
+def seeded_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Re-initialises ``model``'s layers from ``seed`` without touching the global RNG. Strategies
+    that build modules draw this seed as an example, so Hypothesis replays the weights too: drawn
+    from the global RNG, a failing example would come back with other weights (and be reported
+    as flaky)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
 def perturb_rates(opt, generator=None) -> None:
     """Moves learned rates away from their common initial value, so each entry matters."""
     with torch.no_grad():

@@ -406,23 +406,46 @@ def test_cuda_batch_norm_with_conv_partials_matches_cpu(relu_pool, seed):
     )
 
 
+FLOAT32_DRAWS = 7
+
+
 def test_fused_omniglot_like_net_matches_reference(device, dtype, seed):
     """Conv → BN (statistics from the convolution's epilogue) → ReLU → pool, Omniglot's widths:
     64 channels fill four columns per thread and 28×28 maps several row tiles. The reference runs
-    on the CPU, the fused backend on `device`."""
-    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
-    generator = torch.Generator().manual_seed(seed)
-    model = conv_net(ways=5, channels=64, blocks=4, image=28, dtype=dtype)
-    batch = classification_batch(2, 5, 5, (1, 28, 28), 5, dtype=dtype, generator=generator)
+    on the CPU in float64, the fused backend on `device` in `dtype`.
 
-    def meta_gradients(backend, batch):
+    float64 claims exactness, on one draw. float32 cannot, on every draw: max-pooling and ReLU
+    route the gradient by comparisons, and at these widths some draw (about 1 in 40 measured, the
+    float32 reference as often as the fused backend) has a comparison that float32 rounding
+    decides, which moves the meta-gradient by up to 1e-2; which rounding depends even on the
+    thread count (bench/NOTES.md, "float32 at Omniglot's widths"). So float32 must be within 1e-4
+    of float64 on most of seven draws: a float32 defect would miss on all of them."""
+    generator = torch.Generator().manual_seed(seed)
+    model = conv_net(ways=5, channels=64, blocks=4, image=28, dtype=torch.float64)
+    draws = 1 if dtype == torch.float64 else FLOAT32_DRAWS
+    batches = [
+        classification_batch(2, 5, 5, (1, 28, 28), 5, dtype=dtype, generator=generator)
+        for _ in range(draws)
+    ]
+
+    def meta_gradients(model, backend, batch):
         model.zero_grad(set_to_none=True)
         opt = maml_ext.MetaOptimizer(model, None, backend=backend, inner_lr=0.1, inner_steps=2)
         perturb_rates(opt, torch.Generator().manual_seed(11))
         return opt.meta_gradient(*batch), all_grads(opt)
 
-    _, expected = meta_gradients("reference", batch)
-    model.to(device)
-    result, actual = meta_gradients("fused", [b.to(device) for b in batch])
-    assert result.backend == "fused"
-    assert relative_error(actual.cpu(), expected) <= tolerance
+    def as_float64(batch):
+        return [b.double() if b.is_floating_point() else b for b in batch]
+
+    exact = [meta_gradients(model, "reference", as_float64(b))[1] for b in batches]
+    model.to(device=device, dtype=dtype)
+    errors = []
+    for batch, expected in zip(batches, exact):
+        result, actual = meta_gradients(model, "fused", [b.to(device) for b in batch])
+        assert result.backend == "fused"
+        errors.append(relative_error(actual.cpu().double(), expected))
+    if dtype == torch.float64:
+        assert errors[0] <= 1e-10
+    else:
+        within = sum(error <= 1e-4 for error in errors)
+        assert within > draws // 2, f"float32 relative errors against float64: {errors}"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from maml_test_utils import (
     DEVICES,
+    WEIGHT_SEEDS,
     Residual,
     all_grads,
     assume_no_batch_norm_tie,
@@ -18,6 +19,7 @@ from maml_test_utils import (
     random_batch,
     regression_batch,
     relative_error,
+    seeded_weights,
     sinusoid_mlp,
     smallest_max_pool_gap,
 )
@@ -93,7 +95,7 @@ def layer_stacks(draw):
         if draw(st.booleans())
         else nn.Sequential(*layers, *head)
     )
-    return model, shape, loss, outputs
+    return seeded_weights(model, draw(WEIGHT_SEEDS)), shape, loss, outputs
 
 
 def meta_gradients(model, batch, backend, seed, **kwargs):

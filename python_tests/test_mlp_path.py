@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
-from maml_test_utils import cpu_kernels, random_batch, relative_error, sinusoid_mlp
+from maml_test_utils import (
+    WEIGHT_SEEDS,
+    cpu_kernels,
+    random_batch,
+    relative_error,
+    seeded_weights,
+    sinusoid_mlp,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -39,7 +46,7 @@ def mlps(draw):
     loss = draw(st.sampled_from(["cross_entropy", "mse"]))
     outputs = draw(st.integers(2, 5)) if loss == "cross_entropy" else draw(st.integers(1, 3))
     layers.append(nn.Linear(width, outputs, bias=draw(st.booleans())))
-    return nn.Sequential(*layers), features, loss, outputs
+    return seeded_weights(nn.Sequential(*layers), draw(WEIGHT_SEEDS)), features, loss, outputs
 
 
 def batch(generator, tasks, support, query, features, loss, outputs, dtype):

@@ -15,6 +15,7 @@ from maml_test_utils import (
     COMMON,
     DEVICES,
     LEARN_KINDS,
+    WEIGHT_SEEDS,
     Residual,
     assert_fused_equals_reference,
     assert_loss_hvp_equals_forward_over_reverse,
@@ -22,6 +23,7 @@ from maml_test_utils import (
     meta_gradient_of,
     perturb_rates,
     relative_error,
+    seeded_weights,
     smallest_max_pool_gap,
 )
 from torch import nn
@@ -386,7 +388,7 @@ def residual_models(draw):
     loss = draw(st.sampled_from(["cross_entropy", "mse"]))
     outputs = draw(st.integers(2, 4)) if loss == "cross_entropy" else draw(st.integers(1, 3))
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * size * size, outputs))
-    return model.double(), shape, loss, outputs
+    return seeded_weights(model, draw(WEIGHT_SEEDS)).double(), shape, loss, outputs
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,10 +11,12 @@ from maml_test_utils import (
     COMMON,
     DEVICES,
     LEARN_KINDS,
+    WEIGHT_SEEDS,
     assert_fused_equals_reference,
     assert_loss_hvp_equals_forward_over_reverse,
     random_batch,
     relative_error,
+    seeded_weights,
 )
 from torch import nn
 from torch.func import functional_call
@@ -60,7 +62,8 @@ def tanh_stacks(draw):
         width = channels * size * size
     loss = draw(st.sampled_from(["cross_entropy", "mse"]))
     outputs = draw(st.integers(2, 4)) if loss == "cross_entropy" else draw(st.integers(1, 3))
-    return nn.Sequential(*layers, nn.Linear(width, outputs)).double(), shape, loss, outputs
+    model = nn.Sequential(*layers, nn.Linear(width, outputs))
+    return seeded_weights(model, draw(WEIGHT_SEEDS)).double(), shape, loss, outputs
 
 
 @pytest.mark.parametrize("device", DEVICES)
