@@ -1,34 +1,57 @@
-"""Optional dependencies: the ``experiments`` extra (progress bars, plots, image decoding).
+"""Optional dependencies, grouped in the extras of pyproject.toml.
 
-The core (MetaOptimizer, its backends, the sinusoid tasks) needs only torch and numpy. What needs
-more imports it through :func:`require`, which names the extra to install when it is missing.
+- ``experiments``: progress bars, plots, image decoding (tqdm, matplotlib, pillow);
+- ``rl``: the MuJoCo locomotion environments of :mod:`maml_ext.rl` (gymnasium, mujoco).
+
+The core (MetaOptimizer, its backends, the sinusoid tasks, 2D navigation) needs only torch and
+numpy. What needs more imports it through :func:`require`, which names the extra to install when
+it is missing.
 """
 
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRA", "INSTALL_COMMAND", "MissingExtraError", "require"]
+__all__ = ["EXTRA", "EXTRAS", "INSTALL_COMMAND", "MissingExtraError", "install_command", "require"]
 
+# Top-level module -> (the extra that provides it, the package as pip spells it).
+EXTRAS = {
+    "tqdm": ("experiments", "tqdm"),
+    "matplotlib": ("experiments", "matplotlib"),
+    "PIL": ("experiments", "pillow"),
+    "gymnasium": ("rl", "gymnasium"),
+    "mujoco": ("rl", "mujoco"),
+}
+# The extra most features ask for (kept for callers that name it directly).
 EXTRA = "experiments"
-INSTALL_COMMAND = f'pip install "maml_ext[{EXTRA}]"'
-# Module name -> the package that provides it (as pip spells it).
-_PACKAGES = {"tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow"}
+
+
+def install_command(extra: str) -> str:
+    """The pip command that installs ``extra``: ``pip install "maml_ext[rl]"``."""
+    return f'pip install "maml_ext[{extra}]"'
+
+
+INSTALL_COMMAND = install_command(EXTRA)
 
 
 class MissingExtraError(ImportError):
-    """A feature needs a package of the ``experiments`` extra that is not installed."""
+    """A feature needs a package of an optional extra (``experiments``, ``rl``) that is not
+    installed."""
 
 
 def require(module: str, purpose: str) -> ModuleType:
     """``importlib.import_module(module)``, or :class:`MissingExtraError` saying that ``purpose``
-    needs it and how to install it. ``module`` is one of the extra's: tqdm, matplotlib, PIL."""
+    needs it, which extra provides it and how to install it. ``module`` (or its top-level package)
+    is one of :data:`EXTRAS`: tqdm, matplotlib, PIL (``experiments``); gymnasium, mujoco
+    (``rl``)."""
     top_level = module.split(".")[0]
-    if top_level not in _PACKAGES:
-        raise ValueError(f"module: {module!r} is not part of the {EXTRA!r} extra")
+    if top_level not in EXTRAS:
+        known = ", ".join(f"{name} ({extra})" for name, (extra, _) in EXTRAS.items())
+        raise ValueError(f"module: {module!r} is not part of an optional extra; known: {known}")
+    extra, package = EXTRAS[top_level]
     try:
         return importlib.import_module(module)
     except ImportError as error:
         raise MissingExtraError(
-            f"{purpose} needs {_PACKAGES[top_level]}, part of maml_ext's optional {EXTRA!r} extra; "
-            f'install it with: {INSTALL_COMMAND}  (from a checkout: pip install ".[{EXTRA}]")'
+            f"{purpose} needs {package}, part of maml_ext's optional {extra!r} extra; "
+            f'install it with: {install_command(extra)}  (from a checkout: pip install ".[{extra}]")'
         ) from error
