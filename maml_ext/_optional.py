@@ -53,5 +53,6 @@ def require(module: str, purpose: str) -> ModuleType:
     except ImportError as error:
         raise MissingExtraError(
             f"{purpose} needs {package}, part of maml_ext's optional {extra!r} extra; "
-            f'install it with: {install_command(extra)}  (from a checkout: pip install ".[{extra}]")'
+            f"install it with: {install_command(extra)}  "
+            f'(from a checkout: pip install ".[{extra}]")'
         ) from error
