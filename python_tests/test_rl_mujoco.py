@@ -27,6 +27,13 @@ GYMNASIUM_WEIGHTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_directory(tmp_path, monkeypatch):
+    # MuJoCo appends its warnings (gymnasium's cheetah model compiles with one; the unstable
+    # simulation below raises some) to MUJOCO_LOG.TXT in the working directory.
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def rl_extra():
     """gymnasium, or a skip (a failure in CI) naming the missing extra."""

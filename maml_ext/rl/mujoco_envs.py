@@ -60,6 +60,24 @@ def _gymnasium_asset(file_name: str) -> str:
     return path
 
 
+def _compile_quietly(mujoco, path: str):
+    """``MjModel.from_xml_path(path)`` without MuJoCo's compiler warnings: gymnasium's
+    ``half_cheetah.xml`` uses the deprecated ``settotalmass``, and each warning would be printed
+    and appended to ``MUJOCO_LOG.TXT`` in the working directory at every construction."""
+    config = getattr(mujoco, "MjLogConfig", None)
+    if config is None:  # a mujoco without a log configuration
+        return mujoco.MjModel.from_xml_path(path)
+    previous = config.get()
+    quiet = config.get()
+    quiet.logto_console = False
+    quiet.logto_file = False
+    quiet.set()
+    try:
+        return mujoco.MjModel.from_xml_path(path)
+    finally:
+        previous.set()
+
+
 class _BatchStepper:
     """All simulations in one ``mujoco.batch.Batch``; the bound fields are live ``[N, ...]``
     arrays."""
@@ -214,7 +232,7 @@ class _Locomotion:
         self.threads = int(threads) if threads is not None else torch.get_num_threads()
         self.stepper = stepper
         self._mujoco = mujoco
-        self.model = mujoco.MjModel.from_xml_path(_gymnasium_asset(self._xml))
+        self.model = _compile_quietly(mujoco, _gymnasium_asset(self._xml))
         # gymnasium's init_qpos/init_qvel: a fresh MjData's state.
         self._init_qpos = self.model.qpos0.copy()
         self._init_qvel = np.zeros(self.model.nv)
