@@ -23,7 +23,7 @@ PYTHON := $(VENV)/bin/python
 CLANG_FORMAT := $(VENV)/bin/clang-format
 ENV_STAMP := $(VENV)/.deps-stamp
 endif
-# The extras of pyproject.toml a development environment gets (test pulls in experiments).
+# The extras of pyproject.toml a development environment gets (test pulls in experiments and rl).
 DEV_EXTRAS := test lint
 
 CUDA_HOME ?= $(shell python3 build_tools/cuda_home.py)
