@@ -7,6 +7,7 @@ gymnasium's own velocity and cost terms. The MuJoCo tests need the ``rl`` extra:
 are skipped without it, in CI (``CI`` set) its absence fails them.
 """
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -37,7 +38,12 @@ def _in_a_scratch_directory(tmp_path, monkeypatch):
 @pytest.fixture
 def rl_extra():
     """gymnasium, or a skip (a failure in CI) naming the missing extra."""
-    missing = [name for name in ("gymnasium", "mujoco") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("gymnasium", "mujoco"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         message = (
             f"the 'rl' extra is not installed (missing: {', '.join(missing)}); "
