@@ -261,6 +261,9 @@ def test_bad_input_is_refused_and_changes_nothing(rl_extra):
         env.step(nan_actions)
     after = env.physics_state()
     assert all(torch.equal(before[key], after[key]) for key in before)
+    env.close()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(torch.zeros(2, 3, 6))
 
 
 def test_unknown_environment_lists_the_known_ones():

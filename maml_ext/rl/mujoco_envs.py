@@ -177,6 +177,11 @@ class _LoopStepper:
             self._copy_out(index, data)
         return unstable
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
     def step(self, ctrl: np.ndarray, ids: np.ndarray) -> np.ndarray:
         if self._pool is None or len(ids) < 2 * self._threads:
             unstable = self._step_chunk(ctrl, ids)
@@ -263,6 +268,7 @@ class _Locomotion:
         count, rollouts = tasks.shape[0], int(rollouts)
         total = count * rollouts
         if self._sim is None or self._shape[0] * self._shape[1] != total:
+            self.close()
             make = _BatchStepper if self.stepper == "batch" else _LoopStepper
             self._sim = make(
                 self._mujoco, self.model, total, self._frame_skip, self.threads,
@@ -324,6 +330,14 @@ class _Locomotion:
             self._to_tensor(rewards),
             done,
         )
+
+    def close(self) -> None:
+        """Releases the simulations and the stepping threads (a later reset makes new ones)."""
+        close = getattr(self._sim, "close", None)
+        if close is not None:
+            close()
+        self._sim = None
+        self._shape = None
 
     # -- inspection ----------------------------------------------------------------------------
 
