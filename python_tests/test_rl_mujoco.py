@@ -239,6 +239,20 @@ def test_task_sampling_shapes_and_dtypes(rl_extra, name):
     assert rewards.dtype == torch.float32 and done.dtype == torch.bool and done.shape == (3, 2)
 
 
+@pytest.mark.parametrize("name", ["halfcheetah-vel", "ant-dir"])
+def test_reset_noise_is_gymnasium_v5s(rl_extra, name):
+    # v5: qpos = init_qpos + U(-0.1, 0.1) on every coordinate, qvel = 0.1 N(0, 1).
+    env = make_env(name, dtype=torch.float64, threads=1)
+    reference = rl_extra.make(GYMNASIUM_ID[_body(name)]).unwrapped
+    env.reset(torch.ones(50, 1), 20, generator=torch.Generator().manual_seed(4))
+    state = env.physics_state()
+    offsets = (state["qpos"] - torch.from_numpy(reference.init_qpos)).reshape(1000, -1)
+    velocities = (state["qvel"] - torch.from_numpy(reference.init_qvel)).reshape(1000, -1)
+    assert offsets.abs().max() <= 0.1 and offsets.abs().max() > 0.099
+    assert offsets.mean().abs() < 0.005  # standard error 0.058 / sqrt(1000 nq)
+    assert abs(velocities.std().item() - 0.1) < 0.005 and velocities.mean().abs() < 0.005
+
+
 def test_bad_input_is_refused_and_changes_nothing(rl_extra):
     env = make_env("halfcheetah-dir", dtype=torch.float64)
     with pytest.raises(RuntimeError, match="reset"):
