@@ -85,6 +85,50 @@ def per_call(fn, calls: int) -> float:
     return best
 
 
+def measure(gymnasium, mujoco, name: str, args):
+    """The throughput rows of one environment, and gymnasium's per-call step costs."""
+    gym_id, weights = _gymnasium_id(name)
+    count = args.tasks * args.rollouts
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    thread_counts = sorted({1, args.threads})
+    batched = {n: make_env(name, threads=n) for n in thread_counts}
+    tasks = batched[thread_counts[0]].sample_tasks(args.tasks, generator)
+
+    def make_one():
+        return gymnasium.make(gym_id, **weights)
+
+    vector = gymnasium.vector.SyncVectorEnv([make_one] * count)
+    single = make_one()
+    model = single.unwrapped.model
+    frame_skip = single.unwrapped.frame_skip
+    datas = [mujoco.MjData(model) for _ in range(count)]
+    best: dict[str, float] = {}
+
+    def keep(key: str, seconds: float) -> None:
+        best[key] = min(best.get(key, float("inf")), seconds)
+
+    for _ in range(args.rounds):
+        for n, env in batched.items():
+            key = f"batched, {n} thread{'s' if n > 1 else ''} ({env.stepper} stepper)"
+            keep(key, batched_round(env, tasks, args.rollouts, args.steps, generator))
+        keep("gymnasium SyncVectorEnv", vector_round(vector, count, model.nu, args.steps, rng))
+        keep("raw mj_step loop", raw_round(mujoco, model, datas, frame_skip, args.steps, rng))
+    vector.close()
+    reference = best["gymnasium SyncVectorEnv"]
+    rows = [(name, key, count * args.steps / s, reference / s) for key, s in best.items()]
+
+    single.reset(seed=0)
+    action = np.zeros(model.nu)
+    data = mujoco.MjData(model)
+    mujoco.mj_forward(model, data)
+    wrapped = per_call(lambda: single.step(action), 300)
+    bare = per_call(lambda: single.unwrapped.step(action), 300)
+    raw = per_call(lambda: mujoco.mj_step(model, data, nstep=frame_skip), 300)
+    single.close()
+    return rows, (gym_id, wrapped, bare, raw)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["halfcheetah-dir", "ant-dir"])
@@ -108,44 +152,9 @@ def main() -> None:
     rows = []
     per_step_rows = []
     for name in args.envs:
-        gym_id, weights = _gymnasium_id(name)
-        generator = torch.Generator().manual_seed(0)
-        rng = np.random.default_rng(0)
-        thread_counts = sorted({1, args.threads})
-        batched = {n: make_env(name, threads=n) for n in thread_counts}
-        tasks = batched[thread_counts[0]].sample_tasks(args.tasks, generator)
-        vector = gymnasium.vector.SyncVectorEnv(
-            [lambda: gymnasium.make(gym_id, **weights) for _ in range(count)]
-        )
-        single = gymnasium.make(gym_id, **weights)
-        model = single.unwrapped.model
-        frame_skip = single.unwrapped.frame_skip
-        datas = [mujoco.MjData(model) for _ in range(count)]
-        action_size = model.nu
-        best: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for n, env in batched.items():
-                key = f"batched, {n} thread{'s' if n > 1 else ''} ({env.stepper} stepper)"
-                seconds = batched_round(env, tasks, args.rollouts, args.steps, generator)
-                best[key] = min(best.get(key, float("inf")), seconds)
-            seconds = vector_round(vector, count, action_size, args.steps, rng)
-            best["gymnasium SyncVectorEnv"] = min(best.get("gymnasium SyncVectorEnv", 1e30), seconds)
-            seconds = raw_round(mujoco, model, datas, frame_skip, args.steps, rng)
-            best["raw mj_step loop"] = min(best.get("raw mj_step loop", float("inf")), seconds)
-        vector.close()
-        reference = best["gymnasium SyncVectorEnv"]
-        for key, seconds in best.items():
-            rows.append((name, key, count * args.steps / seconds, reference / seconds))
-
-        single.reset(seed=0)
-        action = np.zeros(action_size)
-        data = mujoco.MjData(model)
-        mujoco.mj_forward(model, data)
-        wrapped = per_call(lambda: single.step(action), 300)
-        bare = per_call(lambda: single.unwrapped.step(action), 300)
-        raw = per_call(lambda: mujoco.mj_step(model, data, nstep=frame_skip), 300)
-        per_step_rows.append((gym_id, wrapped, bare, raw))
-        single.close()
+        env_rows, per_step = measure(gymnasium, mujoco, name, args)
+        rows += env_rows
+        per_step_rows.append(per_step)
 
     print(f"\n{'environment':<16} {'implementation':<38} {'env steps/s':>12} {'vs Sync':>8}")
     for name, key, rate, ratio in rows:

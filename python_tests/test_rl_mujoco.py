@@ -98,8 +98,8 @@ def _run_against_gymnasium(gymnasium, env, name, tasks, rollouts, steps, generat
     frozen = observations.clone()
     for _ in range(steps):
         # Some actions beyond the actuators' range [-1, 1]: both sides get them clipped.
-        actions = 2.6 * torch.rand(*observations.shape[:2], env.action_size, generator=generator,
-                                   dtype=torch.float64) - 1.3
+        shape = (*observations.shape[:2], env.action_size)
+        actions = 2.6 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1.3
         observations, rewards, done = env.step(actions)
         for t, k, task, reference in episodes:
             if ended[t, k]:

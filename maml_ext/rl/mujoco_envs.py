@@ -187,8 +187,8 @@ class _LoopStepper:
             unstable = self._step_chunk(ctrl, ids)
         else:
             chunks = np.array_split(ids, self._threads)
-            unstable = [i for part in self._pool.map(self._step_chunk, [ctrl] * len(chunks),
-                                                     chunks) for i in part]
+            parts = self._pool.map(self._step_chunk, [ctrl] * len(chunks), chunks)
+            unstable = [index for part in parts for index in part]
         return np.asarray(unstable, dtype=np.int64)
 
 
@@ -271,7 +271,11 @@ class _Locomotion:
             self.close()
             make = _BatchStepper if self.stepper == "batch" else _LoopStepper
             self._sim = make(
-                self._mujoco, self.model, total, self._frame_skip, self.threads,
+                self._mujoco,
+                self.model,
+                total,
+                self._frame_skip,
+                self.threads,
                 self._derived_fields,
             )
         self._shape = (count, rollouts)
