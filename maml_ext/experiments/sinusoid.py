@@ -58,9 +58,9 @@ __all__ = [
     "train_sinusoid",
 ]
 
-# Enough for MAML to adapt far better than the baseline within minutes on a CPU (timings in
-# bench/NOTES.md); the paper trains for 70000 iterations.
-DEFAULT_ITERATIONS = 1000
+# The paper's run (its Figure 2): about a minute of MAML on a 2-core CPU with the fused backend
+# (timings in bench/NOTES.md); --iterations shortens it.
+DEFAULT_ITERATIONS = 70000
 EVAL_STEPS = (0, 1, 5, 10)
 
 Weights = dict[str, torch.Tensor]
