@@ -43,10 +43,11 @@ def fit_linear_baseline(
     if mask.shape != returns.shape:
         raise ValueError(f"mask: expected shape {list(returns.shape)}, got {list(mask.shape)}")
     weight = mask.to(observations.dtype)
-    features = baseline_features(observations) * weight.unsqueeze(-1)
+    # torch.where, not a product: padding may hold anything, even NaN.
+    features = torch.where(mask.unsqueeze(-1), baseline_features(observations), 0.0)
     tasks = features.shape[0]
     x = features.reshape(tasks, -1, features.shape[-1])
-    y = (returns * weight).reshape(tasks, -1, 1)
+    y = torch.where(mask, returns, 0.0).reshape(tasks, -1, 1)
     gram, moment = x.transpose(1, 2) @ x, x.transpose(1, 2) @ y
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     regulariser = torch.full((tasks,), ridge, dtype=gram.dtype, device=gram.device)

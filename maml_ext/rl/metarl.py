@@ -15,8 +15,8 @@ For task t with inner rollouts ``D_t`` and post-adaptation (query) rollouts ``D'
 - ``∂θ'_t/∂θ = J_t = I - α H_t`` with ``H_t = ∇²L_t`` (symmetric, so ``J_tᵀ = J_t``): the meta-gradient
   is ``mean_t J_t ∇S_t(θ'_t)`` and the Fisher-vector product ``mean_t J_t F_t J_t v`` (``F_t`` = the
   Gaussian's Fisher at ``θ'_t``, exactly the Hessian of ``KL`` at θ_old): two Hessian-vector
-  products of the inner loss (forward-over-reverse) and one Fisher-vector product (a JVP and a VJP
-  of the mean). First order: ``J = I``.
+  products of the inner loss and one Fisher-vector product, each a backward pass over a graph
+  built once per outer step (:class:`InnerCurvature`, :class:`FisherAt`). First order: ``J = I``.
 
 The fused C++ engine has no Gaussian loss yet: this slice runs on torch/``torch.func``.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad, jvp, vjp
+from torch.func import grad
 
 from .policy import PolicyLayout, gaussian_kl, gaussian_log_prob
 from .sampler import Rollouts
@@ -112,22 +112,73 @@ def adapt(
     return params - inner_lr * _inner_gradient(layout, data)(params)
 
 
+class InnerCurvature:
+    """The inner loss's gradient at θ with its graph kept, so that each Hessian-vector product
+    ``H_t v_t`` (all tasks at once) is one backward pass of that graph (reverse-over-reverse),
+    without recomputing the forward: TRPO's conjugate gradient needs two per iteration at one θ.
+    ``inner=None`` (no adaptation): ``J = I``."""
+
+    def __init__(self, layout, theta, inner: TaskData | None, inner_lr: float, first_order=False):
+        self.inner_lr = 0.0 if inner is None else float(inner_lr)
+        self.identity = first_order or self.inner_lr == 0
+        self.tasks = None if inner is None else inner.tasks
+        if inner is None:
+            self.adapted = theta.detach()
+            return
+        self.params = _expand(theta.detach(), inner.tasks).clone().requires_grad_()
+        with torch.enable_grad():
+            loss = inner_losses(layout, self.params, inner).sum()
+            self.gradient = torch.autograd.grad(loss, self.params, create_graph=not self.identity)[0]
+        self.adapted = (self.params - self.inner_lr * self.gradient).detach()
+
+    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H_t v_t``, ``[T, P]`` (``vectors``: ``[P]`` or ``[T, P]``)."""
+        if self.tasks is None or self.identity:
+            raise ValueError("hvp: this curvature was built without the second-order term")
+        vectors = _expand(vectors, self.tasks)
+        return torch.autograd.grad(self.gradient, self.params, vectors, retain_graph=True)[0]
+
+    def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``J_t v_t = v_t - α H_t v_t`` (J_t symmetric, so also ``J_tᵀ v_t``)."""
+        if self.identity:
+            return vectors
+        return _expand(vectors, self.tasks) - self.inner_lr * self.hvp(vectors)
+
+
+class FisherAt:
+    """The Gaussian policy's Fisher information at each task's adapted parameters on ``outer``
+    (the Hessian of the mean KL there): ``F_t u_t = Jμᵀ (w/σ²) Jμ u_t + 2 Σw u_logstd`` with
+    ``Jμ u`` by the double-VJP trick on a kept graph, so a product costs backward passes only."""
+
+    def __init__(self, layout: PolicyLayout, adapted: torch.Tensor, outer: TaskData):
+        self.params = adapted.detach().clone().requires_grad_()
+        self.action_size = layout.shapes[-1][0]
+        with torch.enable_grad():
+            self.mean, log_std = layout.mean_log_std(self.params, outer.observations)
+            self.probe = torch.zeros_like(self.mean, requires_grad=True)
+            self.pullback = torch.autograd.grad(
+                (self.mean * self.probe).sum(), self.params, create_graph=True
+            )[0]
+        self.mean_weights = (torch.exp(-2 * log_std).unsqueeze(-2) * outer.weights.unsqueeze(-1))
+        self.mean_weights = self.mean_weights.detach()
+        self.log_std_weights = 2 * outer.weights.sum(-1, keepdim=True)
+
+    def product(self, vectors: torch.Tensor) -> torch.Tensor:
+        vectors = _expand(vectors, self.params.shape[0])
+        mean_dot = torch.autograd.grad(self.pullback, self.probe, vectors, retain_graph=True)[0]
+        result = torch.autograd.grad(
+            self.mean, self.params, mean_dot * self.mean_weights, retain_graph=True
+        )[0]
+        log_std = vectors[:, -self.action_size :] * self.log_std_weights
+        return torch.cat([result[:, : -self.action_size], result[:, -self.action_size :] + log_std], -1)
+
+
 def inner_hvp(
     layout: PolicyLayout, theta: torch.Tensor, data: TaskData, vectors: torch.Tensor
 ) -> torch.Tensor:
     """``H_t v_t`` for every task, ``[T, P]``: the inner loss's Hessian at θ times ``vectors``
-    (``[P]`` shared or ``[T, P]``), exact (forward-over-reverse)."""
-    params = _expand(theta, data.tasks).contiguous()
-    tangents = _expand(vectors, data.tasks).contiguous()
-    return jvp(_inner_gradient(layout, data), (params,), (tangents,))[1]
-
-
-def _apply_jacobian(layout, theta, data, vectors, inner_lr, first_order):
-    """``J_t v_t = v_t - α H_t v_t`` (J_t symmetric, so it is also ``J_tᵀ v_t``)."""
-    if first_order or inner_lr == 0 or data is None:
-        return vectors
-    vectors = _expand(vectors, data.tasks)
-    return vectors - inner_lr * inner_hvp(layout, theta, data, vectors)
+    (``[P]`` shared or ``[T, P]``), exact."""
+    return InnerCurvature(layout, theta, data, 1.0).hvp(vectors)
 
 
 def _surrogate_terms(layout, adapted, outer: TaskData, old_log_prob, old_mean, old_log_std):
@@ -154,32 +205,16 @@ def meta_gradient(
     inner_lr: float,
     first_order: bool = False,
     reduce: bool = True,
+    curvature: InnerCurvature | None = None,
 ) -> torch.Tensor:
     """Gradient of the surrogate ``S`` (task mean) at θ, where ``outer`` was sampled by the
     adapted policies themselves: ``mean_t J_t ∇S_t(θ'_t)`` (``[P]``; per task ``[T, P]`` with
     ``reduce=False``). ``inner=None``: no adaptation (plain policy gradient)."""
-    if inner is None:
-        adapted, inner_lr = _expand(theta, outer.tasks), 0.0
-    else:
-        adapted = adapt(layout, theta, inner, inner_lr)
-    outer_gradient = policy_gradient(layout, adapted, outer)
-    per_task = _apply_jacobian(layout, theta, inner, outer_gradient, inner_lr, first_order)
-    per_task = _expand(per_task, outer.tasks)
+    if curvature is None:
+        curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order)
+    adapted = _expand(curvature.adapted, outer.tasks)
+    per_task = _expand(curvature.jacobian(policy_gradient(layout, adapted, outer)), outer.tasks)
     return per_task.mean(0) if reduce else per_task
-
-
-def _fisher(layout, adapted, outer: TaskData, vectors):
-    """``F_t u_t`` at ``adapted`` on ``outer`` (Gauss-Newton form of the KL Hessian):
-    ``Jμᵀ (w/σ²) Jμ u + 2 u_logstd`` per valid-step mean."""
-    def outputs(p):
-        return layout.mean_log_std(p, outer.observations)
-
-    (mean, log_std), (mean_dot, log_std_dot) = jvp(outputs, (adapted,), (vectors,))
-    _, pullback = vjp(outputs, adapted)
-    weights = outer.weights.unsqueeze(-1)
-    mean_cotangent = mean_dot * torch.exp(-2 * log_std).unsqueeze(-2) * weights
-    log_std_cotangent = 2 * log_std_dot * outer.weights.sum(-1, keepdim=True)
-    return pullback((mean_cotangent, log_std_cotangent))[0]
 
 
 def fisher_vector_product(
@@ -190,22 +225,15 @@ def fisher_vector_product(
     vectors: torch.Tensor,
     inner_lr: float,
     first_order: bool = False,
-    adapted: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-task ``J_t F_t J_t v``, ``[T, P]``: the Hessian of task t's mean KL between the
-    post-adaptation policy that sampled ``outer`` and the post-adaptation policy of θ, at θ
-    (``vectors``: ``[P]`` shared or ``[T, P]``). ``adapted``: θ'_t if already computed.
-    The TRPO constraint's curvature is the task mean of these rows."""
-    if inner is None:
-        inner_lr = 0.0
-    if adapted is None:
-        adapted = _expand(theta, outer.tasks) if inner is None else adapt(
-            layout, theta, inner, inner_lr
-        )
-    forward = _apply_jacobian(layout, theta, inner, vectors, inner_lr, first_order)
-    forward = _expand(forward, outer.tasks).contiguous()
-    fisher = _fisher(layout, adapted.detach().contiguous(), outer, forward)
-    return _apply_jacobian(layout, theta, inner, fisher, inner_lr, first_order)
+    """Per-task ``J_t F_t J_t v``, ``[T, P]``: the Hessian, at θ, of task t's mean KL between the
+    post-adaptation policy that sampled ``outer`` (that of θ) and the post-adaptation policy of
+    the varied θ (``vectors``: ``[P]`` shared or ``[T, P]``); two HVPs of the inner loss and one
+    Fisher-vector product. The TRPO constraint's curvature is the task mean of these rows.
+    To apply it many times at one θ, build :class:`InnerCurvature` and :class:`FisherAt` once."""
+    curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order)
+    fisher = FisherAt(layout, _expand(curvature.adapted, outer.tasks), outer)
+    return curvature.jacobian(fisher.product(curvature.jacobian(vectors)))
 
 
 def conjugate_gradient(product, b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10):
@@ -269,8 +297,10 @@ class _MetaLearner:
                 )
         return inner, outer
 
-    def _checked_gradient(self, theta, inner, outer):
-        gradient = meta_gradient(self.layout, theta, inner, outer, self.inner_lr, self.first_order)
+    def _checked_gradient(self, theta, inner, outer, curvature=None):
+        gradient = meta_gradient(
+            self.layout, theta, inner, outer, self.inner_lr, self.first_order, curvature=curvature
+        )
         if not bool(torch.isfinite(gradient).all()):
             raise FloatingPointError("meta-gradient: not finite; no parameter was changed")
         return gradient
@@ -313,18 +343,18 @@ class MetaTRPO(_MetaLearner):
         inner, outer = self._prepare(inner, outer)
         layout, lr = self.layout, self.inner_lr if inner is not None else 0.0
         theta = self.theta()
-        adapted = self.adapted(inner, theta, outer.tasks)
+        curvature = InnerCurvature(layout, theta, inner, lr, self.first_order)
+        adapted = _expand(curvature.adapted, outer.tasks)
+        fisher = FisherAt(layout, adapted, outer)
         with torch.no_grad():
             mean, log_std = layout.mean_log_std(adapted, outer.observations)
             log_std = log_std.unsqueeze(-2)
             old = (gaussian_log_prob(mean, log_std, outer.actions), mean, log_std)
-        gradient = self._checked_gradient(theta, inner, outer)
+        gradient = self._checked_gradient(theta, inner, outer, curvature)
 
         def product(v):
-            rows = fisher_vector_product(
-                layout, theta, inner, outer, v, lr, self.first_order, adapted=adapted
-            )
-            return rows.mean(0) + self.cg_damping * v
+            rows = curvature.jacobian(fisher.product(curvature.jacobian(v)))
+            return _expand(rows, outer.tasks).mean(0) + self.cg_damping * v
 
         direction = conjugate_gradient(product, gradient, self.cg_iterations)
         curvature = float(direction @ product(direction))

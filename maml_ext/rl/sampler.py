@@ -105,6 +105,12 @@ def sample_rollouts(
         mask=torch.stack(mask, 2),
     )
     check_finite(batch)
+    # Padding (steps after an episode ended) is zeroed, so that whatever a simulator returns there
+    # (even NaN) cannot leak into a loss through a zero weight.
+    valid = batch.mask.unsqueeze(-1)
+    batch.observations = torch.where(valid, batch.observations, 0.0)
+    batch.actions = torch.where(valid, batch.actions, 0.0)
+    batch.rewards = torch.where(batch.mask, batch.rewards, 0.0)
     return batch
 
 
@@ -136,7 +142,7 @@ def process_rollouts(
     task over its valid steps to mean 0 and standard deviation 1)."""
     check_finite(batch)
     weight = batch.mask.to(batch.rewards.dtype)
-    rewards = batch.rewards * weight
+    rewards = torch.where(batch.mask, batch.rewards, 0.0)
     horizon = rewards.shape[-1]
     returns = rewards @ _discount_matrix(horizon, discount, rewards).T
     values = fit_linear_baseline(batch.observations, returns, batch.mask)
