@@ -73,6 +73,15 @@ class TaskData:
                 f"got {list(self.observations.shape)}, {list(self.actions.shape)}, "
                 f"{list(self.advantages.shape)}"
             )
+        sizes = (layout.shapes[0][-1], layout.shapes[-1][0])
+        if (self.observations.shape[-1], self.actions.shape[-1]) != sizes:
+            raise ValueError(
+                f"{name}: the policy takes {sizes[0]} observation and {sizes[1]} action "
+                f"dimensions; got observations {list(self.observations.shape)} and actions "
+                f"{list(self.actions.shape)}"
+            )
+        if self.weights.shape != (t, n):
+            raise ValueError(f"{name}: weights: expected [{t}, {n}], got {list(self.weights.shape)}")
         for field in ("observations", "actions", "advantages"):
             values = getattr(self, field)
             bad = ~torch.isfinite(values)
