@@ -114,7 +114,9 @@ def reference_trpo_step(policy, theta, inner, outer, lr, max_kl=0.01):
     full_step = (2 * max_kl / float(direction @ fvp(direction))) ** 0.5 * direction
 
     def evaluate(t):
-        values = [surrogate_and_kl(t.clone().requires_grad_(), task, False) for task in range(tasks)]
+        values = [
+            surrogate_and_kl(t.clone().requires_grad_(), task, False) for task in range(tasks)
+        ]
         return (sum(float(s.detach()) for s, _ in values) / tasks,
                 sum(float(k.detach()) for _, k in values) / tasks)
 

@@ -67,7 +67,8 @@ def test_dynamics_reward_and_termination_by_hand():
 def test_termination_needs_both_coordinates_within_tolerance():
     env = Navigation2D(dtype=torch.float64)
     env.reset(torch.tensor([[0.1, 0.1]], dtype=torch.float64), rollouts=3)
-    _, _, done = env.step(torch.tensor([[[0.1, 0.095], [0.1, 0.08], [0.0, 0.1]]], dtype=torch.float64))
+    moves = torch.tensor([[[0.1, 0.095], [0.1, 0.08], [0.0, 0.1]]], dtype=torch.float64)
+    _, _, done = env.step(moves)
     assert done.tolist() == [[True, False, False]]
 
 
@@ -171,7 +172,8 @@ def test_sampler_shapes_and_prefix_masks(seed):
     assert batch.mask.shape == (3, 5, 30) and batch.mask[..., 0].all()
     assert (batch.mask[..., 1:] <= batch.mask[..., :-1]).all()
     # Rewards are those of the positions the next observations show.
-    distance = torch.linalg.vector_norm(batch.observations[..., 1:, :] - tasks[:, None, None], dim=-1)
+    offsets = batch.observations[..., 1:, :] - tasks[:, None, None]
+    distance = torch.linalg.vector_norm(offsets, dim=-1)
     torch.testing.assert_close(batch.rewards[..., :-1], -distance)
 
 

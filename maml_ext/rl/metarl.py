@@ -12,9 +12,10 @@ For task t with inner rollouts ``D_t`` and post-adaptation (query) rollouts ``D'
   (log π summed over action dimensions); adapted parameters ``θ'_t = θ - α ∇L_t(θ)`` (log_std too);
 - surrogate ``S_t(θ) = mean over D'_t of π_θ'_t(a|s) / π_old(a|s) · Â`` (π_old: the policy that
   sampled D'_t) and ``KL_t(θ) = mean over D'_t of KL(π_old ‖ π_θ'_t)``; ``S``, ``KL``: task means;
-- ``∂θ'_t/∂θ = J_t = I - α H_t`` with ``H_t = ∇²L_t`` (symmetric, so ``J_tᵀ = J_t``): the meta-gradient
-  is ``mean_t J_t ∇S_t(θ'_t)`` and the Fisher-vector product ``mean_t J_t F_t J_t v`` (``F_t`` = the
-  Gaussian's Fisher at ``θ'_t``, exactly the Hessian of ``KL`` at θ_old): two Hessian-vector
+- ``∂θ'_t/∂θ = J_t = I - α H_t`` with ``H_t = ∇²L_t`` (symmetric, so ``J_tᵀ = J_t``): the
+  meta-gradient is ``mean_t J_t ∇S_t(θ'_t)`` and the Fisher-vector product
+  ``mean_t J_t F_t J_t v`` (``F_t`` = the Gaussian's Fisher at ``θ'_t``, exactly the Hessian of
+  ``KL`` at θ_old): two Hessian-vector
   products of the inner loss and one Fisher-vector product, each a backward pass over a graph
   built once per outer step (:class:`InnerCurvature`, :class:`FisherAt`). First order: ``J = I``.
 
@@ -81,7 +82,9 @@ class TaskData:
                 f"{list(self.actions.shape)}"
             )
         if self.weights.shape != (t, n):
-            raise ValueError(f"{name}: weights: expected [{t}, {n}], got {list(self.weights.shape)}")
+            raise ValueError(
+                f"{name}: weights: expected [{t}, {n}], got {list(self.weights.shape)}"
+            )
         for field in ("observations", "actions", "advantages"):
             values = getattr(self, field)
             bad = ~torch.isfinite(values)
@@ -137,7 +140,9 @@ class InnerCurvature:
         self.params = _expand(theta.detach(), inner.tasks).clone().requires_grad_()
         with torch.enable_grad():
             loss = inner_losses(layout, self.params, inner).sum()
-            self.gradient = torch.autograd.grad(loss, self.params, create_graph=not self.identity)[0]
+            self.gradient = torch.autograd.grad(
+                loss, self.params, create_graph=not self.identity
+            )[0]
         self.adapted = (self.params - self.inner_lr * self.gradient).detach()
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -179,7 +184,8 @@ class FisherAt:
             self.mean, self.params, mean_dot * self.mean_weights, retain_graph=True
         )[0]
         log_std = vectors[:, -self.action_size :] * self.log_std_weights
-        return torch.cat([result[:, : -self.action_size], result[:, -self.action_size :] + log_std], -1)
+        split = -self.action_size
+        return torch.cat([result[:, :split], result[:, split:] + log_std], -1)
 
 
 def inner_hvp(

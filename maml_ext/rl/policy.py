@@ -8,7 +8,8 @@ adapted in the inner step.
 The meta-RL code works on *flat* parameter vectors, one row per task (``[T, P]``): each task's
 adapted policy differs. :class:`PolicyLayout` maps such a row (or a ``[T, P]`` block, through
 broadcasting batched matrix products, with no per-task Python) to the mean and log-std, in the order
-of ``policy.ordered_parameters()`` (the mean's layers, then log_std). ``torch.func.functional_call(policy, params, obs)`` gives the same
+of ``policy.ordered_parameters()`` (the mean's layers, then log_std).
+``torch.func.functional_call(policy, params, obs)`` gives the same
 distribution from a dict of (unbatched) parameters, so ``torch.func.vmap`` works too.
 
 This slice runs on torch/``torch.func``: the fused C++ engine has no Gaussian loss yet.
@@ -61,7 +62,9 @@ class GaussianPolicy(nn.Module):
     ):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
         if init_std <= 0:
             raise ValueError(f"init_std: expected a positive standard deviation, got {init_std}")
         self.observation_size, self.action_size = int(observation_size), int(action_size)
@@ -105,7 +108,9 @@ class GaussianPolicy(nn.Module):
         """Copies a flat vector (as :meth:`flat_parameters` orders it) into the parameters."""
         total = sum(p.numel() for p in self.parameters())
         if flat.shape != (total,):
-            raise ValueError(f"flat: expected a vector of {total} parameters, got {list(flat.shape)}")
+            raise ValueError(
+                f"flat: expected a vector of {total} parameters, got {list(flat.shape)}"
+            )
         offset = 0
         for _, p in self.ordered_parameters():
             p.copy_(flat[offset : offset + p.numel()].view_as(p))

@@ -88,7 +88,9 @@ def sample_rollouts(
         if deterministic:
             action = mean
         else:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            noise = torch.randn(
+                mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+            )
             action = mean + torch.exp(log_std).unsqueeze(-2) * noise
         next_obs, reward, done = env.step(action)
         observations.append(obs)

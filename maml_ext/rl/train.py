@@ -225,7 +225,9 @@ def train_rl(
                 state.history.append(row)
                 state.done[phase] += 1
                 if phase == "maml":
-                    bar.set_postfix(pre=f"{row['pre_return']:.1f}", post=f"{row['post_return']:.1f}")
+                    bar.set_postfix(
+                        pre=f"{row['pre_return']:.1f}", post=f"{row['post_return']:.1f}"
+                    )
                 else:
                     bar.set_postfix(ret=f"{row['pre_return']:.1f}")
                 bar.update(1)
