@@ -290,9 +290,12 @@ def test_cli_navigation_run_adapts(tmp_path):
     assert gain > 0, maml
     assert (out / "checkpoint.pt").is_file() and (out / "learning_curve.png").is_file()
     assert (out / "log.csv").read_text().startswith("phase,iteration,pre_return")
-    from maml_ext.rl.train import load_rl_checkpoint
+    from maml_ext.checkpoint import load_checkpoint
 
-    assert isinstance(load_rl_checkpoint(out / "checkpoint.pt").policy, GaussianPolicy)
+    run = load_checkpoint(out / "checkpoint.pt")
+    assert isinstance(run.policy, GaussianPolicy) and isinstance(run.pretrained, GaussianPolicy)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["maml"]
+    assert all(torch.equal(p, saved[name]) for name, p in run.policy.state_dict().items())
     status = main(["eval", str(out / "checkpoint.pt"), "--tasks", "4", "--steps", "1"])
     report = json.loads((out / "eval.json").read_text())
     assert report["steps"] == [0, 1] and set(report["returns"]) == {
