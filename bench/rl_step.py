@@ -7,7 +7,7 @@ reimplementations do it: a Python loop over tasks, ``torch.distributions`` throu
 Both TRPO steps start from the same parameters on the same rollouts; the table also gives the
 relative difference of the parameters they end at. One run of each (RL steps are long).
 
-    /work/main/.venv/bin/python bench/rl_step.py [--meta-batch 20 --rollouts 20 --horizon 100]
+    PYTHONPATH=. python bench/rl_step.py [--meta-batch 20 --rollouts 20 --horizon 100]
 """
 
 import argparse
