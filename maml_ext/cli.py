@@ -144,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="test a few-shot checkpoint with the paper's protocol",
+        help="test a few-shot or meta-RL checkpoint with the paper's protocol",
         description="Accuracy after 0..STEPS inner steps on TASKS test tasks (classes never seen "
         "in training) drawn with a fixed seed: mean and 95% confidence interval, "
-        "printed and written as JSON.",
+        "printed and written as JSON. Meta-RL checkpoints (train rl-*): mean return on TASKS "
+        "test tasks (default 40) after 0..STEPS policy-gradient steps (default 3) for MAML, "
+        "the pretrained policy, a random one and (navigation) an oracle; eval.json and "
+        "trajectories.png beside the checkpoint.",
     )
     evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train")
     evaluate.add_argument(
