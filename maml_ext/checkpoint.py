@@ -20,7 +20,13 @@ import torch
 
 from .types import PathLike
 
-__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "remove_stale_temporaries"]
+__all__ = [
+    "write_atomic",
+    "save_atomic",
+    "write_text_atomic",
+    "remove_stale_temporaries",
+    "load_checkpoint",
+]
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -105,3 +111,19 @@ def remove_stale_temporaries(path: PathLike) -> list:
                 candidate.unlink()
                 removed.append(candidate)
     return removed
+
+
+def load_checkpoint(path: PathLike, **kwargs):
+    """Any training checkpoint of ``python -m maml_ext train``: a meta-RL one gives an object
+    whose ``.policy`` is the meta-learned :class:`maml_ext.rl.GaussianPolicy` (``.pretrained``:
+    the baseline); a few-shot one gives :func:`maml_ext.experiments.load_checkpoint`'s
+    MetaOptimizer. ``kwargs`` go to that loader."""
+    from maml_ext.rl.train import is_rl_checkpoint
+
+    if is_rl_checkpoint(path):
+        from maml_ext.rl.train import load_rl_checkpoint
+
+        return load_rl_checkpoint(path, **kwargs)
+    from maml_ext.experiments import load_checkpoint as load_fewshot
+
+    return load_fewshot(path, **kwargs)

@@ -49,6 +49,17 @@ for _name, _preset in _FEWSHOT_PRESETS.items():
         "maml_ext.experiments.fewshot:train_fewshot", _preset.description, preset=_name
     )
 
+# The meta-reinforcement-learning presets (maml_ext/rl/train.py).
+_RL_PRESETS = {
+    "rl-navigation2d": "2D point navigation, MAML + TRPO (paper sec. 5.3)",
+    "rl-halfcheetah-vel": "HalfCheetah goal velocity, MAML + TRPO (needs the rl extra)",
+    "rl-halfcheetah-dir": "HalfCheetah direction, MAML + TRPO (needs the rl extra)",
+    "rl-ant-vel": "Ant goal velocity, MAML + TRPO (needs the rl extra)",
+    "rl-ant-dir": "Ant direction, MAML + TRPO (needs the rl extra)",
+}
+for _name, _description in _RL_PRESETS.items():
+    EXPERIMENTS[_name] = Experiment("maml_ext.rl.train:train_rl", _description, preset=_name)
+
 BACKENDS = ("auto", "reference", "fused")
 
 
@@ -124,14 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_algorithm_options(train)
+    rl = train.add_argument_group("meta-reinforcement learning (rl-* presets)")
+    rl.add_argument("--rollouts", type=int, metavar="K", help="rollouts per task (default 20)")
+    rl.add_argument(
+        "--outer", choices=("trpo", "adam"), help="outer step: TRPO (default) or Adam"
+    )
     _add_dist_timeout(train)
 
     evaluate = commands.add_parser(
         "eval",
-        help="test a few-shot checkpoint with the paper's protocol",
+        help="test a few-shot or meta-RL checkpoint with the paper's protocol",
         description="Accuracy after 0..STEPS inner steps on TASKS test tasks (classes never seen "
         "in training) drawn with a fixed seed: mean and 95% confidence interval, "
-        "printed and written as JSON.",
+        "printed and written as JSON. Meta-RL checkpoints (train rl-*): mean return on TASKS "
+        "test tasks (default 40) after 0..STEPS policy-gradient steps (default 3) for MAML, "
+        "the pretrained policy, a random one and (navigation) an oracle; eval.json and "
+        "trajectories.png beside the checkpoint.",
     )
     evaluate.add_argument("checkpoint", help="a checkpoint.pt written by train")
     evaluate.add_argument(
@@ -275,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if algorithm_options:
                 options["algorithm_options"] = algorithm_options
+            _positive(parser, "--rollouts", args.rollouts)
+            options.update(rollouts=args.rollouts, outer=args.outer)
             for flag in ("ways", "shots", "queries", "image_size"):
                 _positive(parser, f"--{flag.replace('_', '-')}", getattr(args, flag))
             options.update(
@@ -292,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             # tasks; rank 0 alone writes files (README "Training across processes").
             with _process_group(args):
                 run(**options)
+        elif args.command == "eval" and _is_rl_checkpoint(args.checkpoint):
+            from maml_ext.rl.evaluate import evaluate_rl_checkpoint
+
+            evaluate_rl_checkpoint(args.checkpoint, tasks=args.tasks, steps=args.steps,
+                                   seed=args.seed, out=args.out)
         elif args.command == "eval":
             from maml_ext.experiments.fewshot import evaluate_checkpoint
 
@@ -317,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtraError as error:
         parser.exit(1, f"{parser.prog} {args.command}: error: {error}\n")
     return 0
+
+
+def _is_rl_checkpoint(path: str) -> bool:
+    from maml_ext.rl.train import is_rl_checkpoint
+
+    return is_rl_checkpoint(path)
 
 
 @contextlib.contextmanager
