@@ -62,8 +62,9 @@ def _inner_loss(policy, flat, data, task):
 
 
 def _adapted(policy, theta, data, task, lr, create_graph):
-    gradient = torch.autograd.grad(_inner_loss(policy, theta, data, task), theta,
-                                   create_graph=create_graph)[0]
+    gradient = torch.autograd.grad(
+        _inner_loss(policy, theta, data, task), theta, create_graph=create_graph
+    )[0]
     return theta - lr * gradient
 
 
@@ -88,11 +89,11 @@ def reference_trpo_step(policy, theta, inner, outer, lr, max_kl=0.01):
     def surrogate_and_kl(t, task, create_graph):
         adapted = _adapted(policy, t, inner, task, lr, create_graph)
         new = _distribution(policy, adapted, outer.observations[task])
-        ratio = torch.exp((new.log_prob(outer.actions[task])
-                           - old[task].log_prob(outer.actions[task])).sum(-1))
+        ratio = torch.exp(
+            (new.log_prob(outer.actions[task]) - old[task].log_prob(outer.actions[task])).sum(-1)
+        )
         surrogate = (ratio * outer.advantages[task] * outer.weights[task]).sum()
-        kl = (torch.distributions.kl_divergence(old[task], new).sum(-1)
-              * outer.weights[task]).sum()
+        kl = (torch.distributions.kl_divergence(old[task], new).sum(-1) * outer.weights[task]).sum()
         return surrogate, kl
 
     gradient = torch.zeros_like(theta)
@@ -117,8 +118,10 @@ def reference_trpo_step(policy, theta, inner, outer, lr, max_kl=0.01):
         values = [
             surrogate_and_kl(t.clone().requires_grad_(), task, False) for task in range(tasks)
         ]
-        return (sum(float(s.detach()) for s, _ in values) / tasks,
-                sum(float(k.detach()) for _, k in values) / tasks)
+        return (
+            sum(float(s.detach()) for s, _ in values) / tasks,
+            sum(float(k.detach()) for _, k in values) / tasks,
+        )
 
     before, _ = evaluate(theta)
     for index in range(15):
@@ -156,35 +159,54 @@ def main():
 
     # The batched iteration runs twice and the second is timed: torch.func's first call pays a
     # one-off set-up (seconds) that a training run pays once.
-    for _ in range(2):
+    def batched_iteration():
         generator = torch.Generator().manual_seed(args.seed + 1)
-        sample = lambda params: process_rollouts(  # noqa: E731
-            sample_rollouts(env, layout, params, tasks, args.rollouts, generator))
+
+        def sample(params):
+            return process_rollouts(
+                sample_rollouts(env, layout, params, tasks, args.rollouts, generator)
+            )
+
         inner = clock("batched sampling (inner)", lambda: sample(theta))
         inner_data = TaskData.of(inner)
         adapted = clock("batched inner adaptation", lambda: adapt(layout, theta, inner_data, 0.1))
         outer = clock("batched sampling (outer)", lambda: sample(adapted.detach()))
-        outer_data = TaskData.of(outer)
         batched_policy = copy.deepcopy(policy)
         batched = MetaTRPO(batched_policy)
         clock("batched TRPO step", lambda: batched.step(inner, outer))
+        return inner_data, TaskData.of(outer), batched_policy
+
+    for _ in range(2):
+        inner_data, outer_data, batched_policy = batched_iteration()
 
     torch.manual_seed(args.seed + 2)
-    clock("reference sampling (inner)",
-          lambda: reference_sample(env, policy, theta.expand(args.meta_batch, -1), tasks,
-                                   args.rollouts, None))
-    reference_adapted = clock("reference inner adaptation",
-                              lambda: reference_adapt(policy, theta, inner_data, 0.1))
-    clock("reference sampling (outer)",
-          lambda: reference_sample(env, policy, reference_adapted, tasks, args.rollouts, None))
-    reference_theta = clock("reference TRPO step",
-                            lambda: reference_trpo_step(policy, theta, inner_data, outer_data, 0.1))
-    difference = float((batched_policy.flat_parameters() - reference_theta).norm()
-                       / (reference_theta - theta).norm())
+    clock(
+        "reference sampling (inner)",
+        lambda: reference_sample(
+            env, policy, theta.expand(args.meta_batch, -1), tasks, args.rollouts, None
+        ),
+    )
+    reference_adapted = clock(
+        "reference inner adaptation", lambda: reference_adapt(policy, theta, inner_data, 0.1)
+    )
+    clock(
+        "reference sampling (outer)",
+        lambda: reference_sample(env, policy, reference_adapted, tasks, args.rollouts, None),
+    )
+    reference_theta = clock(
+        "reference TRPO step",
+        lambda: reference_trpo_step(policy, theta, inner_data, outer_data, 0.1),
+    )
+    difference = float(
+        (batched_policy.flat_parameters() - reference_theta).norm()
+        / (reference_theta - theta).norm()
+    )
 
-    print(f"MAML-TRPO, 2D navigation: meta-batch {args.meta_batch}, {args.rollouts} rollouts, "
-          f"horizon {args.horizon}, {args.dtype}, {torch.get_num_threads()} thread(s), "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"MAML-TRPO, 2D navigation: meta-batch {args.meta_batch}, {args.rollouts} rollouts, "
+        f"horizon {args.horizon}, {args.dtype}, {torch.get_num_threads()} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'part':<28}{'batched (s)':>14}{'reference (s)':>16}{'speed-up':>10}")
     for part, keys in (
         ("sampling (inner + outer)", ("sampling (inner)", "sampling (outer)")),
@@ -197,8 +219,9 @@ def main():
     fast = sum(v for k, v in times.items() if k.startswith("batched"))
     slow = sum(v for k, v in times.items() if k.startswith("reference"))
     print(f"{'meta-iteration':<28}{fast:>14.3f}{slow:>16.3f}{slow / fast:>9.1f}x")
-    print(f"TRPO steps' parameter change, relative difference batched vs reference: "
-          f"{difference:.1e}")
+    print(
+        f"TRPO steps' parameter change, relative difference batched vs reference: {difference:.1e}"
+    )
 
 
 if __name__ == "__main__":

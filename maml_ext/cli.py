@@ -137,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_algorithm_options(train)
     rl = train.add_argument_group("meta-reinforcement learning (rl-* presets)")
     rl.add_argument("--rollouts", type=int, metavar="K", help="rollouts per task (default 20)")
-    rl.add_argument(
-        "--outer", choices=("trpo", "adam"), help="outer step: TRPO (default) or Adam"
-    )
+    rl.add_argument("--outer", choices=("trpo", "adam"), help="outer step: TRPO (default) or Adam")
     _add_dist_timeout(train)
 
     evaluate = commands.add_parser(
@@ -316,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval" and _is_rl_checkpoint(args.checkpoint):
             from maml_ext.rl.evaluate import evaluate_rl_checkpoint
 
-            evaluate_rl_checkpoint(args.checkpoint, tasks=args.tasks, steps=args.steps,
-                                   seed=args.seed, out=args.out)
+            evaluate_rl_checkpoint(
+                args.checkpoint, tasks=args.tasks, steps=args.steps, seed=args.seed, out=args.out
+            )
         elif args.command == "eval":
             from maml_ext.experiments.fewshot import evaluate_checkpoint
 

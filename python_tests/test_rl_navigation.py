@@ -146,8 +146,9 @@ def test_advantages_match_a_per_episode_loop(seed, lam):
     lengths = torch.randint(1, horizon + 1, (tasks, rollouts), generator=generator)
     batch = Rollouts(
         tasks=torch.zeros(tasks, 2, dtype=torch.float64),
-        observations=torch.randn(tasks, rollouts, horizon, 2, generator=generator,
-                                 dtype=torch.float64),
+        observations=torch.randn(
+            tasks, rollouts, horizon, 2, generator=generator, dtype=torch.float64
+        ),
         actions=torch.randn(tasks, rollouts, horizon, 2, generator=generator, dtype=torch.float64),
         rewards=torch.randn(tasks, rollouts, horizon, generator=generator, dtype=torch.float64),
         mask=torch.arange(horizon) < lengths.unsqueeze(-1),
@@ -155,8 +156,9 @@ def test_advantages_match_a_per_episode_loop(seed, lam):
     processed = process_rollouts(batch, discount=0.99, gae_lambda=lam)
     returns, advantages = _reference_advantages(processed, 0.99, lam)
     valid = batch.mask.numpy()
-    np.testing.assert_allclose(processed.returns.numpy()[valid], returns[valid], rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        processed.returns.numpy()[valid], returns[valid], rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_allclose(processed.advantages.numpy(), advantages, rtol=1e-8, atol=1e-9)
     assert not processed.advantages[~batch.mask].any()
 
@@ -239,5 +241,6 @@ def test_sampler_rejects_parameters_of_the_wrong_shape():
     env = Navigation2D(horizon=5)
     policy = GaussianPolicy(2, 2, hidden=(8,))
     with pytest.raises(ValueError, match=r"params: expected \[T=3"):
-        sample_rollouts(env, policy.layout(), torch.zeros(2, policy.layout().size),
-                        torch.zeros(3, 2), 2)
+        sample_rollouts(
+            env, policy.layout(), torch.zeros(2, policy.layout().size), torch.zeros(3, 2), 2
+        )

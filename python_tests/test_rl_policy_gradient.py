@@ -42,13 +42,18 @@ def _relative_error(actual, expected):
 
 def _random_data(generator, tasks, steps, obs=3, act=2):
     """Task-batched rollouts with random observations, actions, advantages and padding."""
+
     def draw(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
     lengths = torch.randint(steps // 2, steps + 1, (tasks, 1), generator=generator)
     mask = (torch.arange(steps) < lengths).to(torch.float64)
-    return TaskData(draw(tasks, steps, obs), draw(tasks, steps, act), draw(tasks, steps) * mask,
-                    mask / mask.sum(-1, keepdim=True))
+    return TaskData(
+        draw(tasks, steps, obs),
+        draw(tasks, steps, act),
+        draw(tasks, steps) * mask,
+        mask / mask.sum(-1, keepdim=True),
+    )
 
 
 def _policy(seed, activation="relu", obs=3, act=2):
@@ -82,9 +87,9 @@ class _Reference:
         return functional_call(self.policy, self.dict_of(flat), (obs,))
 
     def inner_loss(self, flat, data, task):
-        log_prob = self.distribution(flat, data.observations[task]).log_prob(
-            data.actions[task]
-        ).sum(-1)
+        log_prob = (
+            self.distribution(flat, data.observations[task]).log_prob(data.actions[task]).sum(-1)
+        )
         return -(log_prob * data.advantages[task] * data.weights[task]).sum()
 
     def adapted(self, theta, data, task, lr):
@@ -96,8 +101,9 @@ class _Reference:
         for task in range(outer.tasks):
             theta = theta0.clone().requires_grad_()
             if first_order:
-                adapted = (theta0 - lr * torch.autograd.grad(
-                    self.inner_loss(theta, inner, task), theta)[0]).detach()
+                adapted = (
+                    theta0 - lr * torch.autograd.grad(self.inner_loss(theta, inner, task), theta)[0]
+                ).detach()
                 adapted.requires_grad_()
                 wrt = adapted
             else:
@@ -105,9 +111,10 @@ class _Reference:
                 wrt = theta
             new = self.distribution(adapted, outer.observations[task])
             old = torch.distributions.Normal(new.loc.detach(), new.scale.detach())
-            log_ratio = (new.log_prob(outer.actions[task]) - old.log_prob(outer.actions[task]))
-            surrogate = (torch.exp(log_ratio.sum(-1)) * outer.advantages[task]
-                         * outer.weights[task]).sum()
+            log_ratio = new.log_prob(outer.actions[task]) - old.log_prob(outer.actions[task])
+            surrogate = (
+                torch.exp(log_ratio.sum(-1)) * outer.advantages[task] * outer.weights[task]
+            ).sum()
             gradients.append(torch.autograd.grad(surrogate, wrt, retain_graph=True)[0])
             kl = (torch.distributions.kl_divergence(old, new).sum(-1) * outer.weights[task]).sum()
             kl_gradient = torch.autograd.grad(kl, wrt, create_graph=True)[0]
@@ -217,17 +224,21 @@ def test_one_trpo_step_improves_the_surrogate_within_the_kl_bound(seed, first_or
     data_in, data_out = TaskData.of(inner), TaskData.of(outer)
     surrogates, kls = [], []
     for task in range(3):
-        old = reference.distribution(reference.adapted(before.clone().requires_grad_(), data_in,
-                                                       task, 0.1).detach(),
-                                     data_out.observations[task])
-        new = reference.distribution(reference.adapted(after.clone().requires_grad_(), data_in,
-                                                       task, 0.1).detach(),
-                                     data_out.observations[task])
-        ratio = torch.exp((new.log_prob(data_out.actions[task])
-                           - old.log_prob(data_out.actions[task])).sum(-1))
+        old = reference.distribution(
+            reference.adapted(before.clone().requires_grad_(), data_in, task, 0.1).detach(),
+            data_out.observations[task],
+        )
+        new = reference.distribution(
+            reference.adapted(after.clone().requires_grad_(), data_in, task, 0.1).detach(),
+            data_out.observations[task],
+        )
+        ratio = torch.exp(
+            (new.log_prob(data_out.actions[task]) - old.log_prob(data_out.actions[task])).sum(-1)
+        )
         surrogates.append((ratio * data_out.advantages[task] * data_out.weights[task]).sum())
-        kls.append((torch.distributions.kl_divergence(old, new).sum(-1)
-                    * data_out.weights[task]).sum())
+        kls.append(
+            (torch.distributions.kl_divergence(old, new).sum(-1) * data_out.weights[task]).sum()
+        )
     surrogate, kl = float(torch.stack(surrogates).mean()), float(torch.stack(kls).mean())
     assert kl <= 0.01 and kl > 0
     assert surrogate > 0  # the surrogate before the step is the mean normalised advantage, 0
@@ -279,8 +290,22 @@ def test_cli_navigation_run_adapts(tmp_path):
     from maml_ext.cli import main
 
     out = tmp_path / "nav"
-    status = main(["train", "rl-navigation2d", "--out", str(out), "--iterations", "4",
-                   "--meta-batch", "10", "--rollouts", "10", "--seed", "3"])
+    status = main(
+        [
+            "train",
+            "rl-navigation2d",
+            "--out",
+            str(out),
+            "--iterations",
+            "4",
+            "--meta-batch",
+            "10",
+            "--rollouts",
+            "10",
+            "--seed",
+            "3",
+        ]
+    )
     assert status == 0
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     maml = [row for row in rows if row["phase"] == "maml"]
@@ -299,7 +324,11 @@ def test_cli_navigation_run_adapts(tmp_path):
     status = main(["eval", str(out / "checkpoint.pt"), "--tasks", "4", "--steps", "1"])
     report = json.loads((out / "eval.json").read_text())
     assert report["steps"] == [0, 1] and set(report["returns"]) == {
-        "maml", "pretrained", "random", "oracle"}
+        "maml",
+        "pretrained",
+        "random",
+        "oracle",
+    }
     assert all(len(v) == 2 for v in report["ci95"].values())
     assert report["returns"]["oracle"][0] > max(report["returns"]["random"])
     assert (out / "trajectories.png").is_file()
@@ -316,8 +345,10 @@ def test_resume_continues_bit_for_bit(tmp_path, outer):
     for key in ("maml", "pretrained"):
         for name in whole[key]:
             assert torch.equal(whole[key][name], split[key][name]), (key, name)
-    returns = [[(r["phase"], r["pre_return"], r["post_return"]) for r in c["history"]]
-               for c in (whole, split)]
+    returns = [
+        [(r["phase"], r["pre_return"], r["post_return"]) for r in c["history"]]
+        for c in (whole, split)
+    ]
     assert sorted(returns[0]) == sorted(returns[1])
 
 

@@ -112,7 +112,13 @@ def evaluate_rl_checkpoint(
         results, ci95, paths = {}, {}, {}
         for name, policy in policies.items():
             per_task, kept = adaptation_returns(
-                env, policy, preset, test_tasks, rollouts, steps, seed + 2,
+                env,
+                policy,
+                preset,
+                test_tasks,
+                rollouts,
+                steps,
+                seed + 2,
                 keep_paths=4 if name == "maml" else 0,
             )
             results[name], ci95[name] = _summary(per_task)
@@ -168,8 +174,14 @@ def _plot_paths(plt, path, kept, tasks, steps) -> None:
             points = observations[task][mask[task]]
             points = torch.cat([points, points[-1:]]) if len(points) else points
             axis.plot(points[:, 0], points[:, 1], label=f"{step} steps", marker=".", markersize=3)
-        axis.scatter([float(tasks[task, 0])], [float(tasks[task, 1])], marker="*", s=200,
-                     color="red", label="goal")
+        axis.scatter(
+            [float(tasks[task, 0])],
+            [float(tasks[task, 1])],
+            marker="*",
+            s=200,
+            color="red",
+            label="goal",
+        )
         axis.set_xlim(-0.6, 0.6)
         axis.set_ylim(-0.6, 0.6)
         axis.set_aspect("equal")

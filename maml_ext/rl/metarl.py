@@ -140,9 +140,9 @@ class InnerCurvature:
         self.params = _expand(theta.detach(), inner.tasks).clone().requires_grad_()
         with torch.enable_grad():
             loss = inner_losses(layout, self.params, inner).sum()
-            self.gradient = torch.autograd.grad(
-                loss, self.params, create_graph=not self.identity
-            )[0]
+            self.gradient = torch.autograd.grad(loss, self.params, create_graph=not self.identity)[
+                0
+            ]
         self.adapted = (self.params - self.inner_lr * self.gradient).detach()
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ class FisherAt:
             self.pullback = torch.autograd.grad(
                 (self.mean * self.probe).sum(), self.params, create_graph=True
             )[0]
-        self.mean_weights = (torch.exp(-2 * log_std).unsqueeze(-2) * outer.weights.unsqueeze(-1))
+        self.mean_weights = torch.exp(-2 * log_std).unsqueeze(-2) * outer.weights.unsqueeze(-1)
         self.mean_weights = self.mean_weights.detach()
         self.log_std_weights = 2 * outer.weights.sum(-1, keepdim=True)
 
@@ -348,8 +348,10 @@ class MetaTRPO(_MetaLearner):
 
     def evaluate(self, theta, inner, outer, old):
         """Surrogate and mean KL (task means) of parameters θ on the fixed batch."""
-        adapted = _expand(theta, outer.tasks) if inner is None else adapt(
-            self.layout, theta, inner, self.inner_lr
+        adapted = (
+            _expand(theta, outer.tasks)
+            if inner is None
+            else adapt(self.layout, theta, inner, self.inner_lr)
         )
         surrogate, kl = _surrogate_terms(self.layout, adapted, outer, *old)
         return float(surrogate.mean()), float(kl.mean())
@@ -406,8 +408,9 @@ class MetaAdam(_MetaLearner):
             offset += p.numel()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return OuterStepResult(float("nan"), float("nan"), float("nan"), True, 0,
-                               float(gradient.norm()))
+        return OuterStepResult(
+            float("nan"), float("nan"), float("nan"), True, 0, float(gradient.norm())
+        )
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()

@@ -79,11 +79,17 @@ RL_PRESETS: dict[str, RLPreset] = {
         notes="reward -distance (the authors' code; the paper's text says squared distance)",
     ),
     "rl-halfcheetah-vel": RLPreset(
-        "halfcheetah-vel", "HalfCheetah goal velocity (paper sec. 5.3)", 40, horizon=200,
+        "halfcheetah-vel",
+        "HalfCheetah goal velocity (paper sec. 5.3)",
+        40,
+        horizon=200,
         iterations=500,
     ),
     "rl-halfcheetah-dir": RLPreset(
-        "halfcheetah-dir", "HalfCheetah forward/backward (paper sec. 5.3)", 40, horizon=200,
+        "halfcheetah-dir",
+        "HalfCheetah forward/backward (paper sec. 5.3)",
+        40,
+        horizon=200,
         iterations=500,
     ),
     "rl-ant-vel": RLPreset(
@@ -384,7 +390,10 @@ def load_rl_checkpoint(path, device="cpu") -> RLCheckpoint:
     for key in ("maml", "pretrained"):
         pc = saved["policy_config"]
         policy = GaussianPolicy(
-            pc["observation_size"], pc["action_size"], pc["hidden"], pc["activation"],
+            pc["observation_size"],
+            pc["action_size"],
+            pc["hidden"],
+            pc["activation"],
             device=device,
         )
         policy.load_state_dict(saved[key])
