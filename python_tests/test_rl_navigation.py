@@ -173,10 +173,14 @@ def test_sampler_shapes_and_prefix_masks(seed):
     assert batch.observations.shape == (3, 5, 30, 2) and batch.actions.shape == (3, 5, 30, 2)
     assert batch.mask.shape == (3, 5, 30) and batch.mask[..., 0].all()
     assert (batch.mask[..., 1:] <= batch.mask[..., :-1]).all()
-    # Rewards are those of the positions the next observations show.
+    # Rewards are those of the positions the next observations show, on the steps that happened
+    # (both steps valid); padding after an episode's end is zero in every field.
     offsets = batch.observations[..., 1:, :] - tasks[:, None, None]
     distance = torch.linalg.vector_norm(offsets, dim=-1)
-    torch.testing.assert_close(batch.rewards[..., :-1], -distance)
+    both = batch.mask[..., 1:]
+    torch.testing.assert_close(batch.rewards[..., :-1][both], -distance[both])
+    padding = ~batch.mask
+    assert (batch.rewards[padding] == 0).all() and (batch.observations[padding] == 0).all()
 
 
 def test_episodes_end_early_and_stay_masked(seed):
