@@ -102,14 +102,9 @@ RL_PRESETS: dict[str, RLPreset] = {
 
 
 def make_preset_env(preset: RLPreset, device="cpu", dtype=torch.float32):
-    """The preset's environment; a clear error when its optional packages are missing."""
-    try:
-        factory = environment_factory(preset.env)
-    except ModuleNotFoundError as error:
-        raise ConfigurationError(
-            f"environment {preset.env!r} needs the MuJoCo environments (maml_ext.rl.mujoco_envs) "
-            f"and the 'rl' extra (gymnasium, mujoco): pip install \"maml_ext[rl]\" ({error})"
-        ) from error
+    """The preset's environment. The MuJoCo ones raise MissingExtraError, naming the ``rl``
+    extra, where gymnasium or mujoco is missing."""
+    factory = environment_factory(preset.env)
     kwargs = {"horizon": preset.horizon}
     if preset.env == "navigation2d":
         kwargs.update(dtype=dtype, device=device)
