@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
+import maml_ext
 from maml_ext.rl.metarl import (
     MetaAdam,
     MetaTRPO,
@@ -316,9 +317,7 @@ def test_cli_navigation_run_adapts(tmp_path):
     assert gain > 0, maml
     assert (out / "checkpoint.pt").is_file() and (out / "learning_curve.png").is_file()
     assert (out / "log.csv").read_text().startswith("phase,iteration,pre_return")
-    from maml_ext.checkpoint import load_checkpoint
-
-    run = load_checkpoint(out / "checkpoint.pt")
+    run = maml_ext.load_checkpoint(out / "checkpoint.pt")
     assert isinstance(run.policy, GaussianPolicy) and isinstance(run.pretrained, GaussianPolicy)
     saved = torch.load(out / "checkpoint.pt", weights_only=True)["maml"]
     assert all(torch.equal(p, saved[name]) for name, p in run.policy.state_dict().items())
