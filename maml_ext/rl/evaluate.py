@@ -87,7 +87,7 @@ def evaluate_rl_checkpoint(
     seed: int | None = None,
     out: str | None = None,
     rollouts: int | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
     verbose: bool = True,
 ) -> dict:
     """Runs the protocol above; returns what it writes to ``eval.json``."""

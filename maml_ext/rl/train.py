@@ -7,8 +7,8 @@ state: ``--resume`` continues bit for bit on the CPU at the same thread count), 
 ``log.jsonl`` (one row per iteration: mean pre- and post-adaptation return, surrogate, KL, line
 search), ``learning_curve.png``.
 
-Runs on torch/``torch.func`` (the fused C++ engine has no Gaussian loss yet), one intra-op thread
-by default: the tensors are small and extra threads cost more than they bring.
+Runs on torch/``torch.func`` (the fused C++ engine has no Gaussian loss yet), with torch's
+intra-op threads unless ``threads`` says otherwise.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def train_rl(
     device: str | None = None,
     checkpoint_every: int | None = None,
     pretrain: bool = True,
-    threads: int | None = 1,
+    threads: int | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> dict:
@@ -170,7 +170,7 @@ def train_rl(
     ``outer``: "trpo" (the paper) or "adam" (the plain meta-gradient with Adam, lr
     ``preset.adam_lr``). ``checkpoint_every``: iterations between checkpoints (default 10; the
     final one is always written). ``pretrain``: also train the pretrained baseline (same
-    iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training.
+    iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training (None: torch's current setting).
     """
     spec = RL_PRESETS[preset]
     outer = outer or "trpo"
