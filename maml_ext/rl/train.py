@@ -170,7 +170,8 @@ def train_rl(
     ``outer``: "trpo" (the paper) or "adam" (the plain meta-gradient with Adam, lr
     ``preset.adam_lr``). ``checkpoint_every``: iterations between checkpoints (default 10; the
     final one is always written). ``pretrain``: also train the pretrained baseline (same
-    iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training (None: torch's current setting).
+    iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training
+    (None: torch's current setting).
     """
     spec = RL_PRESETS[preset]
     outer = outer or "trpo"
