@@ -43,6 +43,17 @@ def dtype(request) -> torch.dtype:
     return request.param
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """torch at one intra-op thread for the test (restored after). For files of small tensors
+    (``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``): on a busy 2-core machine
+    two threads made such tests many times slower, and one costs nothing when it is quiet."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def seed(record_property) -> int:
     """A fresh seed per test (fresh random inputs on every run), or $MAML_TEST_SEED to replay one.

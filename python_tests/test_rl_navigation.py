@@ -12,14 +12,7 @@ from maml_ext.rl.navigation import Navigation2D
 from maml_ext.rl.policy import GaussianPolicy
 from maml_ext.rl.sampler import Rollouts, process_rollouts, sample_rollouts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention on a loaded machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_registry_makes_navigation_and_unknown_names_list_the_known():

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from maml_test_utils import relative_error
 from torch.func import functional_call, vmap
 
 import maml_ext
@@ -30,16 +31,7 @@ from maml_ext.rl.sampler import process_rollouts, sample_rollouts
 RTOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _random_data(generator, tasks, steps, obs=3, act=2):
@@ -167,10 +159,10 @@ def test_inner_step_and_hvp_match_per_task_autograd(seed):
     for task in range(4):
         t = theta.clone().requires_grad_()
         expected = reference.adapted(t, data, task, 0.1)
-        assert _relative_error(adapted[task], expected.detach()) < RTOL
+        assert relative_error(adapted[task], expected.detach()) < RTOL
         gradient = torch.autograd.grad(reference.inner_loss(t, data, task), t, create_graph=True)[0]
         hvp = torch.autograd.grad(gradient @ vector, t)[0]
-        assert _relative_error(products[task], hvp) < RTOL
+        assert relative_error(products[task], hvp) < RTOL
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -188,14 +180,14 @@ def test_meta_gradient_and_fisher_vector_product_match_double_backward(seed, fir
     gradients = meta_gradient(layout, theta, inner, outer, lr, first_order, reduce=False)
     products = fisher_vector_product(layout, theta, inner, outer, vector, lr, first_order)
     for task in range(tasks):
-        assert _relative_error(gradients[task], expected_gradients[task]) < RTOL
-        assert _relative_error(products[task], expected_products[task]) < RTOL
+        assert relative_error(gradients[task], expected_gradients[task]) < RTOL
+        assert relative_error(products[task], expected_products[task]) < RTOL
     mean = meta_gradient(layout, theta, inner, outer, lr, first_order)
-    assert _relative_error(mean, expected_gradients.mean(0)) < RTOL
+    assert relative_error(mean, expected_gradients.mean(0)) < RTOL
     # The second-order term matters: it is not the first-order answer.
     if not first_order:
         _, first = _Reference(policy).meta_gradient_and_fvp(theta, inner, outer, lr, vector, True)
-        assert _relative_error(products[0], first[0]) > 1e-6
+        assert relative_error(products[0], first[0]) > 1e-6
 
 
 def _navigation_batch(policy, learner, seed, tasks=3, rollouts=4, horizon=25):

@@ -23,14 +23,7 @@ KINDS = [None, "scalar", "per_parameter", "per_step"]
 BACKENDS = ["fused", "reference"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These small models gain nothing from intra-op threads, and on a busy 2-core machine two
-    # threads made a reference meta-step 60× slower (4 s against 0.07 s).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
