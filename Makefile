@@ -1,5 +1,7 @@
 # make demo     set up (.venv, torch, the extension) and run the main job: sinusoid MAML
 # make test     the same set-up, then the whole test suite
+# make report   the paper's experiments measured, written to docs/RESULTS.md (about two hours here;
+#               runs whose settings are unchanged are read back from runs/report-cache)
 # make lint     ruff (lint and format check) over the Python, clang-format (check) over csrc/
 # make format   apply ruff's safe fixes and format, and clang-format
 # make cmake    the C++ library for libtorch users (with CUDA where the toolkit is found)
@@ -7,6 +9,7 @@
 # Variables:
 #   TORCH=torch==2.14.1   the torch to install into .venv (this machine's disk has the CUDA 13.0 build)
 #   USE_ACTIVE_ENV=1      use the active Python environment (with its own torch) instead of .venv
+#   OMNIGLOT_DIR=../shared/data/omniglot   the Omniglot archives (make report)
 #   FORCE_CUDA=1          fail unless the CUDA kernels compile (CI); MAML_EXT_CPU_ONLY=1 skips them
 SHELL := /bin/bash
 TORCH ?= torch==2.14.1
@@ -32,13 +35,18 @@ CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' 
 SOURCES := $(CXX_SOURCES) setup.py build_tools/cuda_home.py
 BUILD_STAMP := build/.extension-stamp
 
-.PHONY: demo test build env lint format bench cmake clean
+OMNIGLOT_DIR ?= ../shared/data/omniglot
+
+.PHONY: demo test build env lint format bench cmake clean report
 
 demo: build
 	$(PYTHON) -m maml_ext train sinusoid
 
 test: build
 	$(PYTHON) -m pytest -q python_tests
+
+report: build
+	$(PYTHON) -m maml_ext report --data-dir $(OMNIGLOT_DIR)
 
 bench: build
 	$(PYTHON) -m pytest -q bench --benchmark-only

@@ -84,12 +84,23 @@ def test_quick_report_has_every_section_and_figure(quick_report):
 def test_quick_report_tables_have_every_row_and_column(quick_report):
     _, text = quick_report
     sinusoid = _table_headed(text, "method", "0 steps")
-    assert [row[0] for row in sinusoid[1:3]] == ["MAML", "pretrained"]
-    for row in sinusoid[1:3]:
-        assert len(row) == 5 and all(CELL.match(cell) for cell in row[1:])
-    assert sinusoid[3][0].startswith("best fixed network") and CELL.match(sinusoid[3][1])
+    rows = {row[0]: row[1:] for row in sinusoid[1:]}
+    tasks = 20  # SinusoidScale.quick().eval_tasks
+    for method in ("MAML", "pretrained"):
+        assert len(rows[f"**{method}**"]) == 4 and all(map(CELL.match, rows[f"**{method}**"]))
+        assert all(float(cell) > 0 for cell in rows[f"{method}: median"])
+        worse = [cell.split(" of ") for cell in rows[f"{method}: tasks made worse"]]
+        assert worse[0] == ["0", str(tasks)] and all(0 <= int(n) <= tasks for n, _ in worse)
+        # Before adaptation no task is left out: the mean over "the others" is the mean.
+        assert rows[f"{method}: mean over the others"][0] == rows[f"**{method}**"][0]
+    assert CELL.match(rows["best fixed network (the mean function)"][0])
 
-    order = _table_headed(text, "sinusoid")
+    steps = _table_headed(text, "sinusoid", "0")
+    assert len(steps[0]) == 12 and len(steps) == 5 and all(len(row) == 12 for row in steps)
+    omniglot_steps = _table_headed(text, "Omniglot 5w1s")
+    assert [row[0] for row in omniglot_steps[1:]] == ["MAML", "pretrained"]
+
+    order = _table_headed(text, "sinusoid", "0 steps")
     assert [row[0] for row in order[1:]] == ["MAML, second order", "MAML, first order"]
     for row in order[1:]:
         assert all(CELL.match(cell) for cell in row[1:5]) and float(row[5]) > 0
@@ -126,6 +137,7 @@ def test_report_reads_unchanged_runs_back_from_its_cache(quick_report, omniglot_
                 for order in ("first", "second")
             ),
             "omniglot-5w1s-long",
+            "sinusoid-test-steps",
             "sinusoid-switching",
             "omniglot-switching",
         ]
