@@ -142,8 +142,12 @@ def test_report_reads_unchanged_runs_back_from_its_cache(quick_report, omniglot_
             "omniglot-switching",
         ]
     )
-    # Every table is the same; only the date, the cache line and the command differ.
-    assert _tables(again) == _tables(first)
+    # Every result table is the same; the last one lists the runs, now all reused.
+    assert _tables(again)[:-1] == _tables(first)[:-1]
+    runs_first, runs_again = _tables(first)[-1], _tables(again)[-1]
+    assert runs_first[0][:2] == ["run", "this time"] and len(runs_first) == len(reused) + 1
+    assert {row[1] for row in runs_first[1:]} == {"run now"}
+    assert {row[1] for row in runs_again[1:]} == {"reused"}
 
 
 def test_report_errors_name_the_argument_and_write_nothing(tmp_path):

@@ -19,6 +19,7 @@ into its own cache keys.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -639,35 +640,62 @@ def _switching_lines(name: str, switching: dict, figure: str | None, scale: floa
 
 
 def _switching_answer(sinusoid: dict | None, omniglot: dict | None) -> list[str]:
-    """A paragraph built from the numbers: the paired differences for MAML and the baseline."""
+    """A paragraph built from the numbers: for each method, at which k adapting from φ_A (and
+    coming back from φ_AB) was better, worse or no different from adapting from θ."""
+    from maml_ext.experiments.task_switching import DIFFERENCES
+
     sentences = []
-    for name, run, better_is_lower, scale in (
-        ("sinusoid", sinusoid, True, 1.0),
-        ("Omniglot", omniglot, False, 100.0),
-    ):
+    for name, run, lower_is_better in (("Sinusoid", sinusoid, True), ("Omniglot", omniglot, False)):
         if run is None:
             continue
-        for method in ("MAML", "pretrained"):
-            by_k = run["results"].get(method, {})
-            parts = []
-            for k, summary in by_k.items():
-                for label, key in (
-                    ("B from φ_A", "B: from φ_A − from θ"),
-                    ("A again", "A: from φ_AB − from θ"),
-                ):
-                    diff = summary[key]
-                    mean, ci = scale * diff["mean"], scale * diff["ci95"]
-                    if abs(mean) <= ci:
-                        verdict = "no different from θ"
-                    elif (mean < 0) == better_is_lower:
-                        verdict = "better than from θ"
+        for method, by_k in run["results"].items():
+            clauses = []
+            for label, (key, _, _) in zip(("to B from φ_A", "back to A from φ_AB"), DIFFERENCES):
+                verdicts: dict[str, list[str]] = {}
+                for k, summary in by_k.items():
+                    mean, ci95 = summary[key]["mean"], summary[key]["ci95"]
+                    if not math.isfinite(mean) or abs(mean) <= ci95:
+                        verdict = "no different (within the interval)"
+                    elif (mean < 0) == lower_is_better:
+                        verdict = "better"
                     else:
-                        verdict = "worse than from θ"
-                    parts.append(f"k={k} {label}: {mean:+.3f} ± {ci:.3f} ({verdict})")
-            sentences.append(f"{name}, {method}: " + "; ".join(parts) + ".")
+                        verdict = "worse"
+                    verdicts.setdefault(verdict, []).append(k)
+                parts = [f"{v} at k = {', '.join(ks)}" for v, ks in verdicts.items()]
+                clauses.append(f"adapting {label} was {'; '.join(parts)}")
+            sentences.append(f"{name}, {method}: " + ", and ".join(clauses) + ".")
     return [
-        "Answer from the numbers (paired differences against adapting from θ, 95% intervals; "
-        "MSE on the sinusoid, accuracy points on Omniglot): " + " ".join(sentences),
+        "**Answer from the numbers** (each against adapting from θ on the same tasks, paired "
+        "95% intervals): " + " ".join(sentences),
+        "",
+    ]
+
+
+def _runs_section(cache: RunCache) -> list[str]:
+    rows = []
+    for name, folder in cache.records:
+        result_file = folder / "result.json"
+        if not result_file.exists():
+            continue
+        finished = datetime.datetime.fromtimestamp(
+            result_file.stat().st_mtime, datetime.timezone.utc
+        )
+        settings = json.loads(result_file.read_text())["settings"]
+        rows.append(
+            [
+                name,
+                "reused" if name in cache.hits else "run now",
+                f"{finished:%Y-%m-%d %H:%M}",
+                "`" + json.dumps(settings, separators=(",", ":")) + "`",
+            ]
+        )
+    return [
+        "## The runs",
+        "",
+        "Each run is cached under its name and the hash of its settings; a run is reused only "
+        "while its settings are the same.",
+        "",
+        *_table(["run", "this time", "finished (UTC)", "settings"], rows),
         "",
     ]
 
@@ -736,6 +764,7 @@ def _write_results(out: Path, parts: dict, command: str, cache: RunCache, quick:
                 100.0,
             )
         lines += _switching_answer(parts.get("sinusoid_switching"), parts.get("omniglot_switching"))
+    lines += _runs_section(cache)
     path = out / "RESULTS.md"
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

@@ -40,6 +40,7 @@ class RunCache:
         self.root = Path(root) if root is not None else None
         self.scratch = Path(scratch) if scratch is not None else None
         self.hits: list[str] = []  # names of the runs read from the cache, for the report
+        self.records: list[tuple[str, Path]] = []  # every run's name and folder, in order
 
     def folder(self, name: str, settings: dict) -> Path:
         base = self.root if self.root is not None else self.scratch
@@ -51,6 +52,7 @@ class RunCache:
         """The result of ``compute(folder)`` for ``settings``: read from ``folder/result.json``
         when a run with the same settings finished before, else computed and stored."""
         folder = self.folder(name, settings)
+        self.records.append((name, folder))
         result_file = folder / "result.json"
         if self.root is not None and result_file.exists():
             stored = json.loads(result_file.read_text())
