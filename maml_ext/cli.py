@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections",
         nargs="+",
         metavar="NAME",
-        help="run only these (sinusoid, order, long, switching): fills the cache without "
-        "writing RESULTS.md, to run sections in parallel processes",
+        help="run and write only these (sinusoid, order, long, switching); processes running "
+        "different sections share the cache, and a run of all of them then reuses every run",
     )
     report.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads per run (default 1)"

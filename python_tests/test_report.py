@@ -293,3 +293,15 @@ def test_sinusoid_floor_is_the_phase_average_of_the_task_functions():
     ).mean().item()
     floor = _sinusoid_floor(20000)
     assert abs(floor["mse"] - expected) < 2 * floor["ci95"]
+
+
+def test_report_of_the_sinusoid_sections_alone_needs_no_omniglot(tmp_path):
+    path = run_report(
+        tmp_path / "docs", cache_dir=None, quick=True, sections=["sinusoid"], verbose=False
+    )
+    text = path.read_text()
+    assert "## 1. Sinusoid regression" in text and "## 3. More steps at test time" in text
+    assert "Omniglot 5-way 1-shot at about an hour" not in text and "omniglot-5w1s" not in text
+    assert (tmp_path / "docs" / "results" / "test_steps.png").read_bytes()[:8] == PNG_MAGIC
+    # cache_dir=None keeps nothing: no cache folder appears under the output.
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["RESULTS.md", "results"]
