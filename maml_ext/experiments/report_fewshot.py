@@ -9,7 +9,7 @@ the same run).
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from maml_ext.experiments.report_cache import RunCache
@@ -120,32 +120,20 @@ def _train_and_evaluate(
     }
 
 
+@dataclass(frozen=True)
 class FewShotScale:
     """How large the few-shot runs are. ``full()``: this report's budget on a 2-core CPU;
     ``quick()``: the same plumbing in seconds (tiny tasks, a few iterations), for tests."""
 
-    def __init__(
-        self,
-        *,
-        compare_iterations: dict[str, int],
-        long_iterations: int,
-        meta_batch: int,
-        queries: int | None,
-        val_tasks: int,
-        eval_tasks: int,
-        eval_steps: int,
-        baseline_iterations: int,
-        switch_pairs: int,
-    ):
-        self.compare_iterations = compare_iterations
-        self.long_iterations = long_iterations
-        self.meta_batch = meta_batch
-        self.queries = queries
-        self.val_tasks = val_tasks
-        self.eval_tasks = eval_tasks
-        self.eval_steps = eval_steps
-        self.baseline_iterations = baseline_iterations
-        self.switch_pairs = switch_pairs
+    compare_iterations: dict[str, int]  # preset -> iterations of each order's run
+    long_iterations: int
+    meta_batch: int
+    queries: int | None  # query images per class (None: the preset's)
+    val_tasks: int
+    eval_tasks: int
+    eval_steps: int  # tested after 0..eval_steps SGD steps
+    baseline_iterations: int  # the pretrained baseline's training steps
+    switch_pairs: int  # task pairs of the switching experiment
 
     @classmethod
     def full(cls) -> FewShotScale:
@@ -267,9 +255,3 @@ def long_run(
         ),
     )
     return result, cache.folder("omniglot-5w1s-long", settings) / "run"
-
-
-def copy_figure(source: Path, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target
