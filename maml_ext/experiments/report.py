@@ -838,7 +838,7 @@ def _run_sections(out, cache, cache_dir, data_dir, quick, sections, threads, com
                 run = fewshot_run(cache, preset, order == "first", fewshot_scale, **fewshot)
                 run |= {
                     "meta_batch": fewshot_scale.meta_batch,
-                    "eval_tasks": fewshot_scale.eval_tasks,
+                    "eval_tasks": fewshot_scale.compare_test(preset)[0],
                 }
                 parts["order"][preset][order] = run
     if "long" in sections or "switching" in sections:

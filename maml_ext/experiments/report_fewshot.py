@@ -8,8 +8,8 @@ the same run).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from maml_ext.experiments.report_cache import RunCache
@@ -120,7 +120,7 @@ def _train_and_evaluate(
     }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class FewShotScale:
     """How large the few-shot runs are. ``full()``: this report's budget on a 2-core CPU;
     ``quick()``: the same plumbing in seconds (tiny tasks, a few iterations), for tests."""
@@ -134,6 +134,12 @@ class FewShotScale:
     eval_steps: int  # tested after 0..eval_steps SGD steps
     baseline_iterations: int  # the pretrained baseline's training steps
     switch_pairs: int  # task pairs of the switching experiment
+    # preset -> (test tasks, most test steps) of the comparison runs where not eval_tasks and
+    # eval_steps: 20-way tasks cost 4x the images, and each k re-adapts from θ.
+    compare_eval: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    def compare_test(self, preset: str) -> tuple[int, int]:
+        return self.compare_eval.get(preset, (self.eval_tasks, self.eval_steps))
 
     @classmethod
     def full(cls) -> FewShotScale:
@@ -148,7 +154,11 @@ class FewShotScale:
             eval_tasks=600,
             eval_steps=10,
             baseline_iterations=5000,
-            switch_pairs=300,
+            # ~7 min per method here: 4 adaptations of up to 10 steps and 5 scorings per pair.
+            switch_pairs=100,
+            # 200 tasks after up to 5 steps (the paper's for 20-way): ~5 min per run here,
+            # against ~40 min for 600 tasks after up to 10.
+            compare_eval={"omniglot-20w1s": (200, 5)},
         )
 
     @classmethod
@@ -179,7 +189,7 @@ def fewshot_run(
 ) -> dict:
     """One arm of the first- against second-order comparison: ``preset`` for
     ``scale.compare_iterations[preset]`` iterations, validated at the end only (so the training
-    time is the meta-steps' alone), tested after up to ``scale.eval_steps`` steps."""
+    time is the meta-steps' alone), tested on ``scale.compare_test(preset)``."""
     settings = _train_settings(
         preset,
         iterations=scale.compare_iterations[preset],
@@ -188,7 +198,9 @@ def fewshot_run(
         queries=scale.queries,
         val_tasks=scale.val_tasks,
         seed=seed,
-    ) | {"eval_tasks": scale.eval_tasks, "eval_steps": scale.eval_steps}
+    )
+    eval_tasks, eval_steps = scale.compare_test(preset)
+    settings |= {"eval_tasks": eval_tasks, "eval_steps": eval_steps}
     name = f"{preset}-{'first' if first_order else 'second'}-order"
     return cache.run(
         name,
@@ -200,8 +212,8 @@ def fewshot_run(
             cache_dir=cache_dir,
             validate_every=0,
             checkpoint_every=0,
-            eval_tasks=scale.eval_tasks,
-            eval_steps=scale.eval_steps,
+            eval_tasks=eval_tasks,
+            eval_steps=eval_steps,
             baseline_iterations=None,
             threads=threads,
         ),
