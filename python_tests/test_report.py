@@ -108,7 +108,9 @@ def test_quick_report_tables_have_every_row_and_column(quick_report):
         table = _table_headed(text, preset)
         assert [row[0] for row in table[1:]] == ["second order", "first order"]
         for row in table[1:]:
-            assert CELL.match(row[1]) and CELL.match(row[2]) and float(row[3]) > 0 and row[4]
+            assert CELL.match(row[1]) and CELL.match(row[2]) and row[5]
+            timed = re.match(r"^(\d+\.\d+) \(load (\d+\.\d+)\)$", row[3])
+            assert timed and float(timed.group(1)) > 0 and float(row[4]) > 0
 
     long = _table_headed(text, "inner steps")
     steps = FewShotScale.quick().eval_steps
@@ -132,9 +134,10 @@ def test_report_reads_unchanged_runs_back_from_its_cache(quick_report, omniglot_
         [
             *(f"sinusoid-{order}-order" for order in ("first", "second")),
             *(
-                f"omniglot-{p}-{order}-order"
+                f"omniglot-{p}-{order}-order{timing}"
                 for p in ("5w1s", "20w1s")
                 for order in ("first", "second")
+                for timing in ("", "-timing")
             ),
             "omniglot-5w1s-long",
             "sinusoid-test-steps",

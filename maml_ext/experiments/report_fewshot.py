@@ -14,7 +14,7 @@ from pathlib import Path
 
 from maml_ext.experiments.report_cache import RunCache
 
-__all__ = ["FewShotScale", "fewshot_run", "long_run"]
+__all__ = ["FewShotScale", "fewshot_run", "long_run", "step_timing"]
 
 # Meta-trained on five alphabets, validated on Latin, tested on the two never seen in training:
 # the split of the README's Omniglot run (see maml_ext/experiments/fewshot/__init__.py).
@@ -137,6 +137,7 @@ class FewShotScale:
     # preset -> (test tasks, most test steps) of the comparison runs where not eval_tasks and
     # eval_steps: 20-way tasks cost 4x the images, and each k re-adapts from θ.
     compare_eval: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    timing_repeats: int = 3  # timed meta-steps per preset and order (step_timing)
 
     def compare_test(self, preset: str) -> tuple[int, int]:
         return self.compare_eval.get(preset, (self.eval_tasks, self.eval_steps))
@@ -173,6 +174,7 @@ class FewShotScale:
             eval_steps=3,
             baseline_iterations=2,
             switch_pairs=4,
+            timing_repeats=1,
         )
 
 
@@ -267,3 +269,64 @@ def long_run(
         ),
     )
     return result, cache.folder("omniglot-5w1s-long", settings) / "run"
+
+
+def step_timing(
+    cache: RunCache,
+    preset: str,
+    first_order: bool,
+    scale: FewShotScale,
+    *,
+    data_dir,
+    cache_dir=None,
+    threads: int | None = 1,
+) -> dict:
+    """Seconds per meta-step of ``preset`` at the comparison's settings, measured apart from
+    training: one warm-up step, then ``scale.timing_repeats`` timed steps on one batch of
+    training tasks (the median is reported). Training's own wall time shares the machine with
+    whatever else runs; this is meant to run when nothing else does (the last, all-cached run of
+    the report), and records the load average to show it."""
+    settings = {
+        "preset": preset,
+        "first_order": first_order,
+        "meta_batch": scale.meta_batch,
+        "queries": scale.queries,
+        "repeats": scale.timing_repeats,
+        "threads": threads,
+        "backend": BACKEND,
+    }
+
+    def compute(folder: Path) -> dict:
+        import os
+        import statistics
+        import time
+
+        from maml_ext.experiments.fewshot.checkpoint import build_meta_optimizer
+        from maml_ext.experiments.fewshot.data import load_split, make_sampler
+        from maml_ext.experiments.presets import get_preset
+        from maml_ext.experiments.runtime import intra_op_threads
+
+        shape = get_preset(preset).with_overrides(
+            meta_batch=scale.meta_batch, first_order=first_order, queries=scale.queries
+        )
+        data = load_split(
+            shape, data_dir, "train", split_by=SPLIT_BY, split_seed=SPLIT_SEED, cache_dir=cache_dir
+        )
+        batch = make_sampler(data, shape, scale.meta_batch, 0, "cpu").sample()
+        tensors = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        with intra_op_threads(threads):
+            meta = build_meta_optimizer(shape, backend=BACKEND)
+            meta.step(*tensors)
+            seconds = []
+            for _ in range(scale.timing_repeats):
+                started = time.perf_counter()
+                meta.step(*tensors)
+                seconds.append(time.perf_counter() - started)
+        return {
+            "median_s": statistics.median(seconds),
+            "seconds": seconds,
+            "load_average": os.getloadavg()[0],
+        }
+
+    name = f"{preset}-{'first' if first_order else 'second'}-order-timing"
+    return cache.run(name, settings, compute)
