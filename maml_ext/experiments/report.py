@@ -850,14 +850,6 @@ def _run_sections(out, cache, cache_dir, data_dir, quick, sections, threads, com
                     "eval_tasks": fewshot_scale.compare_test(preset)[0],
                 }
                 parts["order"][preset][order] = run
-        # Timed apart from training, after every run: training shares the machine with the
-        # report's other processes.
-        for preset, by_order in parts["order"].items():
-            for order, run in by_order.items():
-                say(f"{preset}, {order} order: timing the meta-step")
-                run["timing"] = step_timing(
-                    cache, preset, order == "first", fewshot_scale, **fewshot
-                )
     if "long" in sections or "switching" in sections:
         say("omniglot-5w1s, the long run")
         run, run_dir = long_run(cache, fewshot_scale, **fewshot)
@@ -874,6 +866,15 @@ def _run_sections(out, cache, cache_dir, data_dir, quick, sections, threads, com
         parts["omniglot_switching"] = _omniglot_switching(
             cache, fewshot_scale, run_dir, data_dir, data_cache, threads
         )
+    if "order" in parts:
+        # Timed last, apart from training: training shares the machine with the report's other
+        # processes, and the steps are timed best when every run is done.
+        for preset, by_order in parts["order"].items():
+            for order, run in by_order.items():
+                say(f"{preset}, {order} order: timing the meta-step")
+                run["timing"] = step_timing(
+                    cache, preset, order == "first", fewshot_scale, **fewshot
+                )
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
     command = command or "python -m maml_ext report " + " ".join(sys.argv[2:])
     path = _write_results(out, parts, command, cache, quick)
