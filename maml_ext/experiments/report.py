@@ -416,6 +416,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
 
 
+def _steps(k: int) -> str:
+    return f"{k} step" + ("" if k == 1 else "s")
+
+
 def _mse(cell: dict) -> str:
     return f"{cell['mse']:.3f} ± {cell['ci95']:.3f}"
 
@@ -462,7 +466,7 @@ def _sinusoid_section(second: dict, per_task: dict) -> list[str]:
         "over the others.",
         "",
     ]
-    header = ["method"] + [f"{k} step{'s' if k != 1 else ''}" for k in SINUSOID_TABLE_STEPS]
+    header = ["method"] + [_steps(k) for k in SINUSOID_TABLE_STEPS]
     rows = []
     for method in ("MAML", "pretrained"):
         by_step = per_task["results"][method]
@@ -542,7 +546,7 @@ def _order_section(sinusoid: dict | None, fewshot: dict[str, dict[str, dict]]) -
         "",
     ]
     if sinusoid is not None:
-        header = ["sinusoid", *(f"{k} steps" for k in SINUSOID_TABLE_STEPS), "ms per meta-step"]
+        header = ["sinusoid", *(_steps(k) for k in SINUSOID_TABLE_STEPS), "ms per meta-step"]
         rows = []
         for order, run in sinusoid.items():
             cells = [_mse(run["results"]["MAML"][str(k)]) for k in SINUSOID_TABLE_STEPS]
