@@ -128,14 +128,33 @@ def sinusoid_mean_function(x: torch.Tensor, amplitude_range, phase_range) -> tor
     return (low + high) / 2 * (torch.cos(x - last) - torch.cos(x - first)) / (last - first)
 
 
+def _grid_tasks(seed: int, count: int):
+    """``count`` sinusoid tasks from ``seed`` (10 support points each) with their 100-point grids
+    over the input range: the tasks every sinusoid section scores on."""
+    from maml_ext.experiments.sinusoid import Sinusoid
+
+    source = Sinusoid(support=10, query=0, seed=seed)
+    tasks = source.sample(count)
+    grid_x, grid_y = source.grid(tasks.amplitude, tasks.phase, 100)
+    return source, tasks, grid_x, grid_y
+
+
+def _trained_sinusoid_models(maml_run: dict) -> tuple[float, dict]:
+    """The inner rate and the two networks ``{"MAML", "pretrained"}`` saved by a sinusoid run."""
+    from maml_ext.experiments.sinusoid import make_sinusoid_model
+
+    saved = torch.load(Path(maml_run["folder"]) / "sinusoid_models.pt", weights_only=True)
+    models = {}
+    for method, key in (("MAML", "maml"), ("pretrained", "pretrained")):
+        models[method] = make_sinusoid_model()
+        models[method].load_state_dict(saved[key])
+    return saved["config"]["inner_lr"], models
+
+
 def _sinusoid_floor(eval_tasks: int) -> dict:
     """The 0-step error of the best fixed network for the task distribution, the mean function
     E[A] · E_φ[sin(x − φ)] (= −(2/π) E[A] cos x for φ ~ U[0, π]), on the test tasks' grids."""
-    from maml_ext.experiments.sinusoid import Sinusoid
-
-    source = Sinusoid(support=10, query=0, seed=DEFAULT_EVAL_SEED)
-    tasks = source.sample(eval_tasks)
-    grid_x, grid_y = source.grid(tasks.amplitude, tasks.phase, 100)
+    source, _, grid_x, grid_y = _grid_tasks(DEFAULT_EVAL_SEED, eval_tasks)
     best = sinusoid_mean_function(grid_x.double(), source.amplitude_range, source.phase_range)
     mean, ci95, _ = mean_ci95(((grid_y.double() - best) ** 2).flatten(1).mean(1))
     return {"mse": mean, "ci95": ci95}
@@ -146,7 +165,6 @@ def _sinusoid_test_steps(cache: RunCache, scale: SinusoidScale, maml_run: dict) 
     time, summarised robustly as well: the median, the tasks that adaptation made worse than
     before it (a non-finite error counts as worse), and the mean over the other tasks."""
     from maml_ext.experiments import task_switching as switching
-    from maml_ext.experiments.sinusoid import Sinusoid, make_sinusoid_model
 
     settings = {
         "tasks": scale.eval_tasks,
@@ -156,14 +174,10 @@ def _sinusoid_test_steps(cache: RunCache, scale: SinusoidScale, maml_run: dict) 
     }
 
     def compute(folder: Path) -> dict:
-        saved = torch.load(Path(maml_run["folder"]) / "sinusoid_models.pt", weights_only=True)
-        source = Sinusoid(support=10, query=0, seed=DEFAULT_EVAL_SEED)
-        tasks = source.sample(scale.eval_tasks)
-        grid_x, grid_y = source.grid(tasks.amplitude, tasks.phase, 100)
+        inner_lr, models = _trained_sinusoid_models(maml_run)
+        _, tasks, grid_x, grid_y = _grid_tasks(DEFAULT_EVAL_SEED, scale.eval_tasks)
         results = {}
-        for method, key in (("MAML", "maml"), ("pretrained", "pretrained")):
-            model = make_sinusoid_model()
-            model.load_state_dict(saved[key])
+        for method, model in models.items():
             score = switching.per_task_mse(model)
             weights = switching.repeat_weights(model, scale.eval_tasks)
             with torch.no_grad():
@@ -177,7 +191,7 @@ def _sinusoid_test_steps(cache: RunCache, scale: SinusoidScale, maml_run: dict) 
                         tasks.support_x,
                         tasks.support_y,
                         1,
-                        saved["config"]["inner_lr"],
+                        inner_lr,
                         "mse",
                     )
                 with torch.no_grad():
@@ -201,7 +215,6 @@ def _sinusoid_test_steps(cache: RunCache, scale: SinusoidScale, maml_run: dict) 
 
 def _sinusoid_switching(cache: RunCache, scale: SinusoidScale, maml_run: dict) -> dict:
     from maml_ext.experiments import task_switching as switching
-    from maml_ext.experiments.sinusoid import Sinusoid, make_sinusoid_model
 
     settings = {
         "pairs": scale.switch_pairs,
@@ -211,19 +224,15 @@ def _sinusoid_switching(cache: RunCache, scale: SinusoidScale, maml_run: dict) -
     }
 
     def compute(folder: Path) -> dict:
-        saved = torch.load(Path(maml_run["folder"]) / "sinusoid_models.pt", weights_only=True)
-        source = Sinusoid(support=10, query=0, seed=SWITCH_SEED)
-        tasks = source.sample(2 * scale.switch_pairs)
-        grid_x, grid_y = source.grid(tasks.amplitude, tasks.phase, 100)
+        inner_lr, models = _trained_sinusoid_models(maml_run)
+        _, tasks, grid_x, grid_y = _grid_tasks(SWITCH_SEED, 2 * scale.switch_pairs)
         half = scale.switch_pairs
 
         def task(part: slice):
             return (tasks.support_x[part], tasks.support_y[part], grid_x[part], grid_y[part])
 
         results = {}
-        for method, key in (("MAML", "maml"), ("pretrained", "pretrained")):
-            model = make_sinusoid_model()
-            model.load_state_dict(saved[key])
+        for method, model in models.items():
             start = switching.repeat_weights(model, half)
             results[method] = {
                 str(k): switching.summarise_switching(
@@ -233,7 +242,7 @@ def _sinusoid_switching(cache: RunCache, scale: SinusoidScale, maml_run: dict) -
                         task(slice(0, half)),
                         task(slice(half, None)),
                         k,
-                        saved["config"]["inner_lr"],
+                        inner_lr,
                         "mse",
                         switching.per_task_mse(model),
                     )
