@@ -12,8 +12,10 @@ A backend is one object bound to a model, a task loss, a device and a dtype. It 
   ``steps`` inner SGD steps, with respect to every parameter and every learned inner rate, the
   step's means and a finite flag, without touching any ``.grad`` and without a host
   synchronisation where the backend can avoid one;
-- ``adapt(params, inner_lr, support_x, support_y, *, steps[, variant]) -> {name: [T, *shape]}``:
-  per-task adapted weights, no graph kept;
+- ``adapt_steps(params, inner_lr, support_x, support_y, *, steps[, variant])``: for each step
+  count k in ``steps`` (increasing, >= 1), ``(k, {name: [T, *shape]})``, the per-task weights after
+  k inner steps, no graph kept, from one inner loop (a generator: the weights after k are yielded
+  before step k + 1 runs); ``adapt(..., steps=k)`` is its last item for ``steps=[k]``;
 - ``predict(adapted, x) -> [T, N, ...]``: per-task outputs at per-task weights;
 - ``hvp(params, x, y, v) -> {name: [T, *shape]}``: per-task Hessian-vector products of the loss.
 
@@ -46,8 +48,9 @@ Splitting a meta-batch, within one process (``max_tasks_per_call``) or across pr
 
 from __future__ import annotations
 
+import collections
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -69,6 +72,12 @@ from .variants import Variant
 BACKENDS = ("auto", "reference", "fused")
 
 Params = dict[str, torch.Tensor]
+
+
+def final_weights(trajectory: Iterator[tuple[int, Params]]):
+    """The weights of the last ``(k, weights)`` item of an ``adapt_steps`` trajectory."""
+    (last,) = collections.deque(trajectory, maxlen=1)  # runs the generator to its end
+    return last[1]
 
 
 class MetaGradient(NamedTuple):
@@ -104,10 +113,23 @@ class Backend:
     ) -> MetaGradient:
         raise NotImplementedError
 
-    def adapt(
-        self, params: Params, inner_lr: InnerLearningRates, support_x, support_y, *, steps: int
-    ) -> Params:
+    def adapt_steps(
+        self,
+        params: Params,
+        inner_lr: InnerLearningRates,
+        support_x,
+        support_y,
+        *,
+        steps: Sequence[int],
+        variant: Variant | None = None,
+    ) -> Iterator[tuple[int, Params]]:
         raise NotImplementedError
+
+    def adapt(self, params, inner_lr, support_x, support_y, *, steps: int, variant=None) -> Params:
+        """Per-task weights after ``steps`` inner steps: the last item of :meth:`adapt_steps`."""
+        return final_weights(
+            self.adapt_steps(params, inner_lr, support_x, support_y, steps=[steps], variant=variant)
+        )
 
     def predict(self, adapted: Params, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -168,8 +190,8 @@ class ReferenceBackend(Backend):
             tensors, grads, names, loss, accuracy, result.support_loss.mean(), finite
         )
 
-    def adapt(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
-        return reference.adapt(
+    def adapt_steps(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
+        return reference.adapt_steps(
             self.model,
             params,
             inner_lr,
@@ -488,33 +510,46 @@ class FusedBackend(Backend):
             table = self._fixed_rates[key] = inner_lr.flat(self.program.slots, steps, like)
         return table
 
-    def adapt(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
+    def adapt_steps(self, params, inner_lr, support_x, support_y, *, steps, variant=None):
         program = self.program
         batch_norm = variant.batch_norm if variant is not None else None
         with torch.no_grad():
             theta = program.flatten(params)
-            rates = inner_lr.flat(program.slots, steps, theta)
-            if batch_norm is None:
-                adapted = fused.adapt(
-                    program, theta, rates, support_x, support_y, loss_code=self.loss_code
-                )
-                return program.unflatten(adapted)
-            # Per-step batch norm: one step at a time, moving to the next step's parameters in
-            # between (after the last step the weights keep that step's, which predict uses).
-            shift = batch_norm.shift(params, program.slots, steps, theta)
-            adapted = theta
-            for k in range(steps):
-                adapted = fused.adapt(
-                    program,
-                    adapted,
-                    rates[k : k + 1],
-                    support_x,
-                    support_y,
-                    loss_code=self.loss_code,
-                )
-                if k < steps - 1:
-                    adapted = adapted + shift[k]
-        return program.unflatten(adapted)
+            rates = inner_lr.flat(program.slots, steps[-1], theta)
+            shift = (
+                None
+                if batch_norm is None
+                else batch_norm.shift(params, program.slots, steps[-1], theta)
+            )
+        adapted, done = theta, 0
+        for count in steps:
+            with torch.no_grad():
+                if shift is None:  # one op call runs every step up to this count
+                    adapted = fused.adapt(
+                        program,
+                        adapted,
+                        rates[done:count],
+                        support_x,
+                        support_y,
+                        loss_code=self.loss_code,
+                    )
+                else:
+                    # Per-step batch norm: one step at a time, moving to step k's parameters
+                    # before it (after the last step the weights keep that step's, which predict
+                    # uses).
+                    for k in range(done, count):
+                        if k > 0:
+                            adapted = adapted + shift[k - 1]
+                        adapted = fused.adapt(
+                            program,
+                            adapted,
+                            rates[k : k + 1],
+                            support_x,
+                            support_y,
+                            loss_code=self.loss_code,
+                        )
+            done = count
+            yield count, program.unflatten(adapted)
 
     def predict(self, adapted, x):
         with torch.no_grad():

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from .backend import final_weights
 from .losses import LossFn
 from .optimizer import MetaOptimizer, MetaStepResult
 from .per_task import TaskOps
@@ -141,15 +142,6 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
             tensor.grad = grad if tensor.grad is None else tensor.grad + grad
         return result
 
-    def adapt(self, support_x, support_y, steps: int | None = None) -> dict[str, torch.Tensor]:
-        """Per-task weights {name: [T, *shape]} after ``steps`` (default: inner_steps) proximal
-        gradient steps from θ on each task's support set. No graph is kept."""
-        steps = self.inner_steps if steps is None else check_steps("steps", steps)
-        params, ops = self._ops()
-        self._check_support(support_x, support_y, next(iter(params.values())))
-        theta = ops.flatten({name: p.detach() for name, p in params.items()})
-        return ops.unflatten(self._proximal_descent(ops, theta, support_x, support_y, steps))
-
     # ---- internals --------------------------------------------------------------------------
 
     def _config(self) -> dict:
@@ -159,16 +151,28 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
         )
         return config
 
-    def _proximal_descent(self, ops: TaskOps, theta, support_x, support_y, steps: int):
-        """φ [T, P] after ``steps`` steps φ ← φ − α (∇L_S(φ) + λ (φ − θ)) from φ = θ."""
+    def _adapt_trajectory(self, params, support_x, support_y, counts):
+        """``adapt``'s inner loop: the proximal gradient descent."""
+        _, ops = self._ops()
+        theta = ops.flatten({name: p.detach() for name, p in params.items()})
+        return (
+            (k, ops.unflatten(phi))
+            for k, phi in self._proximal_descent(ops, theta, support_x, support_y, counts)
+        )
+
+    def _proximal_descent(self, ops: TaskOps, theta, support_x, support_y, counts: list[int]):
+        """``(k, φ [T, P])`` after k steps φ ← φ − α (∇L_S(φ) + λ (φ − θ)) from φ = θ, for each k
+        in ``counts`` (increasing, >= 1)."""
         alpha = self.inner_lr.init
-        with torch.no_grad():
-            phi = ops.sgd_step(theta, alpha, support_x, support_y)  # the proximal term is 0 at θ
-            for _ in range(steps - 1):
-                phi = ops.sgd_step(phi, alpha, support_x, support_y) - (alpha * self.lam) * (
-                    phi - theta
-                )
-        return phi
+        phi, done = theta, 0
+        for count in counts:
+            with torch.no_grad():
+                for k in range(done, count):
+                    step = ops.sgd_step(phi, alpha, support_x, support_y)
+                    # The proximal term is 0 at θ, so the first step is plain SGD.
+                    phi = step if k == 0 else step - (alpha * self.lam) * (phi - theta)
+            done = count
+            yield count, phi  # outside no_grad: the caller runs in its own grad mode
 
     def _conjugate_gradient(self, ops: TaskOps, phi, support_x, support_y, b):
         """x [T, P] from ``cg_steps`` CG iterations on ((1 + δ) I + H_t/λ) x_t = b_t from x = 0,
@@ -200,7 +204,9 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
         with torch.no_grad():
             theta = ops.flatten({name: p.detach() for name, p in params.items()})
             support_loss = self._mean_loss(ops.forward(theta, support_x), support_y)
-            phi = self._proximal_descent(ops, theta, support_x, support_y, self.inner_steps)
+            phi = final_weights(
+                self._proximal_descent(ops, theta, support_x, support_y, [self.inner_steps])
+            )
             query_losses, query_grads = ops.gradient(phi, query_x, query_y)
             query_loss = query_losses.mean()
             accuracy = None

@@ -6,15 +6,22 @@ it; the backends and what they provide are in maml_ext/backend.py."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from . import cuda_graph as graphs, distributed as dist_meta, reference, task_chunks
-from .backend import Backend, choose_backend
+from .backend import Backend, choose_backend, final_weights
 from .inner_lr import InnerLearningRates
 from .losses import LossFn, resolve_loss
-from .validation import check_inputs, check_steps, check_targets, check_tensor
+from .validation import (
+    check_inputs,
+    check_step_counts,
+    check_steps,
+    check_targets,
+    check_tensor,
+)
 from .variants import PerStepBatchNorm, Variant, msl_weights, resolve_adapted
 
 
@@ -268,17 +275,36 @@ class MetaOptimizer:
         SGD steps on each task's support set. No graph is kept."""
         steps = self.inner_steps if steps is None else check_steps("steps", steps)
         params = self._params(self.model)
-        first = next(iter(params.values()))
-        self._check_support(support_x, support_y, first)
-        variant = self._variant(for_adapt=True)
-        return self._backend_for(first.device, first.dtype).adapt(
-            params,
-            self.inner_lr,
-            support_x,
-            support_y,
-            steps=steps,
-            **({} if variant is None else {"variant": variant}),
-        )
+        self._check_support(support_x, support_y, next(iter(params.values())))
+        return final_weights(self._adapt_trajectory(params, support_x, support_y, [steps]))
+
+    def adapt_steps(
+        self, support_x, support_y, steps: Iterable[int]
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(k, adapt(support_x, support_y, steps=k))`` for each k in ``steps`` (distinct
+        integers >= 0, yielded in increasing order; k = 0: θ for every task), from one inner loop:
+        the cost of the largest k alone, where calling ``adapt`` per k costs the sum of all k
+        (the test protocol's curve over 0..K steps). Each item is computed when it is asked for;
+        the inputs and ``steps`` are checked at the call."""
+        counts = check_step_counts("steps", steps)
+        params = self._params(self.model)
+        self._check_support(support_x, support_y, next(iter(params.values())))
+        positive = [k for k in counts if k > 0]
+
+        def trajectory():
+            if counts[0] == 0:
+                tasks = support_x.shape[0]
+                yield (
+                    0,
+                    {
+                        name: p.detach().unsqueeze(0).expand(tasks, *p.shape).contiguous()
+                        for name, p in params.items()
+                    },
+                )
+            if positive:
+                yield from self._adapt_trajectory(params, support_x, support_y, positive)
+
+        return trajectory()
 
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Per-task outputs [T, N, ...] of the model at the adapted weights from ``adapt``."""
@@ -424,6 +450,21 @@ class MetaOptimizer:
         if not chosen:
             raise ValueError("adapt: with per_step_batch_norm, no parameter is left to adapt")
         return chosen
+
+    def _adapt_trajectory(self, params, support_x, support_y, counts: list[int]):
+        """``(k, per-task weights)`` after each of ``counts`` (increasing, >= 1) inner steps: the
+        inner loop of ``adapt`` and ``adapt_steps`` (checked inputs). iMAML and Reptile override
+        it with their own inner loops."""
+        first = next(iter(params.values()))
+        variant = self._variant(for_adapt=True)
+        return self._backend_for(first.device, first.dtype).adapt_steps(
+            params,
+            self.inner_lr,
+            support_x,
+            support_y,
+            steps=counts,
+            **({} if variant is None else {"variant": variant}),
+        )
 
     def _variant(self, *, for_adapt: bool = False) -> Variant | None:
         """This step's MAML++ options for the backend, None when none is on (the default path)."""

@@ -8,6 +8,7 @@ learn2learn and higher do, and it is the oracle the fused backend is tested agai
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -127,41 +128,56 @@ def meta_loss(
     )
 
 
-def adapt(
+def adapt_steps(
     model: nn.Module,
     params: Params,
     rates: InnerLearningRates,
     support_x,
     support_y,
     *,
-    steps: int,
+    steps: Sequence[int],
     loss: TaskLoss,
     variant: Variant | None = None,
-) -> Params:
-    """Per-task adapted weights {name: [T, *shape]}, no graph kept; with per-step batch norm, the
-    batch-norm entries are the parameters of the last step taken (which the query pass uses)."""
+) -> Iterator[tuple[int, Params]]:
+    """``(k, per-task adapted weights {name: [T, *shape]})`` after k inner steps for each k in
+    ``steps`` (increasing, >= 1), from one inner loop per task; no graph kept. With per-step batch
+    norm, the batch-norm entries are the parameters of the last step taken (which the query pass
+    uses)."""
     batch_norm = variant.batch_norm if variant is not None else None
-    per_task: list[Params] = []
-    for t in range(support_x.shape[0]):
-        adapted = {name: p.detach().requires_grad_() for name, p in params.items()}
-        for step in range(steps):
-            with torch.enable_grad():
-                adapted, _ = _inner_step(
-                    model,
-                    adapted,
-                    rates,
-                    step,
-                    support_x[t],
-                    support_y[t],
-                    loss,
-                    create_graph=False,
-                    detach_grads=True,
-                    call_params=_with_step_batch_norm(adapted, params, batch_norm, step),
+    tasks = support_x.shape[0]
+    per_task = [{name: p.detach() for name, p in params.items()} for _ in range(tasks)]
+    done = 0
+    for count in steps:
+        for step in range(done, count):
+            for t in range(tasks):
+                adapted = {name: p.requires_grad_() for name, p in per_task[t].items()}
+                with torch.enable_grad():
+                    adapted, _ = _inner_step(
+                        model,
+                        adapted,
+                        rates,
+                        step,
+                        support_x[t],
+                        support_y[t],
+                        loss,
+                        create_graph=False,
+                        detach_grads=True,
+                        call_params=_with_step_batch_norm(adapted, params, batch_norm, step),
+                    )
+                per_task[t] = {name: p.detach() for name, p in adapted.items()}
+        done = count
+        yield (
+            count,
+            {
+                name: torch.stack(
+                    [
+                        _with_step_batch_norm(task, params, batch_norm, count - 1)[name].detach()
+                        for task in per_task
+                    ]
                 )
-            adapted = {name: p.detach().requires_grad_() for name, p in adapted.items()}
-        adapted = _with_step_batch_norm(adapted, params, batch_norm, steps - 1)
-        per_task.append({name: p.detach() for name, p in adapted.items()})
-    return {name: torch.stack([task[name] for task in per_task]) for name in params}
+                for name in params
+            },
+        )
 
 
 def predict(model: nn.Module, adapted: Params, x: torch.Tensor) -> torch.Tensor:

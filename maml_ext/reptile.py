@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from .backend import final_weights
 from .implicit import TaskBatchedAlgorithm, _positive_number
 from .losses import LossFn
 from .optimizer import MetaStepResult
@@ -118,17 +119,6 @@ class Reptile(TaskBatchedAlgorithm):
             p.grad = d if p.grad is None else p.grad + d
         return result
 
-    def adapt(self, support_x, support_y, steps: int | None = None) -> dict[str, torch.Tensor]:
-        """Per-task weights {name: [T, *shape]} after ``steps`` (default: inner_steps) steps of the
-        inner optimiser from θ on each task's support set. No graph is kept."""
-        steps = self.inner_steps if steps is None else check_steps("steps", steps)
-        if self.inner_optimizer == "sgd":
-            return super().adapt(support_x, support_y, steps)
-        params, ops = self._ops()
-        self._check_support(support_x, support_y, next(iter(params.values())))
-        theta = ops.flatten({name: p.detach() for name, p in params.items()})
-        return ops.unflatten(self._adam(ops, theta, support_x, support_y, steps))
-
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["reptile"] = {"meta_steps": self.meta_steps}
@@ -160,22 +150,37 @@ class Reptile(TaskBatchedAlgorithm):
         )
         return config
 
-    def _adam(self, ops: TaskOps, theta, support_x, support_y, steps: int) -> torch.Tensor:
-        """φ [T, P] after ``steps`` Adam steps per task from θ (torch.optim.Adam's update)."""
+    def _adapt_trajectory(self, params, support_x, support_y, counts):
+        """``adapt``'s inner loop: SGD (the backends'), or Adam with per-task moments."""
+        if self.inner_optimizer == "sgd":
+            return super()._adapt_trajectory(params, support_x, support_y, counts)
+        _, ops = self._ops()
+        theta = ops.flatten({name: p.detach() for name, p in params.items()})
+        return (
+            (k, ops.unflatten(phi))
+            for k, phi in self._adam(ops, theta, support_x, support_y, counts)
+        )
+
+    def _adam(self, ops: TaskOps, theta, support_x, support_y, counts: list[int]):
+        """``(k, φ [T, P])`` after k Adam steps per task from θ (torch.optim.Adam's update) for
+        each k in ``counts`` (increasing, >= 1)."""
         beta1, beta2 = self.inner_betas
         lr, eps = self.inner_lr.init, self.inner_eps
         tasks = support_x.shape[0]
-        with torch.no_grad():
-            phi = theta.expand(tasks, -1)
-            first = theta.new_zeros((tasks, theta.shape[-1]))
-            second = torch.zeros_like(first)
-            for k in range(1, steps + 1):
-                _, grads = ops.gradient(phi, support_x, support_y)
-                first.mul_(beta1).add_(grads, alpha=1 - beta1)
-                second.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-                denominator = (second.sqrt() / math.sqrt(1 - beta2**k)).add_(eps)
-                phi = phi - (lr / (1 - beta1**k)) * first / denominator
-        return phi
+        phi = theta.expand(tasks, -1)
+        first = theta.new_zeros((tasks, theta.shape[-1]))
+        second = torch.zeros_like(first)
+        done = 0
+        for count in counts:
+            with torch.no_grad():
+                for k in range(done + 1, count + 1):
+                    _, grads = ops.gradient(phi, support_x, support_y)
+                    first.mul_(beta1).add_(grads, alpha=1 - beta1)
+                    second.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+                    denominator = (second.sqrt() / math.sqrt(1 - beta2**k)).add_(eps)
+                    phi = phi - (lr / (1 - beta1**k)) * first / denominator
+            done = count
+            yield count, phi  # outside no_grad: the caller runs in its own grad mode
 
     def _direction(self, support_x, support_y, query_x, query_y):
         """(result, the model's parameters, θ − mean_t φ_t per parameter)."""
@@ -191,7 +196,9 @@ class Reptile(TaskBatchedAlgorithm):
                 )
                 phi = ops.flatten(adapted, task_dims=1)
             else:
-                phi = self._adam(ops, theta, support_x, support_y, self.inner_steps)
+                phi = final_weights(
+                    self._adam(ops, theta, support_x, support_y, [self.inner_steps])
+                )
             outputs = ops.forward(phi, query_x)
             query_loss = self._mean_loss(outputs, query_y)
             direction = theta - phi.mean(0)

@@ -101,3 +101,21 @@ def check_steps(name: str, steps) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{name}: expected an integer number of inner steps >= 1, got {steps!r}")
     return steps
+
+
+def check_step_counts(name: str, counts) -> list[int]:
+    """A non-empty collection of distinct step counts (integers >= 0), sorted."""
+    try:
+        values = list(counts)
+    except TypeError:
+        values = None
+    if (
+        not values
+        or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in values)
+        or len(set(values)) != len(values)
+    ):
+        raise ValueError(
+            f"{name}: expected a non-empty collection of distinct integer step counts >= 0, "
+            f"got {counts!r}"
+        )
+    return sorted(values)

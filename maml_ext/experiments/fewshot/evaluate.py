@@ -48,7 +48,6 @@ from maml_ext.experiments.runtime import (
     current_ranks,
     default_device,
     intra_op_threads,
-    weights_per_task,
 )
 
 from ...types import PathLike
@@ -71,13 +70,10 @@ def per_step_accuracy(
     meta_optimizer, support_x, support_y, query_x, query_y, steps: Sequence[int]
 ) -> Evaluation:
     """Per-task query accuracy and loss ``{k: {"accuracy": [T], "loss": [T]}}`` after k inner
-    steps for each k in ``steps`` (0: the unadapted weights), via ``MetaOptimizer.adapt``."""
+    steps for each k in ``steps`` (0: the unadapted weights), from one inner loop per task
+    (``MetaOptimizer.adapt_steps``: scoring 0..K costs K steps, not K(K + 1)/2)."""
     results = {}
-    for k in steps:
-        if k == 0:
-            weights = weights_per_task(meta_optimizer.model, support_x.shape[0])
-        else:
-            weights = meta_optimizer.adapt(support_x, support_y, steps=k)
+    for k, weights in meta_optimizer.adapt_steps(support_x, support_y, steps):
         logits = meta_optimizer.predict(weights, query_x)
         accuracy = (logits.argmax(-1) == query_y).float().mean(1)
         loss = F.cross_entropy(logits.flatten(0, 1), query_y.flatten(), reduction="none")
