@@ -3,7 +3,13 @@
     .venv/bin/python bench/algorithms.py --data-dir ../shared/data/omniglot --iterations N
         [--settings 5w1s 20w1s] [--algorithms maml fomaml metasgd anil mamlpp imaml reptile]
         [--tasks 600] [--device cpu|cuda] [--backend auto] [--time-steps 10]
-        [--filters 64] [--out bench/algorithms.md] [--json OUT] [--runs DIR]
+        [--filters 64] [--meta-batch N] [--threads N] [--no-train | --no-timing]
+        [--out bench/algorithms.md] [--json OUT] [--runs DIR]
+    .venv/bin/python bench/algorithms.py --merge A.json B.json ... [--out ...]
+
+``--merge`` renders one table from the ``--json`` files of earlier runs (say, training of each
+setting in its own one-thread process, then the timing alone on a quiet machine: ``--no-timing``
+and ``--no-train``); a later file's entries complete or replace an earlier one's.
 
 For each setting (Omniglot 5-way 1-shot, 20-way 1-shot; the MAML presets omniglot-5w1s and
 omniglot-20w1s) and each algorithm:
@@ -17,7 +23,8 @@ omniglot-20w1s) and each algorithm:
   steps (:data:`ALGORITHMS` below: the paper's where it states one);
 - time per meta-step: in a fresh child process per (setting, algorithm), the model and a random
   batch of the setting's shape, 2 warm-up steps, then the median of ``--time-steps`` timed steps
-  (the GPU synchronised around each);
+  (the GPU synchronised around each), in the phase that takes most of a run: MAML++ after its
+  first-order and multi-step-loss phases (second order, final loss only);
 - peak memory of one meta-step in that child: on CUDA ``torch.cuda.max_memory_allocated()``
   during the step minus what was allocated before; on CPU the peak resident set size (VmHWM, reset
   to the current RSS just before the step where the kernel allows) minus the RSS before it.
@@ -91,12 +98,16 @@ PUBLISHED = {
 }
 
 
-def preset_for(setting: str, algorithm: str, iterations: int, filters: int):
+def preset_for(
+    setting: str, algorithm: str, iterations: int, filters: int, meta_batch: int | None = None
+):
     """The preset a run of ``algorithm`` on ``setting`` trains, and its algorithm options."""
     from maml_ext.experiments.presets import get_preset
 
     spec = ALGORITHMS[algorithm]
     changes = dict(spec["overrides"], algorithm=algorithm, filters=filters)
+    if meta_batch is not None:
+        changes["meta_batch"] = meta_batch
     if algorithm == "mamlpp":
         changes["msl_iterations"] = max(1, round(iterations * spec["msl_fraction"]))
         changes["first_order_until"] = round(iterations * spec["first_order_fraction"])
@@ -118,13 +129,16 @@ def _child(setting: str, algorithm: str, args) -> None:
     from maml_ext.experiments.algorithms import build_meta_optimizer, resolve_options
 
     torch.manual_seed(0)
-    preset, options = preset_for(setting, algorithm, args.iterations, args.filters)
+    preset, options = preset_for(setting, algorithm, args.iterations, args.filters, args.meta_batch)
     if options.get("anneal") is True:
         options["anneal"] = args.iterations
     device = torch.device(args.device)
     meta = build_meta_optimizer(
         preset, device=device, backend=args.backend, options=resolve_options(algorithm, options)
     )
+    # The phase that takes most of the run: MAML++ past its first-order and multi-step-loss
+    # phases (both end by a third of the run).
+    meta.iteration = max(meta.first_order_until or 0, meta.msl_iterations or 0)
     support = preset.ways * preset.shots
     query = preset.ways * preset.queries
     tasks = preset.meta_batch
@@ -192,7 +206,11 @@ def measure(setting: str, algorithm: str, args) -> dict:
         str(args.time_steps),
         "--filters",
         str(args.filters),
+        "--threads",
+        str(torch.get_num_threads()),
     ]
+    if args.meta_batch is not None:
+        command += ["--meta-batch", str(args.meta_batch)]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ALGORITHMS_JSON ")]
     if proc.returncode != 0 or not lines:
@@ -207,7 +225,7 @@ def measure(setting: str, algorithm: str, args) -> dict:
 def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
     from maml_ext.experiments.fewshot import evaluate_checkpoint, train_fewshot
 
-    preset, options = preset_for(setting, algorithm, args.iterations, args.filters)
+    preset, options = preset_for(setting, algorithm, args.iterations, args.filters, args.meta_batch)
     out = runs / f"{setting}-{algorithm}"
     started = time.perf_counter()
     train_fewshot(
@@ -231,7 +249,7 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
     report = evaluate_checkpoint(
         out / "checkpoint.pt",
         tasks=args.tasks,
-        steps=steps,
+        steps=[steps],  # only the row the table shows (one inner loop per task)
         out="",
         backend=args.backend,
         device=args.device,
@@ -248,6 +266,8 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
         "inner_lr": preset.inner_lr,
         "options": options,
         "train_seconds": seconds,
+        "meta_batch": preset.meta_batch,
+        "threads": torch.get_num_threads(),
         "test_classes": report["classes"],
     }
 
@@ -258,12 +278,15 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
 def render(results: dict, args, command: str) -> str:
     lines = [
         f"Omniglot (minimal archives in {args.data_dir}, split by alphabet, seed 0), "
-        f"{args.iterations} meta-iterations at each preset's meta-batch, {args.tasks} test tasks; "
+        f"{args.iterations} meta-iterations at "
+        + (f"meta-batch {args.meta_batch}" if args.meta_batch else "each preset's meta-batch")
+        + f", {args.tasks} test tasks; "
         f"device {args.device} ({platform.processor() or platform.machine()}"
         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
         + f"), backend {args.backend}, torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}.",
         "",
+        *(f"Command: `{c}`" for c in getattr(args, "commands", [])),
         f"Command: `{command}`",
         "",
     ]
@@ -330,6 +353,10 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "fused", "reference"])
     parser.add_argument("--time-steps", type=int, default=10)
     parser.add_argument("--filters", type=int, default=64, help="conv channels (smoke tests)")
+    parser.add_argument(
+        "--meta-batch", type=int, help="tasks per meta-step for every run (default: the preset's)"
+    )
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("algorithms.md"))
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--runs", type=Path, help="keep the training runs here (default: temp)")
@@ -338,41 +365,98 @@ def main(argv=None) -> None:
         "--no-train", dest="train", action="store_false", help="only time and measure memory"
     )
     parser.add_argument(
+        "--no-timing", dest="timing", action="store_false", help="only train and test"
+    )
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="JSON", help="render the table from --json files"
+    )
+    parser.add_argument(
         "--_child", dest="child", nargs=2, metavar=("SETTING", "ALGORITHM"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child:
         _child(*args.child, args)
         return
-    if args.train and not args.data_dir:
-        parser.error("--data-dir is needed to train (or --no-train)")
     command = "python bench/algorithms.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        results, args = merged(args.merge, args)
+    else:
+        if args.train and not args.data_dir:
+            parser.error("--data-dir is needed to train (or --no-train)")
+        results = run_all(args)
+    table = render(results, args, command)
+    args.out.write_text(table)
+    print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "commands": getattr(args, "commands", [command]),
+                    "arguments": {k: v for k, v in vars(args).items() if k in RECORDED},
+                    "results": {f"{s}/{a}": v for (s, a), v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+# The arguments a --json file records, which --merge puts back to render the table's header.
+RECORDED = ("data_dir", "iterations", "tasks", "device", "backend", "meta_batch", "settings")
+
+
+def run_all(args) -> dict[tuple[str, str], dict]:
     results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         runs = args.runs if args.runs is not None else Path(scratch)
         for setting in args.settings:
             for algorithm in args.algorithms:
                 entry: dict = {}
-                print(f"{setting} {algorithm}: timing", file=sys.stderr, flush=True)
-                entry["timing"] = measure(setting, algorithm, args)
+                if args.timing:
+                    print(f"{setting} {algorithm}: timing", file=sys.stderr, flush=True)
+                    entry["timing"] = measure(setting, algorithm, args)
+                else:
+                    entry["timing"] = {"failed": "not timed (--no-timing)"}
                 if args.train:
                     print(f"{setting} {algorithm}: training", file=sys.stderr, flush=True)
                     try:
                         entry["train"] = train_and_test(setting, algorithm, args, runs)
                     except Exception as error:  # one failing algorithm must not lose the table
                         entry["train"] = {"failed": f"{type(error).__name__}: {error}"}
+                else:
+                    entry["train"] = {"failed": "not trained (--no-train)"}
                 print(f"  {entry}", file=sys.stderr, flush=True)
                 results[(setting, algorithm)] = entry
-    if not args.train:
-        for entry in results.values():
-            entry["train"] = {"failed": "not trained (--no-train)"}
-    table = render(results, args, command)
-    args.out.write_text(table)
-    print(table)
-    if args.json:
-        args.json.write_text(
-            json.dumps({f"{s}/{a}": v for (s, a), v in results.items()}, indent=2) + "\n"
-        )
+    return results
+
+
+def merged(paths: list[Path], args):
+    """The entries of several --json files, later files' measurements over earlier ones' (a
+    "failed" entry never replaces a measured one), and the arguments of the training runs."""
+    results: dict[tuple[str, str], dict] = {}
+    args.commands = []
+    for path in paths:
+        saved = json.loads(path.read_text())
+        args.commands += saved["commands"]
+        for key, entry in saved["results"].items():
+            setting, algorithm = key.split("/")
+            into = results.setdefault((setting, algorithm), {})
+            for part in ("train", "timing"):
+                if part in entry and ("failed" not in entry[part] or part not in into):
+                    into[part] = entry[part]
+        if any("failed" not in e.get("train", {}) for e in saved["results"].values()):
+            for name, value in saved["arguments"].items():
+                setattr(args, name, value)
+    args.settings = [s for s in SETTINGS if any(key[0] == s for key in results)]
+    args.algorithms = [a for a in ALGORITHMS if any(key[1] == a for key in results)]
+    for setting in args.settings:
+        for algorithm in args.algorithms:
+            entry = results.setdefault((setting, algorithm), {})
+            for part in ("train", "timing"):
+                entry.setdefault(part, {"failed": "not measured"})
+    return results, args
 
 
 if __name__ == "__main__":

@@ -271,6 +271,24 @@ def test_eval_reports_every_step_with_confidence_intervals(straight_run, tmp_pat
     )
     assert again["results"]["maml"]["1"] == written["results"]["maml"]["1"]
     assert (tmp_path / "baseline.pt").is_file()
+    # A list of step counts scores exactly those, the same as the full curve's rows.
+    chosen = fewshot.evaluate_checkpoint(
+        out / "checkpoint.pt",
+        tasks=30,
+        steps=[3, 1],
+        seed=5,
+        out="",
+        backend="reference",
+        device="cpu",
+        progress=False,
+        verbose=False,
+        cpu_threads=1,
+    )
+    assert chosen["steps"] == [1, 3] and sorted(chosen["results"]["maml"]) == ["1", "3"]
+    for k in ("1", "3"):
+        assert chosen["results"]["maml"][k] == written["results"]["maml"][k]
+    with pytest.raises(ConfigurationError, match="steps: expected a non-empty collection"):
+        fewshot.evaluate_checkpoint(out / "checkpoint.pt", steps=[1, 1], progress=False)
 
 
 def test_load_checkpoint_adapts_and_predicts_like_the_evaluation(

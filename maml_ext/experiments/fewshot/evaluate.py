@@ -51,6 +51,7 @@ from maml_ext.experiments.runtime import (
 )
 
 from ...types import PathLike
+from ...validation import check_step_counts
 
 __all__ = ["EVAL_CHUNK", "per_step_accuracy", "evaluate_tasks", "summarise", "evaluate_checkpoint"]
 
@@ -169,7 +170,7 @@ def evaluate_checkpoint(
     data_dir: PathLike | None = None,
     *,
     tasks: int = 600,
-    steps: int = 10,
+    steps: int | Sequence[int] = 10,
     seed: int = DEFAULT_EVAL_SEED,
     out: PathLike | None = None,
     split: str = "test",
@@ -187,7 +188,8 @@ def evaluate_checkpoint(
 
     ``data_dir`` and ``cache_dir`` default to the training run's; the split (by character or
     alphabet, split seed) is always the training run's, so the test classes are the ones it never
-    saw. Writes JSON to ``out`` (default ``eval.json`` beside the checkpoint; nothing when
+    saw. ``steps``: an int scores after 0..steps inner steps, a collection after exactly those
+    step counts. Writes JSON to ``out`` (default ``eval.json`` beside the checkpoint; nothing when
     ``out`` is ""), prints the table when ``verbose``, and returns the dict written:
     ``results["maml"][str(k)] = {"accuracy", "ci95", "std", "loss"}`` for k = 0..steps, and
     ``results["baseline"]`` too with ``baseline=True``. The pretrained baseline is cached in
@@ -196,7 +198,14 @@ def evaluate_checkpoint(
     """
     checkpoint = Path(checkpoint)
     check_count("tasks", tasks)
-    check_count("steps", steps, allow_zero=True)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        check_count("steps", steps, allow_zero=True)
+        step_list = list(range(steps + 1))
+    else:  # only these step counts (one inner loop still runs to the largest)
+        try:
+            step_list = check_step_counts("steps", steps)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
     if split not in ("train", "val", "test"):
         raise ConfigurationError(f"split: expected train, val or test, got {split!r}")
     try:
@@ -213,7 +222,6 @@ def evaluate_checkpoint(
     split_options = dict(
         split_by=settings["split_by"], split_seed=settings["split_seed"], cache_dir=cache_dir
     )
-    step_list = list(range(steps + 1))
     # Under torchrun the test tasks are split across the processes; rank 0 prints and writes.
     ranks = current_ranks()
     verbose = verbose and ranks.main
@@ -304,7 +312,7 @@ def evaluate_checkpoint(
         "data_dir": str(data_dir),
         "classes": (int(test_data.labels.max()) + 1) * int(getattr(test_data, "rotations", 1)),
         "tasks": tasks,
-        "steps": steps,
+        "steps": steps if isinstance(steps, int) else step_list,
         "paper_eval_steps": preset.paper_eval_steps,
         "seed": seed,
         "task_chunk": EVAL_CHUNK,
