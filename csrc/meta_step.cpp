@@ -49,31 +49,57 @@ void check_inner_lr(const at::Tensor& inner_lr, const at::Tensor& theta) {
                  "], got shape ", inner_lr.sizes());
 }
 
-// Tasks per chunk of the query pass. Its tape (the activations of N query samples per task) is the
-// meta-step's largest allocation: on the CPU, image programs run it one task at a time, which
-// bounds the tape to one task's activations (miniImageNet 5-way: ~300 MB instead of T times that)
-// and costs no speed there, where a grouped convolution over T tasks is no faster than T separate
-// ones (bench/NOTES.md). On CUDA all tasks go in one launch sequence: that batching is the point.
-int64_t query_chunk_tasks(const at::Tensor& query_x, int64_t tasks) {
-  const bool images = query_x.dim() == 5;
-  return query_x.is_cuda() || !images ? tasks : 1;
+// Tasks per chunk of a pass over a large set (the query set; iMAML's and Reptile's query passes
+// through loss_hvp and program_forward; ANIL's body over the query set). Its tape (the activations
+// of N samples per task) is the largest allocation of a meta-step: on the CPU, image programs run
+// it one task at a time, which bounds the tape to one task's activations (miniImageNet 5-way:
+// ~300 MB instead of T times that) and costs no speed there, where a grouped convolution over T
+// tasks is no faster than T separate ones (bench/NOTES.md). On CUDA all tasks go in one launch
+// sequence: that batching is the point.
+int64_t task_chunk(const at::Tensor& x, int64_t tasks) {
+  const bool images = x.dim() == 5;
+  return x.is_cuda() || !images ? tasks : 1;
+}
+
+// fn(start, size) for consecutive chunks of task_chunk(x, tasks) tasks covering 0..tasks.
+template <typename Fn>
+void for_each_task_chunk(const at::Tensor& x, int64_t tasks, Fn&& fn) {
+  const int64_t chunk = task_chunk(x, tasks);
+  for (int64_t start = 0; start < tasks; start += chunk) fn(start, std::min(chunk, tasks - start));
+}
+
+// Per-task losses (and accuracies) of the chunks, in task order.
+LossValue concatenate(const std::vector<LossValue>& chunks) {
+  if (chunks.size() == 1) return chunks.front();
+  std::vector<at::Tensor> losses, accuracies;
+  for (const auto& value : chunks) {
+    losses.push_back(value.loss);
+    if (value.accuracy.defined()) accuracies.push_back(value.accuracy);
+  }
+  return {at::cat(losses), accuracies.empty() ? at::Tensor() : at::cat(accuracies)};
+}
+
+// The gradient pass (and, with a tangent v, the HVP) at per-task weights theta [T, P] on (x, y),
+// in chunks of tasks; fills grad [T, P] (and hv [T, P]).
+LossValue chunked_gradient(Program& program, const at::Tensor& theta, const at::Tensor& v,
+                           const at::Tensor& grad, const at::Tensor& hv, const at::Tensor& x,
+                           const at::Tensor& y) {
+  std::vector<LossValue> chunks;
+  const auto part = [](const at::Tensor& t, int64_t start, int64_t size) {
+    return t.defined() ? t.narrow(0, start, size) : t;
+  };
+  for_each_task_chunk(x, theta.size(0), [&](int64_t start, int64_t size) {
+    chunks.push_back(program.gradient({part(theta, start, size), part(v, start, size),
+                                       part(grad, start, size), part(hv, start, size)},
+                                      x.narrow(0, start, size), y.narrow(0, start, size)));
+  });
+  return concatenate(chunks);
 }
 
 // The query gradient pass at per-task weights theta [T, P], in chunks of tasks; fills grad [T, P].
 LossValue query_gradient(Program& program, const at::Tensor& theta, const at::Tensor& grad,
                          const at::Tensor& x, const at::Tensor& y) {
-  const int64_t tasks = theta.size(0), chunk = query_chunk_tasks(x, tasks);
-  if (chunk >= tasks) return program.gradient({theta, at::Tensor(), grad, at::Tensor()}, x, y);
-  std::vector<at::Tensor> losses, accuracies;
-  for (int64_t start = 0; start < tasks; start += chunk) {
-    const int64_t size = std::min(chunk, tasks - start);
-    const auto value = program.gradient(
-        {theta.narrow(0, start, size), at::Tensor(), grad.narrow(0, start, size), at::Tensor()},
-        x.narrow(0, start, size), y.narrow(0, start, size));
-    losses.push_back(value.loss);
-    if (value.accuracy.defined()) accuracies.push_back(value.accuracy);
-  }
-  return {at::cat(losses), accuracies.empty() ? at::Tensor() : at::cat(accuracies)};
+  return chunked_gradient(program, theta, at::Tensor(), grad, at::Tensor(), x, y);
 }
 
 }  // namespace
@@ -251,12 +277,11 @@ MetaStepOptionsTuple frozen_body_meta_step(
   const int64_t steps = inner_lr.size(0);
   const auto options = theta.options();
 
-  // The body's features of both sets, once, at the shared θ (one large batch over all tasks);
-  // each program keeps its tape for the single backward at the end.
+  // The body's features of the support set, once, at the shared θ; the program keeps its tape
+  // for the single backward at the end. (The query set's pass comes after the inner loop.)
   Program body_support(body_records), body_query(body_records);
   const auto theta_body = per_task(theta.narrow(0, 0, body_params), tasks, "theta");
   const auto features_s = body_support.forward(theta_body, support_x.contiguous());
-  const auto features_q = body_query.forward(theta_body, query_x.contiguous());
   MAML_CHECK_ARG(features_s.dim() == 3, "body_program",
                  "expected the frozen layers to end in features [T, N, F], got shape ",
                  features_s.sizes());
@@ -278,11 +303,26 @@ MetaStepOptionsTuple frozen_body_meta_step(
     auto next_theta = adapted[k];
     at::sub_out(next_theta, theta_at(k), support_grads[k] * alpha[k]);
   }
+  // The query set through body and adapted head, in chunks of tasks (one task at a time for images
+  // on the CPU, as MAML's query pass: the body's tape over the query set is the step's largest
+  // allocation): λ_K = the head's query gradient, and the body's share of the meta-gradient, which
+  // reaches the loss only through the features.
   auto lambda = at::empty({tasks, head_params}, options);
-  at::Tensor query_feature_grad, unused_tangent;
-  const auto query =
-      head.gradient_with_input_grad({adapted[steps - 1], at::Tensor(), lambda, at::Tensor()},
-                                    features_q, qy, query_feature_grad, unused_tangent);
+  auto body_grad = at::empty({tasks, body_params}, options);
+  const auto qx = query_x.contiguous();
+  std::vector<LossValue> query_chunks;
+  for_each_task_chunk(qx, tasks, [&](int64_t start, int64_t size) {
+    const auto body_weights = theta_body.narrow(0, start, size);
+    const auto features_q = body_query.forward(body_weights, qx.narrow(0, start, size));
+    at::Tensor feature_grad, unused_tangent;
+    query_chunks.push_back(head.gradient_with_input_grad(
+        {adapted[steps - 1].narrow(0, start, size), at::Tensor(), lambda.narrow(0, start, size),
+         at::Tensor()},
+        features_q, qy.narrow(0, start, size), feature_grad, unused_tangent));
+    body_query.backward(
+        {body_weights, at::Tensor(), body_grad.narrow(0, start, size), at::Tensor()}, feature_grad);
+  });
+  const auto query = concatenate(query_chunks);
 
   auto alpha_grad =
       inner_lr_grad ? at::empty({steps, head_params}, options) : at::empty({0}, options);
@@ -304,9 +344,7 @@ MetaStepOptionsTuple frozen_body_meta_step(
     }
   }
 
-  // The body's meta-gradient: its parameters reach the loss only through the features.
-  auto body_grad = at::empty({tasks, body_params}, options);
-  body_query.backward({theta_body, at::Tensor(), body_grad, at::Tensor()}, query_feature_grad);
+  // The body's meta-gradient through the support features.
   if (!first_order) {  // first order drops the support gradients' dependence on θ, as MAML's does
     auto support_body_grad = at::empty({tasks, body_params}, options);
     body_support.backward({theta_body, at::Tensor(), support_body_grad, at::Tensor()},
@@ -353,7 +391,13 @@ at::Tensor program_forward(const at::Tensor& theta, const at::Tensor& x,
   const auto records = parse_program(program_ints, program_floats);
   check_parameters_tile(records, weights.size(1));
   Program program(records);
-  return program.forward(weights, x.contiguous());
+  const auto inputs = x.contiguous();
+  std::vector<at::Tensor> outputs;
+  for_each_task_chunk(inputs, inputs.size(0), [&](int64_t start, int64_t size) {
+    outputs.push_back(
+        program.forward(weights.narrow(0, start, size), inputs.narrow(0, start, size)));
+  });
+  return outputs.size() == 1 ? outputs.front() : at::cat(outputs);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
@@ -374,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_hvp(
   auto grad = at::empty({tasks, weights.size(1)}, weights.options());
   auto hv = at::empty({tasks, weights.size(1)}, weights.options());
   const auto value =
-      program.gradient({weights, v.contiguous(), grad, hv}, x.contiguous(), y.contiguous());
+      chunked_gradient(program, weights, v.contiguous(), grad, hv, x.contiguous(), y.contiguous());
   return {value.loss, grad, hv};
 }
 
