@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl = train.add_argument_group("meta-reinforcement learning (rl-* presets)")
     rl.add_argument("--rollouts", type=int, metavar="K", help="rollouts per task (default 20)")
     rl.add_argument("--outer", choices=("trpo", "adam"), help="outer step: TRPO (default) or Adam")
+    rl.add_argument(
+        "--inner-estimator",
+        choices=("reinforce", "lvc"),
+        help="the inner loss whose Hessian enters the meta-gradient: reinforce (the paper's, "
+        "default) or lvc (ProMP's low-variance curvature)",
+    )
     _add_dist_timeout(train)
 
     report = commands.add_parser(
@@ -326,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             if algorithm_options:
                 options["algorithm_options"] = algorithm_options
             _positive(parser, "--rollouts", args.rollouts)
-            options.update(rollouts=args.rollouts, outer=args.outer)
+            options.update(
+                rollouts=args.rollouts, outer=args.outer, inner_estimator=args.inner_estimator
+            )
             for flag in ("ways", "shots", "queries", "image_size"):
                 _positive(parser, f"--{flag.replace('_', '-')}", getattr(args, flag))
             options.update(

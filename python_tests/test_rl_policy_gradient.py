@@ -190,6 +190,55 @@ def test_meta_gradient_and_fisher_vector_product_match_double_backward(seed, fir
         assert relative_error(products[0], first[0]) > 1e-6
 
 
+def test_lvc_estimator_adds_the_score_outer_products_to_the_hessian(seed):
+    """ProMP's low-variance curvature: the same inner step, and a Hessian that adds
+    -sum_n w_n Â_n (∇log π_n)(∇log π_n)ᵀ to REINFORCE's, built here from per-sample score
+    vectors; the meta-gradient is then (I - α H_lvc) ∇S(θ') per task."""
+    policy = _policy(seed)
+    generator = torch.Generator().manual_seed(seed)
+    tasks, lr = 3, 0.1
+    inner = _random_data(generator, tasks, steps=9)
+    outer = _random_data(generator, tasks, steps=8)
+    layout, reference = policy.layout(), _Reference(policy)
+    theta = policy.flat_parameters()
+    vector = torch.randn(layout.size, generator=generator, dtype=torch.float64)
+    products = inner_hvp(layout, theta, inner, vector, estimator="lvc")
+    gradients = meta_gradient(layout, theta, inner, outer, lr, reduce=False, estimator="lvc")
+    # ∇S at each adapted policy: the first-order reference's gradient (J = I).
+    surrogate_gradients, _ = reference.meta_gradient_and_fvp(theta, inner, outer, lr, vector, True)
+    for task in range(tasks):
+        t = theta.clone().requires_grad_()
+        gradient = torch.autograd.grad(reference.inner_loss(t, inner, task), t, create_graph=True)[0]
+
+        def lvc_hessian_times(v):
+            hvp = torch.autograd.grad(gradient @ v, t, retain_graph=True)[0]
+            for n in range(inner.advantages.shape[1]):
+                weight = inner.weights[task, n] * inner.advantages[task, n]
+                if weight == 0:
+                    continue
+                log_prob = (
+                    reference.distribution(t, inner.observations[task, n])
+                    .log_prob(inner.actions[task, n])
+                    .sum()
+                )
+                score = torch.autograd.grad(log_prob, t)[0]
+                hvp = hvp - weight * (score @ v) * score
+            return hvp
+
+        expected = lvc_hessian_times(vector)
+        assert relative_error(products[task], expected) < RTOL
+        direction = surrogate_gradients[task]
+        expected = direction - lr * lvc_hessian_times(direction)
+        assert relative_error(gradients[task], expected) < RTOL
+    # It is a different Hessian from REINFORCE's.
+    plain = inner_hvp(layout, theta, inner, vector)
+    assert relative_error(products, plain) > 1e-3
+    with pytest.raises(ValueError, match="inner_estimator: expected one of"):
+        inner_hvp(layout, theta, inner, vector, estimator="dice")
+    with pytest.raises(ValueError, match="inner_estimator"):
+        MetaTRPO(policy, inner_estimator="LVC")
+
+
 def _navigation_batch(policy, learner, seed, tasks=3, rollouts=4, horizon=25):
     env = Navigation2D(horizon=horizon, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
@@ -350,6 +399,19 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     _train(tmp_path, "run", iterations=1, meta_batch=2, rollouts=2, seed=1)
     with pytest.raises(ConfigurationError, match="meta_batch=2"):
         _train(tmp_path, "run", iterations=2, meta_batch=3, rollouts=2, seed=1, resume=True)
+    with pytest.raises(ConfigurationError, match="inner_estimator='reinforce'"):
+        _train(
+            tmp_path,
+            "run",
+            iterations=2,
+            meta_batch=2,
+            rollouts=2,
+            seed=1,
+            resume=True,
+            inner_estimator="lvc",
+        )
+    with pytest.raises(ConfigurationError, match="--inner-estimator: expected one of"):
+        _train(tmp_path, "other", iterations=1, meta_batch=2, rollouts=2, inner_estimator="x")
 
 
 def test_mujoco_preset_without_its_extra_names_the_extra(tmp_path, monkeypatch):

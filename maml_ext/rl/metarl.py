@@ -19,6 +19,15 @@ For task t with inner rollouts ``D_t`` and post-adaptation (query) rollouts ``D'
   products of the inner loss and one Fisher-vector product, each a backward pass over a graph
   built once per outer step (:class:`InnerCurvature`, :class:`FisherAt`). First order: ``J = I``.
 
+Inner-loss estimators (``inner_estimator``): the Hessian ``H_t`` above is that of the sampled inner
+loss, which leaves out how the inner rollouts' distribution depends on θ: a biased estimate of the
+Hessian of the expected return (Rothfuss et al. 2019, ProMP; Foerster et al. 2018, DiCE).
+``"reinforce"`` (the paper's) keeps it; ``"lvc"`` is ProMP's low-variance curvature estimator:
+the inner loss ``-mean(π_θ(a|s) / ⊥π_θ(a|s) · Â)`` (⊥: a constant copy), whose value is not
+used and whose gradient equals REINFORCE's at every θ, but whose Hessian adds
+``-mean(Â · ∇log π ∇log πᵀ)``, the per-step part of the sampling distribution's curvature. The
+adapted parameters, surrogate and Fisher are the same under both.
+
 The fused C++ engine has no Gaussian loss yet: this slice runs on torch/``torch.func``.
 """
 
@@ -33,6 +42,7 @@ from .policy import PolicyLayout, gaussian_kl, gaussian_log_prob
 from .sampler import Rollouts
 
 __all__ = [
+    "INNER_ESTIMATORS",
     "TaskData",
     "inner_losses",
     "adapt",
@@ -103,10 +113,25 @@ def _expand(theta: torch.Tensor, tasks: int) -> torch.Tensor:
     return theta.expand(tasks, -1) if theta.dim() == 1 else theta
 
 
-def inner_losses(layout: PolicyLayout, params: torch.Tensor, data: TaskData) -> torch.Tensor:
-    """Per-task inner losses ``[T]``: mean over valid steps of ``-log π(a|s) · Â``."""
+INNER_ESTIMATORS = ("reinforce", "lvc")
+
+
+def check_inner_estimator(estimator: str) -> str:
+    if estimator not in INNER_ESTIMATORS:
+        raise ValueError(f"inner_estimator: expected one of {INNER_ESTIMATORS}, got {estimator!r}")
+    return estimator
+
+
+def inner_losses(
+    layout: PolicyLayout, params: torch.Tensor, data: TaskData, estimator: str = "reinforce"
+) -> torch.Tensor:
+    """Per-task inner losses ``[T]``: mean over valid steps of ``-log π(a|s) · Â``
+    (``"reinforce"``) or of ``-π(a|s)/⊥π(a|s) · Â`` (``"lvc"``: same gradient, ProMP's Hessian;
+    see the module docstring)."""
     mean, log_std = layout.mean_log_std(_expand(params, data.tasks), data.observations)
     log_prob = gaussian_log_prob(mean, log_std.unsqueeze(-2), data.actions)
+    if estimator == "lvc":
+        log_prob = torch.exp(log_prob - log_prob.detach())
     return -(log_prob * data.advantages * data.weights).sum(-1)
 
 
@@ -128,9 +153,18 @@ class InnerCurvature:
     """The inner loss's gradient at θ with its graph kept, so that each Hessian-vector product
     ``H_t v_t`` (all tasks at once) is one backward pass of that graph (reverse-over-reverse),
     without recomputing the forward: TRPO's conjugate gradient needs two per iteration at one θ.
-    ``inner=None`` (no adaptation): ``J = I``."""
+    ``inner=None`` (no adaptation): ``J = I``. ``estimator``: whose Hessian (module docstring).
+    """
 
-    def __init__(self, layout, theta, inner: TaskData | None, inner_lr: float, first_order=False):
+    def __init__(
+        self,
+        layout,
+        theta,
+        inner: TaskData | None,
+        inner_lr: float,
+        first_order=False,
+        estimator: str = "reinforce",
+    ):
         self.inner_lr = 0.0 if inner is None else float(inner_lr)
         self.identity = first_order or self.inner_lr == 0
         self.tasks = None if inner is None else inner.tasks
@@ -139,7 +173,8 @@ class InnerCurvature:
             return
         self.params = _expand(theta.detach(), inner.tasks).clone().requires_grad_()
         with torch.enable_grad():
-            loss = inner_losses(layout, self.params, inner).sum()
+            loss = inner_losses(layout, self.params, inner, check_inner_estimator(estimator))
+            loss = loss.sum()
             self.gradient = torch.autograd.grad(loss, self.params, create_graph=not self.identity)[
                 0
             ]
@@ -189,11 +224,15 @@ class FisherAt:
 
 
 def inner_hvp(
-    layout: PolicyLayout, theta: torch.Tensor, data: TaskData, vectors: torch.Tensor
+    layout: PolicyLayout,
+    theta: torch.Tensor,
+    data: TaskData,
+    vectors: torch.Tensor,
+    estimator: str = "reinforce",
 ) -> torch.Tensor:
     """``H_t v_t`` for every task, ``[T, P]``: the inner loss's Hessian at θ times ``vectors``
     (``[P]`` shared or ``[T, P]``), exact."""
-    return InnerCurvature(layout, theta, data, 1.0).hvp(vectors)
+    return InnerCurvature(layout, theta, data, 1.0, estimator=estimator).hvp(vectors)
 
 
 def _surrogate_terms(layout, adapted, outer: TaskData, old_log_prob, old_mean, old_log_std):
@@ -221,12 +260,13 @@ def meta_gradient(
     first_order: bool = False,
     reduce: bool = True,
     curvature: InnerCurvature | None = None,
+    estimator: str = "reinforce",
 ) -> torch.Tensor:
     """Gradient of the surrogate ``S`` (task mean) at θ, where ``outer`` was sampled by the
     adapted policies themselves: ``mean_t J_t ∇S_t(θ'_t)`` (``[P]``; per task ``[T, P]`` with
     ``reduce=False``). ``inner=None``: no adaptation (plain policy gradient)."""
     if curvature is None:
-        curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order)
+        curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order, estimator)
     adapted = _expand(curvature.adapted, outer.tasks)
     per_task = _expand(curvature.jacobian(policy_gradient(layout, adapted, outer)), outer.tasks)
     return per_task.mean(0) if reduce else per_task
@@ -240,13 +280,14 @@ def fisher_vector_product(
     vectors: torch.Tensor,
     inner_lr: float,
     first_order: bool = False,
+    estimator: str = "reinforce",
 ) -> torch.Tensor:
     """Per-task ``J_t F_t J_t v``, ``[T, P]``: the Hessian, at θ, of task t's mean KL between the
     post-adaptation policy that sampled ``outer`` (that of θ) and the post-adaptation policy of
     the varied θ (``vectors``: ``[P]`` shared or ``[T, P]``); two HVPs of the inner loss and one
     Fisher-vector product. The TRPO constraint's curvature is the task mean of these rows.
     To apply it many times at one θ, build :class:`InnerCurvature` and :class:`FisherAt` once."""
-    curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order)
+    curvature = InnerCurvature(layout, theta, inner, inner_lr, first_order, estimator)
     fisher = FisherAt(layout, _expand(curvature.adapted, outer.tasks), outer)
     return curvature.jacobian(fisher.product(curvature.jacobian(vectors)))
 
@@ -284,11 +325,18 @@ class OuterStepResult:
 
 
 class _MetaLearner:
-    def __init__(self, policy, inner_lr: float = 0.1, first_order: bool = False):
+    def __init__(
+        self,
+        policy,
+        inner_lr: float = 0.1,
+        first_order: bool = False,
+        inner_estimator: str = "reinforce",
+    ):
         self.policy = policy
         self.layout = policy.layout()
         self.inner_lr = float(inner_lr)
         self.first_order = bool(first_order)
+        self.inner_estimator = check_inner_estimator(inner_estimator)
 
     def theta(self) -> torch.Tensor:
         return self.policy.flat_parameters()
@@ -314,7 +362,14 @@ class _MetaLearner:
 
     def _checked_gradient(self, theta, inner, outer, curvature=None):
         gradient = meta_gradient(
-            self.layout, theta, inner, outer, self.inner_lr, self.first_order, curvature=curvature
+            self.layout,
+            theta,
+            inner,
+            outer,
+            self.inner_lr,
+            self.first_order,
+            curvature=curvature,
+            estimator=self.inner_estimator,
         )
         if not bool(torch.isfinite(gradient).all()):
             raise FloatingPointError("meta-gradient: not finite; no parameter was changed")
@@ -329,7 +384,8 @@ class MetaTRPO(_MetaLearner):
     rollouts of each task's adapted policy. Conjugate gradient (``cg_iterations``, ``cg_damping``)
     on the exact Fisher-vector product through the inner step, a step scaled to ``max_kl``, then
     backtracking (``backtrack_ratio``, ``line_search_steps``) until the surrogate improves and the
-    mean KL is at most ``max_kl``; if no step qualifies the parameters stay."""
+    mean KL is at most ``max_kl``; if no step qualifies the parameters stay. ``inner_estimator``:
+    "reinforce" (the paper's) or "lvc" (ProMP's curvature; see the module docstring)."""
 
     def __init__(
         self,
@@ -341,8 +397,9 @@ class MetaTRPO(_MetaLearner):
         cg_damping: float = 1e-5,
         backtrack_ratio: float = 0.8,
         line_search_steps: int = 15,
+        inner_estimator: str = "reinforce",
     ):
-        super().__init__(policy, inner_lr, first_order)
+        super().__init__(policy, inner_lr, first_order, inner_estimator)
         self.max_kl, self.cg_iterations, self.cg_damping = max_kl, cg_iterations, cg_damping
         self.backtrack_ratio, self.line_search_steps = backtrack_ratio, line_search_steps
 
@@ -360,7 +417,7 @@ class MetaTRPO(_MetaLearner):
         inner, outer = self._prepare(inner, outer)
         layout, lr = self.layout, self.inner_lr if inner is not None else 0.0
         theta = self.theta()
-        curvature = InnerCurvature(layout, theta, inner, lr, self.first_order)
+        curvature = InnerCurvature(layout, theta, inner, lr, self.first_order, self.inner_estimator)
         adapted = _expand(curvature.adapted, outer.tasks)
         fisher = FisherAt(layout, adapted, outer)
         with torch.no_grad():
@@ -395,8 +452,15 @@ class MetaAdam(_MetaLearner):
     """The plain meta-gradient with Adam (``--outer adam``): minimises ``-S`` (the
     post-adaptation policy-gradient loss) with ``torch.optim.Adam(lr)``."""
 
-    def __init__(self, policy, inner_lr: float = 0.1, first_order: bool = False, lr: float = 1e-2):
-        super().__init__(policy, inner_lr, first_order)
+    def __init__(
+        self,
+        policy,
+        inner_lr: float = 0.1,
+        first_order: bool = False,
+        lr: float = 1e-2,
+        inner_estimator: str = "reinforce",
+    ):
+        super().__init__(policy, inner_lr, first_order, inner_estimator)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
 
     def step(self, inner, outer) -> OuterStepResult:

@@ -27,7 +27,7 @@ from maml_ext.checkpoint import remove_stale_temporaries, save_atomic, write_tex
 from maml_ext.experiments.presets import ConfigurationError
 
 from .envs import environment_factory
-from .metarl import MetaAdam, MetaTRPO
+from .metarl import INNER_ESTIMATORS, MetaAdam, MetaTRPO
 from .policy import GaussianPolicy
 from .sampler import process_rollouts, sample_rollouts
 
@@ -133,7 +133,16 @@ def intra_op_threads(count: int | None):
 
 
 # Settings that a resumed run cannot change.
-_RESUME_FIXED = ("preset", "meta_batch", "rollouts", "first_order", "outer", "seed", "horizon")
+_RESUME_FIXED = (
+    "preset",
+    "meta_batch",
+    "rollouts",
+    "first_order",
+    "inner_estimator",
+    "outer",
+    "seed",
+    "horizon",
+)
 
 
 @dataclass
@@ -155,6 +164,7 @@ def train_rl(
     meta_batch: int | None = None,
     rollouts: int | None = None,
     first_order: bool | None = None,
+    inner_estimator: str | None = None,
     outer: str | None = None,
     resume: bool | None = None,
     seed: int | None = None,
@@ -167,7 +177,9 @@ def train_rl(
 ) -> dict:
     """Meta-trains ``preset`` (a key of :data:`RL_PRESETS`); returns the run's summary.
 
-    ``outer``: "trpo" (the paper) or "adam" (the plain meta-gradient with Adam, lr
+    ``inner_estimator``: "reinforce" (the paper's inner loss, the default) or "lvc" (ProMP's
+    low-variance curvature: the same inner step, a different Hessian in the meta-gradient; see
+    :mod:`maml_ext.rl.metarl`). ``outer``: "trpo" (the paper) or "adam" (the plain meta-gradient with Adam, lr
     ``preset.adam_lr``). ``checkpoint_every``: iterations between checkpoints (default 10; the
     final one is always written). ``pretrain``: also train the pretrained baseline (same
     iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training
@@ -177,6 +189,12 @@ def train_rl(
     outer = outer or "trpo"
     if outer not in ("trpo", "adam"):
         raise ConfigurationError(f"--outer: expected trpo or adam, got {outer!r}")
+    inner_estimator = inner_estimator or "reinforce"
+    if inner_estimator not in INNER_ESTIMATORS:
+        raise ConfigurationError(
+            f"--inner-estimator: expected one of {', '.join(INNER_ESTIMATORS)}, "
+            f"got {inner_estimator!r}"
+        )
     config = {
         "preset": preset,
         "iterations": int(iterations or spec.iterations),
@@ -184,6 +202,7 @@ def train_rl(
         "rollouts": int(rollouts or spec.rollouts),
         "horizon": spec.horizon,
         "first_order": bool(first_order),
+        "inner_estimator": inner_estimator,
         "outer": outer,
         "seed": 0 if seed is None else int(seed),
         "pretrain": bool(pretrain),
@@ -262,9 +281,21 @@ def _new_state(spec, env, config, device) -> _RunState:
     maml = make_policy(env, spec, config["seed"], device)
     pretrained = make_policy(env, spec, config["seed"], device)
     if config["outer"] == "adam":
-        learner = MetaAdam(maml, spec.inner_lr, config["first_order"], lr=spec.adam_lr)
+        learner = MetaAdam(
+            maml,
+            spec.inner_lr,
+            config["first_order"],
+            lr=spec.adam_lr,
+            inner_estimator=config["inner_estimator"],
+        )
     else:
-        learner = MetaTRPO(maml, spec.inner_lr, config["first_order"], max_kl=spec.max_kl)
+        learner = MetaTRPO(
+            maml,
+            spec.inner_lr,
+            config["first_order"],
+            max_kl=spec.max_kl,
+            inner_estimator=config["inner_estimator"],
+        )
     pre_learner = MetaTRPO(pretrained, 0.0, max_kl=spec.max_kl)
     generators = {}
     for offset, phase in enumerate(("maml", "pretrained")):
@@ -343,6 +374,8 @@ def is_rl_checkpoint(path) -> bool:
 
 def _restore(state: _RunState, path: str, config: dict) -> None:
     saved = read_rl_checkpoint(path)
+    # Checkpoints from before an option existed ran with its default.
+    saved["config"].setdefault("inner_estimator", "reinforce")
     for name in _RESUME_FIXED:
         if saved["config"][name] != config[name]:
             raise ConfigurationError(
