@@ -208,7 +208,8 @@ def test_lvc_estimator_adds_the_score_outer_products_to_the_hessian(seed):
     surrogate_gradients, _ = reference.meta_gradient_and_fvp(theta, inner, outer, lr, vector, True)
     for task in range(tasks):
         t = theta.clone().requires_grad_()
-        gradient = torch.autograd.grad(reference.inner_loss(t, inner, task), t, create_graph=True)[0]
+        loss = reference.inner_loss(t, inner, task)
+        gradient = torch.autograd.grad(loss, t, create_graph=True)[0]
 
         def lvc_hessian_times(v):
             hvp = torch.autograd.grad(gradient @ v, t, retain_graph=True)[0]
