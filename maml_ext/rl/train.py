@@ -180,10 +180,10 @@ def train_rl(
     ``inner_estimator``: "reinforce" (the paper's inner loss, the default) or "lvc" (ProMP's
     low-variance curvature: the same inner step, a different Hessian in the meta-gradient; see
     :mod:`maml_ext.rl.metarl`). ``outer``: "trpo" (the paper) or "adam" (the plain
-    meta-gradient with Adam, lr ``preset.adam_lr``). ``checkpoint_every``: iterations between checkpoints (default 10; the
-    final one is always written). ``pretrain``: also train the pretrained baseline (same
-    iterations, TRPO without adaptation) after MAML. ``threads``: intra-op threads while training
-    (None: torch's current setting).
+    meta-gradient with Adam, lr ``preset.adam_lr``). ``checkpoint_every``: iterations between
+    checkpoints (default 10; the final one is always written). ``pretrain``: also train the
+    pretrained baseline (same iterations, TRPO without adaptation) after MAML. ``threads``:
+    intra-op threads while training (None: torch's current setting).
     """
     spec = RL_PRESETS[preset]
     outer = outer or "trpo"
