@@ -266,6 +266,7 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
         "inner_lr": preset.inner_lr,
         "options": options,
         "train_seconds": seconds,
+        "iterations": args.iterations,
         "meta_batch": preset.meta_batch,
         "threads": torch.get_num_threads(),
         "test_classes": report["classes"],
@@ -278,7 +279,7 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
 def render(results: dict, args, command: str) -> str:
     lines = [
         f"Omniglot (minimal archives in {args.data_dir}, split by alphabet, seed 0), "
-        f"{args.iterations} meta-iterations at "
+        f"{args.iterations} meta-iterations (unless the column says otherwise) at "
         + (f"meta-batch {args.meta_batch}" if args.meta_batch else "each preset's meta-batch")
         + f", {args.tasks} test tasks; "
         f"device {args.device} ({platform.processor() or platform.machine()}"
@@ -291,10 +292,19 @@ def render(results: dict, args, command: str) -> str:
         "",
     ]
     settings = [s for s in SETTINGS if s in args.settings]
-    header = "| algorithm | settings |"
+    header = "| algorithm | options |"
     rule = "|---|---|"
     for setting in settings:
-        header += f" {setting} accuracy % (±95%) | test steps | ms / meta-step | peak MiB |"
+        # Runs merged from several files may have trained the settings for different lengths.
+        trained = {
+            results[(setting, a)]["train"].get("iterations", args.iterations)
+            for a in args.algorithms
+            if "failed" not in results[(setting, a)].get("train", {"failed": ""})
+        }
+        length = f" ({'/'.join(str(i) for i in sorted(trained))} it.)" if trained else ""
+        header += (
+            f" {setting}{length} accuracy % (±95%) | K, α, test steps | ms / meta-step | peak MiB |"
+        )
         header += f" published {setting} % |"
         rule += "---:|---:|---:|---:|---:|"
     lines += [header, rule]
@@ -308,12 +318,9 @@ def render(results: dict, args, command: str) -> str:
             ),
             None,
         )
-        detail = "preset"
-        if first is not None:
-            train = first["train"]
-            detail = f"K={train['inner_steps']}, α={train['inner_lr']}"
-            if train["options"]:
-                detail += ", " + ", ".join(f"{k}={v}" for k, v in train["options"].items())
+        detail = "—"
+        if first is not None and first["train"]["options"]:
+            detail = ", ".join(f"{k}={v}" for k, v in first["train"]["options"].items())
         cells = f"| {spec['label']} | {detail} |"
         for setting in settings:
             entry = results[(setting, algorithm)]
@@ -322,7 +329,7 @@ def render(results: dict, args, command: str) -> str:
                 cells += f" failed: {train['failed'][:60]} | |"
             else:
                 cells += f" {100 * train['accuracy']:.2f} ± {100 * train['ci95']:.2f} |"
-                cells += f" {train['test_steps']} |"
+                cells += f" {train['inner_steps']}, {train['inner_lr']}, {train['test_steps']} |"
             if "failed" in timing:
                 cells += f" failed: {timing['failed'][:60]} | |"
             else:
