@@ -276,6 +276,11 @@ def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
 # ---- output -------------------------------------------------------------------------------------
 
 
+def _missing(reason: str) -> str:
+    """A table cell for a measurement that is not there: skipped ("not ...") or failed."""
+    return reason[:60] if reason.startswith("not ") else f"failed: {reason[:60]}"
+
+
 def render(results: dict, args, command: str) -> str:
     lines = [
         f"Omniglot (minimal archives in {args.data_dir}, split by alphabet, seed 0), "
@@ -326,12 +331,12 @@ def render(results: dict, args, command: str) -> str:
             entry = results[(setting, algorithm)]
             train, timing = entry.get("train", {}), entry.get("timing", {})
             if "failed" in train:
-                cells += f" failed: {train['failed'][:60]} | |"
+                cells += f" {_missing(train['failed'])} | |"
             else:
                 cells += f" {100 * train['accuracy']:.2f} ± {100 * train['ci95']:.2f} |"
                 cells += f" {train['inner_steps']}, {train['inner_lr']}, {train['test_steps']} |"
             if "failed" in timing:
-                cells += f" failed: {timing['failed'][:60]} | |"
+                cells += f" {_missing(timing['failed'])} | |"
             else:
                 cells += f" {timing['ms_per_step']:.1f} | {timing['peak_bytes'] / 2**20:.1f} |"
             cells += f" {PUBLISHED.get(algorithm, {}).get(setting, '—')} |"
@@ -462,7 +467,7 @@ def merged(paths: list[Path], args):
         for algorithm in args.algorithms:
             entry = results.setdefault((setting, algorithm), {})
             for part in ("train", "timing"):
-                entry.setdefault(part, {"failed": "not measured"})
+                entry.setdefault(part, {"failed": "not run"})
     return results, args
 
 
