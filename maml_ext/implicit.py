@@ -61,6 +61,14 @@ class TaskBatchedAlgorithm(MetaOptimizer):
             ops = cache[id(backend)] = TaskOps(backend, params)
         return params, ops
 
+    def _flat_trajectory(self, inner_loop, params, support_x, support_y, counts):
+        """``inner_loop(ops, θ [P], support_x, support_y, counts)``'s ``(k, φ [T, P])`` items as
+        ``(k, {name: [T, *shape]})``: ``adapt_steps``' form."""
+        _, ops = self._ops()
+        theta = ops.flatten({name: p.detach() for name, p in params.items()})
+        trajectory = inner_loop(ops, theta, support_x, support_y, counts)
+        return ((k, ops.unflatten(phi)) for k, phi in trajectory)
+
     def _check_step(self, support_x, support_y, query_x, query_y) -> None:
         """The checks of MetaOptimizer.step, every one before anything is computed."""
         first = next(iter(self._params(self.model).values()))
@@ -153,12 +161,7 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
 
     def _adapt_trajectory(self, params, support_x, support_y, counts):
         """``adapt``'s inner loop: the proximal gradient descent."""
-        _, ops = self._ops()
-        theta = ops.flatten({name: p.detach() for name, p in params.items()})
-        return (
-            (k, ops.unflatten(phi))
-            for k, phi in self._proximal_descent(ops, theta, support_x, support_y, counts)
-        )
+        return self._flat_trajectory(self._proximal_descent, params, support_x, support_y, counts)
 
     def _proximal_descent(self, ops: TaskOps, theta, support_x, support_y, counts: list[int]):
         """``(k, φ [T, P])`` after k steps φ ← φ − α (∇L_S(φ) + λ (φ − θ)) from φ = θ, for each k

@@ -154,12 +154,7 @@ class Reptile(TaskBatchedAlgorithm):
         """``adapt``'s inner loop: SGD (the backends'), or Adam with per-task moments."""
         if self.inner_optimizer == "sgd":
             return super()._adapt_trajectory(params, support_x, support_y, counts)
-        _, ops = self._ops()
-        theta = ops.flatten({name: p.detach() for name, p in params.items()})
-        return (
-            (k, ops.unflatten(phi))
-            for k, phi in self._adam(ops, theta, support_x, support_y, counts)
-        )
+        return self._flat_trajectory(self._adam, params, support_x, support_y, counts)
 
     def _adam(self, ops: TaskOps, theta, support_x, support_y, counts: list[int]):
         """``(k, φ [T, P])`` after k Adam steps per task from θ (torch.optim.Adam's update) for
