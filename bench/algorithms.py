@@ -70,9 +70,11 @@ ALGORITHMS: dict[str, dict] = {
         "first_order_fraction": 50 / 150,
         "test_steps": {"5w1s": 5, "20w1s": 5},
     },
+    # iMAML: five proximal steps of 0.1 (the 20-way preset's rate). At MAML's 5-way rate, 0.4,
+    # five steps diverge (query loss above chance from the start; bench/NOTES.md, session 10).
     "imaml": {
         "label": "iMAML (GD)",
-        "overrides": {"inner_steps": 5},
+        "overrides": {"inner_steps": 5, "inner_lr": 0.1},
         "options": {"lam": 2.0, "cg_steps": 5},
         "test_steps": {"5w1s": 5, "20w1s": 5},
     },
