@@ -233,7 +233,13 @@ def _add_algorithm_options(train: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--algorithm", choices=ALGORITHMS, help="meta-learning algorithm (preset default: maml)"
     )
-    group.add_argument("--inner-lr", type=float, metavar="A", help="inner step (preset default)")
+    group.add_argument(
+        "--inner-lr",
+        type=float,
+        metavar="A",
+        help="inner step (preset default; imaml with 5 steps on a 5-way preset: use 0.1, as "
+        "five steps of the preset's 0.4 diverge)",
+    )
     group.add_argument("--inner-steps", type=int, metavar="K", help="inner steps (preset default)")
     group.add_argument(
         "--outer-schedule",
