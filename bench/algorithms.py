@@ -319,17 +319,16 @@ def render(results: dict, args, command: str) -> str:
     lines += [header, rule]
     for algorithm in args.algorithms:
         spec = ALGORITHMS[algorithm]
-        first = next(
-            (
-                results[(s, algorithm)]
-                for s in settings
-                if "inner_steps" in results[(s, algorithm)].get("train", {})
-            ),
-            None,
-        )
-        detail = "—"
-        if first is not None and first["train"]["options"]:
-            detail = ", ".join(f"{k}={v}" for k, v in first["train"]["options"].items())
+        # The options each setting trained with (merged runs may differ), once when they agree.
+        options = {
+            s: ", ".join(f"{k}={v}" for k, v in results[(s, algorithm)]["train"]["options"].items())
+            for s in settings
+            if "inner_steps" in results[(s, algorithm)].get("train", {})
+        }
+        if len(set(options.values())) > 1:
+            detail = "; ".join(f"{s}: {text or '—'}" for s, text in options.items())
+        else:
+            detail = next(iter(options.values()), "") or "—"
         cells = f"| {spec['label']} | {detail} |"
         for setting in settings:
             entry = results[(setting, algorithm)]
