@@ -1,13 +1,13 @@
 """Meta-RL navigation from one seed under different meta-gradient estimators: training returns by
 blocks of iterations (bench/NOTES.md, "first order holds, second order degrades").
 
-    .venv/bin/python bench/rl_inner_estimators.py --iterations 160 [--runs DIR] \\
+    .venv/bin/python bench/rl_inner_estimators.py --iterations 160 [--seed 0] [--runs DIR] \\
         [--variants reinforce lvc first-order]
 
-Each variant trains ``train_rl("rl-navigation2d", seed=0, pretrain=False, threads=1)`` in its
-own folder (``reinforce``: the paper's exact second-order meta-gradient of the sampled inner loss;
-``lvc``: ProMP's low-variance curvature, ``inner_estimator="lvc"``; ``first-order``: J = I), or
-reads the folder's log when the run is already there, then prints the mean pre- and
+Each variant trains ``train_rl("rl-navigation2d", seed=SEED, pretrain=False, threads=1)`` in
+its own folder (``reinforce``: the paper's exact second-order meta-gradient of the sampled
+inner loss; ``lvc``: ProMP's low-variance curvature, ``inner_estimator="lvc"``; ``first-order``:
+J = I), or reads the folder's log when the run is already there, then prints the mean pre- and
 post-adaptation return and KL of each block of ``--block`` iterations. Training is
 deterministic on the CPU at one thread, so a variant's blocks repeat run for run.
 """
@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=160)
     parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default="runs/rl_inner_estimators")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
@@ -56,14 +57,14 @@ def main() -> None:
     from maml_ext.rl.train import train_rl
 
     for name in args.variants:
-        out = Path(args.runs) / name
+        out = Path(args.runs) / (name if args.seed == 0 else f"{name}-seed{args.seed}")
         log = out / "log.csv"
         if not log.exists():
             train_rl(
                 "rl-navigation2d",
                 out_dir=str(out),
                 iterations=args.iterations,
-                seed=0,
+                seed=args.seed,
                 pretrain=False,
                 threads=1,
                 progress=False,
