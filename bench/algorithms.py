@@ -226,26 +226,41 @@ def measure(setting: str, algorithm: str, args) -> dict:
 # ---- training and testing -----------------------------------------------------------------------
 
 
+def train_on_alphabet_split(preset, data_dir, out: Path, iterations: int, options: dict, **kwargs):
+    """``train_fewshot`` as every run of this table trains: split by alphabet (seed 0), no
+    validation, one checkpoint at the end, quiet; ``kwargs`` go to ``train_fewshot``."""
+    from maml_ext.experiments.fewshot import train_fewshot
+
+    train_fewshot(
+        preset,
+        data_dir,
+        out,
+        iterations=iterations,
+        split_by="alphabet",
+        validate_every=0,
+        checkpoint_every=0,
+        progress=False,
+        verbose=False,
+        algorithm_options=options,
+        **kwargs,
+    )
+
+
 def train_and_test(setting: str, algorithm: str, args, runs: Path) -> dict:
-    from maml_ext.experiments.fewshot import evaluate_checkpoint, train_fewshot
+    from maml_ext.experiments.fewshot import evaluate_checkpoint
 
     preset, options = preset_for(setting, algorithm, args.iterations, args.filters, args.meta_batch)
     out = runs / f"{setting}-{algorithm}"
     started = time.perf_counter()
-    train_fewshot(
+    train_on_alphabet_split(
         preset,
         args.data_dir,
         out,
-        iterations=args.iterations,
+        args.iterations,
+        options,
         backend=args.backend,
-        split_by="alphabet",
-        validate_every=0,
         val_tasks=args.val_tasks,
-        checkpoint_every=0,
         device=args.device,
-        progress=False,
-        verbose=False,
-        algorithm_options=options,
         cache_dir=args.cache_dir,
     )
     seconds = time.perf_counter() - started

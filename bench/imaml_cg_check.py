@@ -61,7 +61,7 @@ def main() -> None:
             for damping in args.dampings:
                 meta.cg_damping = damping
                 x = meta._conjugate_gradient(ops, phi, sx, sy, b)
-                residual = b - ((1 + damping) * x + ops.hvp(phi, sx, sy, x) / meta.lam)
+                residual = b - meta._system_product(ops, phi, sx, sy, x)
                 norm = b.norm(dim=1)
                 cosine = (x * b).sum(1) / (x.norm(dim=1) * norm)
                 print(f"  δ = {damping:g}: residual {fmt(residual.norm(dim=1) / norm)}")

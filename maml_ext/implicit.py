@@ -177,18 +177,21 @@ class ImplicitMetaOptimizer(TaskBatchedAlgorithm):
             done = count
             yield count, phi  # outside no_grad: the caller runs in its own grad mode
 
+    def _system_product(self, ops: TaskOps, phi, support_x, support_y, v):
+        """((1 + δ) I + H_t/λ) v_t for every task t, H_t the support loss's Hessian at φ_t."""
+        hessian_product = ops.hvp(phi, support_x, support_y, v)
+        return (1.0 + self.cg_damping) * v + (1.0 / self.lam) * hessian_product
+
     def _conjugate_gradient(self, ops: TaskOps, phi, support_x, support_y, b):
         """x [T, P] from ``cg_steps`` CG iterations on ((1 + δ) I + H_t/λ) x_t = b_t from x = 0,
         every task with its own step sizes, all tasks in one HVP call per iteration."""
-        scale, inverse_lam = 1.0 + self.cg_damping, 1.0 / self.lam
         x = torch.zeros_like(b)
         residual = b.clone()
         direction = residual.clone()
         squared = (residual * residual).sum(1, keepdim=True)
         zero = torch.zeros_like(squared)
         for _ in range(self.cg_steps):
-            hessian_product = ops.hvp(phi, support_x, support_y, direction)
-            product = scale * direction + inverse_lam * hessian_product
+            product = self._system_product(ops, phi, support_x, support_y, direction)
             curvature = (direction * product).sum(1, keepdim=True)
             # A task whose residual reached 0 exactly has a zero direction: it stops moving
             # instead of dividing 0 by 0 (no host synchronisation: per-task selects).
