@@ -96,6 +96,23 @@ def test_float32_is_as_close_to_float64_as_torch_is(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_float32_loss_of_confident_rows_keeps_its_relative_precision(device, seed):
+    # Right answers with large logits: the loss is small (log1p of the others' softmax mass) while
+    # the logits are ~100, so the float32 loss must not be rounded at the logits' magnitude
+    # (an ulp of 100 is ~100x the loss's own ulp here).
+    generator = torch.Generator().manual_seed(seed)
+    tasks, rows, classes = 4, 6, 5
+    z = 100 + 0.5 * torch.randn(tasks, rows, classes, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, classes, (tasks, rows), generator=generator)
+    z.scatter_add_(2, y.unsqueeze(2), torch.full((tasks, rows, 1), 5.0, dtype=torch.float64))
+    z = z.float().double()  # the float32 inputs, exactly, so only the arithmetic differs
+    exact = call(z, None, y, "cross_entropy")[0]
+    ours = call(z.float().to(device), None, y.to(device), "cross_entropy")[0].cpu().double()
+    assert (exact < 0.2).all(), seed  # the case is the confident one
+    assert relative_error(ours, exact) <= 1e-6, seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_class_index_out_of_range_makes_only_its_task_nan(device, seed):
     z, rz, y = random_case("cross_entropy", (3, 4, 5), torch.Generator().manual_seed(seed))
     y[1, 2] = 5

@@ -14,11 +14,11 @@
 namespace maml_ext {
 namespace kernels {
 
-// Overloads by precision, callable from host and device (expf/logf exist in both worlds).
+// Overloads by precision, callable from host and device (expf/log1pf exist in both worlds).
 MAML_HOST_DEVICE float exp_of(float x) { return expf(x); }
 MAML_HOST_DEVICE double exp_of(double x) { return ::exp(x); }
-MAML_HOST_DEVICE float log_of(float x) { return logf(x); }
-MAML_HOST_DEVICE double log_of(double x) { return ::log(x); }
+MAML_HOST_DEVICE float log1p_of(float x) { return log1pf(x); }
+MAML_HOST_DEVICE double log1p_of(double x) { return ::log1p(x); }
 
 // One row of logits z[0..classes): writes g = softmax(z) − onehot(target) (not divided by the
 // number of rows; the caller owns the mean) and, when z_tangent is given, the tangent
@@ -48,10 +48,14 @@ MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(const scalar_t* z, const sca
       argmax = j;
     }
   }
-  scalar_t sum_exp = 0;
+  // The argmax contributes exp(0) = 1 exactly; the others are summed apart so that the loss can
+  // take log1p of them: a confident row (loss near 0) would otherwise lose the small sum's digits
+  // in rounding 1 + others, several float32 ulps of the loss.
+  scalar_t sum_exp_others = 0;
   for (int64_t j = 0; j < classes; ++j) {
-    sum_exp += exp_of(z[j] - max_logit);
+    if (j != argmax) sum_exp_others += exp_of(z[j] - max_logit);
   }
+  const scalar_t sum_exp = scalar_t(1) + sum_exp_others;
   const scalar_t inv_sum = scalar_t(1) / sum_exp;
   // Σ_j p_j R{z}_j: the tangent of the log-normaliser.
   scalar_t mean_tangent = 0;
@@ -69,7 +73,9 @@ MAML_HOST_DEVICE scalar_t softmax_cross_entropy_row(const scalar_t* z, const sca
     }
   }
   *correct = argmax == target ? scalar_t(1) : scalar_t(0);
-  return log_of(sum_exp) + max_logit - z[target];
+  // (max − z[target]) first: 0 for a right answer, otherwise no smaller than the loss itself;
+  // max + log1p(·) first would round at the logits' magnitude before z[target] came off again.
+  return (max_logit - z[target]) + log1p_of(sum_exp_others);
 }
 
 }  // namespace kernels
