@@ -100,7 +100,8 @@
 // The ops take the code (their `int loss` argument); loss_kind() is the one place that checks it.
 #define MAML_EXT_LOSS_KINDS(X)              \
   X(CrossEntropy, 1, "cross_entropy", true) \
-  X(MeanSquaredError, 2, "mse", false)
+  X(MeanSquaredError, 2, "mse", false)      \
+  X(GaussianNll, 3, "gaussian_nll", false)
 
 namespace maml_ext {
 

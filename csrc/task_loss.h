@@ -4,9 +4,10 @@
 //
 // z [T, N, ...] outputs (task-major); z_tangent shaped like z, or absent; y [T, N] int64 class
 // indices (cross-entropy: z must be [T, N, classes]) or targets shaped like z (mean-squared
-// error). Returns (loss [T], accuracy [T] (cross-entropy) or [0], grad = ∂L_t/∂z shaped like z,
-// grad_tangent = R{grad} shaped like z, or [0] without z_tangent). A class index outside
-// [0, classes) makes its task's loss and gradients NaN, on every device alike.
+// error; the Gaussian NLL's z = [means | log-stds] [T, N, 2A] and y = [values | weights]). Returns
+// (loss [T], accuracy [T] (cross-entropy) or [0], grad = ∂L_t/∂z shaped like z, grad_tangent =
+// R{grad} shaped like z, or [0] without z_tangent). A class index outside [0, classes) makes its
+// task's loss and gradients NaN, on every device alike.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,6 +42,11 @@ inline LossKind check_task_loss_args(const at::Tensor& z,
                    "expected class indices [", z.size(0), ", ", z.size(1), "], got shape ",
                    y.sizes());
   } else {
+    if (kind == LossKind::kGaussianNll) {
+      MAML_CHECK_ARG(z.dim() == 3 && z.size(2) > 0 && z.size(2) % 2 == 0, "z",
+                     "gaussian_nll needs outputs [T, N, 2A] (means, then log-stds), got shape ",
+                     z.sizes());
+    }
     MAML_CHECK_ARG(y.scalar_type() == z.scalar_type(), "y", "expected dtype ", z.scalar_type(),
                    ", got ", y.scalar_type());
     MAML_CHECK_ARG(y.sizes() == z.sizes(), "y", "expected targets shaped like the outputs ",

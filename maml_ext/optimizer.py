@@ -45,7 +45,8 @@ class MetaOptimizer:
         inner_lr: α, the inner SGD step size (the initial value when learned).
         inner_steps: K >= 1 inner steps per task.
         first_order: drop the Hessian term (FOMAML).
-        loss: "cross_entropy", "mse", or a callable ``(outputs [N, ...], targets) -> scalar``.
+        loss: "cross_entropy", "mse", "gaussian_nll" (:func:`maml_ext.losses.gaussian_nll`), or a
+            callable ``(outputs [N, ...], targets) -> scalar``.
         learn_inner_lr: None (fixed), "scalar", "per_parameter" (Meta-SGD), or "per_step"
             (a rate per parameter tensor and step, as MAML++).
         backend: "fused" (compiled, task-batched), "reference" (plain PyTorch, any model) or

@@ -87,11 +87,11 @@ RECORDS_BY_NAME = {record.name: record for record in LAYER_RECORDS}
 RECORDS_BY_CODE = {record.code: record for record in LAYER_RECORDS}
 
 # Mirrors MAML_EXT_LOSS_KINDS in csrc/program_records.h (checked at import): the ops' `loss` codes.
-LOSS_CODES = {"cross_entropy": 1, "mse": 2}
+LOSS_CODES = {"cross_entropy": 1, "mse": 2, "gaussian_nll": 3}
 
 
 def loss_code(name: str) -> int:
-    """The ops' ``loss`` argument for the built-in loss ``name`` ("cross_entropy" or "mse")."""
+    """The ops' ``loss`` argument for the built-in loss ``name`` (a key of LOSS_CODES)."""
     try:
         return LOSS_CODES[name]
     except KeyError:

@@ -320,12 +320,26 @@ def assert_loss_hvp_equals_forward_over_reverse(stack, device, tasks, seed):
 
 
 def random_batch(generator, tasks, support, query, shape, loss, outputs, dtype):
-    """Fresh normal inputs [T, N, *shape]; class indices below `outputs` or normal targets."""
+    """Fresh normal inputs [T, N, *shape]; class indices below `outputs`, normal targets, or
+    (gaussian_nll, `outputs` = 2A) normal values and weights in [0.5, 1.5) (a positive weighting
+    keeps random multi-step adaptation from running off; signed weights are tested on the loss
+    itself, test_task_loss.py)."""
     sx = torch.randn(tasks, support, *shape, dtype=dtype, generator=generator)
     qx = torch.randn(tasks, query, *shape, dtype=dtype, generator=generator)
     if loss == "cross_entropy":
         sy = torch.randint(0, outputs, (tasks, support), generator=generator)
         qy = torch.randint(0, outputs, (tasks, query), generator=generator)
+    elif loss == "gaussian_nll":
+        sy, qy = (
+            torch.cat(
+                [
+                    torch.randn(tasks, n, outputs // 2, dtype=dtype, generator=generator),
+                    0.5 + torch.rand(tasks, n, outputs // 2, dtype=dtype, generator=generator),
+                ],
+                dim=-1,
+            )
+            for n in (support, query)
+        )
     else:
         sy = torch.randn(tasks, support, outputs, dtype=dtype, generator=generator)
         qy = torch.randn(tasks, query, outputs, dtype=dtype, generator=generator)

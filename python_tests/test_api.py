@@ -124,7 +124,10 @@ def test_inner_steps_must_be_a_positive_integer(steps):
         ({"inner_lr": -0.1}, "inner_lr: expected a positive finite number"),
         ({"inner_lr": float("nan")}, "inner_lr: expected a positive finite number"),
         ({"inner_lr": 0.1, "learn_inner_lr": "per_layer"}, "learn_inner_lr: expected one of"),
-        ({"inner_lr": 0.1, "loss": "hinge"}, "loss: expected 'cross_entropy', 'mse' or a callable"),
+        (
+            {"inner_lr": 0.1, "loss": "hinge"},
+            "loss: expected 'cross_entropy', 'mse', 'gaussian_nll' or a callable",
+        ),
         ({"inner_lr": 0.1, "backend": "cuda"}, "backend: expected one of"),
     ],
 )

@@ -5,8 +5,7 @@ its errors."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from maml_test_utils import (
     WEIGHT_SEEDS,
     cpu_kernels,
@@ -19,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 import maml_ext
+from maml_ext.losses import resolve_loss
 from maml_ext.program import LOSS_CODES, compile_program
 
 pytestmark = pytest.mark.skipif(
@@ -43,10 +43,22 @@ def mlps(draw):
         if draw(st.booleans()):
             layers.append(nn.ReLU())
         width = out
-    loss = draw(st.sampled_from(["cross_entropy", "mse"]))
-    outputs = draw(st.integers(2, 5)) if loss == "cross_entropy" else draw(st.integers(1, 3))
+    loss = draw(st.sampled_from(["cross_entropy", "mse", "gaussian_nll"]))
+    outputs = {
+        "cross_entropy": st.integers(2, 5),
+        "mse": st.integers(1, 3),
+        "gaussian_nll": st.sampled_from([2, 4]),  # means, then log-stds
+    }[loss]
+    outputs = draw(outputs)
     layers.append(nn.Linear(width, outputs, bias=draw(st.booleans())))
     return seeded_weights(nn.Sequential(*layers), draw(WEIGHT_SEEDS)), features, loss, outputs
+
+
+def assume_converging(query_loss, meta_grad):
+    """Discards a draw whose float64 adaptation ran off (a few steps of 0.05-0.15 on a random stack
+    can, the Gaussian NLL's exp(-2 log-std) curvature most easily): with no finite, moderate truth,
+    neither exactness nor float32's closeness says anything there."""
+    assume(bool(torch.isfinite(meta_grad).all()) and float(query_loss.abs().max()) < 1e4)
 
 
 def batch(generator, tasks, support, query, features, loss, outputs, dtype):
@@ -58,7 +70,7 @@ def oracle(model, program, theta, rates, data, loss, first_order):
     support loss per task, meta-gradient [P], rate gradient [K, P], query accuracy per task)."""
     theta = theta.detach().requires_grad_()
     rates = rates.detach().requires_grad_()
-    fn = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+    fn = resolve_loss(loss).fn
     sx, sy, qx, qy = data
     query_losses, support_losses, accuracies = [], [], []
     for t in range(sx.shape[0]):
@@ -118,13 +130,14 @@ def test_mlp_path_equals_autograd_float64(
     )
     data = batch(generator, tasks, support, query, features, loss, outputs, torch.float64)
 
+    expected_query, expected_support, expected_meta, expected_rates, expected_accuracy = oracle(
+        model, program, theta, rates, data, loss, first_order
+    )
+    assume_converging(expected_query, expected_meta)
     with cpu_kernels(isa):
         query_loss, accuracy, support_loss, meta_grad, rate_grad = run_mlp_path(
             program, theta, rates, data, loss, first_order
         )
-    expected_query, expected_support, expected_meta, expected_rates, expected_accuracy = oracle(
-        model, program, theta, rates, data, loss, first_order
-    )
     assert relative_error(query_loss, expected_query) < 1e-12
     assert relative_error(support_loss, expected_support) < 1e-12
     assert relative_error(meta_grad, expected_meta) < 1e-10
@@ -148,6 +161,7 @@ def test_mlp_path_float32_close_to_float64(isa, stack, tasks, steps, seed):
     rates = torch.full((steps, program.num_params), 0.1, dtype=torch.float64)
     data = batch(generator, tasks, 5, 5, features, loss, outputs, torch.float64)
     exact = run_mlp_path(program, theta, rates, data, loss, False)
+    assume_converging(exact[0], exact[3])
     data32 = [d.float() if d.is_floating_point() else d for d in data]
     with cpu_kernels(isa):
         single = run_mlp_path(program, theta.float(), rates.float(), data32, loss, False)

@@ -2,13 +2,16 @@
 path and the CPU MLP path share) against PyTorch's losses, their gradients by autograd and the
 gradients' tangents by torch.func (jvp of grad), in float64."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from maml_test_utils import DEVICES, relative_error
-from torch.func import grad, jvp
+from torch.func import grad, jacfwd, jvp
 
 import maml_ext
+from maml_ext.losses import gaussian_nll
 from maml_ext.program import loss_code
 
 pytestmark = pytest.mark.skipif(
@@ -18,6 +21,9 @@ pytestmark = pytest.mark.skipif(
 SHAPES = {
     "cross_entropy": [(3, 7, 5), (1, 1, 2), (4, 75, 20)],
     "mse": [(3, 7, 1), (2, 5), (4, 3, 2, 2)],
+    # [T, N, 2A]: means then log-stds; targets values then weights (normal: of either sign, as
+    # advantages are)
+    "gaussian_nll": [(3, 7, 4), (1, 1, 2), (4, 50, 6)],
 }
 CASES = [(loss, shape) for loss, shapes in SHAPES.items() for shape in shapes]
 
@@ -26,7 +32,29 @@ def torch_task_loss(loss, z, y):
     """One task's mean loss as PyTorch computes it."""
     if loss == "cross_entropy":
         return F.cross_entropy(z, y)
+    if loss == "gaussian_nll":
+        return gaussian_nll(z, y)
     return ((z - y) ** 2).mean()  # jvp through F.mse_loss's backward fails here
+
+
+def absolute_terms(loss, z, y):
+    """The loss with every term and summand taken absolutely: the scale float32 rounding works at
+    (the weighted Gaussian NLL's terms have either sign and can cancel to near 0)."""
+    if loss != "gaussian_nll":
+        return abs(torch_task_loss(loss, z, y))
+    mean, log_std = z.chunk(2, -1)
+    value, weight = y.chunk(2, -1)
+    standardised = (value - mean) * torch.exp(-log_std)
+    pieces = 0.5 * standardised**2 + log_std.abs() + 0.5 * math.log(2 * math.pi)
+    return (weight.abs() * pieces).sum() / z.shape[0]
+
+
+def tangent_scale(task_loss, z, rz):
+    """‖|H| |R{z}|‖ (H the loss's Hessian in z): the size of the products whose sum is the tangent
+    H R{z}, the scale float64 rounding works at (the tangent itself can cancel to near 0)."""
+    n = z.numel()
+    hessian = jacfwd(grad(task_loss))(z).reshape(n, n)
+    return float((hessian.abs() @ rz.reshape(n).abs()).norm())
 
 
 def random_case(loss, shape, generator, dtype=torch.float64):
@@ -57,9 +85,12 @@ def test_matches_torch_losses_gradients_and_tangents(device, loss, shape, seed):
             return torch_task_loss(loss, zt, y[t])
 
         expected_grad, expected_tangent = jvp(grad(task_loss), (z[t],), (rz[t],))
-        assert relative_error(values[t], task_loss(z[t])) <= 1e-13, seed
+        # the value against its terms' scale: a signed-weight Gaussian NLL can cancel to near 0
+        error = abs(values[t] - task_loss(z[t])).item()
+        assert error <= 1e-13 * absolute_terms(loss, z[t], y[t]).item(), seed
         assert relative_error(grads[t], expected_grad) <= 1e-13, seed
-        assert relative_error(tangents[t], expected_tangent) <= 1e-13, seed
+        error = float((tangents[t] - expected_tangent).norm())
+        assert error <= 1e-13 * tangent_scale(task_loss, z[t], rz[t]), seed
     if loss == "cross_entropy":
         expected_accuracy = (z.argmax(-1) == y).double().mean(1)
         assert torch.equal(accuracy, expected_accuracy), seed
@@ -90,7 +121,8 @@ def test_float32_is_as_close_to_float64_as_torch_is(device, seed):
         ours = call(z32.to(device), rz32.to(device), y32.to(device), loss)
         for t in range(shape[0]):
             theirs = torch_task_loss(loss, z32[t], y32[t]).double()
-            budget = max(4 * abs(theirs - exact[0][t]).item(), 1e-6 * abs(exact[0][t]).item())
+            magnitude = absolute_terms(loss, z[t], y[t]).item()
+            budget = max(4 * abs(theirs - exact[0][t]).item(), 1e-6 * magnitude)
             assert abs(ours[0][t].cpu().double() - exact[0][t]).item() <= budget, (loss, seed)
         assert relative_error(ours[2].cpu().double(), exact[2]) <= 1e-5, (loss, seed)
 

@@ -225,6 +225,9 @@ MetaStepResult run_mlp_meta_step(const Mlp& mlp, const ProgramRecords& program, 
     check_labels(support_y, mlp.output_width, "support_y");
     check_labels(query_y, mlp.output_width, "query_y");
   } else {
+    MAML_CHECK_ARG(kind != LossKind::kGaussianNll || mlp.output_width % 2 == 0, "model",
+                   "gaussian_nll needs an even number of outputs (means, then log-stds), got ",
+                   mlp.output_width);
     for (const auto& [y, name] : {std::pair{&support_y, "support_y"}, {&query_y, "query_y"}}) {
       MAML_CHECK_ARG(y->dim() == 3 && y->size(2) == mlp.output_width, name,
                      "expected targets shaped like the outputs [T, N, ", mlp.output_width,

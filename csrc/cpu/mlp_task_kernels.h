@@ -119,11 +119,15 @@ T pass(const Problem<T>& pb, Workspace<T>& ws, const PassArgs<T>& a) {
   T* gy = tape.grads ? tape.grads + offsets[depth - 1] : ws.g[0];
   T* rgy = ws.rg[0];
   if (v && !rh) std::fill(rgy, rgy + n * D, T(0));  // outputs independent of θ: zero tangent
-  const T total =
-      pb.loss == LossKind::kCrossEntropy
-          ? kernels::mean_cross_entropy<T>(h, rh, a.samples.labels, n, D, gy, rh ? rgy : nullptr,
-                                           a.accuracy)
-          : kernels::mean_squared_error<T>(h, rh, a.samples.targets, n * D, gy, rh ? rgy : nullptr);
+  T total;
+  if (pb.loss == LossKind::kCrossEntropy) {
+    total = kernels::mean_cross_entropy<T>(h, rh, a.samples.labels, n, D, gy, rh ? rgy : nullptr,
+                                           a.accuracy);
+  } else if (pb.loss == LossKind::kGaussianNll) {
+    total = kernels::mean_gaussian_nll<T>(h, rh, a.samples.targets, n, D, gy, rh ? rgy : nullptr);
+  } else {
+    total = kernels::mean_squared_error<T>(h, rh, a.samples.targets, n * D, gy, rh ? rgy : nullptr);
+  }
 
   int which = 0;
   for (size_t l = depth; l-- > 0;) {

@@ -39,6 +39,17 @@ TaskLossResult task_loss_cpu(const at::Tensor& z_in, const std::optional<at::Ten
               g_ptr + at, rg_ptr ? rg_ptr + at : nullptr, accuracy_ptr + t);
         }
       });
+    } else if (kind == LossKind::kGaussianNll) {
+      const scalar_t* y_ptr = y.data_ptr<scalar_t>();
+      const int64_t rows = z.size(1), width = z.size(2);
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t at = t * per_task;
+          loss_ptr[t] = kernels::mean_gaussian_nll<scalar_t>(
+              z_ptr + at, rz_ptr ? rz_ptr + at : nullptr, y_ptr + at, rows, width, g_ptr + at,
+              rg_ptr ? rg_ptr + at : nullptr);
+        }
+      });
     } else {
       const scalar_t* y_ptr = y.data_ptr<scalar_t>();
       at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {

@@ -42,6 +42,21 @@ __global__ void task_squared_error_kernel(const scalar_t* __restrict__ z,
                                                   grad_tangent ? grad_tangent + at : nullptr);
 }
 
+template <typename scalar_t>
+__global__ void task_gaussian_nll_kernel(const scalar_t* __restrict__ z,
+                                         const scalar_t* __restrict__ z_tangent,
+                                         const scalar_t* __restrict__ y, int64_t tasks,
+                                         int64_t rows, int64_t width, scalar_t* __restrict__ loss,
+                                         scalar_t* __restrict__ grad,
+                                         scalar_t* __restrict__ grad_tangent) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= tasks) return;
+  const int64_t at = t * rows * width;
+  loss[t] = kernels::mean_gaussian_nll<scalar_t>(z + at, z_tangent ? z_tangent + at : nullptr,
+                                                 y + at, rows, width, grad + at,
+                                                 grad_tangent ? grad_tangent + at : nullptr);
+}
+
 TaskLossResult task_loss_cuda(const at::Tensor& z_in, const std::optional<at::Tensor>& z_tangent,
                               const at::Tensor& y_in, int64_t loss) {
   const LossKind kind = check_task_loss_args(z_in, z_tangent, y_in, loss);
@@ -64,6 +79,10 @@ TaskLossResult task_loss_cuda(const at::Tensor& z_in, const std::optional<at::Te
           z.data_ptr<scalar_t>(), rz_ptr, y.data_ptr<int64_t>(), tasks, z.size(1), z.size(2),
           task_loss.data_ptr<scalar_t>(), accuracy.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
           rg_ptr);
+    } else if (kind == LossKind::kGaussianNll) {
+      task_gaussian_nll_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+          z.data_ptr<scalar_t>(), rz_ptr, y.data_ptr<scalar_t>(), tasks, z.size(1), z.size(2),
+          task_loss.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), rg_ptr);
     } else {
       task_squared_error_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
           z.data_ptr<scalar_t>(), rz_ptr, y.data_ptr<scalar_t>(), tasks, z.numel() / tasks,
