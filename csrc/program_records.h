@@ -75,6 +75,13 @@
 
 #define MAML_EXT_NO_FIELDS(INT, FLOAT, PARAM)
 
+// y = [x | log_std] on features [T, N, features]: a state-independent log-std parameter appended
+// to a Gaussian policy's means (the outputs gaussian_nll reads).
+#define MAML_EXT_APPEND_LOG_STD_FIELDS(INT, FLOAT, PARAM) \
+  INT(int64_t, features)                                  \
+  INT(int64_t, log_std_offset)                            \
+  PARAM(log_std, log_std_offset, r.features, true)
+
 // ---- the layer kinds: X(Name, code, "python name", field list) ---------------------------------
 // Codes are the program's; never reuse one.
 //
@@ -94,7 +101,8 @@
   X(LeakyReLU, 8, "leaky_relu", MAML_EXT_LEAKY_RELU_FIELDS)        \
   X(ResidualBegin, 9, "residual_begin", MAML_EXT_NO_FIELDS)        \
   X(ResidualShortcut, 10, "residual_shortcut", MAML_EXT_NO_FIELDS) \
-  X(ResidualEnd, 11, "residual_end", MAML_EXT_NO_FIELDS)
+  X(ResidualEnd, 11, "residual_end", MAML_EXT_NO_FIELDS)           \
+  X(AppendLogStd, 12, "append_log_std", MAML_EXT_APPEND_LOG_STD_FIELDS)
 
 // ---- the loss kinds: X(Name, code, "python name", targets are class indices) -------------------
 // The ops take the code (their `int loss` argument); loss_kind() is the one place that checks it.

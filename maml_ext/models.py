@@ -12,6 +12,8 @@ picks the fused backend for both.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -125,3 +127,26 @@ def resnet12(
         blocks.append(ResidualBlock(channels, block_width, negative_slope))
         channels, side = block_width, side // 2
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * side * side, ways))
+
+
+class AppendLogStd(nn.Module):
+    """``y = [x | log_std]``: a learned, state-independent log standard deviation per output, set
+    beside a Gaussian policy's (or a heteroscedastic regressor's) means ``x [..., A]``, giving the
+    ``[..., 2A]`` outputs that ``loss="gaussian_nll"`` reads. The fused backend runs it as the
+    ``append_log_std`` layer, so the log-std is adapted in the inner loop like any weight::
+
+        policy = nn.Sequential(nn.Linear(2, 100), nn.ReLU(), nn.Linear(100, 2), AppendLogStd(2))
+    """
+
+    def __init__(self, features: int, initial_std: float = 1.0):
+        super().__init__()
+        if features < 1 or not initial_std > 0:
+            raise ValueError(
+                f"AppendLogStd: expected features >= 1 and initial_std > 0, got {features}, "
+                f"{initial_std}"
+            )
+        self.features = features
+        self.log_std = nn.Parameter(torch.full((features,), float(math.log(initial_std))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.log_std.expand_as(x)], dim=-1)

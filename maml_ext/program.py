@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._extension import compiled_ops_available
+from .models import AppendLogStd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ LAYER_RECORDS = (
     RecordFormat("residual_begin", 9),
     RecordFormat("residual_shortcut", 10),
     RecordFormat("residual_end", 11),
+    RecordFormat("append_log_std", 12, ("features", "log_std_offset"), parameters=("log_std",)),
 )
 RECORDS_BY_NAME = {record.name: record for record in LAYER_RECORDS}
 RECORDS_BY_CODE = {record.code: record for record in LAYER_RECORDS}
@@ -154,7 +156,8 @@ if compiled_ops_available():
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d (groups=1, dilation=1, zero padding), BatchNorm1d/2d (batch statistics), "
-    "ReLU, LeakyReLU, Tanh, MaxPool2d (dilation=1), Flatten (start_dim=1), Identity, nested "
+    "ReLU, LeakyReLU, Tanh, MaxPool2d (dilation=1), Flatten (start_dim=1), Identity, "
+    "maml_ext.models.AppendLogStd, nested "
     "Sequential, and modules of your own whose forward chains these and adds branches "
     "(residual blocks, e.g. act(main(x) + shortcut(x))), read by torch.fx tracing"
 )
@@ -334,6 +337,12 @@ def compile_program(model: nn.Module) -> LayerProgram:
             add_record("leaky_relu", negative_slope=module.negative_slope)
         elif _same_forward(module, nn.Identity):
             pass
+        elif _same_forward(module, AppendLogStd):
+            add_record(
+                "append_log_std",
+                features=module.features,
+                log_std_offset=add_param(prefix + "log_std", module.log_std),
+            )
         elif _same_forward(module, nn.MaxPool2d):
             if _pair(module.dilation) != (1, 1):
                 raise UnsupportedModelError(label, f"dilation={module.dilation} (only 1)")

@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, jvp
 
 import maml_ext
 from maml_ext.losses import gaussian_nll
+from maml_ext.models import AppendLogStd
 from maml_ext.program import LOSS_CODES, UnsupportedModelError, loss_code
 
 pytestmark = pytest.mark.skipif(
@@ -95,6 +96,10 @@ def layer_stacks(draw):
     }[loss]
     outputs = draw(outputs)
     head = [nn.Linear(width, outputs)]
+    if loss == "gaussian_nll" and draw(st.booleans()):
+        # the log-std as a parameter beside the means (a Gaussian policy's head)
+        std = draw(st.floats(0.3, 3.0))
+        head = [nn.Linear(width, outputs // 2), AppendLogStd(outputs // 2, initial_std=std)]
     # nested Sequential, as users write them
     model = (
         nn.Sequential(nn.Sequential(*layers), *head)
