@@ -423,3 +423,73 @@ def test_mujoco_preset_without_its_extra_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(MissingExtraError, match=r"'rl' extra.*maml_ext\[rl\]"):
         train_rl("rl-halfcheetah-vel", out_dir=str(tmp_path / "run"), iterations=1, progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_fused_engine_products_equal_the_torch_engine(seed, activation):
+    # The policy as a layer program (AppendLogStd) with the engine's gaussian_nll: the inner step,
+    # its Hessian-vector products, the Fisher product at the adapted policy and the policy
+    # gradient, every task at once, against the torch engine (itself checked against per-task
+    # double-backward above), float64.
+    from maml_ext.rl import fused
+    from maml_ext.rl.metarl import FisherAt, InnerCurvature, policy_gradient
+
+    generator = torch.Generator().manual_seed(seed)
+    policy = _policy(seed, activation)
+    layout, theta = policy.layout(), policy.flat_parameters()
+    inner, outer = _random_data(generator, 4, 9), _random_data(generator, 4, 11)
+    vectors = torch.randn(4, layout.size, dtype=torch.float64, generator=generator)
+    torch_inner = InnerCurvature(layout, theta, inner, 0.1)
+    fused_inner = fused.FusedInnerCurvature(layout, theta, inner, 0.1)
+    assert relative_error(fused_inner.adapted, torch_inner.adapted) <= RTOL
+    assert relative_error(fused_inner.hvp(vectors), torch_inner.hvp(vectors)) <= RTOL
+    adapted = torch_inner.adapted
+    torch_fisher, fused_fisher = (
+        FisherAt(layout, adapted, outer),
+        fused.FusedFisherAt(layout, adapted, outer),
+    )
+    assert relative_error(fused_fisher.product(vectors), torch_fisher.product(vectors)) <= RTOL
+    assert (
+        relative_error(
+            fused.fused_policy_gradient(layout, adapted, outer),
+            policy_gradient(layout, adapted, outer),
+        )
+        <= RTOL
+    )
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fused_engine_takes_the_same_trpo_step(seed, first_order):
+    torch.manual_seed(seed)
+    policies = [GaussianPolicy(2, 2, hidden=(16, 16), dtype=torch.float64) for _ in range(2)]
+    policies[1].load_state_dict(policies[0].state_dict())
+    # Three CG iterations, none skipped: run to convergence, CG's last iterations work on a
+    # residual at rounding level, and they, or an early stop that one engine reaches an iteration
+    # before the other, move the step by ~1e-9 (measured) whatever the products' agreement.
+    learners = [
+        MetaTRPO(
+            policy,
+            inner_lr=0.1,
+            first_order=first_order,
+            cg_iterations=3,
+            cg_tolerance=0.0,
+            engine=engine,
+        )
+        for policy, engine in zip(policies, ("torch", "fused"))
+    ]
+    inner, outer = _navigation_batch(policies[0], learners[0], seed)
+    before = policies[0].flat_parameters()
+    results = [learner.step(inner, outer) for learner in learners]
+    assert results[0].accepted and results[1].line_search_step == results[0].line_search_step
+    steps = [policy.flat_parameters() - before for policy in policies]
+    # the step, not the parameters: its size (max-KL-scaled) is what the engines must agree on
+    assert relative_error(steps[1], steps[0]) <= RTOL
+    assert math.isclose(results[1].surrogate_after, results[0].surrogate_after, rel_tol=1e-9)
+
+
+def test_fused_engine_refuses_the_lvc_estimator():
+    policy = GaussianPolicy(2, 2, hidden=(4,), dtype=torch.float64)
+    with pytest.raises(ValueError, match="inner_estimator='lvc' needs engine='torch'"):
+        MetaTRPO(policy, inner_estimator="lvc", engine="fused")
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        MetaTRPO(policy, engine="cuda")

@@ -28,7 +28,10 @@ used and whose gradient equals REINFORCE's at every θ, but whose Hessian adds
 ``-mean(Â · ∇log π ∇log πᵀ)``, the per-step part of the sampling distribution's curvature. The
 adapted parameters, surrogate and Fisher are the same under both.
 
-The fused C++ engine has no Gaussian loss yet: this slice runs on torch/``torch.func``.
+Engines (``engine``): ``"torch"`` runs these products on torch/``torch.func`` (kept graphs,
+reverse-over-reverse); ``"fused"`` on the layer-program engine (:mod:`maml_ext.rl.fused`: the
+policy as a program ending in ``AppendLogStd``, its loss the engine's ``gaussian_nll``), the same
+numbers to rounding, for the paper's estimator.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ def _expand(theta: torch.Tensor, tasks: int) -> torch.Tensor:
 
 
 INNER_ESTIMATORS = ("reinforce", "lvc")
+ENGINES = ("torch", "fused")
 
 
 def check_inner_estimator(estimator: str) -> str:
@@ -293,13 +297,14 @@ def fisher_vector_product(
 
 
 def conjugate_gradient(product, b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10):
-    """Approximately solves ``product(x) = b`` (symmetric positive definite) from x = 0."""
+    """Approximately solves ``product(x) = b`` (symmetric positive definite) from x = 0, stopping
+    early once the squared residual norm is at most ``tolerance``."""
     x = torch.zeros_like(b)
     residual = b.clone()
     direction = b.clone()
     residual_norm = residual @ residual
     for _ in range(iterations):
-        if float(residual_norm) < tolerance:
+        if float(residual_norm) <= tolerance:
             break
         image = product(direction)
         step = residual_norm / (direction @ image)
@@ -331,12 +336,52 @@ class _MetaLearner:
         inner_lr: float = 0.1,
         first_order: bool = False,
         inner_estimator: str = "reinforce",
+        engine: str = "torch",
     ):
         self.policy = policy
         self.layout = policy.layout()
         self.inner_lr = float(inner_lr)
         self.first_order = bool(first_order)
         self.inner_estimator = check_inner_estimator(inner_estimator)
+        if engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+        if engine == "fused" and self.inner_estimator != "reinforce" and not self.first_order:
+            raise ValueError(
+                f"engine='fused' computes the paper's inner Hessian only; inner_estimator="
+                f"{self.inner_estimator!r} needs engine='torch'"
+            )
+        self.engine = engine
+
+    def _adapt(self, theta, inner: TaskData) -> torch.Tensor:
+        if self.engine == "fused":
+            from .fused import fused_adapt
+
+            return fused_adapt(self.layout, theta, inner, self.inner_lr).detach()
+        return adapt(self.layout, theta, inner, self.inner_lr).detach()
+
+    def _curvature(self, theta, inner, inner_lr):
+        """The inner step's adapted parameters and Jacobian products, on this engine."""
+        if self.engine == "fused":
+            from .fused import FusedInnerCurvature
+
+            return FusedInnerCurvature(self.layout, theta, inner, inner_lr, self.first_order)
+        return InnerCurvature(
+            self.layout, theta, inner, inner_lr, self.first_order, self.inner_estimator
+        )
+
+    def _fisher(self, adapted, outer):
+        if self.engine == "fused":
+            from .fused import FusedFisherAt
+
+            return FusedFisherAt(self.layout, adapted, outer)
+        return FisherAt(self.layout, adapted, outer)
+
+    def _policy_gradient(self, adapted, outer):
+        if self.engine == "fused":
+            from .fused import fused_policy_gradient
+
+            return fused_policy_gradient(self.layout, adapted, outer)
+        return policy_gradient(self.layout, adapted, outer)
 
     def theta(self) -> torch.Tensor:
         return self.policy.flat_parameters()
@@ -346,7 +391,7 @@ class _MetaLearner:
         theta = self.theta() if theta is None else theta
         if inner is None:
             return theta.expand(tasks, -1).clone()
-        return adapt(self.layout, theta, TaskData.of(inner), self.inner_lr).detach()
+        return self._adapt(theta, TaskData.of(inner))
 
     def _prepare(self, inner, outer):
         outer = TaskData.of(outer)
@@ -361,16 +406,11 @@ class _MetaLearner:
         return inner, outer
 
     def _checked_gradient(self, theta, inner, outer, curvature=None):
-        gradient = meta_gradient(
-            self.layout,
-            theta,
-            inner,
-            outer,
-            self.inner_lr,
-            self.first_order,
-            curvature=curvature,
-            estimator=self.inner_estimator,
-        )
+        if curvature is None:
+            curvature = self._curvature(theta, inner, self.inner_lr if inner is not None else 0.0)
+        adapted = _expand(curvature.adapted, outer.tasks)
+        per_task = curvature.jacobian(self._policy_gradient(adapted, outer))
+        gradient = _expand(per_task, outer.tasks).mean(0)
         if not bool(torch.isfinite(gradient).all()):
             raise FloatingPointError("meta-gradient: not finite; no parameter was changed")
         return gradient
@@ -382,10 +422,12 @@ class MetaTRPO(_MetaLearner):
     ``step(inner, outer)``: ``inner`` = the rollouts of the current policy on each task (None: no
     adaptation, plain TRPO on the task distribution, the "pretrained" baseline), ``outer`` = the
     rollouts of each task's adapted policy. Conjugate gradient (``cg_iterations``, ``cg_damping``)
-    on the exact Fisher-vector product through the inner step, a step scaled to ``max_kl``, then
+    on the exact Fisher-vector product through the inner step (stopping early at a squared
+    residual of ``cg_tolerance``), a step scaled to ``max_kl``, then
     backtracking (``backtrack_ratio``, ``line_search_steps``) until the surrogate improves and the
     mean KL is at most ``max_kl``; if no step qualifies the parameters stay. ``inner_estimator``:
-    "reinforce" (the paper's) or "lvc" (ProMP's curvature; see the module docstring)."""
+    "reinforce" (the paper's) or "lvc" (ProMP's curvature; see the module docstring). ``engine``:
+    "torch" or "fused" (the module docstring; the same step to rounding)."""
 
     def __init__(
         self,
@@ -395,21 +437,20 @@ class MetaTRPO(_MetaLearner):
         max_kl: float = 0.01,
         cg_iterations: int = 10,
         cg_damping: float = 1e-5,
+        cg_tolerance: float = 1e-10,
         backtrack_ratio: float = 0.8,
         line_search_steps: int = 15,
         inner_estimator: str = "reinforce",
+        engine: str = "torch",
     ):
-        super().__init__(policy, inner_lr, first_order, inner_estimator)
+        super().__init__(policy, inner_lr, first_order, inner_estimator, engine)
         self.max_kl, self.cg_iterations, self.cg_damping = max_kl, cg_iterations, cg_damping
+        self.cg_tolerance = cg_tolerance
         self.backtrack_ratio, self.line_search_steps = backtrack_ratio, line_search_steps
 
     def evaluate(self, theta, inner, outer, old):
         """Surrogate and mean KL (task means) of parameters θ on the fixed batch."""
-        adapted = (
-            _expand(theta, outer.tasks)
-            if inner is None
-            else adapt(self.layout, theta, inner, self.inner_lr)
-        )
+        adapted = _expand(theta, outer.tasks) if inner is None else self._adapt(theta, inner)
         surrogate, kl = _surrogate_terms(self.layout, adapted, outer, *old)
         return float(surrogate.mean()), float(kl.mean())
 
@@ -417,9 +458,9 @@ class MetaTRPO(_MetaLearner):
         inner, outer = self._prepare(inner, outer)
         layout, lr = self.layout, self.inner_lr if inner is not None else 0.0
         theta = self.theta()
-        curvature = InnerCurvature(layout, theta, inner, lr, self.first_order, self.inner_estimator)
+        curvature = self._curvature(theta, inner, lr)
         adapted = _expand(curvature.adapted, outer.tasks)
-        fisher = FisherAt(layout, adapted, outer)
+        fisher = self._fisher(adapted, outer)
         with torch.no_grad():
             mean, log_std = layout.mean_log_std(adapted, outer.observations)
             log_std = log_std.unsqueeze(-2)
@@ -430,7 +471,7 @@ class MetaTRPO(_MetaLearner):
             rows = curvature.jacobian(fisher.product(curvature.jacobian(v)))
             return _expand(rows, outer.tasks).mean(0) + self.cg_damping * v
 
-        direction = conjugate_gradient(product, gradient, self.cg_iterations)
+        direction = conjugate_gradient(product, gradient, self.cg_iterations, self.cg_tolerance)
         curvature = float(direction @ product(direction))
         if not (torch.isfinite(direction).all() and curvature > 0):
             raise FloatingPointError(
@@ -459,8 +500,9 @@ class MetaAdam(_MetaLearner):
         first_order: bool = False,
         lr: float = 1e-2,
         inner_estimator: str = "reinforce",
+        engine: str = "torch",
     ):
-        super().__init__(policy, inner_lr, first_order, inner_estimator)
+        super().__init__(policy, inner_lr, first_order, inner_estimator, engine)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
 
     def step(self, inner, outer) -> OuterStepResult:

@@ -136,6 +136,7 @@ class PolicyLayout:
             raise ValueError("shapes: expected (weight, bias) pairs followed by log_std")
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.size = sum(self.sizes)
+        self.activation_name = activation
         self.activation = _ACTIVATIONS[activation][1]
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -145,6 +146,22 @@ class PolicyLayout:
         lead = flat.shape[:-1]
         pieces = torch.split(flat, self.sizes, dim=-1)
         return [piece.reshape(*lead, *shape) for piece, shape in zip(pieces, self.shapes)]
+
+    def layer_program(self):
+        """This architecture as the fused engine's layer program: the mean's Linear layers and
+        activations, then ``AppendLogStd``; its θ is exactly this layout's flat vector (the same
+        parameters in the same order and shapes)."""
+        from ..models import AppendLogStd
+        from ..program import compile_program
+
+        layers: list[nn.Module] = []
+        linear_shapes = self.shapes[:-1:2]
+        for index, (out_features, in_features) in enumerate(linear_shapes):
+            layers.append(nn.Linear(in_features, out_features, device="meta"))
+            if index < len(linear_shapes) - 1:
+                layers.append(_ACTIVATIONS[self.activation_name][0]())
+        layers.append(AppendLogStd(self.shapes[-1][0]))
+        return compile_program(nn.Sequential(*layers))
 
     def mean_log_std(self, flat: torch.Tensor, obs: torch.Tensor):
         """``(mean [..., N, A], log_std [..., A])`` for parameters ``[..., P]`` and observations
