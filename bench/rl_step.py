@@ -4,8 +4,11 @@ implementation against an autograd reference written the way the common PyTorch
 reimplementations do it: a Python loop over tasks, ``torch.distributions`` through
 ``functional_call``, and ``create_graph=True`` double-backward for every Fisher-vector product.
 
-Both TRPO steps start from the same parameters on the same rollouts; the table also gives the
-relative difference of the parameters they end at. One run of each (RL steps are long).
+The batched implementation runs on both of its engines: ``torch`` (torch.func, kept graphs) and
+``fused`` (the layer-program engine: ``MetaTRPO(engine="fused")``, maml_ext/rl/fused.py); sampling
+is the same for both. All TRPO steps start from the same parameters on the same rollouts; the table
+also gives the relative difference of the parameters they end at. One run of each (RL steps are
+long).
 
     PYTHONPATH=. python bench/rl_step.py [--meta-batch 20 --rollouts 20 --horizon 100]
 """
@@ -18,6 +21,7 @@ import time
 import torch
 from torch.func import functional_call
 
+from maml_ext.rl.fused import fused_adapt
 from maml_ext.rl.metarl import MetaTRPO, TaskData, adapt, conjugate_gradient
 from maml_ext.rl.navigation import Navigation2D
 from maml_ext.rl.policy import GaussianPolicy
@@ -174,10 +178,14 @@ def main():
         batched_policy = copy.deepcopy(policy)
         batched = MetaTRPO(batched_policy)
         clock("batched TRPO step", lambda: batched.step(inner, outer))
-        return inner_data, TaskData.of(outer), batched_policy
+        clock("fused inner adaptation", lambda: fused_adapt(layout, theta, inner_data, 0.1))
+        fused_policy = copy.deepcopy(policy)
+        fused = MetaTRPO(fused_policy, engine="fused")
+        clock("fused TRPO step", lambda: fused.step(inner, outer))
+        return inner_data, TaskData.of(outer), batched_policy, fused_policy
 
     for _ in range(2):
-        inner_data, outer_data, batched_policy = batched_iteration()
+        inner_data, outer_data, batched_policy, fused_policy = batched_iteration()
 
     torch.manual_seed(args.seed + 2)
     clock(
@@ -197,30 +205,45 @@ def main():
         "reference TRPO step",
         lambda: reference_trpo_step(policy, theta, inner_data, outer_data, 0.1),
     )
-    difference = float(
-        (batched_policy.flat_parameters() - reference_theta).norm()
-        / (reference_theta - theta).norm()
-    )
+
+    def difference(other):
+        return float(
+            (other.flat_parameters() - reference_theta).norm() / (reference_theta - theta).norm()
+        )
 
     print(
         f"MAML-TRPO, 2D navigation: meta-batch {args.meta_batch}, {args.rollouts} rollouts, "
         f"horizon {args.horizon}, {args.dtype}, {torch.get_num_threads()} thread(s), "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'part':<28}{'batched (s)':>14}{'reference (s)':>16}{'speed-up':>10}")
-    for part, keys in (
+    # The fused engine samples as the torch one does (the same batched sampler).
+    times["fused sampling (inner)"] = times["batched sampling (inner)"]
+    times["fused sampling (outer)"] = times["batched sampling (outer)"]
+    print(
+        f"{'part':<28}{'torch (s)':>11}{'fused (s)':>11}{'reference (s)':>15}"
+        f"{'torch speed-up':>16}{'fused speed-up':>16}"
+    )
+    parts = (
         ("sampling (inner + outer)", ("sampling (inner)", "sampling (outer)")),
         ("inner adaptation", ("inner adaptation",)),
         ("TRPO step", ("TRPO step",)),
-    ):
-        fast = sum(times[f"batched {key}"] for key in keys)
-        slow = sum(times[f"reference {key}"] for key in keys)
-        print(f"{part:<28}{fast:>14.3f}{slow:>16.3f}{slow / fast:>9.1f}x")
-    fast = sum(v for k, v in times.items() if k.startswith("batched"))
-    slow = sum(v for k, v in times.items() if k.startswith("reference"))
-    print(f"{'meta-iteration':<28}{fast:>14.3f}{slow:>16.3f}{slow / fast:>9.1f}x")
+        (
+            "meta-iteration",
+            ("sampling (inner)", "sampling (outer)", "inner adaptation", "TRPO step"),
+        ),
+    )
+    for part, keys in parts:
+        torch_s, fused_s, slow = (
+            sum(times[f"{engine} {key}"] for key in keys)
+            for engine in ("batched", "fused", "reference")
+        )
+        print(
+            f"{part:<28}{torch_s:>11.3f}{fused_s:>11.3f}{slow:>15.3f}"
+            f"{slow / torch_s:>15.1f}x{slow / fused_s:>15.1f}x"
+        )
     print(
-        f"TRPO steps' parameter change, relative difference batched vs reference: {difference:.1e}"
+        "TRPO steps' parameter change, relative difference against the reference: torch "
+        f"{difference(batched_policy):.1e}, fused {difference(fused_policy):.1e}"
     )
 
 

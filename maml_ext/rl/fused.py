@@ -77,10 +77,20 @@ def _policy_loss_gradient(layout, theta, data):
 
 def fused_adapt(layout: PolicyLayout, theta: torch.Tensor, data, inner_lr: float) -> torch.Tensor:
     """``θ'_t = θ - α ∇L_t(θ)``, ``[T, P]``: :func:`maml_ext.rl.metarl.adapt` on the engine."""
-    params = _rows(theta, data.tasks)
     if inner_lr == 0:
-        return params.contiguous()
-    return params - inner_lr * _policy_loss_gradient(layout, theta, data)
+        return _rows(theta, data.tasks).contiguous()
+    program = program_of(layout)
+    rates = torch.full((1, layout.size), float(inner_lr), dtype=theta.dtype, device=theta.device)
+    # The engine's inner loop (a gradient pass, no tangent), one step of rate α.
+    return torch.ops.maml_ext.adapt(
+        theta,
+        rates,
+        data.observations.contiguous(),
+        _targets(data.actions, data.advantages * data.weights),
+        program.ints_list,
+        program.floats_list,
+        _GAUSSIAN_NLL,
+    )
 
 
 def fused_policy_gradient(layout: PolicyLayout, adapted: torch.Tensor, outer) -> torch.Tensor:
