@@ -57,6 +57,38 @@ def test_dynamics_reward_and_termination_by_hand():
     torch.testing.assert_close(obs[1, 0], torch.tensor([0.145, 0.109], dtype=torch.float64))
 
 
+def test_action_scale_maps_policy_units_onto_the_bound_before_the_clip():
+    # The authors' normalize wrapper: a policy action in [-1, 1] moves by up to the bound (0.1).
+    env = Navigation2D(dtype=torch.float64, action_scale=0.1)
+    env.reset(torch.tensor([[0.3, -0.2]], dtype=torch.float64), rollouts=2)
+    obs, rewards, _ = env.step(torch.tensor([[[0.5, -7.0], [1.0, 0.2]]], dtype=torch.float64))
+    expected = torch.tensor([[[0.05, -0.1], [0.1, 0.02]]], dtype=torch.float64)
+    torch.testing.assert_close(obs, expected, rtol=0, atol=1e-15)
+    hand = [[-math.hypot(0.25, 0.1), -math.hypot(0.2, 0.22)]]
+    torch.testing.assert_close(rewards, torch.tensor(hand, dtype=torch.float64), rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="action_scale: expected a positive factor"):
+        Navigation2D(action_scale=0.0)
+
+
+def test_oracle_reaches_the_goal_whatever_the_action_scale():
+    from maml_ext.rl.evaluate import oracle_returns
+
+    goals = torch.tensor([[0.3, -0.2], [-0.45, 0.05]], dtype=torch.float64)
+    # Straight at the goal, 0.1 per coordinate per step: the distances after each step, by hand.
+    expected = []
+    for gx, gy in goals.tolist():
+        x = y = total = 0.0
+        while not (abs(x - gx) < 0.01 and abs(y - gy) < 0.01):
+            x += max(-0.1, min(0.1, gx - x))
+            y += max(-0.1, min(0.1, gy - y))
+            total -= math.hypot(x - gx, y - gy)
+        expected.append(total)
+    for scale in (1.0, 0.1):
+        env = Navigation2D(dtype=torch.float64, action_scale=scale)
+        returns = oracle_returns(env, goals, rollouts=2)
+        torch.testing.assert_close(returns, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_termination_needs_both_coordinates_within_tolerance():
     env = Navigation2D(dtype=torch.float64)
     env.reset(torch.tensor([[0.1, 0.1]], dtype=torch.float64), rollouts=3)

@@ -66,7 +66,8 @@ def oracle_returns(env, tasks, rollouts) -> torch.Tensor:
     alive = torch.ones(positions.shape[:2], dtype=torch.bool)
     total = torch.zeros(positions.shape[:2], dtype=positions.dtype)
     for _ in range(env.horizon):
-        positions, rewards, done = env.step(goals - positions)
+        # the move that lands on the goal, in the policy's action units (the env scales them)
+        positions, rewards, done = env.step((goals - positions) / env.action_scale)
         total = total + rewards * alive
         alive = alive & ~done
     return total.mean(1)

@@ -22,7 +22,10 @@ class Navigation2D:
 
     ``horizon``: steps per episode (100 in the paper). ``dtype``/``device``: of every tensor the
     environment makes (tasks, observations, rewards). ``goal_range``, ``action_bound`` and
-    ``tolerance`` default to the paper's values.
+    ``tolerance`` default to the paper's values. ``action_scale`` multiplies the policy's action
+    before the clip: 1 (the default) moves by the action itself; ``action_bound`` (0.1) is the
+    authors' code, whose environment sits in rllab's ``normalize`` wrapper, which maps a policy
+    action in ``[-1, 1]`` onto the bounds, so that a unit standard deviation spans the clip range.
     """
 
     name = "navigation2d"
@@ -39,6 +42,7 @@ class Navigation2D:
         goal_range: float = 0.5,
         action_bound: float = 0.1,
         tolerance: float = 0.01,
+        action_scale: float = 1.0,
     ):
         if int(horizon) < 1:
             raise ValueError(f"horizon: expected a positive number of steps, got {horizon}")
@@ -48,6 +52,9 @@ class Navigation2D:
         self.goal_range = float(goal_range)
         self.action_bound = float(action_bound)
         self.tolerance = float(tolerance)
+        if not action_scale > 0:
+            raise ValueError(f"action_scale: expected a positive factor, got {action_scale}")
+        self.action_scale = float(action_scale)
         self._goals: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._done: torch.Tensor | None = None
@@ -83,7 +90,10 @@ class Navigation2D:
                 f"got {list(actions.shape)}"
             )
         bound = self.action_bound
-        moves = actions.to(dtype=self.dtype, device=self.device).clamp(-bound, bound)
+        moves = actions.to(dtype=self.dtype, device=self.device)
+        if self.action_scale != 1.0:
+            moves = moves * self.action_scale
+        moves = moves.clamp(-bound, bound)
         self._positions = self._positions + moves
         offset = self._positions - self._goals
         rewards = -torch.linalg.vector_norm(offset, dim=-1)

@@ -67,6 +67,7 @@ class RLPreset:
     adam_lr: float = 1e-2
     hidden: tuple[int, ...] = (100, 100)
     activation: str = "relu"
+    env_options: tuple[tuple[str, float], ...] = ()  # extra keyword arguments of the environment
     notes: str = ""
 
 
@@ -108,6 +109,7 @@ def make_preset_env(preset: RLPreset, device="cpu", dtype=torch.float32):
     kwargs = {"horizon": preset.horizon}
     if preset.env == "navigation2d":
         kwargs.update(dtype=dtype, device=device)
+    kwargs.update(preset.env_options)
     return factory(**kwargs)
 
 
