@@ -1,6 +1,7 @@
-"""2D navigation with the policy's actions scaled onto the bound, as the authors' code has them
-(its environment sits in rllab's ``normalize`` wrapper: a policy action in [-1, 1] moves the point
-by up to 0.1), against the preset (actions in the environment's own units, clipped to ±0.1).
+"""2D navigation by the scale of the policy's actions: 0.1 (the preset's, since session 11) is the
+authors' code (its environment sits in rllab's ``normalize`` wrapper: a policy action in [-1, 1]
+moves the point by up to 0.1); 1 is the environment's own units, clipped to ±0.1 (the preset's
+before).
 
     .venv/bin/python bench/rl_action_scale.py --action-scale 0.1 [--iterations 100] [--seed 0] \\
         [--out runs/rl_action_scale] [--threads 2] [--inner-estimator reinforce]

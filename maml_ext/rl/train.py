@@ -77,7 +77,12 @@ RL_PRESETS: dict[str, RLPreset] = {
         "2D point navigation, MAML with TRPO (paper sec. 5.3)",
         meta_batch=20,
         horizon=100,
-        notes="reward -distance (the authors' code; the paper's text says squared distance)",
+        # The authors' code: its environment sits in rllab's normalize wrapper, which maps the
+        # policy's [-1, 1] onto the ±0.1 bound (the paper does not say). Measured: test return
+        # after 1/3 steps -13.5/-4.7 with it, -18.4/-9.5 without (bench/NOTES.md, session 11).
+        env_options=(("action_scale", 0.1),),
+        notes="reward -distance (the authors' code; the paper's text says squared distance); "
+        "actions in [-1, 1] policy units scaled by 0.1 (the authors' normalize wrapper)",
     ),
     "rl-halfcheetah-vel": RLPreset(
         "halfcheetah-vel",
