@@ -412,6 +412,31 @@ def test_resume_refuses_a_changed_setting(tmp_path):
         _train(tmp_path, "other", iterations=1, meta_batch=2, rollouts=2, inner_estimator="x")
 
 
+def test_checkpoint_keeps_the_environment_it_was_trained_in(tmp_path, monkeypatch):
+    # The navigation preset's action scale changed (session 11): a checkpoint is evaluated in the
+    # environment it was trained in, and a resume may not change it.
+    import dataclasses
+
+    from maml_ext.experiments.presets import ConfigurationError
+    from maml_ext.rl import train
+    from maml_ext.rl.train import load_rl_checkpoint, make_preset_env
+
+    name = "rl-navigation2d"
+    assert dict(train.RL_PRESETS[name].env_options) == {"action_scale": 0.1}
+    _train(tmp_path, "run", iterations=1, meta_batch=2, rollouts=2, seed=1)
+    scaled = load_rl_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert make_preset_env(scaled.preset).action_scale == 0.1
+    monkeypatch.setitem(
+        train.RL_PRESETS, name, dataclasses.replace(train.RL_PRESETS[name], env_options=())
+    )
+    with pytest.raises(ConfigurationError, match=r"env_options=\[\['action_scale', 0.1\]\]"):
+        _train(tmp_path, "run", iterations=2, meta_batch=2, rollouts=2, seed=1, resume=True)
+    _train(tmp_path, "unscaled", iterations=1, meta_batch=2, rollouts=2, seed=1)
+    unscaled = load_rl_checkpoint(str(tmp_path / "unscaled" / "checkpoint.pt"))
+    assert make_preset_env(unscaled.preset).action_scale == 1.0
+    assert make_preset_env(scaled.preset).action_scale == 0.1
+
+
 def test_mujoco_preset_without_its_extra_names_the_extra(tmp_path, monkeypatch):
     """Without gymnasium and mujoco (hidden here), a locomotion preset says which extra to
     install before it trains or writes anything."""

@@ -142,6 +142,7 @@ def intra_op_threads(count: int | None):
 # Settings that a resumed run cannot change.
 _RESUME_FIXED = (
     "preset",
+    "env_options",
     "meta_batch",
     "rollouts",
     "first_order",
@@ -208,6 +209,7 @@ def train_rl(
         "meta_batch": int(meta_batch or spec.meta_batch),
         "rollouts": int(rollouts or spec.rollouts),
         "horizon": spec.horizon,
+        "env_options": [list(option) for option in spec.env_options],
         "first_order": bool(first_order),
         "inner_estimator": inner_estimator,
         "outer": outer,
@@ -383,6 +385,7 @@ def _restore(state: _RunState, path: str, config: dict) -> None:
     saved = read_rl_checkpoint(path)
     # Checkpoints from before an option existed ran with its default.
     saved["config"].setdefault("inner_estimator", "reinforce")
+    saved["config"].setdefault("env_options", [])
     for name in _RESUME_FIXED:
         if saved["config"][name] != config[name]:
             raise ConfigurationError(
@@ -421,6 +424,8 @@ def load_rl_checkpoint(path, device="cpu") -> RLCheckpoint:
     preset = dict(saved["preset"])
     for name in ("eval_inner_lrs", "hidden"):
         preset[name] = tuple(preset[name])
+    # The environment as it was trained (a checkpoint from before env_options had none).
+    preset["env_options"] = tuple(tuple(option) for option in preset.get("env_options", ()))
     spec = RLPreset(**preset)
     policies = []
     for key in ("maml", "pretrained"):
