@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import grad
 
+from . import fused
 from .policy import PolicyLayout, gaussian_kl, gaussian_log_prob
 from .sampler import Rollouts
 
@@ -354,33 +355,25 @@ class _MetaLearner:
 
     def _adapt(self, theta, inner: TaskData) -> torch.Tensor:
         if self.engine == "fused":
-            from .fused import fused_adapt
-
-            return fused_adapt(self.layout, theta, inner, self.inner_lr).detach()
+            return fused.fused_adapt(self.layout, theta, inner, self.inner_lr).detach()
         return adapt(self.layout, theta, inner, self.inner_lr).detach()
 
     def _curvature(self, theta, inner, inner_lr):
         """The inner step's adapted parameters and Jacobian products, on this engine."""
         if self.engine == "fused":
-            from .fused import FusedInnerCurvature
-
-            return FusedInnerCurvature(self.layout, theta, inner, inner_lr, self.first_order)
+            return fused.FusedInnerCurvature(self.layout, theta, inner, inner_lr, self.first_order)
         return InnerCurvature(
             self.layout, theta, inner, inner_lr, self.first_order, self.inner_estimator
         )
 
     def _fisher(self, adapted, outer):
         if self.engine == "fused":
-            from .fused import FusedFisherAt
-
-            return FusedFisherAt(self.layout, adapted, outer)
+            return fused.FusedFisherAt(self.layout, adapted, outer)
         return FisherAt(self.layout, adapted, outer)
 
     def _policy_gradient(self, adapted, outer):
         if self.engine == "fused":
-            from .fused import fused_policy_gradient
-
-            return fused_policy_gradient(self.layout, adapted, outer)
+            return fused.fused_policy_gradient(self.layout, adapted, outer)
         return policy_gradient(self.layout, adapted, outer)
 
     def theta(self) -> torch.Tensor:
