@@ -111,6 +111,20 @@ def regression_batch(tasks: int, support: int, query: int, *, dtype=torch.float6
 
 WEIGHT_SEEDS = st.integers(0, 2**31 - 1)
 
+# The built-in losses and their output widths, drawn by the random-model strategies: classes,
+# regression targets, or means then log-stds (gaussian_nll).
+OUTPUT_WIDTHS = {
+    "cross_entropy": st.integers(2, 5),
+    "mse": st.integers(1, 3),
+    "gaussian_nll": st.sampled_from([2, 4]),
+}
+
+
+def draw_loss_and_outputs(draw) -> tuple[str, int]:
+    """(loss name, output width) for a strategy's ``draw``."""
+    loss = draw(st.sampled_from(sorted(OUTPUT_WIDTHS)))
+    return loss, draw(OUTPUT_WIDTHS[loss])
+
 
 def seeded_weights(model: nn.Module, seed: int) -> nn.Module:
     """Re-initialises ``model``'s layers from ``seed`` without touching the global RNG. Strategies

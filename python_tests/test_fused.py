@@ -15,6 +15,7 @@ from maml_test_utils import (
     assume_no_batch_norm_tie,
     classification_batch,
     conv_net,
+    draw_loss_and_outputs,
     perturb_rates,
     random_batch,
     regression_batch,
@@ -88,13 +89,7 @@ def layer_stacks(draw):
                 size = -(-size // 2) if layers[-1].ceil_mode else size // 2
         layers.append(nn.Flatten())
         width = channels * size * size
-    loss = draw(st.sampled_from(["cross_entropy", "mse", "gaussian_nll"]))
-    outputs = {
-        "cross_entropy": st.integers(2, 5),
-        "mse": st.integers(1, 3),
-        "gaussian_nll": st.sampled_from([2, 4]),  # means, then log-stds
-    }[loss]
-    outputs = draw(outputs)
+    loss, outputs = draw_loss_and_outputs(draw)
     head = [nn.Linear(width, outputs)]
     if loss == "gaussian_nll" and draw(st.booleans()):
         # the log-std as a parameter beside the means (a Gaussian policy's head)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from maml_test_utils import (
     WEIGHT_SEEDS,
     cpu_kernels,
+    draw_loss_and_outputs,
     random_batch,
     relative_error,
     seeded_weights,
@@ -43,13 +44,7 @@ def mlps(draw):
         if draw(st.booleans()):
             layers.append(nn.ReLU())
         width = out
-    loss = draw(st.sampled_from(["cross_entropy", "mse", "gaussian_nll"]))
-    outputs = {
-        "cross_entropy": st.integers(2, 5),
-        "mse": st.integers(1, 3),
-        "gaussian_nll": st.sampled_from([2, 4]),  # means, then log-stds
-    }[loss]
-    outputs = draw(outputs)
+    loss, outputs = draw_loss_and_outputs(draw)
     layers.append(nn.Linear(width, outputs, bias=draw(st.booleans())))
     return seeded_weights(nn.Sequential(*layers), draw(WEIGHT_SEEDS)), features, loss, outputs
 

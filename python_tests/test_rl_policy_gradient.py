@@ -457,7 +457,7 @@ def test_fused_engine_products_equal_the_torch_engine(seed, activation):
     # gradient, every task at once, against the torch engine (itself checked against per-task
     # double-backward above), float64.
     from maml_ext.rl import fused
-    from maml_ext.rl.metarl import FisherAt, InnerCurvature, policy_gradient
+    from maml_ext.rl.metarl import FisherAt, FusedInnerCurvature, InnerCurvature, policy_gradient
 
     generator = torch.Generator().manual_seed(seed)
     policy = _policy(seed, activation)
@@ -465,7 +465,7 @@ def test_fused_engine_products_equal_the_torch_engine(seed, activation):
     inner, outer = _random_data(generator, 4, 9), _random_data(generator, 4, 11)
     vectors = torch.randn(4, layout.size, dtype=torch.float64, generator=generator)
     torch_inner = InnerCurvature(layout, theta, inner, 0.1)
-    fused_inner = fused.FusedInnerCurvature(layout, theta, inner, 0.1)
+    fused_inner = FusedInnerCurvature(layout, theta, inner, 0.1)
     assert relative_error(fused_inner.adapted, torch_inner.adapted) <= RTOL
     assert relative_error(fused_inner.hvp(vectors), torch_inner.hvp(vectors)) <= RTOL
     adapted = torch_inner.adapted

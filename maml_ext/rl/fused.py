@@ -26,7 +26,13 @@ import torch
 from ..program import loss_code
 from .policy import PolicyLayout
 
-__all__ = ["FusedInnerCurvature", "FusedFisherAt", "fused_policy_gradient", "fused_adapt"]
+__all__ = [
+    "FusedFisherAt",
+    "fused_policy_gradient",
+    "fused_adapt",
+    "loss_hvp",
+    "policy_loss_targets",
+]
 
 _GAUSSIAN_NLL = loss_code("gaussian_nll")
 
@@ -49,7 +55,12 @@ def _targets(values: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     return torch.cat([values, weights.to(values.dtype)], dim=-1).contiguous()
 
 
-def _loss_hvp(layout, theta, observations, targets, vectors):
+def policy_loss_targets(data) -> torch.Tensor:
+    """gaussian_nll's targets for the policy-gradient loss on ``data``: ``[actions | N Â w]``."""
+    return _targets(data.actions, data.advantages * data.weights)
+
+
+def loss_hvp(layout, theta, observations, targets, vectors):
     """(per-task loss [T], gradient [T, P], Hessian-vector product [T, P])."""
     program = program_of(layout)
     return torch.ops.maml_ext.loss_hvp(
@@ -70,9 +81,9 @@ def _rows(theta: torch.Tensor, tasks: int) -> torch.Tensor:
 def _policy_loss_gradient(layout, theta, data):
     """∇ of the inner (policy-gradient) loss on ``data`` at ``theta``, ``[T, P]``."""
     observations = data.observations.contiguous()
-    targets = _targets(data.actions, data.advantages * data.weights)
+    targets = policy_loss_targets(data)
     zeros = torch.zeros(data.tasks, layout.size, dtype=theta.dtype, device=theta.device)
-    return _loss_hvp(layout, theta, observations, targets, zeros)[1]
+    return loss_hvp(layout, theta, observations, targets, zeros)[1]
 
 
 def fused_adapt(layout: PolicyLayout, theta: torch.Tensor, data, inner_lr: float) -> torch.Tensor:
@@ -86,7 +97,7 @@ def fused_adapt(layout: PolicyLayout, theta: torch.Tensor, data, inner_lr: float
         theta,
         rates,
         data.observations.contiguous(),
-        _targets(data.actions, data.advantages * data.weights),
+        policy_loss_targets(data),
         program.ints_list,
         program.floats_list,
         _GAUSSIAN_NLL,
@@ -96,35 +107,6 @@ def fused_adapt(layout: PolicyLayout, theta: torch.Tensor, data, inner_lr: float
 def fused_policy_gradient(layout: PolicyLayout, adapted: torch.Tensor, outer) -> torch.Tensor:
     """``∇S_t`` at the sampling policy, ``[T, P]``: minus the policy-gradient loss's gradient."""
     return -_policy_loss_gradient(layout, adapted, outer)
-
-
-class FusedInnerCurvature:
-    """:class:`maml_ext.rl.metarl.InnerCurvature` on the engine: the inner step's adapted
-    parameters and ``J_t v = v - α H_t v``, each product one ``loss_hvp`` call."""
-
-    def __init__(self, layout, theta, inner, inner_lr: float, first_order=False):
-        self.layout = layout
-        self.inner_lr = 0.0 if inner is None else float(inner_lr)
-        self.identity = first_order or self.inner_lr == 0
-        self.tasks = None if inner is None else inner.tasks
-        if inner is None:
-            self.adapted = theta.detach()
-            return
-        self.theta = theta.detach()
-        self.observations = inner.observations.contiguous()
-        self.targets = _targets(inner.actions, inner.advantages * inner.weights)
-        self.adapted = fused_adapt(layout, self.theta, inner, self.inner_lr)
-
-    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        if self.tasks is None or self.identity:
-            raise ValueError("hvp: this curvature was built without the second-order term")
-        vectors = _rows(vectors, self.tasks).contiguous()
-        return _loss_hvp(self.layout, self.theta, self.observations, self.targets, vectors)[2]
-
-    def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
-        if self.identity:
-            return vectors
-        return _rows(vectors, self.tasks) - self.inner_lr * self.hvp(vectors)
 
 
 class FusedFisherAt:
@@ -144,7 +126,7 @@ class FusedFisherAt:
 
     def product(self, vectors: torch.Tensor) -> torch.Tensor:
         vectors = _rows(vectors, self.params.shape[0]).contiguous()
-        result = _loss_hvp(self.layout, self.params, self.observations, self.targets, vectors)[2]
+        result = loss_hvp(self.layout, self.params, self.observations, self.targets, vectors)[2]
         split = -self.action_size
         log_std = vectors[:, split:] * self.log_std_weights
         return torch.cat([result[:, :split], result[:, split:] + log_std], -1)

@@ -176,6 +176,10 @@ class InnerCurvature:
         if inner is None:
             self.adapted = theta.detach()
             return
+        self._build(layout, theta, inner, estimator)
+
+    def _build(self, layout, theta, inner: TaskData, estimator: str) -> None:
+        """Sets ``adapted`` and whatever ``_hvp`` needs."""
         self.params = _expand(theta.detach(), inner.tasks).clone().requires_grad_()
         with torch.enable_grad():
             loss = inner_losses(layout, self.params, inner, check_inner_estimator(estimator))
@@ -189,7 +193,9 @@ class InnerCurvature:
         """``H_t v_t``, ``[T, P]`` (``vectors``: ``[P]`` or ``[T, P]``)."""
         if self.tasks is None or self.identity:
             raise ValueError("hvp: this curvature was built without the second-order term")
-        vectors = _expand(vectors, self.tasks)
+        return self._hvp(_expand(vectors, self.tasks))
+
+    def _hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         return torch.autograd.grad(self.gradient, self.params, vectors, retain_graph=True)[0]
 
     def jacobian(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -197,6 +203,25 @@ class InnerCurvature:
         if self.identity:
             return vectors
         return _expand(vectors, self.tasks) - self.inner_lr * self.hvp(vectors)
+
+
+class FusedInnerCurvature(InnerCurvature):
+    """:class:`InnerCurvature` on the fused engine (:mod:`maml_ext.rl.fused`): the paper's inner
+    Hessian only, each product one ``loss_hvp`` call (the engine keeps no graph between calls)."""
+
+    def _build(self, layout, theta, inner: TaskData, estimator: str) -> None:
+        if estimator != "reinforce":
+            raise ValueError(f"estimator: the fused engine has only 'reinforce', got {estimator!r}")
+        self.layout = layout
+        self.theta = theta.detach()
+        self.observations = inner.observations.contiguous()
+        self.targets = fused.policy_loss_targets(inner)
+        self.adapted = fused.fused_adapt(layout, self.theta, inner, self.inner_lr)
+
+    def _hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        return fused.loss_hvp(
+            self.layout, self.theta, self.observations, self.targets, vectors.contiguous()
+        )[2]
 
 
 class FisherAt:
@@ -361,7 +386,7 @@ class _MetaLearner:
     def _curvature(self, theta, inner, inner_lr):
         """The inner step's adapted parameters and Jacobian products, on this engine."""
         if self.engine == "fused":
-            return fused.FusedInnerCurvature(self.layout, theta, inner, inner_lr, self.first_order)
+            return FusedInnerCurvature(self.layout, theta, inner, inner_lr, self.first_order)
         return InnerCurvature(
             self.layout, theta, inner, inner_lr, self.first_order, self.inner_estimator
         )
