@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument(
         "--inner-estimator",
         choices=("reinforce", "lvc"),
-        help="the inner loss whose Hessian enters the meta-gradient: reinforce (the paper's, "
-        "default) or lvc (ProMP's low-variance curvature)",
+        help="the inner loss whose Hessian enters the meta-gradient: reinforce (the paper's) or "
+        "lvc (ProMP's low-variance curvature); default: the preset's (lvc for navigation)",
     )
     _add_dist_timeout(train)
 
@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", type=int, help="test tasks (default 600)")
     evaluate.add_argument("--steps", type=int, help="most inner steps (default 10)")
     evaluate.add_argument("--seed", type=int, help="seed of the test tasks (default fixed)")
+    evaluate.add_argument(
+        "--rollouts",
+        type=int,
+        metavar="K",
+        help="meta-RL: rollouts per task and test step (default: the preset's, 40 for navigation "
+        "and 20 for locomotion, the authors' 4,000 steps)",
+    )
     evaluate.add_argument(
         "--out", metavar="FILE.json", help="JSON output (default: eval.json beside the checkpoint)"
     )
@@ -381,10 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval" and _is_rl_checkpoint(args.checkpoint):
             from maml_ext.rl.evaluate import evaluate_rl_checkpoint
 
+            _positive(parser, "--rollouts", args.rollouts)
             evaluate_rl_checkpoint(
-                args.checkpoint, tasks=args.tasks, steps=args.steps, seed=args.seed, out=args.out
+                args.checkpoint,
+                tasks=args.tasks,
+                steps=args.steps,
+                seed=args.seed,
+                out=args.out,
+                rollouts=args.rollouts,
             )
         elif args.command == "eval":
+            if args.rollouts is not None:
+                parser.error("--rollouts: only meta-RL checkpoints (train rl-*) take rollouts")
             from maml_ext.experiments.fewshot import evaluate_checkpoint
 
             options = {

@@ -371,6 +371,35 @@ def test_cli_navigation_run_adapts(tmp_path):
     assert all(len(v) == 2 for v in report["ci95"].values())
     assert report["returns"]["oracle"][0] > max(report["returns"]["random"])
     assert (out / "trajectories.png").is_file()
+    # The preset's test batch (40 rollouts: the authors' 4,000 steps), or --rollouts.
+    assert report["rollouts"] == 40 and report["inner_lrs"] == [0.1, 0.05]
+    other = tmp_path / "eval3.json"
+    argv = ["eval", str(out / "checkpoint.pt"), "--tasks", "2", "--steps", "0", "--rollouts", "3"]
+    assert main([*argv, "--out", str(other)]) == 0
+    assert json.loads(other.read_text())["rollouts"] == 3
+
+
+def test_eval_rollouts_is_only_for_meta_rl(tmp_path, capsys):
+    from maml_ext.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "fewshot.pt"), "--rollouts", "3"])
+    assert "--rollouts: only meta-RL checkpoints" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_the_test_batch_and_estimator_fields(tmp_path):
+    # Checkpoints written before session 12 have no eval_rollouts / inner_estimator in their
+    # preset: they take today's test protocol and the estimator they were trained with.
+    from maml_ext.rl.train import load_rl_checkpoint
+
+    _train(tmp_path, "run", iterations=1, meta_batch=2, rollouts=2, seed=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["preset"]["eval_rollouts"], saved["preset"]["inner_estimator"]
+    saved["config"]["inner_estimator"] = "reinforce"
+    torch.save(saved, path)
+    run = load_rl_checkpoint(str(path))
+    assert run.preset.eval_rollouts == 40 and run.preset.inner_estimator == "reinforce"
 
 
 @pytest.mark.parametrize("outer", ["trpo", "adam"])
@@ -397,7 +426,8 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     _train(tmp_path, "run", iterations=1, meta_batch=2, rollouts=2, seed=1)
     with pytest.raises(ConfigurationError, match="meta_batch=2"):
         _train(tmp_path, "run", iterations=2, meta_batch=3, rollouts=2, seed=1, resume=True)
-    with pytest.raises(ConfigurationError, match="inner_estimator='reinforce'"):
+    # The navigation preset's estimator is LVC (session 12); the paper's may not replace it.
+    with pytest.raises(ConfigurationError, match="inner_estimator='lvc'"):
         _train(
             tmp_path,
             "run",
@@ -406,7 +436,7 @@ def test_resume_refuses_a_changed_setting(tmp_path):
             rollouts=2,
             seed=1,
             resume=True,
-            inner_estimator="lvc",
+            inner_estimator="reinforce",
         )
     with pytest.raises(ConfigurationError, match="--inner-estimator: expected one of"):
         _train(tmp_path, "other", iterations=1, meta_batch=2, rollouts=2, inner_estimator="x")

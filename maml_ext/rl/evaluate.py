@@ -1,7 +1,7 @@
 """``python -m maml_ext eval DIR/checkpoint.pt`` for meta-RL runs: the paper's test protocol.
 
 On ``tasks`` test tasks (drawn with a fixed seed, the same for every policy), each policy runs
-``K`` rollouts, takes a policy-gradient step on them (the inner step: α = 0.1 for the first step,
+``K`` rollouts (the preset's ``eval_rollouts``: 4,000 steps as in the authors' test scripts), takes a policy-gradient step on them (the inner step: α = 0.1 for the first step,
 0.05 for every later one), runs ``K`` new rollouts, and so on for ``steps`` steps. Reported: the
 mean undiscounted return per task after 0..steps steps, its mean over tasks and a 95% interval
 (1.96 standard errors), for
@@ -97,7 +97,7 @@ def evaluate_rl_checkpoint(
     tasks = 40 if tasks is None else int(tasks)
     steps = 3 if steps is None else int(steps)
     seed = EVAL_SEED if seed is None else int(seed)
-    rollouts = int(rollouts or config["rollouts"])
+    rollouts = int(rollouts or preset.eval_rollouts)
     if tasks < 2 or steps < 0:
         raise ValueError(f"tasks/steps: expected tasks >= 2 and steps >= 0, got {tasks}, {steps}")
     folder = os.path.dirname(os.path.abspath(checkpoint))

@@ -7,8 +7,8 @@ state: ``--resume`` continues bit for bit on the CPU at the same thread count), 
 ``log.jsonl`` (one row per iteration: mean pre- and post-adaptation return, surrogate, KL, line
 search), ``learning_curve.png``.
 
-Runs on torch/``torch.func`` (the fused C++ engine has no Gaussian loss yet), with torch's
-intra-op threads unless ``threads`` says otherwise.
+Runs on torch/``torch.func`` (``MetaTRPO``'s default engine; the fused engine computes the same
+step, bench/rl_step.py times both), with torch's intra-op threads unless ``threads`` says otherwise.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class RLPreset:
     iterations: int = 100
     inner_lr: float = 0.1
     eval_inner_lrs: tuple[float, ...] = (0.1, 0.05)  # first test-time step, then every later one
+    # Rollouts per test-time step: the authors' test scripts sample 4,000 steps per step (40
+    # navigation rollouts of 100 steps, 20 locomotion rollouts of 200).
+    eval_rollouts: int = 20
+    # Whose Hessian enters the meta-gradient (metarl.py): "reinforce" (the paper's) or "lvc".
+    inner_estimator: str = "reinforce"
     discount: float = 0.99
     gae_lambda: float = 1.0
     max_kl: float = 0.01
@@ -81,8 +86,16 @@ RL_PRESETS: dict[str, RLPreset] = {
         # policy's [-1, 1] onto the ±0.1 bound (the paper does not say). Measured: test return
         # after 1/3 steps -13.5/-4.7 with it, -18.4/-9.5 without (bench/NOTES.md, session 11).
         env_options=(("action_scale", 0.1),),
+        eval_rollouts=40,
+        # ProMP's low-variance curvature: the same inner step, a meta-gradient whose sampled
+        # Hessian does not degrade training (bench/NOTES.md, sessions 10-12). Measured over two
+        # seeds, test return after 1/3 steps -10.1/-4.0 and -9.5/-3.6 with it, -13.9/-4.9 and
+        # -14.1/-4.3 with the paper's estimator.
+        inner_estimator="lvc",
         notes="reward -distance (the authors' code; the paper's text says squared distance); "
-        "actions in [-1, 1] policy units scaled by 0.1 (the authors' normalize wrapper)",
+        "actions in [-1, 1] policy units scaled by 0.1 (the authors' normalize wrapper); "
+        "meta-gradient with ProMP's LVC curvature (--inner-estimator reinforce: the paper's); "
+        "40 rollouts per test step (the authors' test script)",
     ),
     "rl-halfcheetah-vel": RLPreset(
         "halfcheetah-vel",
@@ -185,9 +198,9 @@ def train_rl(
 ) -> dict:
     """Meta-trains ``preset`` (a key of :data:`RL_PRESETS`); returns the run's summary.
 
-    ``inner_estimator``: "reinforce" (the paper's inner loss, the default) or "lvc" (ProMP's
+    ``inner_estimator``: "reinforce" (the paper's inner loss) or "lvc" (ProMP's
     low-variance curvature: the same inner step, a different Hessian in the meta-gradient; see
-    :mod:`maml_ext.rl.metarl`). ``outer``: "trpo" (the paper) or "adam" (the plain
+    :mod:`maml_ext.rl.metarl`); default: the preset's. ``outer``: "trpo" (the paper) or "adam" (the plain
     meta-gradient with Adam, lr ``preset.adam_lr``). ``checkpoint_every``: iterations between
     checkpoints (default 10; the final one is always written). ``pretrain``: also train the
     pretrained baseline (same iterations, TRPO without adaptation) after MAML. ``threads``:
@@ -197,7 +210,7 @@ def train_rl(
     outer = outer or "trpo"
     if outer not in ("trpo", "adam"):
         raise ConfigurationError(f"--outer: expected trpo or adam, got {outer!r}")
-    inner_estimator = inner_estimator or "reinforce"
+    inner_estimator = inner_estimator or spec.inner_estimator
     if inner_estimator not in INNER_ESTIMATORS:
         raise ConfigurationError(
             f"--inner-estimator: expected one of {', '.join(INNER_ESTIMATORS)}, "
@@ -426,6 +439,10 @@ def load_rl_checkpoint(path, device="cpu") -> RLCheckpoint:
         preset[name] = tuple(preset[name])
     # The environment as it was trained (a checkpoint from before env_options had none).
     preset["env_options"] = tuple(tuple(option) for option in preset.get("env_options", ()))
+    # Fields added later: the test protocol is today's preset's; the estimator was the paper's.
+    current = RL_PRESETS.get(saved["config"]["preset"])
+    preset.setdefault("eval_rollouts", current.eval_rollouts if current else RLPreset.eval_rollouts)
+    preset.setdefault("inner_estimator", saved["config"].get("inner_estimator", "reinforce"))
     spec = RLPreset(**preset)
     policies = []
     for key in ("maml", "pretrained"):
