@@ -20,6 +20,7 @@ from maml_ext.rl.metarl import (
     MetaTRPO,
     TaskData,
     adapt,
+    conjugate_gradient,
     fisher_vector_product,
     inner_hvp,
     meta_gradient,
@@ -248,6 +249,23 @@ def _navigation_batch(policy, learner, seed, tasks=3, rollouts=4, horizon=25):
         sample_rollouts(env, learner.layout, learner.adapted(inner), goals, rollouts, generator)
     )
     return inner, outer
+
+
+@pytest.mark.parametrize("iterations", [4, 30])
+def test_conjugate_gradient_residual_gives_the_step_curvature(seed, iterations):
+    # MetaTRPO scales its step by dᵀAd = d·(b - r) from CG's tracked residual r, not by another
+    # product: r must be b - A d, stopped early (4 of 30 dimensions) or run to the dimension.
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(30, 30, generator=generator, dtype=torch.float64)
+    matrix = factor @ factor.T + 0.1 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=generator, dtype=torch.float64)
+    x, residual = conjugate_gradient(
+        lambda v: matrix @ v, b, iterations, tolerance=0.0, return_residual=True
+    )
+    assert float((residual - (b - matrix @ x)).norm() / b.norm()) < 1e-10
+    assert math.isclose(float(x @ (b - residual)), float(x @ matrix @ x), rel_tol=1e-10)
+    assert float(x @ (b - residual)) > 0
+    assert torch.equal(x, conjugate_gradient(lambda v: matrix @ v, b, iterations, tolerance=0.0))
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -322,9 +322,17 @@ def fisher_vector_product(
     return curvature.jacobian(fisher.product(curvature.jacobian(vectors)))
 
 
-def conjugate_gradient(product, b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10):
+def conjugate_gradient(
+    product,
+    b: torch.Tensor,
+    iterations: int = 10,
+    tolerance: float = 1e-10,
+    return_residual: bool = False,
+):
     """Approximately solves ``product(x) = b`` (symmetric positive definite) from x = 0, stopping
-    early once the squared residual norm is at most ``tolerance``."""
+    early once the squared residual norm is at most ``tolerance``. ``return_residual``: also the
+    final residual ``r = b - product(x)`` as CG tracks it, so that ``x @ (b - r)`` is
+    ``x @ product(x)`` without another product."""
     x = torch.zeros_like(b)
     residual = b.clone()
     direction = b.clone()
@@ -339,7 +347,7 @@ def conjugate_gradient(product, b: torch.Tensor, iterations: int = 10, tolerance
         new_norm = residual @ residual
         direction = residual + (new_norm / residual_norm) * direction
         residual_norm = new_norm
-    return x
+    return (x, residual) if return_residual else x
 
 
 @dataclass
@@ -466,9 +474,11 @@ class MetaTRPO(_MetaLearner):
         self.cg_tolerance = cg_tolerance
         self.backtrack_ratio, self.line_search_steps = backtrack_ratio, line_search_steps
 
-    def evaluate(self, theta, inner, outer, old):
-        """Surrogate and mean KL (task means) of parameters θ on the fixed batch."""
-        adapted = _expand(theta, outer.tasks) if inner is None else self._adapt(theta, inner)
+    def evaluate(self, theta, inner, outer, old, adapted=None):
+        """Surrogate and mean KL (task means) of parameters θ on the fixed batch (``adapted``:
+        θ's post-adaptation parameters where already known)."""
+        if adapted is None:
+            adapted = _expand(theta, outer.tasks) if inner is None else self._adapt(theta, inner)
         surrogate, kl = _surrogate_terms(self.layout, adapted, outer, *old)
         return float(surrogate.mean()), float(kl.mean())
 
@@ -489,15 +499,19 @@ class MetaTRPO(_MetaLearner):
             rows = curvature.jacobian(fisher.product(curvature.jacobian(v)))
             return _expand(rows, outer.tasks).mean(0) + self.cg_damping * v
 
-        direction = conjugate_gradient(product, gradient, self.cg_iterations, self.cg_tolerance)
-        curvature = float(direction @ product(direction))
+        direction, residual = conjugate_gradient(
+            product, gradient, self.cg_iterations, self.cg_tolerance, return_residual=True
+        )
+        # dᵀ A d from CG's residual (A d = g - r): one Fisher product fewer per step.
+        curvature = float(direction @ (gradient - residual))
         if not (torch.isfinite(direction).all() and curvature > 0):
             raise FloatingPointError(
                 "TRPO: the conjugate-gradient direction is not finite or not a descent direction "
                 f"(curvature {curvature}); no parameter was changed"
             )
         full_step = (2 * self.max_kl / curvature) ** 0.5 * direction
-        before, _ = self.evaluate(theta, inner, outer, old)
+        # At θ itself the adapted parameters are the curvature's: no inner step to redo.
+        before, _ = self.evaluate(theta, inner, outer, old, adapted=adapted)
         for index in range(self.line_search_steps):
             candidate = theta + self.backtrack_ratio**index * full_step
             surrogate, kl = self.evaluate(candidate, inner, outer, old)
