@@ -11,6 +11,7 @@ also gives the relative difference of the parameters they end at. One run of eac
 long).
 
     PYTHONPATH=. python bench/rl_step.py [--meta-batch 20 --rollouts 20 --horizon 100]
+        [--device cuda]     # (bench/gpu_check.sh runs it on the GPU)
 """
 
 import argparse
@@ -144,27 +145,32 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    env = Navigation2D(horizon=args.horizon, dtype=dtype)
-    policy = GaussianPolicy(2, 2, dtype=dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    env = Navigation2D(horizon=args.horizon, dtype=dtype, device=device)
+    policy = GaussianPolicy(2, 2, dtype=dtype, device=device)
     learner = MetaTRPO(policy)
     layout, theta = learner.layout, learner.theta()
-    tasks = env.sample_tasks(args.meta_batch, torch.Generator().manual_seed(args.seed))
+    tasks = env.sample_tasks(args.meta_batch, torch.Generator(device).manual_seed(args.seed))
     times = {}
 
     def clock(key, function):
+        # CUDA runs asynchronously: a part's time ends when its kernels have.
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        synchronize()
         start = time.perf_counter()
         value = function()
+        synchronize()
         times[key] = time.perf_counter() - start
         return value
 
     # The batched iteration runs twice and the second is timed: torch.func's first call pays a
     # one-off set-up (seconds) that a training run pays once.
     def batched_iteration():
-        generator = torch.Generator().manual_seed(args.seed + 1)
+        generator = torch.Generator(device).manual_seed(args.seed + 1)
 
         def sample(params):
             return process_rollouts(
@@ -213,8 +219,13 @@ def main():
 
     print(
         f"MAML-TRPO, 2D navigation: meta-batch {args.meta_batch}, {args.rollouts} rollouts, "
-        f"horizon {args.horizon}, {args.dtype}, {torch.get_num_threads()} thread(s), "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"horizon {args.horizon}, {args.dtype}, "
+        + (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} thread(s)"
+        )
+        + f", load average {os.getloadavg()[0]:.1f}"
     )
     # The fused engine samples as the torch one does (the same batched sampler).
     times["fused sampling (inner)"] = times["batched sampling (inner)"]

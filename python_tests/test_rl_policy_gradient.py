@@ -498,20 +498,26 @@ def test_mujoco_preset_without_its_extra_names_the_extra(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def _on(data: TaskData, device) -> TaskData:
+    return TaskData(*(getattr(data, f).to(device) for f in TaskData.__dataclass_fields__))
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_fused_engine_products_equal_the_torch_engine(seed, activation):
+def test_fused_engine_products_equal_the_torch_engine(seed, activation, device):
     # The policy as a layer program (AppendLogStd) with the engine's gaussian_nll: the inner step,
     # its Hessian-vector products, the Fisher product at the adapted policy and the policy
     # gradient, every task at once, against the torch engine (itself checked against per-task
-    # double-backward above), float64.
+    # double-backward above), float64; on the GPU, the CUDA kernels against torch on the GPU.
     from maml_ext.rl import fused
     from maml_ext.rl.metarl import FisherAt, FusedInnerCurvature, InnerCurvature, policy_gradient
 
     generator = torch.Generator().manual_seed(seed)
-    policy = _policy(seed, activation)
+    policy = _policy(seed, activation).to(device)
     layout, theta = policy.layout(), policy.flat_parameters()
-    inner, outer = _random_data(generator, 4, 9), _random_data(generator, 4, 11)
-    vectors = torch.randn(4, layout.size, dtype=torch.float64, generator=generator)
+    assert theta.device.type == device
+    inner = _on(_random_data(generator, 4, 9), device)
+    outer = _on(_random_data(generator, 4, 11), device)
+    vectors = torch.randn(4, layout.size, dtype=torch.float64, generator=generator).to(device)
     torch_inner = InnerCurvature(layout, theta, inner, 0.1)
     fused_inner = FusedInnerCurvature(layout, theta, inner, 0.1)
     assert relative_error(fused_inner.adapted, torch_inner.adapted) <= RTOL
