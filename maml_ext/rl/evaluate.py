@@ -1,8 +1,9 @@
 """``python -m maml_ext eval DIR/checkpoint.pt`` for meta-RL runs: the paper's test protocol.
 
 On ``tasks`` test tasks (drawn with a fixed seed, the same for every policy), each policy runs
-``K`` rollouts (the preset's ``eval_rollouts``: 4,000 steps as in the authors' test scripts), takes a policy-gradient step on them (the inner step: α = 0.1 for the first step,
-0.05 for every later one), runs ``K`` new rollouts, and so on for ``steps`` steps. Reported: the
+``K`` rollouts (the preset's ``eval_rollouts``: 4,000 steps, as in the authors' test scripts),
+takes a policy-gradient step on them (the inner step: α = 0.1 for the first step, 0.05 for every
+later one), runs ``K`` new rollouts, and so on for ``steps`` steps. Reported: the
 mean undiscounted return per task after 0..steps steps, its mean over tasks and a 95% interval
 (1.96 standard errors), for
 

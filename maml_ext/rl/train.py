@@ -198,11 +198,11 @@ def train_rl(
 ) -> dict:
     """Meta-trains ``preset`` (a key of :data:`RL_PRESETS`); returns the run's summary.
 
-    ``inner_estimator``: "reinforce" (the paper's inner loss) or "lvc" (ProMP's
-    low-variance curvature: the same inner step, a different Hessian in the meta-gradient; see
-    :mod:`maml_ext.rl.metarl`); default: the preset's. ``outer``: "trpo" (the paper) or "adam" (the plain
-    meta-gradient with Adam, lr ``preset.adam_lr``). ``checkpoint_every``: iterations between
-    checkpoints (default 10; the final one is always written). ``pretrain``: also train the
+    ``inner_estimator``: "reinforce" (the paper's inner loss) or "lvc" (ProMP's low-variance
+    curvature: the same inner step, a different Hessian in the meta-gradient; see
+    :mod:`maml_ext.rl.metarl`); default: the preset's. ``outer``: "trpo" (the paper) or "adam"
+    (the plain meta-gradient with Adam, lr ``preset.adam_lr``). ``checkpoint_every``: iterations
+    between checkpoints (default 10; the final one is always written). ``pretrain``: also train the
     pretrained baseline (same iterations, TRPO without adaptation) after MAML. ``threads``:
     intra-op threads while training (None: torch's current setting).
     """
