@@ -418,6 +418,11 @@ def test_checkpoint_from_before_the_test_batch_and_estimator_fields(tmp_path):
     torch.save(saved, path)
     run = load_rl_checkpoint(str(path))
     assert run.preset.eval_rollouts == 40 and run.preset.inner_estimator == "reinforce"
+    from maml_ext.rl.evaluate import evaluate_rl_checkpoint
+
+    with pytest.raises(ValueError, match="rollouts >= 1, got 40, 3, 0"):
+        evaluate_rl_checkpoint(str(path), rollouts=0)
+    assert not (tmp_path / "run" / "eval.json").exists()
 
 
 @pytest.mark.parametrize("outer", ["trpo", "adam"])

@@ -98,9 +98,12 @@ def evaluate_rl_checkpoint(
     tasks = 40 if tasks is None else int(tasks)
     steps = 3 if steps is None else int(steps)
     seed = EVAL_SEED if seed is None else int(seed)
-    rollouts = int(rollouts or preset.eval_rollouts)
-    if tasks < 2 or steps < 0:
-        raise ValueError(f"tasks/steps: expected tasks >= 2 and steps >= 0, got {tasks}, {steps}")
+    rollouts = preset.eval_rollouts if rollouts is None else int(rollouts)
+    if tasks < 2 or steps < 0 or rollouts < 1:
+        raise ValueError(
+            "tasks/steps/rollouts: expected tasks >= 2, steps >= 0 and rollouts >= 1, "
+            f"got {tasks}, {steps}, {rollouts}"
+        )
     folder = os.path.dirname(os.path.abspath(checkpoint))
     json_path = out or os.path.join(folder, "eval.json")
     from maml_ext.experiments.reporting import require_plotting
