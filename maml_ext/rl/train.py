@@ -88,9 +88,8 @@ RL_PRESETS: dict[str, RLPreset] = {
         env_options=(("action_scale", 0.1),),
         eval_rollouts=40,
         # ProMP's low-variance curvature: the same inner step, a meta-gradient whose sampled
-        # Hessian does not degrade training (bench/NOTES.md, sessions 10-12). Measured over two
-        # seeds, test return after 1/3 steps -10.1/-4.0 and -9.5/-3.6 with it, -13.9/-4.9 and
-        # -14.1/-4.3 with the paper's estimator.
+        # Hessian does not degrade training (bench/NOTES.md, sessions 10-12). Mean over three
+        # seeds, test return after 1/3 steps -9.9/-3.9 with it, -13.8/-4.4 with the paper's.
         inner_estimator="lvc",
         notes="reward -distance (the authors' code; the paper's text says squared distance); "
         "actions in [-1, 1] policy units scaled by 0.1 (the authors' normalize wrapper); "
