@@ -22,10 +22,14 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from table import cpu_peak_increase
 
-def allocate():
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, every page written
+def allocate(count=64 * 2**20 // 4):
+    block = torch.ones(count)  # 64 MiB of float32 by default, every page written
     return float(block[-1])
 
+# The process's first large torch op costs a one-time 2.4-8.5 MiB on top of its tensor (measured:
+# it depends on the build, and it is there at one intra-op thread too). A 4 MiB tensor pays it
+# before the measurement.
+allocate(2**20)
 results = {"allocated": cpu_peak_increase(allocate), "nothing": cpu_peak_increase(lambda: None)}
 print("RESULT " + json.dumps(results))
 """
@@ -44,7 +48,9 @@ def test_cpu_peak_reads_a_known_allocation_as_its_size():
     results = _run(MEASURE_ALLOCATIONS, str(BENCH))
     if not results["allocated"]["reset"]:
         pytest.skip("this kernel does not let a process reset its RSS high-water mark")
-    assert 64 * MIB <= results["allocated"]["peak_bytes"] < 72 * MIB, results
+    # Linux batches each thread's RSS counter updates (up to 64 pages per thread), so VmHWM may
+    # read a few hundred KiB under the allocation (63.95 MiB measured for 64).
+    assert 63 * MIB <= results["allocated"]["peak_bytes"] < 66 * MIB, results
     assert results["nothing"]["peak_bytes"] < 2 * MIB, results
 
 
