@@ -156,10 +156,10 @@ def main():
     layout, theta = learner.layout, learner.theta()
     tasks = env.sample_tasks(args.meta_batch, torch.Generator(device).manual_seed(args.seed))
     times = {}
+    # CUDA runs asynchronously: a part's time ends when its kernels have.
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def clock(key, function):
-        # CUDA runs asynchronously: a part's time ends when its kernels have.
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         synchronize()
         start = time.perf_counter()
         value = function()
